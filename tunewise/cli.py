@@ -1,0 +1,259 @@
+"""The `tunewise` command line: parse, call a stage function, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="tunewise: from private data and an LLM use case to a measured decision and a deployed model.", no_args_is_help=True, add_completion=False)
+data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
+models_app = typer.Typer(help="Bundled models.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+SET_HELP = "Override a config key, e.g. --set training.max_steps=20 (repeatable)."
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _fail(msg: str, code: int = 2):
+    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from .config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _guard(fn):
+    """Turn the errors users cause (bad data, bad model reference) into one clear line, not a traceback."""
+    from .config import ConfigError
+    from .data.formats import FormatError
+    from .data.tokenize import TemplateError
+    from .models import ModelError
+    from .train.loop import TrainError
+
+    try:
+        return fn()
+    except (ConfigError, FormatError, TemplateError, ModelError, TrainError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def init(
+    path: Path = typer.Argument(Path("tunewise.yaml"), help="Where to write the starter config."),
+    data: str = typer.Option("data/train.jsonl", help="Training file to put in the config."),
+    format: str = typer.Option("openai", help="Its format: openai, alpaca, sharegpt, csv, parquet."),
+    force: bool = typer.Option(False, help="Overwrite an existing file."),
+):
+    """Write a commented starter tunewise.yaml."""
+    from .config import starter_yaml
+
+    if path.exists() and not force:
+        _fail(f"{path} exists (use --force to overwrite)")
+    path.write_text(starter_yaml(data, format))
+    console.print(f"wrote {path}")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Read, validate, quarantine bad records, split without leakage; report counts and token lengths."""
+    _quiet_libraries()
+    cfg = _load(config, set_)
+
+    def run():
+        from .data.prepare import prepare_data
+        from .models import load_tokenizer
+
+        with console.status("reading and validating records"):
+            prepared = prepare_data(cfg, tokenizer=load_tokenizer(cfg.model.name))
+        _print_data_summary(prepared)
+
+    _guard(run)
+
+
+def _print_data_summary(prepared) -> None:
+    s = prepared.summary
+    table = Table(title=f"prepared data -> {prepared.dir}")
+    for col in ("split", "records", "labels", "tokens p50", "p95", "max", "truncated", "too long"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for name, out in s["outputs"].items():
+        tk = s.get("tokens", {}).get(name, {})
+        table.add_row(name, str(out["records"]), str(s["labels"][name]), *(str(tk.get(k, "-")) for k in ("length_p50", "length_p95", "length_max", "truncated", "dropped_too_long")))
+    console.print(table)
+    console.print(f"quarantined: {s['read']['quarantined']} (-> {prepared.dir / 'quarantine.jsonl'})")
+    for reason, n in s["quarantine_reasons"].items():
+        console.print(f"  {n:>6}  {reason}", highlight=False)
+    for line in s["quarantine_examples"][:5]:
+        console.print(f"  e.g. {line}", highlight=False)
+    if s["leaks"]["count"]:
+        console.print(f"[yellow]leakage:[/] {s['leaks']['count']} prompts appear in more than one split (see summary.json)")
+    else:
+        console.print("leakage: none (no prompt appears in two splits)")
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete earlier checkpoints of this run and start over."),
+    output: Optional[Path] = typer.Option(None, help="Run directory (default: <output_dir>/<project>/train)."),
+):
+    """Fine-tune (LoRA by default) with validation, early stopping and checkpoints. Ctrl-C checkpoints; --resume continues."""
+    _quiet_libraries()
+    cfg = _load(config, set_)
+
+    def run():
+        import shutil
+
+        from .train.loop import train as train_fn
+
+        out = output or cfg.run_dir / "train"
+        if fresh and out.exists():
+            shutil.rmtree(out)
+        r = train_fn(cfg, out, resume=resume)
+        table = Table(title=f"training {'interrupted' if r.interrupted else 'done'}: {r.out_dir}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k in ("steps", "total_steps", "train_loss", "first_val_loss", "best_val_loss", "stopped_early", "tokens_per_s", "peak_memory_mb", "trainable_params", "total_params", "wall_s"):
+            v = getattr(r, k)
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        console.print(table)
+        if r.interrupted:
+            console.print(f"checkpoint saved; continue with: tunewise train {config} --resume")
+            raise typer.Exit(130)
+        console.print(f"model: {r.model_dir}")
+
+    _guard(run)
+
+
+@app.command()
+def chat(
+    config: Optional[Path] = typer.Argument(None, help="Project config; its model and system prompt are used."),
+    model: Optional[str] = typer.Option(None, help="Model reference (default: the config's, or the bundled model)."),
+    adapter: Optional[Path] = typer.Option(None, help="A trained output directory (LoRA adapter or full model)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One prompt; without it, an interactive loop."),
+    system: Optional[str] = typer.Option(None, help="System prompt (default: the config's data.system_prompt)."),
+    max_new_tokens: int = typer.Option(128, help="Generation budget per reply."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+):
+    """Talk to the base model or a fine-tuned one: one prompt, or an interactive loop."""
+    _quiet_libraries()
+    from .models import DEFAULT_MODEL
+
+    cfg = _load(config, None) if config else None
+    ref = model or (cfg.model.name if cfg else DEFAULT_MODEL)
+    system = system if system is not None else (cfg.data.system_prompt if cfg else None)
+
+    def run():
+        from .engine import Engine
+
+        with console.status("loading model"):
+            eng = Engine.load(ref, str(adapter) if adapter else None)
+        name = "default" if eng.adapters else None
+        history: list[dict] = [{"role": "system", "content": system}] if system else []
+
+        def answer(text: str) -> str:
+            history.append({"role": "user", "content": text})
+            out = eng.generate([history], max_new_tokens=max_new_tokens, temperature=temperature, adapter=name)[0]
+            history.append({"role": "assistant", "content": out.text})
+            return out.text
+
+        if prompt is not None:
+            console.print(answer(prompt), highlight=False, markup=False)
+            return
+        console.print("[dim]interactive chat; /reset clears history, /exit or Ctrl-D quits[/]")
+        while True:
+            try:
+                text = console.input("[bold green]you>[/] ")
+            except (EOFError, KeyboardInterrupt):
+                break
+            if text.strip() in ("/exit", "/quit"):
+                break
+            if text.strip() == "/reset":
+                del history[1 if system else 0 :]
+                continue
+            if text.strip():
+                console.print(f"[bold blue]model>[/] {answer(text)}", highlight=False)
+
+    _guard(run)
+
+
+@models_app.command("prepare")
+def models_prepare():
+    """Convert the bundled GGUF model to a cached safetensors directory (done once; later loads take <1 s)."""
+    _quiet_libraries()
+    from .models import DEFAULT_MODEL, bundled_embedding_dir, resolve_model
+
+    def run():
+        with console.status("converting the bundled model (once)"):
+            path = resolve_model(DEFAULT_MODEL)
+        console.print(f"{DEFAULT_MODEL} -> {path}")
+        console.print(f"embedding model -> {bundled_embedding_dir()}")
+
+    _guard(run)
+
+
+@models_app.command("tiny")
+def models_tiny(out: Path = typer.Argument(..., help="Directory to write the tiny random model to.")):
+    """Write a tiny randomly initialised model (2 layers, hidden 64) with the bundled tokenizer, for tests."""
+    _quiet_libraries()
+    from .models import tiny_model_dir
+
+    console.print(str(_guard(lambda: tiny_model_dir(out))))
+
+
+@app.command()
+def demo(
+    config: Path = typer.Argument(Path("examples/support-intents/tunewise.yaml"), help="Example project."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    samples: int = typer.Option(200, help="Test items to score base and fine-tuned models on."),
+):
+    """Prepare the example data, fine-tune the bundled model briefly, and score base vs fine-tuned."""
+    _quiet_libraries()
+    cfg = _load(config, set_)
+
+    def run():
+        from .pipeline import demo as demo_fn
+
+        summary = demo_fn(cfg, samples=samples, console=console)
+        console.print_json(json.dumps(summary["table"]))
+        console.print(f"[bold]summary:[/] {summary['path']}")
+
+    _guard(run)
+
+
+def main():  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

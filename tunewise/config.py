@@ -1,0 +1,224 @@
+"""Typed project config (`tunewise.yaml`).
+
+Every field is documented once, here; that text is what `tunewise init` writes as comments and what
+errors point at. Unknown keys and bad values fail on load, naming the key's path, before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "bundled:smollm2-135m-instruct",
+        description="Model reference: a hub id, a local directory, or bundled:smollm2-135m-instruct (the default, works offline).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype. auto = float32 on CPU (bf16 is ~400x slower there), bfloat16 on a GPU that supports it."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run: auto picks cuda when available.")
+
+
+class ColumnMap(Section):
+    user: str = Field("text", description="Column holding the user turn.")
+    assistant: str = Field("label", description="Column holding the assistant turn (the target).")
+    system: str | None = Field(None, description="Optional column holding a per-row system prompt.")
+    label: str | None = Field(None, description="Optional column used as the class label (stratified split, accuracy).")
+
+
+class SplitConfig(Section):
+    validation: float = Field(0.1, ge=0.0, lt=1.0, description="Share of the train file held out for validation.")
+    test: float = Field(0.0, ge=0.0, lt=1.0, description="Share held out for test when no test file is given.")
+    seed: int = Field(42, description="Seed of the split; the same seed and data give the same split.")
+    stratify: bool = Field(True, description="Keep label proportions in every split (when records carry a label).")
+
+
+DataFormat = Literal["openai", "alpaca", "sharegpt", "csv", "parquet"]
+
+
+class DataConfig(Section):
+    format: DataFormat = Field(
+        ..., description="Input format, read explicitly: openai (chat JSONL with messages), alpaca, sharegpt, csv, parquet."
+    )
+    train: Path = Field(..., description="Training file (relative paths are relative to this config file).")
+    validation: Path | None = Field(None, description="Optional validation file; otherwise split from train.")
+    test: Path | None = Field(None, description="Optional test file; otherwise split from train (split.test).")
+    columns: ColumnMap = Field(default_factory=ColumnMap, description="Column mapping for csv/parquet.")
+    system_prompt: str | None = Field(None, description="System prompt added to every record that has none.")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    max_length: int = Field(512, gt=8, description="Maximum tokens per example after the chat template.")
+    limit: int | None = Field(None, gt=0, description="Use only the first N training records (quick runs).")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input (0 is faster: no random masks; LLaMA-Factory's default).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear (every linear layer but the output head)."
+    )
+
+
+class TrainConfig(Section):
+    method: Literal["lora", "dora", "full", "freeze"] = Field(
+        "lora", description="lora | dora (weight-decomposed LoRA) | full | freeze (train only the last N layers)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    trainable_layers: int = Field(2, gt=0, description="freeze: how many of the last decoder layers to train.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (2e-4 suits LoRA; use ~1e-5 for full).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(8, gt=0, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps spent warming the learning rate up.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (null: no clipping).")
+    eval_every: int = Field(50, gt=0, description="Validation loss every N optimizer steps.")
+    save_every: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
+    early_stopping_patience: int | None = Field(
+        3, gt=0, description="Stop when validation loss has not improved for N evaluations (null: never)."
+    )
+    eval_samples: int | None = Field(256, gt=0, description="Validation examples used for validation loss (null: all).")
+    group_by_length: bool = Field(True, description="Batch examples of similar length so padding does not dominate.")
+    seed: int = Field(42, description="Seed for init, shuffling and dropout; the same seed gives the same run.")
+
+
+class EvalConfig(Section):
+    split: Literal["validation", "test"] = Field("test", description="Split to evaluate on.")
+    max_samples: int | None = Field(None, gt=0, description="Evaluate on at most N examples (null: all).")
+    max_new_tokens: int = Field(32, gt=0, description="Generation budget per answer.")
+    batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
+
+
+class GoalConfig(Section):
+    metric: str = Field("accuracy", description="The metric the use case is judged by.")
+    threshold: float | None = Field(None, description="The value that counts as good enough (e.g. 0.85).")
+
+
+class ProjectConfig(Section):
+    project: str = Field("tunewise-project", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Project name.")
+    output_dir: Path = Field(Path("runs"), description="Where runs are written (relative to this config file).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    training: TrainConfig = Field(default_factory=TrainConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    goal: GoalConfig = Field(default_factory=GoalConfig)
+
+    # Where the file lives; relative paths resolve against it. Not a config key.
+    base_dir: Path = Field(Path("."), exclude=True)
+
+    def path(self, p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path(self.output_dir) / self.project
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as it was used, paths made absolute: saved beside every artifact."""
+        d = self.model_dump(mode="json")
+        d["data"]["train"] = str(self.path(self.data.train))
+        for k in ("validation", "test"):
+            if d["data"][k]:
+                d["data"][k] = str(self.path(getattr(self.data, k)))
+        d["output_dir"] = str(self.path(self.output_dir))
+        return d
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = ".".join(str(p) for p in e["loc"][:-1])
+            lines.append(f"  {loc}: unknown key{' under ' + parent if parent else ''}")
+        else:
+            lines.append(f"  {loc}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""))
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML), as Axolotl/LLaMA-Factory CLIs do."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ProjectConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found (create one with `tunewise init`)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        cfg = ProjectConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(path))) from None
+    cfg.base_dir = path.resolve().parent
+    for key in ("train", "validation", "test"):
+        p = cfg.path(getattr(cfg.data, key))
+        if p is not None and not p.exists():
+            raise ConfigError(f"{path}: data.{key}: file not found: {p}")
+    return cfg
+
+
+def _yaml_with_comments(model: type[BaseModel], values: dict, indent: int = 0) -> list[str]:
+    out = []
+    pad = "  " * indent
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        ann = field.annotation
+        value = values.get(name)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            if field.description:
+                out.append(f"{pad}# {field.description}")
+            out.append(f"{pad}{name}:")
+            out.extend(_yaml_with_comments(ann, value or {}, indent + 1))
+            continue
+        if field.description:
+            out.append(f"{pad}# {field.description}")
+        dumped = yaml.safe_dump({name: value}, default_flow_style=True, width=1000).strip()
+        out.append(f"{pad}{dumped[1:-1] if dumped.startswith('{') else dumped}")
+    return out
+
+
+def starter_yaml(data_path: str = "data/train.jsonl", fmt: str = "openai") -> str:
+    """A commented starter config: every key with its documentation and default."""
+    cfg = ProjectConfig.model_validate({"data": {"format": fmt, "train": data_path}})
+    values = cfg.model_dump(mode="json")
+    header = ["# tunewise project config. Every key is optional unless marked; unknown keys are errors.", ""]
+    return "\n".join(header + _yaml_with_comments(ProjectConfig, values)) + "\n"

@@ -1,0 +1,205 @@
+"""Readers: one function per input format, each yielding Record or BadRecord, streaming.
+
+Formats are named explicitly in the config; nothing is guessed. A reader never raises on a bad record:
+it yields a BadRecord naming the file, the line (or row) and the field, and goes on. It raises
+FormatError only when the whole file is unusable (missing, wrong column names).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .records import BadRecord, Record, validate_messages
+
+
+class FormatError(ValueError):
+    pass
+
+
+Item = Record | BadRecord
+READERS: dict[str, Callable[..., Iterator[Item]]] = {}
+
+
+def reader(name: str):
+    def register(fn):
+        READERS[name] = fn
+        return fn
+
+    return register
+
+
+def _json_items(path: Path) -> Iterator[tuple[str, object]]:
+    """Yield (where, parsed object | BadRecord reason) from JSONL, or from a JSON array file."""
+    with open(path, encoding="utf-8", errors="strict") as f:
+        head = f.read(1 << 16).lstrip()
+    if head.startswith("["):
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        for i, obj in enumerate(items):
+            yield f"item {i}", obj
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"line {lineno}", BadRecord(str(path), f"line {lineno}", f"malformed JSON: {e.msg} (column {e.colno})", line.rstrip("\n")[:2000])
+
+
+def _finish(path: Path, where: str, messages, label, meta, raw, system_prompt: str | None) -> Item:
+    if system_prompt and isinstance(messages, list) and messages and isinstance(messages[0], dict) and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    why = validate_messages(messages)
+    if why:
+        return BadRecord(str(path), where, why, raw)
+    return Record(messages=messages, source=f"{path.name}:{where}", label=label, meta=meta)
+
+
+@reader("openai")
+def read_openai(path: Path, system_prompt: str | None = None, **_) -> Iterator[Item]:
+    """OpenAI fine-tuning chat JSONL: {"messages": [{"role", "content", "weight"?}], ...}."""
+    for where, obj in _json_items(path):
+        if isinstance(obj, BadRecord):
+            yield obj
+            continue
+        if not isinstance(obj, dict) or "messages" not in obj:
+            yield BadRecord(str(path), where, "missing field 'messages'", obj)
+            continue
+        messages = obj["messages"]
+        if isinstance(messages, list):  # keep only the keys we understand; tool calls are not supported yet
+            messages = [{k: v for k, v in m.items() if k in ("role", "content", "weight")} if isinstance(m, dict) else m for m in messages]
+        meta = {k: v for k, v in obj.items() if k not in ("messages", "label")}
+        label = obj.get("label")
+        yield _finish(path, where, messages, None if label is None else str(label), meta, obj, system_prompt)
+
+
+@reader("alpaca")
+def read_alpaca(path: Path, system_prompt: str | None = None, **_) -> Iterator[Item]:
+    """Alpaca: {"instruction", "input"?, "output", "system"?}, as a JSON array or JSONL."""
+    for where, obj in _json_items(path):
+        if isinstance(obj, BadRecord):
+            yield obj
+            continue
+        if not isinstance(obj, dict):
+            yield BadRecord(str(path), where, "expected an object with instruction/output", obj)
+            continue
+        missing = [k for k in ("instruction", "output") if k not in obj]
+        if missing:
+            yield BadRecord(str(path), where, f"missing field '{missing[0]}'", obj)
+            continue
+        if not all(isinstance(obj.get(k, ""), str) for k in ("instruction", "input", "output", "system")):
+            yield BadRecord(str(path), where, "instruction/input/output/system must be strings", obj)
+            continue
+        user = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input", "").strip() else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+        if obj.get("system", "").strip():
+            messages.insert(0, {"role": "system", "content": obj["system"]})
+        yield _finish(path, where, messages, None, {}, obj, system_prompt)
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@reader("sharegpt")
+def read_sharegpt(path: Path, system_prompt: str | None = None, **_) -> Iterator[Item]:
+    """ShareGPT: {"conversations": [{"from": human|gpt|system, "value"}], "system"?}."""
+    for where, obj in _json_items(path):
+        if isinstance(obj, BadRecord):
+            yield obj
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
+            yield BadRecord(str(path), where, "missing field 'conversations' (a list)", obj)
+            continue
+        messages, why = [], None
+        for i, turn in enumerate(obj["conversations"]):
+            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+                why = f"conversations[{i}]: expected an object with 'from' and 'value'"
+                break
+            role = SHAREGPT_ROLES.get(turn["from"])
+            if role is None:
+                why = f"conversations[{i}].from: {turn['from']!r} is not one of {', '.join(SHAREGPT_ROLES)}"
+                break
+            messages.append({"role": role, "content": turn["value"]})
+        if why:
+            yield BadRecord(str(path), where, why, obj)
+            continue
+        if isinstance(obj.get("system"), str) and obj["system"].strip() and not (messages and messages[0]["role"] == "system"):
+            messages.insert(0, {"role": "system", "content": obj["system"]})
+        yield _finish(path, where, messages, None, {}, obj, system_prompt)
+
+
+def _row_record(path: Path, where: str, row: dict, columns, system_prompt: str | None) -> Item:
+    def cell(name):
+        v = row.get(name)
+        if v is None or (isinstance(v, float) and v != v):  # None or NaN
+            return ""
+        return str(v)
+
+    user, assistant = cell(columns.user), cell(columns.assistant)
+    if not user.strip():
+        return BadRecord(str(path), where, f"column '{columns.user}': empty user text", row)
+    if not assistant.strip():
+        return BadRecord(str(path), where, f"column '{columns.assistant}': empty assistant text", row)
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    if columns.system and cell(columns.system).strip():
+        messages.insert(0, {"role": "system", "content": cell(columns.system)})
+    label = cell(columns.label) if columns.label else None
+    return _finish(path, where, messages, label or None, {}, row, system_prompt)
+
+
+def _check_columns(path: Path, header: list[str], columns) -> None:
+    wanted = [c for c in (columns.user, columns.assistant, columns.system, columns.label) if c]
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise FormatError(f"{path}: column(s) {missing} not found; the file has {header} (set data.columns)")
+
+
+@reader("csv")
+def read_csv(path: Path, columns=None, system_prompt: str | None = None, **_) -> Iterator[Item]:
+    """CSV with a header; data.columns maps columns to user/assistant/system/label."""
+    with open(path, encoding="utf-8", newline="", errors="replace") as f:
+        rows = csv.DictReader(f)
+        _check_columns(path, rows.fieldnames or [], columns)
+        start = 2
+        for row in rows:
+            where = f"line {start}"
+            start = rows.line_num + 1
+            if None in row:  # more cells than header columns
+                yield BadRecord(str(path), where, f"{len(row) - 1 + len(row[None])} cells but the header has {len(row) - 1}", row)
+                continue
+            if any(v is None for v in row.values()):
+                yield BadRecord(str(path), where, "fewer cells than the header", row)
+                continue
+            yield _row_record(path, where, row, columns, system_prompt)
+
+
+@reader("parquet")
+def read_parquet(path: Path, columns=None, system_prompt: str | None = None, **_) -> Iterator[Item]:
+    """Parquet, read in batches; data.columns maps columns to user/assistant/system/label."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise FormatError(f"{path}: not a readable Parquet file: {e}") from None
+    _check_columns(path, pf.schema_arrow.names, columns)
+    n = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            yield _row_record(path, f"row {n}", row, columns, system_prompt)
+            n += 1
+
+
+def read_records(path: Path, fmt: str, columns=None, system_prompt: str | None = None) -> Iterator[Item]:
+    if fmt not in READERS:
+        raise FormatError(f"unknown format {fmt!r}; one of {', '.join(READERS)}")
+    if not Path(path).is_file():
+        raise FormatError(f"{path}: file not found")
+    return READERS[fmt](Path(path), columns=columns, system_prompt=system_prompt)

@@ -1,0 +1,121 @@
+"""`tunewise data prepare`: read -> validate -> quarantine -> split -> leakage check -> write.
+
+Every input record is accounted for: it lands in a split or in quarantine.jsonl with its reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ProjectConfig
+from ..util import atomic_write_json, read_jsonl, sha256_file, write_jsonl
+from .formats import read_records
+from .records import BadRecord, Record
+from .split import find_leaks, split_records
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Prepared:
+    dir: Path
+    splits: dict[str, list[Record]]
+    summary: dict
+
+
+def _read(cfg: ProjectConfig, path: Path, limit: int | None, bad: list[BadRecord]) -> list[Record]:
+    good = []
+    for item in read_records(path, cfg.data.format, cfg.data.columns, cfg.data.system_prompt):
+        if isinstance(item, BadRecord):
+            bad.append(item)
+        else:
+            good.append(item)
+            if limit and len(good) >= limit:
+                break
+    return good
+
+
+def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None) -> Prepared:
+    out_dir = out_dir or cfg.run_dir / "data"
+    bad: list[BadRecord] = []
+    inputs = {}
+    train_path = cfg.path(cfg.data.train)
+    inputs["train"] = {"path": str(train_path), "sha256": sha256_file(train_path)}
+    records = _read(cfg, train_path, cfg.data.limit, bad)
+    fixed: dict[str, list[Record]] = {}
+    for name in ("validation", "test"):
+        p = cfg.path(getattr(cfg.data, name))
+        if p is not None:
+            inputs[name] = {"path": str(p), "sha256": sha256_file(p)}
+            fixed[name] = _read(cfg, p, None, bad)
+
+    s = cfg.data.split
+    splits = split_records(
+        records,
+        validation=0.0 if "validation" in fixed else s.validation,
+        test=0.0 if "test" in fixed else s.test,
+        seed=s.seed,
+        stratify=s.stratify,
+    )
+    for name, recs in fixed.items():
+        splits[name] = recs
+    leaks = find_leaks(splits)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {}
+    for name in SPLITS:
+        write_jsonl(out_dir / f"{name}.jsonl", (r.to_json() for r in splits[name]))
+        outputs[name] = {"records": len(splits[name]), "sha256": sha256_file(out_dir / f"{name}.jsonl")}
+    write_jsonl(out_dir / "quarantine.jsonl", (b.to_json() for b in bad))
+
+    # Group reasons by their shape (numbers elided) so the summary counts kinds of problems.
+    reasons = Counter(re.sub(r"\d+", "N", b.reason) for b in bad)
+    summary = {
+        "inputs": inputs,
+        "outputs": outputs,
+        "read": {"good": len(records) + sum(len(v) for v in fixed.values()), "quarantined": len(bad)},
+        "quarantine_reasons": dict(reasons.most_common()),
+        "quarantine_examples": [str(b) for b in bad[:20]],
+        "labels": {name: len({r.label for r in splits[name] if r.label is not None}) for name in SPLITS},
+        "leaks": {"count": len(leaks), "examples": leaks[:20]},
+        "config": cfg.resolved()["data"],
+    }
+    if tokenizer is not None:
+        from .tokenize import tokenize_records
+
+        summary["tokens"] = {name: tokenize_records(tokenizer, splits[name], cfg.data.max_length)[1].summary() for name in SPLITS if splits[name]}
+    atomic_write_json(out_dir / "summary.json", summary)
+    return Prepared(out_dir, splits, summary)
+
+
+def load_prepared(data_dir: Path) -> Prepared | None:
+    if not (data_dir / "summary.json").exists():
+        return None
+    import json
+
+    summary = json.loads((data_dir / "summary.json").read_text())
+    splits = {name: [Record.from_json(r) for r in read_jsonl(data_dir / f"{name}.jsonl")] for name in SPLITS}
+    return Prepared(data_dir, splits, summary)
+
+
+def prepared_is_current(cfg: ProjectConfig, prepared: Prepared) -> bool:
+    """Prepared data is reused only if the inputs and the data config are unchanged."""
+    s = prepared.summary
+    if s.get("config") != cfg.resolved()["data"]:
+        return False
+    for name, info in s.get("inputs", {}).items():
+        p = Path(info["path"])
+        if not p.exists() or sha256_file(p) != info["sha256"]:
+            return False
+    return True
+
+
+def ensure_prepared(cfg: ProjectConfig, tokenizer=None) -> Prepared:
+    data_dir = cfg.run_dir / "data"
+    existing = load_prepared(data_dir)
+    if existing is not None and prepared_is_current(cfg, existing):
+        return existing
+    return prepare_data(cfg, data_dir, tokenizer)

@@ -1,0 +1,145 @@
+"""The one generation engine: chat, evaluation and serving all call it.
+
+Batched and left-padded, KV-cached (transformers' generate), batches sorted by prompt length, stop
+strings, per-item token counts and latency. Adapters are attached to one base model by name and
+selected per request, so switching costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .models import Loaded, load_model
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    finish_reason: str  # "stop" | "length"
+
+
+def model_ref_of(path: str | Path) -> tuple[str, str | None]:
+    """For a trained output directory, return (base model reference, adapter dir or None).
+
+    A LoRA/DoRA output holds adapter_config.json and names its base in tunewise.json; a full or
+    freeze output is itself a complete model directory.
+    """
+    p = Path(path)
+    meta_file = p / "tunewise.json"
+    if (p / "adapter_config.json").exists():
+        if meta_file.exists():
+            return json.loads(meta_file.read_text())["base_model"], str(p)
+        return json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"], str(p)
+    if (p / "config.json").exists():
+        return str(p), None
+    raise FileNotFoundError(f"{p}: neither a model directory nor a PEFT adapter")
+
+
+class Engine:
+    def __init__(self, loaded: Loaded):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tok = loaded.tokenizer
+        self.adapters: list[str] = []
+        self.model.eval()
+
+    @classmethod
+    def load(cls, model: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto") -> "Engine":
+        if adapter:
+            base_ref, adapter_dir = model_ref_of(adapter)
+            if adapter_dir is None:  # a full fine-tuned model: load it as the base
+                return cls(load_model(base_ref, device, dtype))
+            eng = cls(load_model(base_ref, device, dtype))
+            eng.add_adapter("default", adapter_dir)
+            return eng
+        return cls(load_model(model, device, dtype))
+
+    def add_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if not self.adapters:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+        else:
+            self.model.load_adapter(path, adapter_name=name)
+        self.model.eval()
+        self.adapters.append(name)
+
+    def _prompts(self, conversations: list[list[dict]]) -> list[list[int]]:
+        return [
+            self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            for c in conversations
+        ]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        conversations: list[list[dict]],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        batch_size: int = 16,
+        adapter: str | None = None,
+    ) -> list[Completion]:
+        """Generate one reply per conversation. adapter=None uses the base model (adapters disabled)."""
+        prompts = self._prompts(conversations)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[Completion | None] = [None] * len(prompts)
+        device = self.loaded.device
+        pad = self.tok.pad_token_id
+        eos = self.model.generation_config.eos_token_id
+        for k in range(0, len(order), batch_size):
+            idx = order[k : k + batch_size]
+            n = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), n), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), n), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, n - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, n - len(prompts[i]) :] = 1
+            kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+            if temperature > 0:
+                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if stop:
+                kwargs.update(stop_strings=stop, tokenizer=self.tok)
+            t0 = time.time()
+            ctx = self._adapter_ctx(adapter)
+            with ctx:
+                out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            latency = time.time() - t0
+            for row, i in enumerate(idx):
+                gen = out[row, n:].tolist()
+                eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+                cut = next((j for j, x in enumerate(gen) if x in eos_ids), None)
+                finish = "stop" if cut is not None else "length"
+                gen = gen[: cut if cut is not None else len(gen)]
+                text = self.tok.decode(gen, skip_special_tokens=True)
+                if stop:
+                    hits = [text.find(s) for s in stop if s in text]
+                    if hits:
+                        text, finish = text[: min(hits)], "stop"
+                results[i] = Completion(text.strip(), len(prompts[i]), len(gen), latency, finish)
+        return results  # type: ignore[return-value]
+
+    def _adapter_ctx(self, adapter: str | None):
+        from contextlib import nullcontext
+
+        if not self.adapters:
+            if adapter:
+                raise KeyError(f"no adapter named {adapter!r} is loaded")
+            return nullcontext()
+        if adapter is None:
+            return self.model.disable_adapter()
+        if adapter not in self.adapters:
+            raise KeyError(f"no adapter named {adapter!r}; loaded: {', '.join(self.adapters)}")
+        self.model.set_adapter(adapter)
+        return nullcontext()

