@@ -1,0 +1,54 @@
+"""The commands as a user runs them: init, data prepare, train, chat; errors are one clear line."""
+
+import json
+
+from typer.testing import CliRunner
+
+from tunewise.cli import app
+
+runner = CliRunner()
+
+
+def test_init_writes_a_valid_starter(tmp_path):
+    p = tmp_path / "tunewise.yaml"
+    r = runner.invoke(app, ["init", str(p), "--data", "train.jsonl"])
+    assert r.exit_code == 0 and p.exists()
+    assert runner.invoke(app, ["init", str(p)]).exit_code == 2  # no silent overwrite
+
+
+def test_bad_config_fails_before_work_naming_the_key(tmp_path):
+    (tmp_path / "t.jsonl").write_text("")
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {format: openai, train: t.jsonl}\ntraining: {learning_rat: 0.1}\n")
+    r = runner.invoke(app, ["train", str(p)])
+    assert r.exit_code == 2
+    assert "training.learning_rat: unknown key under training" in r.output
+
+
+def test_prepare_train_chat_on_tiny_model(tiny_project, tmp_path):
+    cfg = tiny_project(max_steps=4, eval_every=2)
+    r = runner.invoke(app, ["data", "prepare", str(cfg)])
+    assert r.exit_code == 0, r.output
+    assert "quarantined: 0" in r.output and "train" in r.output
+    r = runner.invoke(app, ["train", str(cfg), "--set", "training.max_steps=3"])
+    assert r.exit_code == 0, r.output
+    model_dir = tmp_path / "runs" / "tiny" / "train" / "model"
+    assert (model_dir / "adapter_model.safetensors").exists()
+    rows = (tmp_path / "runs" / "tiny" / "train" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(rows[-1])["step"] == 3
+    r = runner.invoke(app, ["train", str(cfg)])
+    assert r.exit_code == 2 and "--resume" in r.output
+    r = runner.invoke(app, ["chat", str(cfg), "--adapter", str(model_dir), "-p", "I lost my card", "--max-new-tokens", "5"])
+    assert r.exit_code == 0, r.output
+    from tunewise.config import load_config
+    from tunewise.engine import Engine
+
+    c = load_config(cfg)
+    conv = [{"role": "system", "content": c.data.system_prompt}, {"role": "user", "content": "I lost my card"}]
+    expected = Engine.load(c.model.name, str(model_dir)).generate([conv], max_new_tokens=5, adapter="default")[0].text
+    assert r.output.strip() == expected  # the command answers with the adapter and the config's system prompt
+
+
+def test_chat_interactive_loop(tiny_model):
+    r = runner.invoke(app, ["chat", "--model", str(tiny_model), "--max-new-tokens", "3"], input="hello\n/reset\n/exit\n")
+    assert r.exit_code == 0 and "model>" in r.output

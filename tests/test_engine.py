@@ -1,0 +1,46 @@
+"""The generation engine: batched, left-padded greedy output equals one-at-a-time generate; adapters per request."""
+
+import torch
+
+from tunewise.engine import Engine
+from tunewise.models import load_model
+
+CONVS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France, please?"}],
+    [{"role": "user", "content": "A much longer message " * 5}],
+]
+
+
+def test_batched_greedy_equals_single_generate(tiny_model):
+    eng = Engine(load_model(str(tiny_model)))
+    outs = eng.generate(CONVS, max_new_tokens=8, batch_size=3)
+    tok, model = eng.tok, eng.model
+    for conv, out in zip(CONVS, outs):
+        ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ref = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        gen = ref[0, ids["input_ids"].shape[1] :].tolist()
+        eos = model.generation_config.eos_token_id
+        if eos in gen:
+            gen = gen[: gen.index(eos)]
+        assert out.text == tok.decode(gen, skip_special_tokens=True).strip()
+        assert out.prompt_tokens == ids["input_ids"].shape[1] and out.completion_tokens == len(gen)
+
+
+def test_adapter_selected_per_request(tiny_project, tmp_path):
+    from tunewise.config import load_config
+    from tunewise.train.loop import train
+
+    cfg = load_config(tiny_project(max_steps=6, learning_rate=5e-2))
+    r = train(cfg, tmp_path / "run", progress=False)
+    eng = Engine.load(cfg.model.name, r.model_dir)
+    base_only = Engine(load_model(cfg.model.name)).generate(CONVS, max_new_tokens=6)
+    base = eng.generate(CONVS, max_new_tokens=6, adapter=None)
+    tuned = eng.generate(CONVS, max_new_tokens=6, adapter="default")
+    assert [o.text for o in base] == [o.text for o in base_only]
+    assert [o.text for o in tuned] != [o.text for o in base]
+    try:
+        eng.generate(CONVS[:1], adapter="nope")
+        raise AssertionError("unknown adapter must fail")
+    except KeyError as e:
+        assert "nope" in str(e)

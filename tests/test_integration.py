@@ -1,0 +1,45 @@
+"""End to end on the real bundled model (SmolLM2-135M-Instruct) and real BANKING77 data."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tunewise.cli import app
+from tunewise.engine import Engine
+
+from .conftest import EXAMPLES, banking_rows
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+LABELS = set(json.loads((EXAMPLES / "support-intents" / "data" / "categories.json").read_text()))
+
+
+def test_bundled_model_is_a_real_instruct_model():
+    eng = Engine.load("bundled:smollm2-135m-instruct")
+    out = eng.generate([[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=12)[0]
+    assert "Paris" in out.text and out.finish_reason == "stop"
+
+
+def test_train_real_model_on_banking77_from_the_cli(tmp_path):
+    """The example config with a small budget: validation loss falls, the adapter is saved, chat answers a label."""
+    example = yaml.safe_load((EXAMPLES / "support-intents" / "tunewise.yaml").read_text())
+    (tmp_path / "train.csv").write_text(banking_rows(2000))
+    example["data"].update(train="train.csv", test=None, limit=None)
+    example["data"]["split"].update(validation=0.02, test=0.0)
+    example["output_dir"] = str(tmp_path / "runs")
+    path = tmp_path / "tunewise.yaml"
+    path.write_text(yaml.safe_dump(example))
+    r = runner.invoke(app, ["train", str(path), "--set", "training.max_steps=24", "--set", "training.eval_every=12",
+                            "--set", "training.eval_samples=40", "--set", "training.learning_rate=2e-3"])
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "runs" / "support-intents" / "train"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    vals = [x["val_loss"] for x in rows if "val_loss" in x]
+    assert len(vals) == 2 and vals[1] < vals[0]
+    assert (run / "model" / "adapter_model.safetensors").exists()
+    r = runner.invoke(app, ["chat", str(path), "--adapter", str(run / "model"), "--max-new-tokens", "16",
+                            "-p", "I still have not received my new card, I ordered it over a week ago."])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() in LABELS, r.output
