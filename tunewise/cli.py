@@ -235,7 +235,7 @@ def models_tiny(out: Path = typer.Argument(..., help="Directory to write the tin
 def demo(
     config: Path = typer.Argument(Path("examples/support-intents/tunewise.yaml"), help="Example project."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-    samples: int = typer.Option(200, help="Test items to score base and fine-tuned models on."),
+    samples: int = typer.Option(100, help="Test items to score base and fine-tuned models on."),
 ):
     """Prepare the example data, fine-tune the bundled model briefly, and score base vs fine-tuned."""
     _quiet_libraries()
