@@ -96,7 +96,7 @@ def run_trl(args) -> dict:
     cfg = SFTConfig(output_dir=tmp, per_device_train_batch_size=args.batch_size, max_steps=args.steps + 1, learning_rate=2e-4,
                     lr_scheduler_type="cosine", warmup_steps=0, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
                     bf16=False, max_length=128, completion_only_loss=True, include_num_input_tokens_seen="non_padding",
-                    group_by_length=not args.no_grouping, dataloader_num_workers=0, seed=42)
+                    train_sampling_strategy="random" if args.no_grouping else "group_by_length", dataloader_num_workers=0, seed=42)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=load_tokenizer(args.model),
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
