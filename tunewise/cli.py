@@ -55,11 +55,12 @@ def _guard(fn):
     from .data.formats import FormatError
     from .data.tokenize import TemplateError
     from .models import ModelError
+    from .eval.run import EvalError
     from .train.loop import TrainError
 
     try:
         return fn()
-    except (ConfigError, FormatError, TemplateError, ModelError, TrainError) as e:
+    except (ConfigError, FormatError, TemplateError, ModelError, TrainError, EvalError) as e:
         _fail(str(e))
 
 
@@ -205,6 +206,76 @@ def chat(
                 console.print(f"[bold blue]model>[/] {answer(text)}", highlight=False)
 
     _guard(run)
+
+
+@app.command("eval")
+def eval_cmd(
+    config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
+    variant: str = typer.Option("fine-tuned", "--variant", "-v", help="A name from evaluation.variants."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Score one variant on the evaluation split: per-item JSONL and a summary with 95% CIs, latency, cost."""
+    _quiet_libraries()
+    cfg = _load(config, set_)
+
+    def run():
+        from .eval.run import evaluate
+
+        chosen = next((v for v in cfg.evaluation.variants if v.name == variant), None)
+        if chosen is None:
+            _fail(f"unknown variant {variant!r}; configured: {[v.name for v in cfg.evaluation.variants]}")
+        with console.status(f"evaluating {variant}"):
+            s = evaluate(cfg, chosen)
+        _print_compare({"variants": {variant: s}, "paired_vs_reference": {}, "reference_variant": variant}, cfg)
+        console.print(f"items: {cfg.run_dir / 'eval' / variant / 'items.jsonl'}")
+
+    _guard(run)
+
+
+@app.command()
+def compare(
+    config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
+    variants: Optional[list[str]] = typer.Option(None, "--variant", "-v", help="Variants to compare (default: all configured)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Evaluate variants on the same items; side-by-side table with CIs and paired tests against the first."""
+    _quiet_libraries()
+    cfg = _load(config, set_)
+
+    def run():
+        from .eval.run import compare as compare_fn
+
+        with console.status("comparing") as status:
+            result = compare_fn(cfg, variants, progress=lambda name: status.update(f"evaluating {name}"))
+        _print_compare(result, cfg)
+        console.print(f"results: {cfg.run_dir / 'eval' / 'compare.json'}")
+
+    _guard(run)
+
+
+def _print_compare(result: dict, cfg) -> None:
+    metrics = cfg.evaluation.metrics
+    ref = result["reference_variant"]
+    first = next(iter(result["variants"].values()))
+    table = Table(title=f"{cfg.project}: {first['split']} split, {first['items']} items (95% bootstrap CIs; p: paired test vs {ref})")
+    table.add_column("variant")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    for col in ("latency p50/p95 s", "items/s", "prompt tok", "$/1k queries"):
+        table.add_column(col, justify="right")
+    for name, s in result["variants"].items():
+        cells = []
+        for m in metrics:
+            e = s["metrics"][m]
+            cell = f"{e['mean']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]"
+            p = result["paired_vs_reference"].get(name, {}).get(m)
+            if p:
+                cell += f" p={p['p_value']:.3g}"
+            cells.append(cell)
+        lat = s["latency_s"]
+        table.add_row(name, *cells, f"{lat['p50']:.2f}/{lat['p95']:.2f}", f"{s['items_per_s']:.2f}",
+                      f"{s['prompt_tokens_mean']:.0f}", f"{s['cost_per_1k_queries_usd']:.4f}")
+    console.print(table)
 
 
 @models_app.command("prepare")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -98,11 +98,42 @@ class TrainConfig(Section):
     seed: int = Field(42, description="Seed for init, shuffling and dropout; the same seed gives the same run.")
 
 
+class VariantConfig(Section):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", description="Variant name, used in reports and paths.")
+    kind: Literal["base", "few-shot", "fine-tuned"] = Field(..., description="base | few-shot | fine-tuned.")
+    adapter: Path | None = Field(None, description="fine-tuned: trained output directory (default: <run>/train/model).")
+    k: int = Field(5, gt=0, description="few-shot: examples put before the question.")
+    selection: Literal["similar", "random"] = Field("similar", description="few-shot: nearest training examples by embedding (bundled MiniLM) or a seeded random draw.")
+    system_prompt: str | None = Field(None, description="Override data.system_prompt for this variant.")
+
+
+def _default_variants() -> list[VariantConfig]:
+    return [
+        VariantConfig(name="base", kind="base"),
+        VariantConfig(name="few-shot", kind="few-shot"),
+        VariantConfig(name="fine-tuned", kind="fine-tuned"),
+    ]
+
+
 class EvalConfig(Section):
     split: Literal["validation", "test"] = Field("test", description="Split to evaluate on.")
     max_samples: int | None = Field(None, gt=0, description="Evaluate on at most N examples (null: all).")
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per answer.")
     batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
+    metrics: list[str] = Field(["accuracy", "exact_match", "token_f1"], description="Quality metrics (accuracy, exact_match, token_f1, rouge_l, chrf, bleu).")
+    variants: list[VariantConfig] = Field(default_factory=_default_variants, description="What `tunewise compare` puts side by side.")
+    price_per_1k_input_tokens: float = Field(0.00015, ge=0, description="USD per 1k prompt tokens for cost per 1k queries (default: a small hosted model's list price, 2024).")
+    price_per_1k_output_tokens: float = Field(0.0006, ge=0, description="USD per 1k completion tokens.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: list[str]) -> list[str]:
+        from .eval.metrics import METRICS
+
+        bad = [m for m in v if m not in METRICS]
+        if bad:
+            raise ValueError(f"unknown metric(s) {bad}; one of {sorted(METRICS)}")
+        return v
 
 
 class GoalConfig(Section):
@@ -211,6 +242,10 @@ def _yaml_with_comments(model: type[BaseModel], values: dict, indent: int = 0) -
             continue
         if field.description:
             out.append(f"{pad}# {field.description}")
+        if isinstance(value, list) and value and isinstance(value[0], dict):  # lists of sections: block style
+            block = yaml.safe_dump({name: value}, default_flow_style=False, sort_keys=False).rstrip().splitlines()
+            out.extend(pad + line for line in block)
+            continue
         dumped = yaml.safe_dump({name: value}, default_flow_style=True, width=1000).strip()
         out.append(f"{pad}{dumped[1:-1] if dumped.startswith('{') else dumped}")
     return out

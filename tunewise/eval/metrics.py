@@ -42,3 +42,72 @@ def score(name: str, preds: list[str], refs: list[str]) -> list[float]:
     if name not in METRICS:
         raise KeyError(f"unknown metric {name!r}; one of {', '.join(METRICS)}")
     return METRICS[name](preds, refs)
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lowercase, drop punctuation and articles, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+@metric("token_f1")
+def token_f1(preds: list[str], refs: list[str]) -> list[float]:
+    """SQuAD token-overlap F1 after answer normalisation."""
+    from collections import Counter
+
+    out = []
+    for p, r in zip(preds, refs):
+        pt, rt = normalize_answer(p).split(), normalize_answer(r).split()
+        if not pt or not rt:
+            out.append(float(pt == rt))
+            continue
+        common = sum((Counter(pt) & Counter(rt)).values())
+        if common == 0:
+            out.append(0.0)
+            continue
+        precision, recall = common / len(pt), common / len(rt)
+        out.append(2 * precision * recall / (precision + recall))
+    return out
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+@metric("rouge_l")
+def rouge_l(preds: list[str], refs: list[str]) -> list[float]:
+    """ROUGE-L F1 (longest common subsequence of lowercase tokens)."""
+    out = []
+    for p, r in zip(preds, refs):
+        pt, rt = p.lower().split(), r.lower().split()
+        lcs = _lcs(pt, rt) if pt and rt else 0
+        out.append(0.0 if lcs == 0 else 2 * lcs / (len(pt) + len(rt)))
+    return out
+
+
+@metric("chrf")
+def chrf(preds: list[str], refs: list[str]) -> list[float]:
+    """Sentence chrF (sacrebleu), scaled to 0..1."""
+    from sacrebleu.metrics import CHRF
+
+    m = CHRF()
+    return [m.sentence_score(p, [r]).score / 100 for p, r in zip(preds, refs)]
+
+
+@metric("bleu")
+def bleu(preds: list[str], refs: list[str]) -> list[float]:
+    """Sentence BLEU (sacrebleu, exponential smoothing), scaled to 0..1."""
+    from sacrebleu.metrics import BLEU
+
+    m = BLEU(effective_order=True)
+    return [m.sentence_score(p, [r]).score / 100 for p, r in zip(preds, refs)]

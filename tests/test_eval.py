@@ -1,0 +1,83 @@
+"""Evaluation and comparison: variants as config, per-item output, CIs, paired tests, few-shot selection."""
+
+import json
+
+from typer.testing import CliRunner
+
+from tunewise.cli import app
+from tunewise.config import load_config
+from tunewise.data.records import Record
+from tunewise.eval.run import build_prompt, select_shots
+
+from .conftest import BANKING_TRAIN
+
+runner = CliRunner()
+
+
+def rec(text, label, system=None):
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}, {"role": "assistant", "content": label}]
+    return Record(msgs, "f", label=label)
+
+
+def test_build_prompt_places_system_shots_then_question():
+    r = rec("where is my card", "card_arrival", system="own")
+    shots = [rec("lost card", "lost_or_stolen_card"), rec("new card?", "card_arrival")]
+    p = build_prompt(r, "Classify.", shots)
+    assert [m["role"] for m in p] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert p[0]["content"] == "Classify." and p[2]["content"] == "lost_or_stolen_card" and p[-1]["content"] == "where is my card"
+    assert build_prompt(r, None, None) == [{"role": "system", "content": "own"}, {"role": "user", "content": "where is my card"}]
+
+
+def test_similar_shots_share_the_label_far_more_than_random():
+    import csv
+
+    rows = list(csv.DictReader(open(BANKING_TRAIN)))
+    train = [rec(r["text"], r["category"]) for r in rows[::4]]  # the file is sorted by label: sample across it
+    items = [rec(r["text"], r["category"]) for r in rows[1::170]]
+    def share(shots):
+        return sum(s.label == it.label for it, ss in zip(items, shots) for s in ss) / (len(items) * 3)
+    similar, rand = share(select_shots(train, items, 3, "similar")), share(select_shots(train, items, 3, "random"))
+    assert similar > 0.5 and rand < 0.1, (similar, rand)
+    assert select_shots(train, items, 3, "random") == select_shots(train, items, 3, "random")  # seeded
+
+
+def test_compare_three_variants_on_tiny_model(tiny_project, tmp_path):
+    cfg_path = tiny_project(max_steps=4)
+    assert runner.invoke(app, ["train", str(cfg_path)]).exit_code == 0
+    overrides = ["--set", "evaluation.max_samples=10", "--set", "evaluation.max_new_tokens=4",
+                 "--set", "evaluation.variants=[{name: base, kind: base}, {name: shots, kind: few-shot, k: 2, selection: random}, {name: ft, kind: fine-tuned}]"]
+    r = runner.invoke(app, ["compare", str(cfg_path), *overrides])
+    assert r.exit_code == 0, r.output
+    assert "base" in r.output and "shots" in r.output and "ft" in r.output and "p=" in r.output
+    ev = tmp_path / "runs" / "tiny" / "eval"
+    result = json.loads((ev / "compare.json").read_text())
+    assert set(result["paired_vs_reference"]) == {"shots", "ft"}
+    for name in ("base", "shots", "ft"):
+        s = result["variants"][name]
+        assert s["items"] == 10 and set(s["metrics"]) == {"accuracy", "exact_match", "token_f1"}
+        lo, hi = s["metrics"]["accuracy"]["ci95"]
+        assert lo <= s["metrics"]["accuracy"]["mean"] <= hi
+        rows = [json.loads(x) for x in (ev / name / "items.jsonl").read_text().splitlines()]
+        assert len(rows) == 10 and all("accuracy" in x["scores"] for x in rows)
+    v = result["variants"]
+    assert v["shots"]["prompt_tokens_mean"] > v["base"]["prompt_tokens_mean"]  # shots cost context tokens
+    assert v["shots"]["cost_per_1k_queries_usd"] > v["base"]["cost_per_1k_queries_usd"]
+    # The fine-tuned variant really runs the adapter: same outputs as the engine loaded with it.
+    from tunewise.engine import Engine
+    from tunewise.eval.run import build_prompt as bp
+    from tunewise.data.prepare import load_prepared
+
+    cfg = load_config(cfg_path)
+    items = load_prepared(cfg.run_dir / "data").splits["test"][:10]
+    eng = Engine.load(cfg.model.name, str(cfg.run_dir / "train" / "model"))
+    expected = [o.text for o in eng.generate([bp(x, cfg.data.system_prompt, None) for x in items], max_new_tokens=4, adapter="default")]
+    got = [json.loads(x)["output"] for x in (ev / "ft" / "items.jsonl").read_text().splitlines()]
+    assert got == expected
+
+
+def test_eval_unknown_variant_and_missing_model(tiny_project):
+    cfg_path = tiny_project()
+    r = runner.invoke(app, ["eval", str(cfg_path), "--variant", "nope"])
+    assert r.exit_code == 2 and "unknown variant 'nope'" in r.output
+    r = runner.invoke(app, ["eval", str(cfg_path), "--variant", "fine-tuned", "--set", "evaluation.max_samples=2"])
+    assert r.exit_code == 2 and "no trained model" in r.output

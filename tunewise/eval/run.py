@@ -1,0 +1,164 @@
+"""`tunewise eval` / `tunewise compare`: score variants on the same items through the one engine.
+
+A variant is config (evaluation.variants): base (the system prompt, zero-shot), few-shot (k examples
+from the training split, nearest by embedding or random), fine-tuned (an adapter or full model).
+Each evaluation writes per-item JSONL and a summary with bootstrap CIs, latency, token counts and
+cost per 1k queries; compare adds paired tests against the first variant.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from ..config import ProjectConfig, VariantConfig
+from ..data.prepare import ensure_prepared
+from ..data.records import Record
+from ..engine import Engine, model_ref_of
+from ..models import bundled_embedding_dir, load_tokenizer
+from ..util import atomic_write_json, sha256_text, write_jsonl
+from .metrics import score
+from .stats import bootstrap_ci, paired_test, percentile
+
+
+class EvalError(RuntimeError):
+    pass
+
+
+def _user_text(r: Record) -> str:
+    return next(m["content"] for m in reversed(r.messages) if m["role"] == "user")
+
+
+def select_shots(train: list[Record], items: list[Record], k: int, selection: str, seed: int = 0) -> list[list[Record]]:
+    if not train:
+        raise EvalError("few-shot needs a training split to draw examples from")
+    k = min(k, len(train))
+    if selection == "random":
+        return [random.Random(seed * 1_000_003 + i).sample(train, k) for i in range(len(items))]
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(bundled_embedding_dir()), device="cpu")
+    t = model.encode([_user_text(r) for r in train], batch_size=128, normalize_embeddings=True, convert_to_tensor=True)
+    q = model.encode([_user_text(r) for r in items], batch_size=128, normalize_embeddings=True, convert_to_tensor=True)
+    top = (q @ t.T).topk(k, dim=1).indices.tolist()
+    # Most similar last: closest to the question, where small models attend most.
+    return [[train[j] for j in reversed(row)] for row in top]
+
+
+def build_prompt(record: Record, system: str | None, shots: list[Record] | None) -> list[dict]:
+    """The conversation up to (not including) the last assistant turn, with system prompt and shots."""
+    turns = [m for m in record.messages if m["role"] != "system"][:-1]
+    own_system = next((m["content"] for m in record.messages if m["role"] == "system"), None)
+    msgs = []
+    if system or own_system:
+        msgs.append({"role": "system", "content": system or own_system})
+    for s in shots or []:
+        msgs += [{"role": "user", "content": _user_text(s)}, {"role": "assistant", "content": s.answer}]
+    return msgs + [{"role": m["role"], "content": m["content"]} for m in turns]
+
+
+class Engines:
+    """One loaded base model per reference; adapters attach to it by name."""
+
+    def __init__(self, cfg: ProjectConfig):
+        self.cfg = cfg
+        self.by_ref: dict[str, Engine] = {}
+
+    def get(self, variant: VariantConfig) -> tuple[Engine, str | None, str]:
+        cfg = self.cfg
+        if variant.kind != "fine-tuned":
+            return self._engine(cfg.model.name), None, cfg.model.name
+        path = cfg.path(variant.adapter) if variant.adapter else cfg.run_dir / "train" / "model"
+        if not Path(path).exists():
+            raise EvalError(f"variant {variant.name}: no trained model at {path} (run `tunewise train` or set adapter)")
+        base_ref, adapter_dir = model_ref_of(path)
+        if adapter_dir is None:
+            return self._engine(base_ref), None, str(path)
+        eng = self._engine(base_ref)
+        if variant.name not in eng.adapters:
+            eng.add_adapter(variant.name, adapter_dir)
+        return eng, variant.name, str(path)
+
+    def _engine(self, ref: str) -> Engine:
+        if ref not in self.by_ref:
+            self.by_ref[ref] = Engine.load(ref, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
+        return self.by_ref[ref]
+
+
+def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None = None, out_root: Path | None = None) -> dict:
+    ev = cfg.evaluation
+    engines = engines or Engines(cfg)
+    prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name))
+    items = prepared.splits[ev.split][: ev.max_samples] if ev.max_samples else prepared.splits[ev.split]
+    if not items:
+        raise EvalError(f"the {ev.split} split is empty")
+    shots = select_shots(prepared.splits["train"], items, variant.k, variant.selection) if variant.kind == "few-shot" else [None] * len(items)
+    system = variant.system_prompt or cfg.data.system_prompt
+    convs = [build_prompt(r, system, s) for r, s in zip(items, shots)]
+    refs = [r.label or r.answer for r in items]
+    eng, adapter, model_id = engines.get(variant)
+
+    t0 = time.time()
+    outs = eng.generate(convs, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, adapter=adapter)
+    wall = time.time() - t0
+    preds = [o.text for o in outs]
+    per_metric = {m: score(m, preds, refs) for m in ev.metrics}
+
+    out_dir = (out_root or cfg.run_dir / "eval") / variant.name
+    rows = []
+    for i, (r, c, o) in enumerate(zip(items, convs, outs)):
+        rows.append({"i": i, "source": r.source, "input": _user_text(r), "reference": refs[i], "output": o.text,
+                     "scores": {m: per_metric[m][i] for m in ev.metrics}, "prompt_tokens": o.prompt_tokens,
+                     "completion_tokens": o.completion_tokens, "latency_s": round(o.latency_s, 4), "finish_reason": o.finish_reason})
+    write_jsonl(out_dir / "items.jsonl", rows)
+    n = len(outs)
+    prompt_tokens = sum(o.prompt_tokens for o in outs) / n
+    completion_tokens = sum(o.completion_tokens for o in outs) / n
+    cost_1k = 1000 * (prompt_tokens * ev.price_per_1k_input_tokens + completion_tokens * ev.price_per_1k_output_tokens) / 1000
+    summary = {
+        "variant": variant.model_dump(mode="json"),
+        "model": model_id,
+        "split": ev.split,
+        "items": n,
+        "metrics": {m: bootstrap_ci(per_metric[m]).as_dict() for m in ev.metrics},
+        "latency_s": {"p50": percentile([o.latency_s for o in outs], 50), "p95": percentile([o.latency_s for o in outs], 95)},
+        "items_per_s": n / wall,
+        "generated_tokens_per_s": sum(o.completion_tokens for o in outs) / wall,
+        "prompt_tokens_mean": prompt_tokens,
+        "completion_tokens_mean": completion_tokens,
+        "cost_per_1k_queries_usd": cost_1k,
+        "wall_s": wall,
+        "data": prepared.summary.get("outputs"),
+        "config_sha256": sha256_text(json.dumps(cfg.resolved(), sort_keys=True)),
+        "config": cfg.resolved(),
+    }
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def load_scores(cfg: ProjectConfig, name: str, metric: str, out_root: Path | None = None) -> list[float]:
+    path = (out_root or cfg.run_dir / "eval") / name / "items.jsonl"
+    return [json.loads(line)["scores"][metric] for line in path.read_text().splitlines()]
+
+
+def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path | None = None, progress=None) -> dict:
+    variants = [v for v in cfg.evaluation.variants if not names or v.name in names]
+    missing = set(names or []) - {v.name for v in variants}
+    if missing:
+        raise EvalError(f"unknown variant(s) {sorted(missing)}; configured: {[v.name for v in cfg.evaluation.variants]}")
+    engines = Engines(cfg)
+    summaries = {}
+    for v in variants:
+        if progress:
+            progress(v.name)
+        summaries[v.name] = evaluate(cfg, v, engines, out_root)
+    first = variants[0].name
+    paired = {}
+    for v in variants[1:]:
+        paired[v.name] = {m: paired_test(load_scores(cfg, first, m, out_root), load_scores(cfg, v.name, m, out_root)).as_dict()
+                          for m in cfg.evaluation.metrics}
+    result = {"reference_variant": first, "variants": summaries, "paired_vs_reference": paired}
+    atomic_write_json((out_root or cfg.run_dir / "eval") / "compare.json", result)
+    return result
