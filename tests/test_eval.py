@@ -59,6 +59,8 @@ def test_compare_three_variants_on_tiny_model(tiny_project, tmp_path):
         assert lo <= s["metrics"]["accuracy"]["mean"] <= hi
         rows = [json.loads(x) for x in (ev / name / "items.jsonl").read_text().splitlines()]
         assert len(rows) == 10 and all("accuracy" in x["scores"] for x in rows)
+    page = (ev / "report.html").read_text()
+    assert "<svg" in page and "Lineage" in page and "shots" in page and "report:" in r.output
     v = result["variants"]
     assert v["shots"]["prompt_tokens_mean"] > v["base"]["prompt_tokens_mean"]  # shots cost context tokens
     assert v["shots"]["cost_per_1k_queries_usd"] > v["base"]["cost_per_1k_queries_usd"]
@@ -68,7 +70,9 @@ def test_compare_three_variants_on_tiny_model(tiny_project, tmp_path):
     from tunewise.data.prepare import load_prepared
 
     cfg = load_config(cfg_path)
-    items = load_prepared(cfg.run_dir / "data").splits["test"][:10]
+    from tunewise.data.split import sample_records
+
+    items = sample_records(load_prepared(cfg.run_dir / "data").splits["test"], 10)
     eng = Engine.load(cfg.model.name, str(cfg.run_dir / "train" / "model"))
     expected = [o.text for o in eng.generate([bp(x, cfg.data.system_prompt, None) for x in items], max_new_tokens=4, adapter="default")]
     got = [json.loads(x)["output"] for x in (ev / "ft" / "items.jsonl").read_text().splitlines()]
@@ -81,3 +85,32 @@ def test_eval_unknown_variant_and_missing_model(tiny_project):
     assert r.exit_code == 2 and "unknown variant 'nope'" in r.output
     r = runner.invoke(app, ["eval", str(cfg_path), "--variant", "fine-tuned", "--set", "evaluation.max_samples=2"])
     assert r.exit_code == 2 and "no trained model" in r.output
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    """Renders a report page built from real compare output shapes and checks the screenshot is not blank."""
+    import pytest
+
+    from tunewise.report.html import compare_report
+    from tunewise.report.screenshot import find_chromium, screenshot
+
+    if find_chromium() is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    ev = tmp_path / "eval"
+    variants = {}
+    for n, acc in (("base", 0.1), ("fine-tuned", 0.6)):
+        (ev / n).mkdir(parents=True)
+        rows = [{"input": f"q{i}", "reference": "a", "output": "a" if i < acc * 10 else "b", "scores": {"accuracy": float(i < acc * 10)}} for i in range(10)]
+        (ev / n / "items.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        variants[n] = {"items": 10, "split": "test", "model": str(tmp_path / n), "variant": {"kind": "base"},
+                       "metrics": {"accuracy": {"mean": acc, "ci95": [acc - 0.1, acc + 0.1], "n": 10}},
+                       "latency_s": {"p50": 0.1, "p95": 0.2}, "items_per_s": 5.0, "prompt_tokens_mean": 50, "cost_per_1k_queries_usd": 0.01,
+                       "config_sha256": "0" * 64, "data": {}}
+    result = {"reference_variant": "base", "variants": variants, "paired_vs_reference": {"fine-tuned": {"accuracy": {"p_value": 0.01}}}}
+    page = compare_report(result, ev, ["accuracy"])
+    png = screenshot(page, tmp_path / "report.png", height=900)
+    import struct
+
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (1200, 900)
+    assert len(data) > 15000  # a blank 1200x900 page compresses to a few KB; text and bars do not

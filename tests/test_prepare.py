@@ -68,3 +68,13 @@ def test_prepare_accounts_for_every_record(tmp_path):
     assert [(x["where"], x["reason"][:14]) for x in q] == [("line 31", "malformed JSON"), ("line 32", "messages: expe")]
     assert s["leaks"]["count"] == 1
     assert len(s["inputs"]["train"]["sha256"]) == 64
+
+
+def test_sample_is_seeded_and_spreads_over_a_sorted_file():
+    from tunewise.data.split import sample_records
+
+    rs = recs(n_labels=10, per=30)  # sorted by label, like BANKING77's files
+    s = sample_records(rs, 50)
+    assert s == sample_records(list(reversed(rs)), 50) and len(s) == 50
+    assert len({r.label for r in s}) == 10  # the first 50 would hold 2 labels
+    assert sample_records(rs, None) == rs and sample_records(rs, 1000) == rs

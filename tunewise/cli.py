@@ -249,6 +249,7 @@ def compare(
             result = compare_fn(cfg, variants, progress=lambda name: status.update(f"evaluating {name}"))
         _print_compare(result, cfg)
         console.print(f"results: {cfg.run_dir / 'eval' / 'compare.json'}")
+        console.print(f"[bold]report:[/] {result['report']}")
 
     _guard(run)
 
@@ -306,18 +307,21 @@ def models_tiny(out: Path = typer.Argument(..., help="Directory to write the tin
 def demo(
     config: Path = typer.Argument(Path("examples/support-intents/tunewise.yaml"), help="Example project."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-    samples: int = typer.Option(100, help="Test items to score base and fine-tuned models on."),
+    samples: int = typer.Option(100, help="Test items (a seeded sample) to compare the variants on."),
 ):
-    """Prepare the example data, fine-tune the bundled model briefly, and score base vs fine-tuned."""
+    """Prepare the example data, fine-tune the bundled model briefly (40 steps), compare base, few-shot and fine-tuned."""
     _quiet_libraries()
     cfg = _load(config, set_)
 
     def run():
         from .pipeline import demo as demo_fn
 
-        summary = demo_fn(cfg, samples=samples, console=console)
-        console.print_json(json.dumps(summary["table"]))
-        console.print(f"[bold]summary:[/] {summary['path']}")
+        result = demo_fn(cfg, samples=samples, progress=lambda stage: console.print(f"[bold]>[/] {stage}"))
+        _print_compare(result, cfg)
+        t = result["training"]
+        console.print(f"training: {t['steps']} steps, validation loss {t['first_val_loss']:.3f} -> {t['best_val_loss']:.3f}, "
+                      f"{t['tokens_per_s']} tokens/s; demo wall time {result['wall_s']:.0f} s")
+        console.print(f"[bold]report:[/] {result['report']}")
 
     _guard(run)
 

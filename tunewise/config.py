@@ -117,7 +117,7 @@ def _default_variants() -> list[VariantConfig]:
 
 class EvalConfig(Section):
     split: Literal["validation", "test"] = Field("test", description="Split to evaluate on.")
-    max_samples: int | None = Field(None, gt=0, description="Evaluate on at most N examples (null: all).")
+    max_samples: int | None = Field(None, gt=0, description="Evaluate on a seeded sample of N examples (null: all).")
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per answer.")
     batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
     metrics: list[str] = Field(["accuracy", "exact_match", "token_f1"], description="Quality metrics (accuracy, exact_match, token_f1, rouge_l, chrf, bleu).")

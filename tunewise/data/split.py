@@ -62,3 +62,10 @@ def find_leaks(splits: dict[str, list[Record]]) -> list[dict]:
         if len(by_split) > 1:
             leaks.append({"prompt": key[:200], "splits": {k: v for k, v in sorted(by_split.items())}})
     return leaks
+
+
+def sample_records(records: list[Record], n: int | None, seed: int = 0) -> list[Record]:
+    """A seeded, order-independent sample of n records (files are often sorted by label: never take the first n)."""
+    if n is None or n >= len(records):
+        return records
+    return sorted(records, key=lambda r: _rank(seed, r.prompt_key + "\x00" + r.source))[:n]

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..config import ProjectConfig, VariantConfig
 from ..data.prepare import ensure_prepared
 from ..data.records import Record
+from ..data.split import sample_records
 from ..engine import Engine, model_ref_of
 from ..models import bundled_embedding_dir, load_tokenizer
 from ..util import atomic_write_json, sha256_text, write_jsonl
@@ -91,7 +92,7 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     ev = cfg.evaluation
     engines = engines or Engines(cfg)
     prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name))
-    items = prepared.splits[ev.split][: ev.max_samples] if ev.max_samples else prepared.splits[ev.split]
+    items = sample_records(prepared.splits[ev.split], ev.max_samples)
     if not items:
         raise EvalError(f"the {ev.split} split is empty")
     shots = select_shots(prepared.splits["train"], items, variant.k, variant.selection) if variant.kind == "few-shot" else [None] * len(items)
@@ -160,5 +161,9 @@ def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path |
         paired[v.name] = {m: paired_test(load_scores(cfg, first, m, out_root), load_scores(cfg, v.name, m, out_root)).as_dict()
                           for m in cfg.evaluation.metrics}
     result = {"reference_variant": first, "variants": summaries, "paired_vs_reference": paired}
-    atomic_write_json((out_root or cfg.run_dir / "eval") / "compare.json", result)
+    eval_dir = out_root or cfg.run_dir / "eval"
+    atomic_write_json(eval_dir / "compare.json", result)
+    from ..report.html import compare_report
+
+    result["report"] = str(compare_report(result, eval_dir, cfg.evaluation.metrics))
     return result

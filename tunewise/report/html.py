@@ -1,0 +1,104 @@
+"""The compare report: one self-contained HTML file (inline SVG, no scripts, no server).
+
+Metric bars with 95% CI whiskers, the training loss curves, the most frequent confusions for
+classification, the items where variants disagree, and each variant's model, config and data hashes.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import Counter
+from pathlib import Path
+
+from ..util import atomic_write_text
+
+COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1"]
+
+
+def _bars(title: str, rows: list[tuple[str, float, float, float]]) -> str:
+    """Horizontal bars (0..1 scale) with CI whiskers."""
+    w, left, bar_h, gap = 560, 120, 22, 10
+    h = 30 + len(rows) * (bar_h + gap)
+    scale = (w - left - 20) / max(1.0, max((hi for *_, hi in rows), default=1.0))
+    out = [f'<svg width="{w}" height="{h}" role="img" aria-label="{html.escape(title)}">',
+           f'<text x="0" y="16" font-weight="bold">{html.escape(title)}</text>']
+    for i, (name, mean, lo, hi) in enumerate(rows):
+        y = 28 + i * (bar_h + gap)
+        out.append(f'<text x="0" y="{y + 16}">{html.escape(name)}</text>')
+        out.append(f'<rect x="{left}" y="{y}" width="{mean * scale:.1f}" height="{bar_h}" fill="{COLORS[i % len(COLORS)]}"/>')
+        out.append(f'<line x1="{left + lo * scale:.1f}" x2="{left + hi * scale:.1f}" y1="{y + bar_h / 2}" y2="{y + bar_h / 2}" stroke="black" stroke-width="2"/>')
+        out.append(f'<text x="{left + hi * scale + 6:.1f}" y="{y + 16}" font-size="12">{mean:.3f} [{lo:.3f}, {hi:.3f}]</text>')
+    return "".join(out) + "</svg>"
+
+
+def _curves(series: dict[str, list[tuple[int, float]]]) -> str:
+    w, h, pad = 560, 220, 40
+    pts = [p for s in series.values() for p in s]
+    if not pts:
+        return "<p>No training runs among these variants.</p>"
+    x_max = max(x for x, _ in pts) or 1
+    y_min, y_max = min(y for _, y in pts), max(y for _, y in pts)
+    span = (y_max - y_min) or 1.0
+    out = [f'<svg width="{w}" height="{h}" role="img" aria-label="training loss">',
+           f'<line x1="{pad}" y1="{h - pad}" x2="{w - 10}" y2="{h - pad}" stroke="#888"/>',
+           f'<line x1="{pad}" y1="10" x2="{pad}" y2="{h - pad}" stroke="#888"/>',
+           f'<text x="{pad}" y="{h - 12}" font-size="12">step (max {x_max})</text>',
+           f'<text x="2" y="14" font-size="12">{y_max:.2f}</text><text x="2" y="{h - pad}" font-size="12">{y_min:.2f}</text>']
+    for i, (name, s) in enumerate(series.items()):
+        poly = " ".join(f"{pad + x / x_max * (w - pad - 10):.1f},{10 + (y_max - y) / span * (h - pad - 10):.1f}" for x, y in s)
+        out.append(f'<polyline fill="none" stroke="{COLORS[i % len(COLORS)]}" stroke-width="2" points="{poly}"/>')
+        out.append(f'<text x="{w - 200}" y="{24 + 16 * i}" font-size="12" fill="{COLORS[i % len(COLORS)]}">{html.escape(name)}</text>')
+    return "".join(out) + "</svg>"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def compare_report(result: dict, eval_dir: Path, metrics: list[str], out: Path | None = None) -> Path:
+    variants = result["variants"]
+    names = list(variants)
+    items = {n: [json.loads(x) for x in (eval_dir / n / "items.jsonl").read_text().splitlines()] for n in names}
+    parts = [f"<h1>tunewise compare</h1><p>{variants[names[0]]['items']} items of the {html.escape(variants[names[0]]['split'])} split; "
+             f"bars are means with 95% bootstrap CIs; p-values are paired sign-flip tests against <b>{html.escape(result['reference_variant'])}</b>.</p>"]
+
+    for m in metrics:
+        parts.append(_bars(m, [(n, s["metrics"][m]["mean"], *s["metrics"][m]["ci95"]) for n, s in variants.items()]))
+    rows = []
+    for n, s in variants.items():
+        p = result["paired_vs_reference"].get(n, {})
+        rows.append([n] + [f"{s['metrics'][m]['mean']:.3f}" + (f" (p={p[m]['p_value']:.3g})" if m in p else "") for m in metrics]
+                    + [f"{s['latency_s']['p50']:.2f}/{s['latency_s']['p95']:.2f}", f"{s['items_per_s']:.2f}",
+                       f"{s['prompt_tokens_mean']:.0f}", f"{s['cost_per_1k_queries_usd']:.4f}"])
+    parts.append("<h2>Side by side</h2>" + _table(["variant", *metrics, "latency p50/p95 s", "items/s", "prompt tokens", "$ / 1k queries"], rows))
+
+    curves = {}
+    for n, s in variants.items():
+        mfile = Path(s["model"]).parent / "metrics.jsonl"
+        if s["variant"]["kind"] == "fine-tuned" and mfile.exists():
+            curves[n] = [(r["step"], r["loss"]) for r in map(json.loads, mfile.read_text().splitlines())]
+    parts.append("<h2>Training loss</h2>" + _curves(curves))
+
+    confusions = Counter((r["reference"], r["output"]) for n in names for r in items[n] if not r["scores"].get("accuracy", 1.0))
+    if "accuracy" in metrics and confusions:
+        parts.append("<h2>Most frequent confusions (all variants)</h2>"
+                     + _table(["reference", "output", "count"], [[a, b, c] for (a, b), c in confusions.most_common(15)]))
+
+    key = metrics[0]
+    disagree = [i for i in range(len(items[names[0]])) if len({items[n][i]["scores"][key] for n in names}) > 1]
+    parts.append(f"<h2>Items where variants disagree on {html.escape(key)} ({len(disagree)})</h2>"
+                 + _table(["input", "reference", *names], [[items[names[0]][i]["input"], items[names[0]][i]["reference"],
+                                                           *[items[n][i]["output"] for n in names]] for i in disagree[:40]]))
+    parts.append("<h2>Lineage</h2>" + _table(
+        ["variant", "model", "config sha256", "train data sha256", "test data sha256"],
+        [[n, s["model"], s["config_sha256"][:16], (s.get("data") or {}).get("train", {}).get("sha256", "")[:16],
+          (s.get("data") or {}).get(s["split"], {}).get("sha256", "")[:16]] for n, s in variants.items()]))
+
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}th{background:#f3f3f3}svg{display:block;margin:1em 0}")
+    out = out or eval_dir / "report.html"
+    atomic_write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>tunewise compare</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    return out
