@@ -34,6 +34,7 @@ test: install
 bench: install
 	$(BIN)/pip install -q -r bench/requirements.txt
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/eval_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
