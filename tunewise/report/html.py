@@ -18,9 +18,9 @@ COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b0
 
 def _bars(title: str, rows: list[tuple[str, float, float, float]]) -> str:
     """Horizontal bars (0..1 scale) with CI whiskers."""
-    w, left, bar_h, gap = 560, 120, 22, 10
+    w, left, bar_h, gap = 720, 120, 22, 10
     h = 30 + len(rows) * (bar_h + gap)
-    scale = (w - left - 20) / max(1.0, max((hi for *_, hi in rows), default=1.0))
+    scale = (w - left - 170) / max(1.0, max((hi for *_, hi in rows), default=1.0))  # room for the value label
     out = [f'<svg width="{w}" height="{h}" role="img" aria-label="{html.escape(title)}">',
            f'<text x="0" y="16" font-weight="bold">{html.escape(title)}</text>']
     for i, (name, mean, lo, hi) in enumerate(rows):
