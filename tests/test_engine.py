@@ -44,3 +44,40 @@ def test_adapter_selected_per_request(tiny_project, tmp_path):
         raise AssertionError("unknown adapter must fail")
     except KeyError as e:
         assert "nope" in str(e)
+
+
+def test_shared_prefix_path_equals_single_generate(tiny_model):
+    """Prompts with a long common system prompt take the prefix-cache path; answers must not change."""
+    from tunewise.engine import MIN_SHARED_PREFIX, _common_prefix
+
+    eng = Engine(load_model(str(tiny_model)))
+    system = {"role": "system", "content": "You are a careful banking assistant. Answer with one intent label only."}
+    convs = [[system, {"role": "user", "content": q}] for q in ("card?", "Where is my new card that I ordered", "pin blocked", "hello there")]
+    prompts = eng._prompts(convs)
+    assert _common_prefix(prompts) - 1 >= MIN_SHARED_PREFIX
+    outs = eng.generate(convs, max_new_tokens=8, batch_size=4)
+    tok, model = eng.tok, eng.model
+    for conv, out in zip(convs, outs):
+        ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ref = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        gen = ref[0, ids["input_ids"].shape[1] :].tolist()
+        eos = model.generation_config.eos_token_id
+        gen = gen[: gen.index(eos)] if eos in gen else gen
+        assert out.text == tok.decode(gen, skip_special_tokens=True).strip() and out.completion_tokens == len(gen)
+
+
+def test_shared_prefix_path_is_exact_with_an_adapter(tiny_project, tmp_path, monkeypatch):
+    import tunewise.engine as engine_mod
+    from tunewise.config import load_config
+    from tunewise.train.loop import train
+
+    cfg = load_config(tiny_project(max_steps=4, learning_rate=5e-2))
+    r = train(cfg, tmp_path / "run", progress=False)
+    eng = Engine.load(cfg.model.name, r.model_dir)
+    system = {"role": "system", "content": cfg.data.system_prompt + " Reply with the label."}
+    convs = [[system, {"role": "user", "content": q}] for q in ("card?", "Where is my new card", "pin blocked")]
+    with_prefix = [o.text for o in eng.generate(convs, max_new_tokens=6, adapter="default")]
+    monkeypatch.setattr(engine_mod, "MIN_SHARED_PREFIX", 10**9)  # force plain left padding
+    plain = [o.text for o in eng.generate(convs, max_new_tokens=6, adapter="default")]
+    base = [o.text for o in eng.generate(convs, max_new_tokens=6, adapter=None)]
+    assert with_prefix == plain and with_prefix != base

@@ -119,7 +119,7 @@ class EvalConfig(Section):
     split: Literal["validation", "test"] = Field("test", description="Split to evaluate on.")
     max_samples: int | None = Field(None, gt=0, description="Evaluate on a seeded sample of N examples (null: all).")
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per answer.")
-    batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
+    batch_size: int = Field(32, gt=0, description="Prompts per generation batch.")
     metrics: list[str] = Field(["accuracy", "exact_match", "token_f1"], description="Quality metrics (accuracy, exact_match, token_f1, rouge_l, chrf, bleu).")
     variants: list[VariantConfig] = Field(default_factory=_default_variants, description="What `tunewise compare` puts side by side.")
     price_per_1k_input_tokens: float = Field(0.00015, ge=0, description="USD per 1k prompt tokens for cost per 1k queries (default: a small hosted model's list price, 2024).")

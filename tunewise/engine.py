@@ -1,7 +1,8 @@
 """The one generation engine: chat, evaluation and serving all call it.
 
-Batched and left-padded, KV-cached (transformers' generate), batches sorted by prompt length, stop
-strings, per-item token counts and latency. Adapters are attached to one base model by name and
+Batched and left-padded, KV-cached (transformers' generate), batches sorted by prompt length, the
+prompt prefix that a batch shares (system prompt, template, few-shot block) computed once per batch,
+stop strings, per-item token counts and latency. Adapters are attached to one base model by name and
 selected per request, so switching costs nothing.
 """
 
@@ -15,6 +16,18 @@ from pathlib import Path
 import torch
 
 from .models import Loaded, load_model
+
+
+MIN_SHARED_PREFIX = 4  # below this, a separate prefix pass costs more than it saves
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(x) for x in seqs)
+    first = seqs[0]
+    for i in range(n):
+        if any(x[i] != first[i] for x in seqs):
+            return i
+    return n
 
 
 @dataclass
@@ -98,12 +111,21 @@ class Engine:
         eos = self.model.generation_config.eos_token_id
         for k in range(0, len(order), batch_size):
             idx = order[k : k + batch_size]
-            n = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), n), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), n), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, n - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[row, n - len(prompts[i]) :] = 1
+            batch = [prompts[i] for i in idx]
+            shared = _common_prefix(batch) - 1  # at least one token per row stays outside the cache
+            if shared < MIN_SHARED_PREFIX:
+                shared = 0
+            # Rows are laid out as [shared prefix][left padding][own suffix]; the attention mask hides the
+            # padding and position ids follow the mask, so this is the same computation as left padding.
+            n = max(len(p) for p in batch) - shared
+            ids = torch.full((len(idx), shared + n), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), shared + n), dtype=torch.long)
+            for row, p in enumerate(batch):
+                ids[row, :shared] = torch.tensor(p[:shared], dtype=torch.long)
+                mask[row, :shared] = 1
+                ids[row, shared + n - (len(p) - shared) :] = torch.tensor(p[shared:], dtype=torch.long)
+                mask[row, shared + n - (len(p) - shared) :] = 1
+            n = shared + n
             kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
             if temperature > 0:
                 kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
@@ -114,6 +136,8 @@ class Engine:
             t0 = time.time()
             ctx = self._adapter_ctx(adapter)
             with ctx:
+                if shared:
+                    kwargs["past_key_values"] = self._prefix_cache(ids[:1, :shared].to(device), len(idx))
                 out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
             latency = time.time() - t0
             for row, i in enumerate(idx):
@@ -129,6 +153,15 @@ class Engine:
                         text, finish = text[: min(hits)], "stop"
                 results[i] = Completion(text.strip(), len(prompts[i]), len(gen), latency, finish)
         return results  # type: ignore[return-value]
+
+    def _prefix_cache(self, prefix_ids: torch.Tensor, rows: int):
+        """KV cache of the prompt prefix every row shares (system prompt, template), computed once per batch."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=prefix_ids, past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(rows)
+        return cache
 
     def _adapter_ctx(self, adapter: str | None):
         from contextlib import nullcontext
