@@ -23,6 +23,7 @@ def main():
     ap.add_argument("--items", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=12)
+    ap.add_argument("--variant", default=None, help="Use this configured variant's system prompt (e.g. zero-shot-labels).")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import warnings
@@ -45,7 +46,10 @@ def main():
     cfg = load_config(ROOT / "examples" / "support-intents" / "tunewise.yaml")
     recs = [r for r in read_records(cfg.path(cfg.data.test), "csv", cfg.data.columns) if hasattr(r, "messages")]
     items = sample_records(recs, args.items)
-    convs = [build_prompt(r, cfg.data.system_prompt, None) for r in items]
+    system = cfg.data.system_prompt
+    if args.variant:
+        system = next(v for v in cfg.evaluation.variants if v.name == args.variant).system_prompt or system
+    convs = [build_prompt(r, system, None) for r in items]
     eng = Engine.load(args.model)
     tok, model = eng.tok, eng.model
 
@@ -67,7 +71,9 @@ def main():
     batched_s = time.time() - t0
     same = sum(a == b.text for a, b in zip(single_text, outs)) / len(outs)
 
-    table = Table(title=f"{args.model}: {len(items)} items, greedy, max_new_tokens={args.max_new_tokens}, {torch.get_num_threads()} CPU threads")
+    prompt_tokens = sum(o.prompt_tokens for o in outs) / len(outs)
+    table = Table(title=f"{args.model}: {len(items)} items ({args.variant or 'default'} prompt, {prompt_tokens:.0f} prompt tokens), greedy, "
+                        f"max_new_tokens={args.max_new_tokens}, {torch.get_num_threads()} CPU threads")
     for col in ("implementation", "items/s", "generated tokens/s", "wall s"):
         table.add_column(col, justify="right")
     table.add_row("model.generate, one at a time", f"{len(items) / single_s:.2f}", f"{single_tokens / single_s:.1f}", f"{single_s:.1f}")

@@ -81,3 +81,21 @@ def test_shared_prefix_path_is_exact_with_an_adapter(tiny_project, tmp_path, mon
     plain = [o.text for o in eng.generate(convs, max_new_tokens=6, adapter="default")]
     base = [o.text for o in eng.generate(convs, max_new_tokens=6, adapter=None)]
     assert with_prefix == plain and with_prefix != base
+
+
+def test_reference_nll_matches_a_hand_computed_forward(tiny_model):
+    import torch.nn.functional as F
+
+    from tunewise.data.tokenize import tokenize_messages
+
+    eng = Engine(load_model(str(tiny_model)))
+    conv = [{"role": "user", "content": "Where is my card?"}]
+    (nll, n), = eng.reference_nll([conv], ["card_arrival"])
+    ids, labels = tokenize_messages(eng.tok, conv + [{"role": "assistant", "content": "card_arrival"}])
+    logits = eng.model(input_ids=torch.tensor([ids])).logits[0, :-1]
+    expected = F.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=-100, reduction="sum")
+    assert n == sum(x != -100 for x in labels) and abs(nll - float(expected)) < 1e-3
+    # Batched with a longer and a shorter item: padding must not change the score.
+    batch = eng.reference_nll([conv, [{"role": "user", "content": "a much longer question " * 6}], [{"role": "user", "content": "x"}]],
+                              ["card_arrival", "y", "z"], batch_size=3)
+    assert abs(batch[0][0] - nll) < 1e-3

@@ -55,6 +55,8 @@ def test_compare_three_variants_on_tiny_model(tiny_project, tmp_path):
     for name in ("base", "shots", "ft"):
         s = result["variants"][name]
         assert s["items"] == 10 and set(s["metrics"]) == {"accuracy", "exact_match", "token_f1"}
+        ppl = s["reference_perplexity"]
+        assert ppl["mean"] > 1 and ppl["ci95"][0] <= ppl["mean"] <= ppl["ci95"][1] and "reference_nll" in json.loads((ev / name / "items.jsonl").read_text().splitlines()[0])
         lo, hi = s["metrics"]["accuracy"]["ci95"]
         assert lo <= s["metrics"]["accuracy"]["mean"] <= hi
         rows = [json.loads(x) for x in (ev / name / "items.jsonl").read_text().splitlines()]

@@ -262,7 +262,7 @@ def _print_compare(result: dict, cfg) -> None:
     table.add_column("variant")
     for m in metrics:
         table.add_column(m, justify="right")
-    for col in ("latency p50/p95 s", "items/s", "prompt tok", "$/1k queries"):
+    for col in ("ref. perplexity", "latency p50/p95 s", "items/s", "prompt tok", "$/1k queries"):
         table.add_column(col, justify="right")
     for name, s in result["variants"].items():
         cells = []
@@ -273,8 +273,8 @@ def _print_compare(result: dict, cfg) -> None:
             if p:
                 cell += f" p={p['p_value']:.3g}"
             cells.append(cell)
-        lat = s["latency_s"]
-        table.add_row(name, *cells, f"{lat['p50']:.2f}/{lat['p95']:.2f}", f"{s['items_per_s']:.2f}",
+        lat, ppl = s["latency_s"], s.get("reference_perplexity")
+        table.add_row(name, *cells, f"{ppl['mean']:.2f}" if ppl else "-", f"{lat['p50']:.2f}/{lat['p95']:.2f}", f"{s['items_per_s']:.2f}",
                       f"{s['prompt_tokens_mean']:.0f}", f"{s['cost_per_1k_queries_usd']:.4f}")
     console.print(table)
 

@@ -121,6 +121,7 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per answer.")
     batch_size: int = Field(32, gt=0, description="Prompts per generation batch.")
     metrics: list[str] = Field(["accuracy", "exact_match", "token_f1"], description="Quality metrics (accuracy, exact_match, token_f1, rouge_l, chrf, bleu).")
+    perplexity: bool = Field(True, description="Also score the perplexity of the reference answers (teacher-forced; one extra forward pass).")
     variants: list[VariantConfig] = Field(default_factory=_default_variants, description="What `tunewise compare` puts side by side.")
     price_per_1k_input_tokens: float = Field(0.00015, ge=0, description="USD per 1k prompt tokens for cost per 1k queries (default: a small hosted model's list price, 2024).")
     price_per_1k_output_tokens: float = Field(0.0006, ge=0, description="USD per 1k completion tokens.")

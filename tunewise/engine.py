@@ -154,6 +154,35 @@ class Engine:
                 results[i] = Completion(text.strip(), len(prompts[i]), len(gen), latency, finish)
         return results  # type: ignore[return-value]
 
+    @torch.no_grad()
+    def reference_nll(self, conversations: list[list[dict]], references: list[str], batch_size: int = 16,
+                      adapter: str | None = None) -> list[tuple[float, int]]:
+        """Teacher-forced negative log-likelihood of each reference answer: (summed NLL, answer tokens).
+
+        The answer span is the one training uses (template-derived mask: answer text + end-of-turn).
+        """
+        import torch.nn.functional as F
+
+        from .data.tokenize import IGNORE, collate, tokenize_messages, Tokenized
+
+        examples = []
+        for conv, ref in zip(conversations, references):
+            ids, labels = tokenize_messages(self.tok, conv + [{"role": "assistant", "content": ref}])
+            examples.append(Tokenized(ids, labels))
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+        with self._adapter_ctx(adapter):
+            for k in range(0, len(order), batch_size):
+                idx = order[k : k + batch_size]
+                b = {n: t.to(self.loaded.device) for n, t in collate([examples[i] for i in idx], self.tok.pad_token_id).items()}
+                logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+                targets = b["labels"][:, 1:]
+                nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none").sum(dim=1)
+                counts = (targets != IGNORE).sum(dim=1)
+                for row, i in enumerate(idx):
+                    out[i] = (float(nll[row]), int(counts[row]))
+        return out
+
     def _prefix_cache(self, prefix_ids: torch.Tensor, rows: int):
         """KV cache of the prompt prefix every row shares (system prompt, template), computed once per batch."""
         from transformers import DynamicCache

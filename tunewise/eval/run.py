@@ -107,12 +107,16 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     preds = [o.text for o in outs]
     per_metric = {m: score(m, preds, refs) for m in ev.metrics}
 
+    nll = eng.reference_nll(convs, refs, batch_size=ev.batch_size, adapter=adapter) if ev.perplexity else None
+
     out_dir = (out_root or cfg.run_dir / "eval") / variant.name
     rows = []
     for i, (r, c, o) in enumerate(zip(items, convs, outs)):
         rows.append({"i": i, "source": r.source, "input": _user_text(r), "reference": refs[i], "output": o.text,
                      "scores": {m: per_metric[m][i] for m in ev.metrics}, "prompt_tokens": o.prompt_tokens,
                      "completion_tokens": o.completion_tokens, "latency_s": round(o.latency_s, 4), "finish_reason": o.finish_reason})
+        if nll:
+            rows[-1]["reference_nll"], rows[-1]["reference_tokens"] = round(nll[i][0], 5), nll[i][1]
     write_jsonl(out_dir / "items.jsonl", rows)
     n = len(outs)
     prompt_tokens = sum(o.prompt_tokens for o in outs) / n
@@ -124,6 +128,7 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
         "split": ev.split,
         "items": n,
         "metrics": {m: bootstrap_ci(per_metric[m]).as_dict() for m in ev.metrics},
+        "reference_perplexity": _perplexity(nll),
         "latency_s": {"p50": percentile([o.latency_s for o in outs], 50), "p95": percentile([o.latency_s for o in outs], 95)},
         "items_per_s": n / wall,
         "generated_tokens_per_s": sum(o.completion_tokens for o in outs) / wall,
@@ -137,6 +142,21 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     }
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _perplexity(nll: list[tuple[float, int]] | None) -> dict | None:
+    """Corpus perplexity exp(sum NLL / sum tokens), with a bootstrap CI over items on the per-token NLL."""
+    if not nll:
+        return None
+    import math
+
+    import numpy as np
+
+    total, tokens = np.array([x for x, _ in nll]), np.array([n for _, n in nll])
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(nll), size=(2000, len(nll)))
+    boot = np.exp(total[draws].sum(axis=1) / np.maximum(tokens[draws].sum(axis=1), 1))
+    return {"mean": math.exp(total.sum() / max(tokens.sum(), 1)), "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))], "n": len(nll)}
 
 
 def load_scores(cfg: ProjectConfig, name: str, metric: str, out_root: Path | None = None) -> list[float]:

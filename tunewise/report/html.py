@@ -71,9 +71,10 @@ def compare_report(result: dict, eval_dir: Path, metrics: list[str], out: Path |
     for n, s in variants.items():
         p = result["paired_vs_reference"].get(n, {})
         rows.append([n] + [f"{s['metrics'][m]['mean']:.3f}" + (f" (p={p[m]['p_value']:.3g})" if m in p else "") for m in metrics]
-                    + [f"{s['latency_s']['p50']:.2f}/{s['latency_s']['p95']:.2f}", f"{s['items_per_s']:.2f}",
+                    + [(lambda p: f"{p['mean']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]" if p else "-")(s.get("reference_perplexity")),
+                       f"{s['latency_s']['p50']:.2f}/{s['latency_s']['p95']:.2f}", f"{s['items_per_s']:.2f}",
                        f"{s['prompt_tokens_mean']:.0f}", f"{s['cost_per_1k_queries_usd']:.4f}"])
-    parts.append("<h2>Side by side</h2>" + _table(["variant", *metrics, "latency p50/p95 s", "items/s", "prompt tokens", "$ / 1k queries"], rows))
+    parts.append("<h2>Side by side</h2>" + _table(["variant", *metrics, "reference perplexity", "latency p50/p95 s", "items/s", "prompt tokens", "$ / 1k queries"], rows))
 
     curves = {}
     for n, s in variants.items():
