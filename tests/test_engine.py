@@ -5,6 +5,17 @@ import torch
 from tunewise.engine import Engine
 from tunewise.models import load_model
 
+def single(eng, conv, max_new_tokens):
+    """What one-at-a-time `model.generate` answers: (text, generated tokens, prompt tokens)."""
+    tok, model = eng.tok, eng.model
+    ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ref = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    gen = ref[0, ids["input_ids"].shape[1] :].tolist()
+    eos = model.generation_config.eos_token_id
+    gen = gen[: gen.index(eos)] if eos in gen else gen
+    return tok.decode(gen, skip_special_tokens=True).strip(), len(gen), ids["input_ids"].shape[1]
+
+
 CONVS = [
     [{"role": "user", "content": "Hi"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France, please?"}],
@@ -15,16 +26,9 @@ CONVS = [
 def test_batched_greedy_equals_single_generate(tiny_model):
     eng = Engine(load_model(str(tiny_model)))
     outs = eng.generate(CONVS, max_new_tokens=8, batch_size=3)
-    tok, model = eng.tok, eng.model
     for conv, out in zip(CONVS, outs):
-        ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        ref = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-        gen = ref[0, ids["input_ids"].shape[1] :].tolist()
-        eos = model.generation_config.eos_token_id
-        if eos in gen:
-            gen = gen[: gen.index(eos)]
-        assert out.text == tok.decode(gen, skip_special_tokens=True).strip()
-        assert out.prompt_tokens == ids["input_ids"].shape[1] and out.completion_tokens == len(gen)
+        text, n_gen, n_prompt = single(eng, conv, 8)
+        assert out.text == text and out.prompt_tokens == n_prompt and out.completion_tokens == n_gen
 
 
 def test_adapter_selected_per_request(tiny_project, tmp_path):
@@ -56,14 +60,9 @@ def test_shared_prefix_path_equals_single_generate(tiny_model):
     prompts = eng._prompts(convs)
     assert _common_prefix(prompts) - 1 >= MIN_SHARED_PREFIX
     outs = eng.generate(convs, max_new_tokens=8, batch_size=4)
-    tok, model = eng.tok, eng.model
     for conv, out in zip(convs, outs):
-        ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        ref = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-        gen = ref[0, ids["input_ids"].shape[1] :].tolist()
-        eos = model.generation_config.eos_token_id
-        gen = gen[: gen.index(eos)] if eos in gen else gen
-        assert out.text == tok.decode(gen, skip_special_tokens=True).strip() and out.completion_tokens == len(gen)
+        text, n_gen, _ = single(eng, conv, 8)
+        assert out.text == text and out.completion_tokens == n_gen
 
 
 def test_shared_prefix_path_is_exact_with_an_adapter(tiny_project, tmp_path, monkeypatch):

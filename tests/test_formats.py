@@ -114,3 +114,11 @@ def test_unknown_format_and_missing_file(tmp_path):
         read_records(tmp_path, "xml")
     with pytest.raises(FormatError, match="file not found"):
         read_records(tmp_path / "nope.jsonl", "openai")
+
+
+def test_json_readers_reject_non_objects(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('[1, 2]\n"text"\n')
+    for fmt in ("openai", "alpaca", "sharegpt"):
+        good, bad = run(p, fmt)
+        assert not good and [(b.where, b.reason) for b in bad] == [("line 1", "expected a JSON object, got list"), ("line 2", "expected a JSON object, got str")]

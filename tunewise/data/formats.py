@@ -32,9 +32,11 @@ def reader(name: str):
 
 
 def _json_items(path: Path) -> Iterator[tuple[str, object]]:
-    """Yield (where, parsed object | BadRecord reason) from JSONL, or from a JSON array file."""
-    with open(path, encoding="utf-8", errors="strict") as f:
-        head = f.read(1 << 16).lstrip()
+    """Yield (where, parsed object | BadRecord) from JSONL, or from a JSON array file (.json starting with '[')."""
+    head = ""
+    if path.suffix.lower() != ".jsonl":  # .jsonl is line-delimited, whatever its first line holds
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(1 << 16).lstrip()
     if head.startswith("["):
         try:
             items = json.loads(path.read_text(encoding="utf-8"))
@@ -62,77 +64,72 @@ def _finish(path: Path, where: str, messages, label, meta, raw, system_prompt: s
     return Record(messages=messages, source=f"{path.name}:{where}", label=label, meta=meta)
 
 
+def json_reader(parse: Callable[[Path, str, dict, str | None], Item]):
+    """Turn a per-object parser into a streaming reader of JSONL or a JSON array (the loop is shared)."""
+
+    def read(path: Path, system_prompt: str | None = None, **_) -> Iterator[Item]:
+        for where, obj in _json_items(path):
+            if isinstance(obj, BadRecord):
+                yield obj
+            elif not isinstance(obj, dict):
+                yield BadRecord(str(path), where, f"expected a JSON object, got {type(obj).__name__}", obj)
+            else:
+                yield parse(path, where, obj, system_prompt)
+
+    read.__doc__ = parse.__doc__
+    return read
+
+
 @reader("openai")
-def read_openai(path: Path, system_prompt: str | None = None, **_) -> Iterator[Item]:
+@json_reader
+def read_openai(path: Path, where: str, obj: dict, system_prompt: str | None) -> Item:
     """OpenAI fine-tuning chat JSONL: {"messages": [{"role", "content", "weight"?}], ...}."""
-    for where, obj in _json_items(path):
-        if isinstance(obj, BadRecord):
-            yield obj
-            continue
-        if not isinstance(obj, dict) or "messages" not in obj:
-            yield BadRecord(str(path), where, "missing field 'messages'", obj)
-            continue
-        messages = obj["messages"]
-        if isinstance(messages, list):  # keep only the keys we understand; tool calls are not supported yet
-            messages = [{k: v for k, v in m.items() if k in ("role", "content", "weight")} if isinstance(m, dict) else m for m in messages]
-        meta = {k: v for k, v in obj.items() if k not in ("messages", "label")}
-        label = obj.get("label")
-        yield _finish(path, where, messages, None if label is None else str(label), meta, obj, system_prompt)
+    if "messages" not in obj:
+        return BadRecord(str(path), where, "missing field 'messages'", obj)
+    messages = obj["messages"]
+    if isinstance(messages, list):  # keep only the keys we understand; tool calls are not supported yet
+        messages = [{k: v for k, v in m.items() if k in ("role", "content", "weight")} if isinstance(m, dict) else m for m in messages]
+    meta = {k: v for k, v in obj.items() if k not in ("messages", "label")}
+    label = obj.get("label")
+    return _finish(path, where, messages, None if label is None else str(label), meta, obj, system_prompt)
 
 
 @reader("alpaca")
-def read_alpaca(path: Path, system_prompt: str | None = None, **_) -> Iterator[Item]:
+@json_reader
+def read_alpaca(path: Path, where: str, obj: dict, system_prompt: str | None) -> Item:
     """Alpaca: {"instruction", "input"?, "output", "system"?}, as a JSON array or JSONL."""
-    for where, obj in _json_items(path):
-        if isinstance(obj, BadRecord):
-            yield obj
-            continue
-        if not isinstance(obj, dict):
-            yield BadRecord(str(path), where, "expected an object with instruction/output", obj)
-            continue
-        missing = [k for k in ("instruction", "output") if k not in obj]
-        if missing:
-            yield BadRecord(str(path), where, f"missing field '{missing[0]}'", obj)
-            continue
-        if not all(isinstance(obj.get(k, ""), str) for k in ("instruction", "input", "output", "system")):
-            yield BadRecord(str(path), where, "instruction/input/output/system must be strings", obj)
-            continue
-        user = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input", "").strip() else "")
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
-        if obj.get("system", "").strip():
-            messages.insert(0, {"role": "system", "content": obj["system"]})
-        yield _finish(path, where, messages, None, {}, obj, system_prompt)
+    missing = [k for k in ("instruction", "output") if k not in obj]
+    if missing:
+        return BadRecord(str(path), where, f"missing field '{missing[0]}'", obj)
+    if not all(isinstance(obj.get(k, ""), str) for k in ("instruction", "input", "output", "system")):
+        return BadRecord(str(path), where, "instruction/input/output/system must be strings", obj)
+    user = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input", "").strip() else "")
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+    if obj.get("system", "").strip():
+        messages.insert(0, {"role": "system", "content": obj["system"]})
+    return _finish(path, where, messages, None, {}, obj, system_prompt)
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @reader("sharegpt")
-def read_sharegpt(path: Path, system_prompt: str | None = None, **_) -> Iterator[Item]:
+@json_reader
+def read_sharegpt(path: Path, where: str, obj: dict, system_prompt: str | None) -> Item:
     """ShareGPT: {"conversations": [{"from": human|gpt|system, "value"}], "system"?}."""
-    for where, obj in _json_items(path):
-        if isinstance(obj, BadRecord):
-            yield obj
-            continue
-        if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
-            yield BadRecord(str(path), where, "missing field 'conversations' (a list)", obj)
-            continue
-        messages, why = [], None
-        for i, turn in enumerate(obj["conversations"]):
-            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-                why = f"conversations[{i}]: expected an object with 'from' and 'value'"
-                break
-            role = SHAREGPT_ROLES.get(turn["from"])
-            if role is None:
-                why = f"conversations[{i}].from: {turn['from']!r} is not one of {', '.join(SHAREGPT_ROLES)}"
-                break
-            messages.append({"role": role, "content": turn["value"]})
-        if why:
-            yield BadRecord(str(path), where, why, obj)
-            continue
-        if isinstance(obj.get("system"), str) and obj["system"].strip() and not (messages and messages[0]["role"] == "system"):
-            messages.insert(0, {"role": "system", "content": obj["system"]})
-        yield _finish(path, where, messages, None, {}, obj, system_prompt)
+    if not isinstance(obj.get("conversations"), list):
+        return BadRecord(str(path), where, "missing field 'conversations' (a list)", obj)
+    messages = []
+    for i, turn in enumerate(obj["conversations"]):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            return BadRecord(str(path), where, f"conversations[{i}]: expected an object with 'from' and 'value'", obj)
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            return BadRecord(str(path), where, f"conversations[{i}].from: {turn['from']!r} is not one of {', '.join(SHAREGPT_ROLES)}", obj)
+        messages.append({"role": role, "content": turn["value"]})
+    if isinstance(obj.get("system"), str) and obj["system"].strip() and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": obj["system"]})
+    return _finish(path, where, messages, None, {}, obj, system_prompt)
 
 
 def _row_record(path: Path, where: str, row: dict, columns, system_prompt: str | None) -> Item:
