@@ -22,6 +22,7 @@ def demo(cfg: ProjectConfig, samples: int = 100, progress=None) -> dict:
             continue  # the user's --set wins
         setattr(cfg.training, key, value)
     cfg.evaluation.max_samples = samples
+    cfg.evaluation.perplexity = False  # its forward pass does not use the engine's prefix cache yet: minutes on long prompts
     ensure_prepared(cfg, load_tokenizer(cfg.model.name))
     train_dir = cfg.run_dir / "train"
     shutil.rmtree(train_dir, ignore_errors=True)
