@@ -29,6 +29,18 @@ def initial_state(cfg):
     return {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
 
 
+def assert_trained_exactly(before, after):
+    """Trainable parameters moved, frozen ones are bit-identical; returns the trainable names."""
+    trainable = {n for n, (_, rg) in before.items() if rg}
+    assert trainable and set(after) == set(before)
+    for n, (p0, rg) in before.items():
+        if rg:
+            assert not torch.equal(p0, after[n]) or "magnitude" in n, f"trainable {n} did not change"
+        else:
+            assert torch.equal(p0, after[n]), f"frozen {n} changed"
+    return trainable
+
+
 def run_and_capture(cfg, out_dir, **kw):
     final = {}
 
@@ -53,17 +65,8 @@ def test_method_trains_exactly_its_parameters(tiny_project, tmp_path, method, ex
     cfg = load_config(tiny_project(method=method, trainable_layers=1, max_steps=3))
     before = initial_state(cfg)
     result, after = run_and_capture(cfg, tmp_path / method)
-    assert result.steps == 3 and set(after) == set(before)
-    trainable = {n for n, (_, rg) in before.items() if rg}
-    assert trainable == {n for n in before if expect_trainable(n)}
-    assert trainable, "the method must train something"
-    for n, (p0, _) in before.items():
-        changed = not torch.equal(p0, after[n])
-        if n in trainable:
-            # DoRA's magnitude vector may legitimately stay put for a few steps only if its grad is 0; all others move.
-            assert changed or "magnitude" in n, f"{method}: trainable {n} did not change"
-        else:
-            assert not changed, f"{method}: frozen {n} changed"
+    assert result.steps == 3
+    assert assert_trained_exactly(before, after) == {n for n in before if expect_trainable(n)}
     if method in ("lora", "dora"):
         assert (result.trainable_params / result.total_params) < 0.5
     saved = os.listdir(result.model_dir)
@@ -73,7 +76,9 @@ def test_method_trains_exactly_its_parameters(tiny_project, tmp_path, method, ex
 
 def test_validation_loss_falls_and_metrics_are_logged(tiny_project, tmp_path):
     cfg = load_config(tiny_project(max_steps=12, eval_every=6, learning_rate=3e-3))
-    r = train(cfg, tmp_path / "run", progress=False)
+    before = initial_state(cfg)
+    r, after = run_and_capture(cfg, tmp_path / "run")
+    assert_trained_exactly(before, after)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == list(range(1, 13))
     vals = [x["val_loss"] for x in rows if "val_loss" in x]
@@ -105,7 +110,9 @@ def test_ctrl_c_then_resume_equals_uninterrupted(tiny_project, tmp_path):
     assert part.interrupted and part.steps == 4
     with pytest.raises(TrainError, match="--resume"):
         train(cfg, tmp_path / "b", progress=False)
-    resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
+    before = initial_state(cfg)
+    resumed, after = run_and_capture(cfg, tmp_path / "b", resume=True)
+    assert_trained_exactly(before, after)
     assert resumed.steps == 8 and not resumed.interrupted
     assert resumed.train_loss == full.train_loss and resumed.best_val_loss == full.best_val_loss
     wa, ra = _final(tmp_path / "a")
@@ -117,7 +124,9 @@ def test_ctrl_c_then_resume_equals_uninterrupted(tiny_project, tmp_path):
 def test_kill_9_then_resume_from_cli_equals_uninterrupted(tiny_project, tmp_path):
     path = tiny_project(max_steps=40, save_every=5, eval_every=10)
     cfg = load_config(path)
-    full = train(cfg, tmp_path / "a", progress=False)
+    before = initial_state(cfg)
+    full, after = run_and_capture(cfg, tmp_path / "a")
+    assert_trained_exactly(before, after)
     out = tmp_path / "b"
     cmd = [sys.executable, "-m", "tunewise.cli", "train", str(path), "--output", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -141,7 +150,9 @@ def test_kill_9_then_resume_from_cli_equals_uninterrupted(tiny_project, tmp_path
 
 def test_early_stopping_when_validation_stops_improving(tiny_project, tmp_path):
     cfg = load_config(tiny_project(max_steps=30, eval_every=1, learning_rate=3.0, early_stopping_patience=2, max_grad_norm=None))
-    r = train(cfg, tmp_path / "run", progress=False)
+    before = initial_state(cfg)
+    r, after = run_and_capture(cfg, tmp_path / "run")
+    assert_trained_exactly(before, after)
     assert r.stopped_early and r.steps < 30
     assert r.last_val_loss > r.best_val_loss
 
