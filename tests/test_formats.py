@@ -122,3 +122,12 @@ def test_json_readers_reject_non_objects(tmp_path):
     for fmt in ("openai", "alpaca", "sharegpt"):
         good, bad = run(p, fmt)
         assert not good and [(b.where, b.reason) for b in bad] == [("line 1", "expected a JSON object, got list"), ("line 2", "expected a JSON object, got str")]
+
+
+def test_non_utf8_line_is_quarantined_not_mangled(tmp_path):
+    p = tmp_path / "chat.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "café"}, {"role": "assistant", "content": "ok"}]}).encode()
+    p.write_bytes(good + b"\n" + b'{"messages": "caf\xe9"}\n' + good + b"\n")
+    recs, bad = run(p, "openai")
+    assert len(recs) == 2 and recs[0].messages[0]["content"] == "café"
+    assert [(b.where, b.reason) for b in bad] == [("line 2", "not valid UTF-8 (byte 17)")]

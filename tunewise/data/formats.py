@@ -45,14 +45,20 @@ def _json_items(path: Path) -> Iterator[tuple[str, object]]:
         for i, obj in enumerate(items):
             yield f"item {i}", obj
         return
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # never guess an encoding: the record is kept aside as it was
+                yield where, BadRecord(str(path), where, f"not valid UTF-8 (byte {e.start})", raw.decode("utf-8", "backslashreplace")[:2000])
+                continue
             if not line.strip():
                 continue
             try:
-                yield f"line {lineno}", json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                yield f"line {lineno}", BadRecord(str(path), f"line {lineno}", f"malformed JSON: {e.msg} (column {e.colno})", line.rstrip("\n")[:2000])
+                yield where, BadRecord(str(path), where, f"malformed JSON: {e.msg} (column {e.colno})", line.rstrip("\n")[:2000])
 
 
 def _finish(path: Path, where: str, messages, label, meta, raw, system_prompt: str | None) -> Item:

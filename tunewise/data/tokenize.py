@@ -117,7 +117,10 @@ def tokenize_records(tok, records, max_length: int) -> tuple[list[Tokenized], To
     stats = TokenStats()
     out = []
     for r in records:
-        ids, labels = tokenize_messages(tok, r.messages)
+        try:
+            ids, labels = tokenize_messages(tok, r.messages)
+        except TemplateError as e:  # a template problem stops the run, but says on which record it showed
+            raise TemplateError(f"{r.source}: {e}") from None
         kept = truncate(ids, labels, max_length)
         if kept is None:
             stats.dropped_too_long += 1
