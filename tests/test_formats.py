@@ -131,3 +131,12 @@ def test_non_utf8_line_is_quarantined_not_mangled(tmp_path):
     recs, bad = run(p, "openai")
     assert len(recs) == 2 and recs[0].messages[0]["content"] == "café"
     assert [(b.where, b.reason) for b in bad] == [("line 2", "not valid UTF-8 (byte 17)")]
+
+
+def test_non_utf8_csv_row_is_quarantined(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_bytes(b"text,category\nhello,greet\ncaf\xe9 au lait,order\nbye,farewell\n")
+    good, bad = run(p, "csv", columns=ColumnMap(user="text", assistant="category"))
+    assert [r.source for r in good] == ["d.csv:line 2", "d.csv:line 4"]
+    assert [(b.where, b.reason) for b in bad] == [("line 3", "column 'text': not valid UTF-8")]
+    assert bad[0].raw["text"] == "caf\\xe9 au lait"

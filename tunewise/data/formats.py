@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,6 +21,7 @@ class FormatError(ValueError):
 
 
 Item = Record | BadRecord
+_SURROGATES = re.compile("[\udc80-\udcff]")
 READERS: dict[str, Callable[..., Iterator[Item]]] = {}
 
 
@@ -167,7 +169,8 @@ def _check_columns(path: Path, header: list[str], columns) -> None:
 @reader("csv")
 def read_csv(path: Path, columns=None, system_prompt: str | None = None, **_) -> Iterator[Item]:
     """CSV with a header; data.columns maps columns to user/assistant/system/label."""
-    with open(path, encoding="utf-8", newline="", errors="replace") as f:
+    # surrogateescape keeps undecodable bytes visible, so a row holding them is quarantined, not altered
+    with open(path, encoding="utf-8", newline="", errors="surrogateescape") as f:
         rows = csv.DictReader(f)
         _check_columns(path, rows.fieldnames or [], columns)
         start = 2
@@ -179,6 +182,11 @@ def read_csv(path: Path, columns=None, system_prompt: str | None = None, **_) ->
                 continue
             if any(v is None for v in row.values()):
                 yield BadRecord(str(path), where, "fewer cells than the header", row)
+                continue
+            broken = next((k for k, v in row.items() if _SURROGATES.search(v)), None)
+            if broken is not None:
+                safe = {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for k, v in row.items()}
+                yield BadRecord(str(path), where, f"column '{broken}': not valid UTF-8", safe)
                 continue
             yield _row_record(path, where, row, columns, system_prompt)
 
