@@ -17,7 +17,8 @@ data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
 models_app = typer.Typer(help="Bundled models.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
-console = Console()
+# Piped output (logs, CI, `make demo | tee`) gets a wide console: rich's 80-column default crushes the tables.
+console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 SET_HELP = "Override a config key, e.g. --set training.max_steps=20 (repeatable)."
