@@ -109,6 +109,7 @@ class Engine:
         device = self.loaded.device
         pad = self.tok.pad_token_id
         eos = self.model.generation_config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         for k in range(0, len(order), batch_size):
             idx = order[k : k + batch_size]
             batch = [prompts[i] for i in idx]
@@ -117,15 +118,13 @@ class Engine:
                 shared = 0
             # Rows are laid out as [shared prefix][left padding][own suffix]; the attention mask hides the
             # padding and position ids follow the mask, so this is the same computation as left padding.
-            n = max(len(p) for p in batch) - shared
-            ids = torch.full((len(idx), shared + n), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), shared + n), dtype=torch.long)
+            n = max(len(p) for p in batch)  # width of the batch; generated tokens start here
+            ids = torch.full((len(idx), n), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), n), dtype=torch.long)
             for row, p in enumerate(batch):
-                ids[row, :shared] = torch.tensor(p[:shared], dtype=torch.long)
-                mask[row, :shared] = 1
-                ids[row, shared + n - (len(p) - shared) :] = torch.tensor(p[shared:], dtype=torch.long)
-                mask[row, shared + n - (len(p) - shared) :] = 1
-            n = shared + n
+                own = n - (len(p) - shared)  # where this row's own suffix starts
+                ids[row, :shared], ids[row, own:] = torch.tensor(p[:shared], dtype=torch.long), torch.tensor(p[shared:], dtype=torch.long)
+                mask[row, :shared], mask[row, own:] = 1, 1
             kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
             if temperature > 0:
                 kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
@@ -142,7 +141,6 @@ class Engine:
             latency = time.time() - t0
             for row, i in enumerate(idx):
                 gen = out[row, n:].tolist()
-                eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
                 cut = next((j for j, x in enumerate(gen) if x in eos_ids), None)
                 finish = "stop" if cut is not None else "length"
                 gen = gen[: cut if cut is not None else len(gen)]

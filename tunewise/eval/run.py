@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..config import ProjectConfig, VariantConfig
-from ..data.prepare import ensure_prepared
+from ..data.prepare import Prepared, ensure_prepared
 from ..data.records import Record
 from ..data.split import sample_records
 from ..engine import Engine, model_ref_of
@@ -88,10 +88,11 @@ class Engines:
         return self.by_ref[ref]
 
 
-def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None = None, out_root: Path | None = None) -> dict:
+def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None = None, out_root: Path | None = None,
+             prepared: Prepared | None = None) -> dict:
     ev = cfg.evaluation
     engines = engines or Engines(cfg)
-    prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name))
+    prepared = prepared or ensure_prepared(cfg, load_tokenizer(cfg.model.name))
     items = sample_records(prepared.splits[ev.split], ev.max_samples)
     if not items:
         raise EvalError(f"the {ev.split} split is empty")
@@ -170,11 +171,12 @@ def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path |
     if missing:
         raise EvalError(f"unknown variant(s) {sorted(missing)}; configured: {[v.name for v in cfg.evaluation.variants]}")
     engines = Engines(cfg)
+    prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name))  # once for all variants
     summaries = {}
     for v in variants:
         if progress:
             progress(v.name)
-        summaries[v.name] = evaluate(cfg, v, engines, out_root)
+        summaries[v.name] = evaluate(cfg, v, engines, out_root, prepared)
     first = variants[0].name
     paired = {}
     for v in variants[1:]:
