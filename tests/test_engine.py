@@ -1,18 +1,24 @@
 """The generation engine: batched, left-padded greedy output equals one-at-a-time generate; adapters per request."""
 
+import pytest
 import torch
 
 from tunewise.engine import Engine
 from tunewise.models import load_model
 
 def single(eng, conv, max_new_tokens):
-    """What one-at-a-time `model.generate` answers: (text, generated tokens, prompt tokens)."""
-    tok, model = eng.tok, eng.model
+    """What one-at-a-time `model.generate` answers: (text, generated tokens, prompt tokens).
+
+    `eng` may be an Engine or a plain `Loaded` model (the reference without any of the engine's changes).
+    """
+    tok = eng.tok if hasattr(eng, "tok") else eng.tokenizer
+    model = eng.model
     ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     ref = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     gen = ref[0, ids["input_ids"].shape[1] :].tolist()
     eos = model.generation_config.eos_token_id
-    gen = gen[: gen.index(eos)] if eos in gen else gen
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    gen = gen[: next((i for i, t in enumerate(gen) if t in eos), len(gen))]
     return tok.decode(gen, skip_special_tokens=True).strip(), len(gen), ids["input_ids"].shape[1]
 
 
@@ -24,11 +30,49 @@ CONVS = [
 
 
 def test_batched_greedy_equals_single_generate(tiny_model):
+    plain = load_model(str(tiny_model))  # transformers as shipped: no packed weights, its own generate
     eng = Engine(load_model(str(tiny_model)))
     outs = eng.generate(CONVS, max_new_tokens=8, batch_size=3)
+    assert len({o.text for o in outs}) == len(CONVS)  # the model answers each prompt differently
     for conv, out in zip(CONVS, outs):
-        text, n_gen, n_prompt = single(eng, conv, 8)
+        text, n_gen, n_prompt = single(plain, conv, 8)
         assert out.text == text and out.prompt_tokens == n_prompt and out.completion_tokens == n_gen
+
+
+@pytest.mark.parametrize("system", [None, "You are a careful banking assistant. Answer with one intent label only."])
+def test_chunked_prefill_and_dropping_finished_rows_are_exact(tiny_model, monkeypatch, system):
+    """Many rows of different lengths, prefilled in several chunks; rows end at different steps (extra end
+    tokens), so finished rows are dropped from the batch mid-way. Every answer must equal generate's."""
+    import tunewise.engine as engine_mod
+
+    plain = load_model(str(tiny_model))
+    eng = Engine(load_model(str(tiny_model)))
+    head = [{"role": "system", "content": system}] if system else []
+    convs = [head + [{"role": "user", "content": " ".join(f"w{i}" for i in range(n))}] for n in (1, 3, 5, 8, 13, 21, 2, 4, 9, 6)]
+    free = []
+    for conv in convs:  # what each row says with no stopping
+        ids = plain.tokenizer.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = plain.model.generate(**ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=plain.tokenizer.pad_token_id)
+        free.append(out[0, ids["input_ids"].shape[1] :].tolist())
+    eos = [plain.model.generation_config.eos_token_id] + sorted({free[r][r % 7 + 2] for r in range(0, len(convs), 2)})
+    plain.model.generation_config.eos_token_id = eos
+    eng.model.generation_config.eos_token_id = eos
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK_TOKENS", 24)
+    outs = eng.generate(convs, max_new_tokens=10, batch_size=10)
+    for conv, out in zip(convs, outs):
+        text, n_gen, _ = single(plain, conv, 10)
+        assert (out.text, out.completion_tokens) == (text, n_gen)
+        assert out.finish_reason == ("stop" if n_gen < 10 else "length")
+    lengths = [o.completion_tokens for o in outs]
+    assert min(lengths) < 10 and len(set(lengths)) >= 3, lengths  # rows really ended at different steps
+
+
+def test_sampling_is_seeded(tiny_model):
+    eng = Engine(load_model(str(tiny_model)))
+    a = eng.generate(CONVS, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    b = eng.generate(CONVS, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    c = eng.generate(CONVS, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=4)
+    assert [o.text for o in a] == [o.text for o in b] != [o.text for o in c]
 
 
 def test_adapter_selected_per_request(tiny_project, tmp_path):
@@ -60,8 +104,9 @@ def test_shared_prefix_path_equals_single_generate(tiny_model):
     prompts = eng._prompts(convs)
     assert _common_prefix(prompts) - 1 >= MIN_SHARED_PREFIX
     outs = eng.generate(convs, max_new_tokens=8, batch_size=4)
+    plain = load_model(str(tiny_model))
     for conv, out in zip(convs, outs):
-        text, n_gen, _ = single(eng, conv, 8)
+        text, n_gen, _ = single(plain, conv, 8)
         assert out.text == text and out.completion_tokens == n_gen
 
 

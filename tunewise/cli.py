@@ -238,8 +238,12 @@ def compare(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
     variants: Optional[list[str]] = typer.Option(None, "--variant", "-v", help="Variants to compare (default: all configured)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    rerun: bool = typer.Option(False, "--rerun", help="Evaluate every variant again, even where a saved result still matches."),
 ):
-    """Evaluate variants on the same items; side-by-side table with CIs and paired tests against the first."""
+    """Evaluate variants on the same items; side-by-side table with CIs and paired tests against the first.
+
+    A variant whose saved result has the same fingerprint (variant, evaluation settings, model, trained
+    model, data) is reused, so an interrupted compare goes on where it stopped."""
     _quiet_libraries()
     cfg = _load(config, set_)
 
@@ -247,7 +251,7 @@ def compare(
         from .eval.run import compare as compare_fn
 
         with console.status("comparing") as status:
-            result = compare_fn(cfg, variants, progress=lambda name: status.update(f"evaluating {name}"))
+            result = compare_fn(cfg, variants, progress=lambda name: status.update(f"evaluating {name}"), reuse=not rerun)
         _print_compare(result, cfg)
         console.print(f"results: {cfg.run_dir / 'eval' / 'compare.json'}")
         console.print(f"[bold]report:[/] {result['report']}")
@@ -275,6 +279,8 @@ def _print_compare(result: dict, cfg) -> None:
                 cell += f" p={p['p_value']:.3g}"
             cells.append(cell)
         lat, ppl = s["latency_s"], s.get("reference_perplexity")
+        if s.get("reused"):
+            name += " (saved)"
         table.add_row(name, *cells, f"{ppl['mean']:.2f}" if ppl else "-", f"{lat['p50']:.2f}/{lat['p95']:.2f}", f"{s['items_per_s']:.2f}",
                       f"{s['prompt_tokens_mean']:.0f}", f"{s['cost_per_1k_queries_usd']:.4f}")
     console.print(table)

@@ -88,11 +88,34 @@ class Engines:
         return self.by_ref[ref]
 
 
+def fingerprint(cfg: ProjectConfig, variant: VariantConfig, prepared: Prepared) -> str:
+    """What an evaluation's result depends on: the variant, the evaluation settings, the model (and the
+    trained model's record, which changes with every training run), the system prompt and the data."""
+    ev = cfg.evaluation.model_dump(mode="json")
+    ev.pop("variants")
+    trained = None
+    if variant.kind == "fine-tuned":
+        path = Path(cfg.path(variant.adapter) if variant.adapter else cfg.run_dir / "train" / "model")
+        meta = path / "tunewise.json"
+        trained = sha256_text(meta.read_text()) if meta.exists() else None
+    return sha256_text(json.dumps({"variant": variant.model_dump(mode="json"), "evaluation": ev, "model": cfg.model.model_dump(mode="json"),
+                                   "trained": trained, "system_prompt": cfg.data.system_prompt,
+                                   "data": prepared.summary.get("outputs")}, sort_keys=True))
+
+
 def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None = None, out_root: Path | None = None,
-             prepared: Prepared | None = None) -> dict:
+             prepared: Prepared | None = None, reuse: bool = False) -> dict:
+    """Score one variant; with reuse, a saved result with the same fingerprint is returned as it is."""
     ev = cfg.evaluation
     engines = engines or Engines(cfg)
     prepared = prepared or ensure_prepared(cfg, load_tokenizer(cfg.model.name))
+    fp = fingerprint(cfg, variant, prepared)
+    out_dir = (out_root or cfg.run_dir / "eval") / variant.name
+    if reuse and (out_dir / "summary.json").exists() and (out_dir / "items.jsonl").exists():
+        saved = json.loads((out_dir / "summary.json").read_text())
+        if saved.get("fingerprint") == fp:
+            saved["reused"] = True
+            return saved
     items = sample_records(prepared.splits[ev.split], ev.max_samples)
     if not items:
         raise EvalError(f"the {ev.split} split is empty")
@@ -110,7 +133,6 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
 
     nll = eng.reference_nll(convs, refs, batch_size=ev.batch_size, adapter=adapter) if ev.perplexity else None
 
-    out_dir = (out_root or cfg.run_dir / "eval") / variant.name
     rows = []
     for i, (r, c, o) in enumerate(zip(items, convs, outs)):
         rows.append({"i": i, "source": r.source, "input": _user_text(r), "reference": refs[i], "output": o.text,
@@ -139,6 +161,7 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
         "wall_s": wall,
         "data": prepared.summary.get("outputs"),
         "config_sha256": sha256_text(json.dumps(cfg.resolved(), sort_keys=True)),
+        "fingerprint": fp,
         "config": cfg.resolved(),
     }
     atomic_write_json(out_dir / "summary.json", summary)
@@ -165,7 +188,10 @@ def load_scores(cfg: ProjectConfig, name: str, metric: str, out_root: Path | Non
     return [json.loads(line)["scores"][metric] for line in path.read_text().splitlines()]
 
 
-def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path | None = None, progress=None) -> dict:
+def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path | None = None, progress=None,
+            reuse: bool = True) -> dict:
+    """Evaluate the variants on the same items (reusing results whose fingerprint still matches), then
+    paired tests against the first, compare.json and the HTML report."""
     variants = [v for v in cfg.evaluation.variants if not names or v.name in names]
     missing = set(names or []) - {v.name for v in variants}
     if missing:
@@ -176,7 +202,7 @@ def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path |
     for v in variants:
         if progress:
             progress(v.name)
-        summaries[v.name] = evaluate(cfg, v, engines, out_root, prepared)
+        summaries[v.name] = evaluate(cfg, v, engines, out_root, prepared, reuse=reuse)
     first = variants[0].name
     paired = {}
     for v in variants[1:]:
