@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +18,8 @@ data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
 models_app = typer.Typer(help="Bundled models.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+kb_app = typer.Typer(help="Knowledge base for RAG: index and query.", no_args_is_help=True)
+app.add_typer(kb_app, name="kb")
 # Piped output (logs, CI, `make demo | tee`) gets a wide console: rich's 80-column default crushes the tables.
 console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
@@ -58,10 +61,13 @@ def _guard(fn):
     from .models import ModelError
     from .eval.run import EvalError
     from .train.loop import TrainError
+    from .rag.embed import EmbeddingError
+    from .rag.kb import KBError
+    from .rag.store import StoreError
 
     try:
         return fn()
-    except (ConfigError, FormatError, TemplateError, ModelError, TrainError, EvalError) as e:
+    except (ConfigError, FormatError, TemplateError, ModelError, TrainError, EvalError, KBError, StoreError, EmbeddingError) as e:
         _fail(str(e))
 
 
@@ -259,8 +265,11 @@ def compare(
     _guard(run)
 
 
+EXTRA_METRICS = ("hallucination", "recall@5", "mrr", "citation_precision")  # RAG/grounding, where a variant has them
+
+
 def _print_compare(result: dict, cfg) -> None:
-    metrics = cfg.evaluation.metrics
+    metrics = list(cfg.evaluation.metrics) + [m for m in EXTRA_METRICS if any(m in s["metrics"] for s in result["variants"].values())]
     ref = result["reference_variant"]
     first = next(iter(result["variants"].values()))
     table = Table(title=f"{cfg.project}: {first['split']} split, {first['items']} items (95% bootstrap CIs; p: paired test vs {ref})")
@@ -272,7 +281,10 @@ def _print_compare(result: dict, cfg) -> None:
     for name, s in result["variants"].items():
         cells = []
         for m in metrics:
-            e = s["metrics"][m]
+            e = s["metrics"].get(m)
+            if e is None:
+                cells.append("-")
+                continue
             cell = f"{e['mean']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]"
             p = result["paired_vs_reference"].get(name, {}).get(m)
             if p:
@@ -284,6 +296,94 @@ def _print_compare(result: dict, cfg) -> None:
         table.add_row(name, *cells, f"{ppl['mean']:.2f}" if ppl else "-", f"{lat['p50']:.2f}/{lat['p95']:.2f}", f"{s['items_per_s']:.2f}",
                       f"{s['prompt_tokens_mean']:.0f}", f"{s['cost_per_1k_queries_usd']:.4f}")
     console.print(table)
+
+
+@kb_app.command("index")
+def kb_index(
+    config: Path = typer.Argument(..., help="Project config (tunewise.yaml) with a rag section."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Read, chunk, embed (cached by content) and store the knowledge base; build the BM25 index."""
+    _quiet_libraries()
+    cfg = _load(config, set_)
+
+    def run():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from .rag.retrieve import build_index, index_dir_of
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task("reading and chunking", total=None)
+
+            def progress(stage, done, total):
+                bar.update(task, description=stage, completed=done, total=total)
+
+            m = build_index(cfg, progress)
+        console.print(f"{m['documents']} documents -> {m['chunks']} chunks ({m['embedding_model']}, {m['dim']} dims); "
+                      f"embeddings reused from cache: {m['embedding_cache']['hits']}, computed: {m['embedding_cache']['misses']}; "
+                      f"store: {m['store']} ({m['stored']} chunks); {m['seconds']} s")
+        for b in m["bad_files"]:
+            err.print(f"[yellow]skipped[/] {b['path']}: {b['reason']}", highlight=False)
+        console.print(f"index: {index_dir_of(cfg)}")
+
+    _guard(run)
+
+
+@kb_app.command("query")
+def kb_query(
+    config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
+    question: str = typer.Argument(..., help="What to look up."),
+    k: int = typer.Option(5, "-k", help="How many chunks to show."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="hybrid, bm25 or dense (default: rag.retrieval)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Print the ranked chunks for a question, with their sources and each retriever's rank."""
+    _quiet_libraries()
+    cfg = _load(config, set_)
+    if mode not in (None, "hybrid", "bm25", "dense"):
+        _fail(f"--mode {mode!r}: one of hybrid, bm25, dense")
+
+    def run():
+        from .rag.retrieve import Retriever
+
+        r = Retriever(cfg)
+        t0 = time.time()
+        hits = r.search(question, k=k, mode=mode)
+        ms = (time.time() - t0) * 1000
+        table = Table(title=f"{question!r}: {mode or cfg.rag.retrieval}, {ms:.0f} ms")
+        for col in ("#", "score", "bm25", "dense", "source", "text"):
+            table.add_column(col, overflow="fold")
+        for i, h in enumerate(hits, 1):
+            text = h.chunk.text if len(h.chunk.text) <= 160 else h.chunk.text[:157] + "..."
+            table.add_row(str(i), f"{h.score:.4f}", str(h.ranks.get("bm25", "-")), str(h.ranks.get("dense", "-")), h.chunk.citation, text)
+        console.print(table)
+        r.close()
+
+    _guard(run)
+
+
+@kb_app.command("raft")
+def kb_raft(
+    config: Path = typer.Argument(..., help="Project config; its training split needs meta.gold_sources."),
+    out: Path = typer.Option(..., "--out", "-o", help="Chat JSONL to write (train ft+rag on it with --set data.train=...)."),
+    distractors: int = typer.Option(2, help="Retrieved non-gold chunks per example."),
+    p_oracle: float = typer.Option(0.8, help="Share of examples that include the gold chunk (RAFT's P)."),
+    seed: int = typer.Option(0),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Write RAFT-style training data for ft+rag: each question with retrieved context (gold + distractors), the answer citing the gold chunk."""
+    _quiet_libraries()
+    cfg = _load(config, set_)
+
+    def run():
+        from .rag.raft import write_raft
+
+        with console.status("retrieving context for the training split"):
+            counts = write_raft(cfg, out, distractors, p_oracle, seed)
+        console.print(f"{out}: {counts['with_gold'] + counts['without_gold']} examples ({counts['with_gold']} with the gold chunk, "
+                      f"{counts['without_gold']} without); {counts['skipped_no_gold_source']} records skipped (no meta.gold_sources)")
+
+    _guard(run)
 
 
 @models_app.command("prepare")

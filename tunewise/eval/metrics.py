@@ -54,6 +54,12 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+@metric("answer_em")
+def answer_em(preds: list[str], refs: list[str]) -> list[float]:
+    """SQuAD exact match: equal after answer normalisation (case, punctuation, articles, spaces)."""
+    return [float(normalize_answer(p) == normalize_answer(r)) for p, r in zip(preds, refs)]
+
+
 @metric("token_f1")
 def token_f1(preds: list[str], refs: list[str]) -> list[float]:
     """SQuAD token-overlap F1 after answer normalisation."""

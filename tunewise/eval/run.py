@@ -19,7 +19,7 @@ from ..data.records import Record
 from ..data.split import sample_records
 from ..engine import Engine, model_ref_of
 from ..models import bundled_embedding_dir, load_tokenizer
-from ..util import atomic_write_json, sha256_text, write_jsonl
+from ..util import atomic_write_json, sha256_file, sha256_text, write_jsonl
 from .metrics import score
 from .stats import bootstrap_ci, paired_test, percentile
 
@@ -48,8 +48,10 @@ def select_shots(train: list[Record], items: list[Record], k: int, selection: st
     return [[train[j] for j in reversed(row)] for row in top]
 
 
-def build_prompt(record: Record, system: str | None, shots: list[Record] | None) -> list[dict]:
-    """The conversation up to (not including) the last assistant turn, with system prompt and shots."""
+def build_prompt(record: Record, system: str | None, shots: list[Record] | None, context: str | None = None) -> list[dict]:
+    """The conversation up to (not including) the last assistant turn, with system prompt and shots.
+
+    `context` (numbered retrieved passages) goes before the last user turn's question."""
     turns = [m for m in record.messages if m["role"] != "system"][:-1]
     own_system = next((m["content"] for m in record.messages if m["role"] == "system"), None)
     msgs = []
@@ -57,7 +59,10 @@ def build_prompt(record: Record, system: str | None, shots: list[Record] | None)
         msgs.append({"role": "system", "content": system or own_system})
     for s in shots or []:
         msgs += [{"role": "user", "content": _user_text(s)}, {"role": "assistant", "content": s.answer}]
-    return msgs + [{"role": m["role"], "content": m["content"]} for m in turns]
+    turns = [{"role": m["role"], "content": m["content"]} for m in turns]
+    if context is not None:
+        turns[-1]["content"] = f"{context}\n\nQuestion: {turns[-1]['content']}"
+    return msgs + turns
 
 
 class Engines:
@@ -69,7 +74,7 @@ class Engines:
 
     def get(self, variant: VariantConfig) -> tuple[Engine, str | None, str]:
         cfg = self.cfg
-        if variant.kind != "fine-tuned":
+        if variant.kind not in ("fine-tuned", "ft+rag"):
             return self._engine(cfg.model.name), None, cfg.model.name
         path = cfg.path(variant.adapter) if variant.adapter else cfg.run_dir / "train" / "model"
         if not Path(path).exists():
@@ -81,6 +86,13 @@ class Engines:
         if variant.name not in eng.adapters:
             eng.add_adapter(variant.name, adapter_dir)
         return eng, variant.name, str(path)
+
+    def retriever(self):
+        if getattr(self, "_retriever", None) is None:
+            from ..rag.retrieve import Retriever
+
+            self._retriever = Retriever(self.cfg)
+        return self._retriever
 
     def _engine(self, ref: str) -> Engine:
         if ref not in self.by_ref:
@@ -94,12 +106,18 @@ def fingerprint(cfg: ProjectConfig, variant: VariantConfig, prepared: Prepared) 
     ev = cfg.evaluation.model_dump(mode="json")
     ev.pop("variants")
     trained = None
-    if variant.kind == "fine-tuned":
+    if variant.kind in ("fine-tuned", "ft+rag"):
         path = Path(cfg.path(variant.adapter) if variant.adapter else cfg.run_dir / "train" / "model")
         meta = path / "tunewise.json"
         trained = sha256_text(meta.read_text()) if meta.exists() else None
+    kb = None
+    if variant.kind in ("rag", "ft+rag"):
+        from ..rag.retrieve import index_dir_of
+
+        chunks = index_dir_of(cfg) / "chunks.jsonl"  # what the index holds (not when it was built)
+        kb = {"rag": cfg.rag.model_dump(mode="json"), "index": sha256_file(chunks) if chunks.exists() else None}
     return sha256_text(json.dumps({"variant": variant.model_dump(mode="json"), "evaluation": ev, "model": cfg.model.model_dump(mode="json"),
-                                   "trained": trained, "system_prompt": cfg.data.system_prompt,
+                                   "trained": trained, "kb": kb, "system_prompt": cfg.data.system_prompt,
                                    "data": prepared.summary.get("outputs")}, sort_keys=True))
 
 
@@ -120,24 +138,44 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     if not items:
         raise EvalError(f"the {ev.split} split is empty")
     shots = select_shots(prepared.splits["train"], items, variant.k, variant.selection) if variant.kind == "few-shot" else [None] * len(items)
-    system = variant.system_prompt or cfg.data.system_prompt
-    convs = [build_prompt(r, system, s) for r, s in zip(items, shots)]
+    rag = variant.kind in ("rag", "ft+rag")
+    system = variant.system_prompt or (cfg.rag.system_prompt if rag else cfg.data.system_prompt)
     refs = [r.label or r.answer for r in items]
     eng, adapter, model_id = engines.get(variant)
+    contexts = None
+    t0 = time.time()
+    if rag:
+        from ..rag.answer import rag_prompts
+
+        contexts = rag_prompts(engines.retriever(), [_user_text(r) for r in items], cfg.rag, eng.tok)
+        convs = [build_prompt(r, system, None, context=c.prompt) for r, c in zip(items, contexts)]
+    else:
+        convs = [build_prompt(r, system, s) for r, s in zip(items, shots)]
+    retrieval_s = time.time() - t0
 
     t0 = time.time()
     outs = eng.generate(convs, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, adapter=adapter)
-    wall = time.time() - t0
-    preds = [o.text for o in outs]
-    per_metric = {m: score(m, preds, refs) for m in ev.metrics}
+    wall = time.time() - t0 + retrieval_s
+    if rag:
+        from ..rag.answer import strip_citations
+
+        preds = [strip_citations(o.text) for o in outs]
+    else:
+        preds = [o.text for o in outs]
+    per_metric = {m: _score_alternatives(m, preds, items, refs) for m in ev.metrics}
+    extra = _grounding_metrics(items, preds, [o.text for o in outs], contexts)
 
     nll = eng.reference_nll(convs, refs, batch_size=ev.batch_size, adapter=adapter) if ev.perplexity else None
 
     rows = []
     for i, (r, c, o) in enumerate(zip(items, convs, outs)):
         rows.append({"i": i, "source": r.source, "input": _user_text(r), "reference": refs[i], "output": o.text,
-                     "scores": {m: per_metric[m][i] for m in ev.metrics}, "prompt_tokens": o.prompt_tokens,
+                     "scores": {m: per_metric[m][i] for m in ev.metrics} | {m: v[i] for m, v in extra.items()},
+                     "prompt_tokens": o.prompt_tokens,
                      "completion_tokens": o.completion_tokens, "latency_s": round(o.latency_s, 4), "finish_reason": o.finish_reason})
+        if contexts:
+            rows[-1]["retrieved"] = [h.chunk.citation for h in contexts[i].hits]
+            rows[-1]["citations"] = contexts[i].cited(o.text)
         if nll:
             rows[-1]["reference_nll"], rows[-1]["reference_tokens"] = round(nll[i][0], 5), nll[i][1]
     write_jsonl(out_dir / "items.jsonl", rows)
@@ -150,7 +188,8 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
         "model": model_id,
         "split": ev.split,
         "items": n,
-        "metrics": {m: bootstrap_ci(per_metric[m]).as_dict() for m in ev.metrics},
+        "metrics": {m: bootstrap_ci(per_metric[m]).as_dict() for m in ev.metrics}
+                   | {m: bootstrap_ci([x for x in v if x is not None]).as_dict() for m, v in extra.items() if any(x is not None for x in v)},
         "reference_perplexity": _perplexity(nll),
         "latency_s": {"p50": percentile([o.latency_s for o in outs], 50), "p95": percentile([o.latency_s for o in outs], 95)},
         "items_per_s": n / wall,
@@ -166,6 +205,43 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     }
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _score_alternatives(metric: str, preds: list[str], items: list[Record], refs: list[str]) -> list[float]:
+    """Per-item score; where a record lists several acceptable answers (meta.answers, as SQuAD does), the best."""
+    scores = score(metric, preds, refs)
+    for i, r in enumerate(items):
+        alts = r.meta.get("answers") if isinstance(r.meta, dict) else None
+        if isinstance(alts, list) and alts:
+            scores[i] = max([scores[i]] + score(metric, [preds[i]] * len(alts), [str(a) for a in alts]))
+    return scores
+
+
+def _grounding_metrics(items: list[Record], preds: list[str], raw: list[str], contexts) -> dict[str, list]:
+    """Hallucination (answer not supported by its evidence), and for RAG variants retrieval recall@k, MRR and
+    citation precision, where the records name their gold passages (meta.gold_sources) or evidence."""
+    from ..rag.answer import citation_precision, gold_rank, is_abstention, supported
+
+    out: dict[str, list] = {}
+    golds = [r.meta.get("gold_sources") if isinstance(r.meta, dict) else None for r in items]
+    evidence_text = [r.meta.get("evidence") if isinstance(r.meta, dict) else None for r in items]
+    answers = [[str(a) for a in (r.meta.get("answers") or [r.answer])] if isinstance(r.meta, dict) else [r.answer] for r in items]
+    if contexts is not None:
+        evidence = [c.text for c in contexts]
+    elif any(evidence_text):
+        evidence = evidence_text
+    else:
+        return out
+    out["hallucination"] = [None if ev is None else float(not is_abstention(p) and not supported(p, ev)) for p, ev in zip(preds, evidence)]
+    out["abstained"] = [float(is_abstention(p)) for p in preds]
+    if contexts is not None and any(golds):
+        ranks = [gold_rank(c.ranked, g) if g else None for c, g in zip(contexts, golds)]
+        out["recall@1"] = [None if r is None and not g else float(r is not None and r <= 1) for r, g in zip(ranks, golds)]
+        out["recall@5"] = [None if r is None and not g else float(r is not None and r <= 5) for r, g in zip(ranks, golds)]
+        out["mrr"] = [None if r is None and not g else (1.0 / r if r else 0.0) for r, g in zip(ranks, golds)]
+    if contexts is not None:
+        out["citation_precision"] = [citation_precision(c, text, ans) for c, text, ans in zip(contexts, raw, answers)]
+    return out
 
 
 def _perplexity(nll: list[tuple[float, int]] | None) -> dict | None:
@@ -213,5 +289,6 @@ def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path |
     atomic_write_json(eval_dir / "compare.json", result)
     from ..report.html import compare_report
 
-    result["report"] = str(compare_report(result, eval_dir, cfg.evaluation.metrics))
+    extra = [m for m in ("hallucination", "recall@5", "mrr", "citation_precision") if any(m in s["metrics"] for s in summaries.values())]
+    result["report"] = str(compare_report(result, eval_dir, list(cfg.evaluation.metrics) + extra))
     return result

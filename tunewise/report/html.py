@@ -66,11 +66,11 @@ def compare_report(result: dict, eval_dir: Path, metrics: list[str], out: Path |
              f"bars are means with 95% bootstrap CIs; p-values are paired sign-flip tests against <b>{html.escape(result['reference_variant'])}</b>.</p>"]
 
     for m in metrics:
-        parts.append(_bars(m, [(n, s["metrics"][m]["mean"], *s["metrics"][m]["ci95"]) for n, s in variants.items()]))
+        parts.append(_bars(m, [(n, s["metrics"][m]["mean"], *s["metrics"][m]["ci95"]) for n, s in variants.items() if m in s["metrics"]]))
     rows = []
     for n, s in variants.items():
         p = result["paired_vs_reference"].get(n, {})
-        rows.append([n] + [f"{s['metrics'][m]['mean']:.3f}" + (f" (p={p[m]['p_value']:.3g})" if m in p else "") for m in metrics]
+        rows.append([n] + [(f"{s['metrics'][m]['mean']:.3f}" if m in s["metrics"] else "-") + (f" (p={p[m]['p_value']:.3g})" if m in p else "") for m in metrics]
                     + [(lambda p: f"{p['mean']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]" if p else "-")(s.get("reference_perplexity")),
                        f"{s['latency_s']['p50']:.2f}/{s['latency_s']['p95']:.2f}", f"{s['items_per_s']:.2f}",
                        f"{s['prompt_tokens_mean']:.0f}", f"{s['cost_per_1k_queries_usd']:.4f}"])
