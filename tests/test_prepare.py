@@ -61,7 +61,7 @@ def test_prepare_accounts_for_every_record(tmp_path):
     cfg = load_config(tmp_path / "t.yaml")
     p = prepare_data(cfg)
     s = p.summary
-    assert s["read"] == {"good": 31, "quarantined": 2}
+    assert s["read"] == {"valid": 31, "kept": 31, "quarantined": 2}
     assert sum(o["records"] for o in s["outputs"].values()) == 31
     assert s["outputs"]["test"]["records"] == 1 and s["outputs"]["validation"]["records"] == 6
     q = [json.loads(x) for x in (p.dir / "quarantine.jsonl").read_text().splitlines()]

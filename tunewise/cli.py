@@ -91,10 +91,11 @@ def init(
 def data_prepare(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    drop_leaks: bool = typer.Option(False, "--drop-leaks", help="Drop training records whose prompt (nearly) equals a validation/test prompt."),
 ):
-    """Read, validate, quarantine bad records, split without leakage; report counts and token lengths."""
+    """Read, validate, clean (normalise, redact PII, filter, dedup, near-dedup), quarantine, split, check leakage."""
     _quiet_libraries()
-    cfg = _load(config, set_)
+    cfg = _load(config, (set_ or []) + (["data.clean.drop_leaks=true"] if drop_leaks else []))
 
     def run():
         from .data.prepare import prepare_data
@@ -116,13 +117,23 @@ def _print_data_summary(prepared) -> None:
         tk = s.get("tokens", {}).get(name, {})
         table.add_row(name, str(out["records"]), str(s["labels"][name]), *(str(tk.get(k, "-")) for k in ("length_p50", "length_p95", "length_max", "truncated", "dropped_too_long")))
     console.print(table)
+    c = s.get("cleaning")
+    if c:
+        steps = ", ".join(f"{name}: {v['changed']} changed" if v["changed"] else f"{name}: {v['dropped']} dropped" for name, v in c["steps"].items())
+        console.print(f"cleaning: {s['read']['valid']} valid records -> {s['read']['kept']} kept ({steps or 'nothing to do'})", highlight=False)
+        if c["pii_found"]:
+            console.print("  PII redacted: " + ", ".join(f"{k} {v}" for k, v in sorted(c["pii_found"].items())), highlight=False)
     console.print(f"quarantined: {s['read']['quarantined']} (-> {prepared.dir / 'quarantine.jsonl'})")
     for reason, n in s["quarantine_reasons"].items():
         console.print(f"  {n:>6}  {reason}", highlight=False)
     for line in s["quarantine_examples"][:5]:
         console.print(f"  e.g. {line}", highlight=False)
-    if s["leaks"]["count"]:
-        console.print(f"[yellow]leakage:[/] {s['leaks']['count']} prompts appear in more than one split (see summary.json)")
+    lk = s["leaks"]
+    if lk.get("dropped"):
+        console.print(f"leakage: {lk['dropped']} training records dropped (--drop-leaks): their prompts were in an evaluation split")
+    if lk["count"] or lk.get("near_duplicates"):
+        console.print(f"[yellow]leakage:[/] {lk['count']} prompts appear in more than one split, {lk.get('near_duplicates', 0)} training prompts "
+                      f"nearly duplicate an evaluation prompt (see summary.json; --drop-leaks removes them from train)")
     else:
         console.print("leakage: none (no prompt appears in two splits)")
 

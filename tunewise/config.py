@@ -49,6 +49,22 @@ class SplitConfig(Section):
 DataFormat = Literal["openai", "alpaca", "sharegpt", "csv", "parquet"]
 
 
+class CleanConfig(Section):
+    normalize: bool = Field(True, description="Unicode NFC, control and zero-width characters removed, spaces collapsed, lines trimmed.")
+    pii: bool = Field(True, description="Replace PII with typed placeholders (<EMAIL>, <PHONE>, <CARD>, <IBAN>, <SSN>, <NINO>, <IP>).")
+    pii_types: list[Literal["EMAIL", "IBAN", "CARD", "SSN", "NINO", "IP", "PHONE"]] = Field(
+        ["EMAIL", "IBAN", "CARD", "SSN", "NINO", "IP", "PHONE"], description="Which PII types to redact.")
+    min_chars: int = Field(1, ge=0, description="Drop records with a user or assistant turn shorter than this.")
+    max_chars: int | None = Field(None, gt=0, description="Drop records with a turn longer than this (null: no limit).")
+    max_repetition: float = Field(0.5, ge=0.0, le=1.0, description="Drop answers whose share of repeated word 3-grams exceeds this.")
+    drop_copies: bool = Field(True, description="Drop records whose answer merely copies the prompt.")
+    dedup: bool = Field(True, description="Drop exact duplicate conversations (the first is kept).")
+    near_dedup: bool = Field(True, description="Drop near-duplicate prompts (MinHash LSH, then exact Jaccard of character 5-grams).")
+    near_dup_threshold: float = Field(0.9, gt=0.0, le=1.0, description="Jaccard similarity at which two prompts count as near-duplicates.")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations.")
+    drop_leaks: bool = Field(False, description="Drop training records whose prompt equals or nearly equals a validation/test prompt (also: data prepare --drop-leaks).")
+
+
 class DataConfig(Section):
     format: DataFormat = Field(
         ..., description="Input format, read explicitly: openai (chat JSONL with messages), alpaca, sharegpt, csv, parquet."
@@ -59,6 +75,7 @@ class DataConfig(Section):
     columns: ColumnMap = Field(default_factory=ColumnMap, description="Column mapping for csv/parquet.")
     system_prompt: str | None = Field(None, description="System prompt added to every record that has none.")
     split: SplitConfig = Field(default_factory=SplitConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
     max_length: int = Field(512, gt=8, description="Maximum tokens per example after the chat template.")
     limit: int | None = Field(None, gt=0, description="Use only the first N training records (quick runs).")
 

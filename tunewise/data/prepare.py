@@ -44,13 +44,20 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
     inputs = {}
     train_path = cfg.path(cfg.data.train)
     inputs["train"] = {"path": str(train_path), "sha256": sha256_file(train_path)}
-    records = _read(cfg, train_path, cfg.data.limit, bad)
+    from .clean import Cleaner
+
+    cleaner = Cleaner(cfg.data.clean)
+    raw = _read(cfg, train_path, cfg.data.limit, bad)
+    read_counts = {"train": len(raw)}
+    records = cleaner.run(raw, bad)
     fixed: dict[str, list[Record]] = {}
     for name in ("validation", "test"):
         p = cfg.path(getattr(cfg.data, name))
         if p is not None:
             inputs[name] = {"path": str(p), "sha256": sha256_file(p)}
-            fixed[name] = _read(cfg, p, None, bad)
+            raw = _read(cfg, p, None, bad)
+            read_counts[name] = len(raw)
+            fixed[name] = cleaner.run(raw, bad, drop=False)  # evaluation files are normalised, never thinned
 
     s = cfg.data.split
     splits = split_records(
@@ -63,6 +70,24 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
     for name, recs in fixed.items():
         splits[name] = recs
     leaks = find_leaks(splits)
+    near = cleaner.near_leaks(splits) if cfg.data.clean.near_dedup else []
+    exact_train = {src for leak in leaks for src in leak["splits"].get("train", [])}
+    near = [n for n in near if n["train"] not in exact_train]  # reported once, as exact
+    dropped_leaks = 0
+    if cfg.data.clean.drop_leaks:
+        leaking = exact_train | {n["train"] for n in near}
+        why = {n["train"]: f"leaks into {n['split']}: near-duplicate (Jaccard {n['jaccard']}) of {n['other']}" for n in near}
+        kept = []
+        for r in splits["train"]:
+            if r.source in leaking:
+                file, _, where = r.source.rpartition(":")
+                bad.append(BadRecord(file, where, why.get(r.source, "leaks into an evaluation split: same prompt"), r.to_json()))
+                dropped_leaks += 1
+            else:
+                kept.append(r)
+        splits["train"] = kept
+        leaks = find_leaks(splits)
+        near = []
 
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = {}
@@ -76,11 +101,13 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
     summary = {
         "inputs": inputs,
         "outputs": outputs,
-        "read": {"good": len(records) + sum(len(v) for v in fixed.values()), "quarantined": len(bad)},
+        "read": {"valid": sum(read_counts.values()), "kept": len(records) + sum(len(v) for v in fixed.values()), "quarantined": len(bad)},
+        "cleaning": cleaner.report(),
         "quarantine_reasons": dict(reasons.most_common()),
         "quarantine_examples": [str(b) for b in bad[:20]],
         "labels": {name: len({r.label for r in splits[name] if r.label is not None}) for name in SPLITS},
-        "leaks": {"count": len(leaks), "examples": leaks[:20]},
+        "leaks": {"count": len(leaks), "examples": leaks[:20], "near_duplicates": len(near),
+                  "near_examples": [{k: v for k, v in n.items() if k != "record"} for n in near[:20]], "dropped": dropped_leaks},
         "config": cfg.resolved()["data"],
     }
     if tokenizer is not None:

@@ -1,0 +1,109 @@
+"""The cleaning pipeline in `tunewise data prepare`: a file with planted problems, every record accounted for."""
+
+import json
+
+import yaml
+
+from tunewise.data.clean import copies_prompt, normalize_text, repetition
+from tunewise.data.records import Record
+
+
+def rec(user, answer, label=None, src="x.jsonl:1"):
+    return Record(messages=[{"role": "user", "content": user}, {"role": "assistant", "content": answer}], source=src, label=label)
+
+
+def test_normalize_repetition_and_copy_signals():
+    assert normalize_text("  Cafe\u0301\u200b  au\t\tlait \r\n\n\n\nnext  ") == "Caf\u00e9 au lait\n\nnext"
+    assert repetition("the card the card the card the card the card") > 0.5
+    assert repetition("My card has not arrived after two weeks, what should I do?") == 0.0
+    assert copies_prompt(rec("Where is my new card that I ordered?", "Where is my new card that I ordered?"))
+    assert not copies_prompt(rec("Where is my new card that I ordered?", "card_arrival"))
+
+
+PLANTED = [
+    # 0-4: fine, distinct
+    ("Where is my new card? I ordered it two weeks ago.", "card_arrival"),
+    ("How do I top up with a bank transfer?", "top_up_by_bank_transfer_charge"),
+    ("Why was my card payment declined at the shop?", "declined_card_payment"),
+    ("Can I change my PIN at any cash machine?", "change_pin"),
+    ("What exchange rate do you use for euros?", "exchange_rate"),
+    # 5: exact duplicate of 0
+    ("Where is my new card? I ordered it two weeks ago.", "card_arrival"),
+    # 6: near-duplicate of 1 (one word different), 7: near-duplicate of 2 with another label
+    ("How do I top up with a bank transfer ?", "top_up_by_bank_transfer_charge"),
+    ("Why was my card payment declined at the shops?", "card_payment_not_recognised"),
+    # 8-10: PII of several types
+    ("My email is jane.doe@example.com, please update it.", "edit_personal_details"),
+    ("Card 4111 1111 1111 1111 was charged twice, call me on +44 20 7946 0958.", "transaction_charged_twice"),
+    ("Send it to IBAN GB82 WEST 1234 5698 7654 32 from 192.168.0.12.", "transfer_into_account"),
+    # 11: answer copies the prompt, 12: repetitive answer, 13: empty answer (quarantined by validation)
+    ("Please tell me how the exchange rate is calculated today", "Please tell me how the exchange rate is calculated today"),
+    ("Why is my balance wrong?", "balance balance balance balance balance balance balance balance"),
+    ("Is there a fee?", ""),
+    # 14: weird whitespace and a zero-width space: kept, normalised
+    ("  Is  there\u200b a   monthly fee?  ", "card_payment_fee_charged"),
+]
+
+
+def test_prepare_cleans_a_planted_file_and_accounts_for_every_record(tmp_path):
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+
+    lines = [json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}], "label": a or None}) for u, a in PLANTED]
+    lines.insert(3, "{not json")  # a broken line
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = {"project": "p", "output_dir": "runs", "data": {"format": "openai", "train": "train.jsonl",
+                                                          "split": {"validation": 0.0, "test": 0.0},
+                                                          "clean": {"near_dup_threshold": 0.8}}}
+    (tmp_path / "tunewise.yaml").write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(app, ["data", "prepare", str(tmp_path / "tunewise.yaml")])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "runs" / "p" / "data"
+    kept = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    quarantined = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(kept) + len(quarantined) == len(PLANTED) + 1  # every input line accounted for
+    reasons = " | ".join(q["reason"] for q in quarantined)
+    assert "exact duplicate of train.jsonl:line 1" in reasons
+    assert reasons.count("near-duplicate of") == 2 and "label 'card_payment_not_recognised' vs 'declined_card_payment'" in reasons
+    assert "copies the prompt" in reasons and "repetitive answer" in reasons and "malformed JSON" in reasons
+    texts = [r["messages"][0]["content"] for r in kept]
+    assert "My email is <EMAIL>, please update it." in texts
+    assert "Card <CARD> was charged twice, call me on <PHONE>." in texts
+    assert "Send it to IBAN <IBAN> from <IP>." in texts
+    assert "Is there a monthly fee?" in texts
+    c = summary["cleaning"]
+    assert c["pii_found"] == {"EMAIL": 1, "CARD": 1, "PHONE": 1, "IBAN": 1, "IP": 1}
+    assert c["steps"]["dedup"]["dropped"] == 1 and c["steps"]["near_dedup"]["dropped"] == 2
+    assert c["steps"]["normalize"]["changed"] >= 1 and c["steps"]["pii"]["changed"] == 3
+    assert any(cl["label_conflict"] for cl in c["near_duplicate_clusters"])
+    assert "cleaning" in res.output.lower()
+
+
+def test_leaks_exact_and_near_are_reported_and_dropped_on_request(tmp_path):
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+
+    train = [("Where is my new card? I ordered it two weeks ago.", "card_arrival"), ("How do I top up with a bank transfer?", "top_up"),
+             ("Why was my card payment declined at the shop?", "declined"), ("Can I change my PIN at any cash machine?", "change_pin")]
+    test = [("Where is my new card? I ordered it two weeks ago.", "card_arrival"),   # exact leak
+            ("Why was my card payment declined at the shops?", "declined")]         # near leak
+    for name, rows in (("train", train), ("test", test)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]})
+                                                          for u, a in rows) + "\n")
+    cfg = {"project": "p", "output_dir": "runs", "data": {"format": "openai", "train": "train.jsonl", "test": "test.jsonl",
+                                                          "split": {"validation": 0.0}, "clean": {"near_dup_threshold": 0.8}}}
+    (tmp_path / "tunewise.yaml").write_text(yaml.safe_dump(cfg))
+    runner = CliRunner()
+    res = runner.invoke(app, ["data", "prepare", str(tmp_path / "tunewise.yaml")])
+    s = json.loads((tmp_path / "runs" / "p" / "data" / "summary.json").read_text())
+    assert res.exit_code == 0 and s["leaks"]["count"] == 1 and s["leaks"]["near_duplicates"] == 1
+    assert s["outputs"]["train"]["records"] == 4
+    res = runner.invoke(app, ["data", "prepare", str(tmp_path / "tunewise.yaml"), "--drop-leaks"])
+    s = json.loads((tmp_path / "runs" / "p" / "data" / "summary.json").read_text())
+    assert res.exit_code == 0 and s["leaks"]["dropped"] == 2 and s["outputs"]["train"]["records"] == 2
+    assert s["outputs"]["test"]["records"] == 2  # evaluation files are never thinned
+    q = [json.loads(x)["reason"] for x in (tmp_path / "runs" / "p" / "data" / "quarantine.jsonl").read_text().splitlines()]
+    assert any("near-duplicate (Jaccard" in r and "test.jsonl:line 2" in r for r in q) and any("same prompt" in r for r in q)
