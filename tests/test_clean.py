@@ -107,3 +107,33 @@ def test_leaks_exact_and_near_are_reported_and_dropped_on_request(tmp_path):
     assert s["outputs"]["test"]["records"] == 2  # evaluation files are never thinned
     q = [json.loads(x)["reason"] for x in (tmp_path / "runs" / "p" / "data" / "quarantine.jsonl").read_text().splitlines()]
     assert any("near-duplicate (Jaccard" in r and "test.jsonl:line 2" in r for r in q) and any("same prompt" in r for r in q)
+
+
+def test_quality_score_and_select(tmp_path):
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+    from tunewise.data.clean import quality_scores
+
+    base = [("I still have not received my new card", "card_arrival"), ("I still have not received my new card, help", "card_arrival"),
+            ("I still have not received my new card yet", "card_arrival"), ("How do I reset my PIN number?", "change_pin"),
+            ("Can you tell me the exchange rate for dollars?", "exchange_rate")]
+    rows = base + [("I still have not received my new card!", "exchange_rate"),  # its look-alikes disagree
+                   ("What is a top up?", "top up top up top up top up top up top up top up top up")]  # repetitive
+    recs = [rec(u, a, label=a if " " not in a else "top_up", src=f"t.jsonl:line {i + 1}") for i, (u, a) in enumerate(rows)]
+    scores = quality_scores(recs)
+    worst = sorted(range(len(recs)), key=lambda i: scores[i]["score"])[:2]
+    assert set(worst) == {5, 6}, scores
+    assert scores[5]["label"] < 0.5 and scores[6]["repetition"] < 0.5 and scores[0]["label"] > 0.5
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}],
+                                                                "label": r.label}) for (u, a), r in zip(rows, recs)) + "\n")
+    cfg = {"project": "p", "output_dir": "runs", "data": {"format": "openai", "train": "train.jsonl", "split": {"validation": 0.0, "test": 0.0},
+                                                          "clean": {"near_dedup": False, "max_repetition": 1.0, "drop_copies": False}}}
+    (tmp_path / "tunewise.yaml").write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(app, ["data", "prepare", str(tmp_path / "tunewise.yaml"), "--select", "5"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "runs" / "p" / "data"
+    kept = [json.loads(x)["messages"][0]["content"] for x in (out / "train.jsonl").read_text().splitlines()]
+    q = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert len(kept) == 5 and {x["where"] for x in q} == {"line 6", "line 7"} and all("not selected" in x["reason"] for x in q)
+    assert "--select kept 5" in res.output

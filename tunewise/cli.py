@@ -92,10 +92,11 @@ def data_prepare(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     drop_leaks: bool = typer.Option(False, "--drop-leaks", help="Drop training records whose prompt (nearly) equals a validation/test prompt."),
+    select: Optional[int] = typer.Option(None, "--select", help="Keep the N training records with the best quality score."),
 ):
     """Read, validate, clean (normalise, redact PII, filter, dedup, near-dedup), quarantine, split, check leakage."""
     _quiet_libraries()
-    cfg = _load(config, (set_ or []) + (["data.clean.drop_leaks=true"] if drop_leaks else []))
+    cfg = _load(config, (set_ or []) + (["data.clean.drop_leaks=true"] if drop_leaks else []) + ([f"data.clean.select={select}"] if select else []))
 
     def run():
         from .data.prepare import prepare_data
@@ -123,6 +124,10 @@ def _print_data_summary(prepared) -> None:
         console.print(f"cleaning: {s['read']['valid']} valid records -> {s['read']['kept']} kept ({steps or 'nothing to do'})", highlight=False)
         if c["pii_found"]:
             console.print("  PII redacted: " + ", ".join(f"{k} {v}" for k, v in sorted(c["pii_found"].items())), highlight=False)
+    q = s.get("quality")
+    if q and q.get("mean") is not None:
+        sel = f"; --select kept {q['selected']['kept']} (score >= {q['selected']['cut']:.3f})" if q.get("selected") else ""
+        console.print(f"quality score of training records: mean {q['mean']:.3f}, histogram (0-1, 10 bins) {q['histogram']}{sel}", highlight=False)
     console.print(f"quarantined: {s['read']['quarantined']} (-> {prepared.dir / 'quarantine.jsonl'})")
     for reason, n in s["quarantine_reasons"].items():
         console.print(f"  {n:>6}  {reason}", highlight=False)

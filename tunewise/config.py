@@ -62,6 +62,7 @@ class CleanConfig(Section):
     near_dedup: bool = Field(True, description="Drop near-duplicate prompts (MinHash LSH, then exact Jaccard of character 5-grams).")
     near_dup_threshold: float = Field(0.9, gt=0.0, le=1.0, description="Jaccard similarity at which two prompts count as near-duplicates.")
     num_perm: int = Field(128, ge=16, description="MinHash permutations.")
+    select: int | None = Field(None, gt=0, description="Keep only the N training records with the best quality score (also: data prepare --select N); the rest are set aside with their score.")
     drop_leaks: bool = Field(False, description="Drop training records whose prompt equals or nearly equals a validation/test prompt (also: data prepare --drop-leaks).")
 
 

@@ -2,7 +2,7 @@
 
 Steps, in order: Unicode/whitespace normalisation -> PII redaction -> filters (empty or too short/long
 turns, repetitive answers, answers that copy the prompt) -> exact dedup -> near-duplicate removal
-(MinHash LSH over the prompt, datasketch). A record a step drops goes to quarantine with the reason
+(MinHash LSH over the prompt: tunewise/data/minhash.py). A record a step drops goes to quarantine with the reason
 (and, for duplicates, the record it duplicates); a record a step changes is counted, with examples.
 """
 
@@ -165,58 +165,53 @@ class Cleaner:
     def _near_dedup(self, records: list[Record], bad: list[BadRecord]) -> list[Record]:
         """MinHash LSH over the prompt (user turns): a record whose prompt is within the Jaccard threshold of an
         earlier kept one is dropped; different labels inside a cluster are reported as label conflicts."""
-        from datasketch import MinHash, MinHashLSH
+        import numpy as np
 
-        c = self.c
-        lsh = MinHashLSH(threshold=c.near_dup_threshold, num_perm=c.num_perm)
-        kept: dict[str, tuple[Record, set]] = {}
+        from .minhash import NearDupIndex, batch_shingle_hashes
+
+        index = NearDupIndex(self.c.near_dup_threshold, self.c.num_perm)
+        flat, offsets = batch_shingle_hashes([r.prompt_key for r in records])
+        sigs = index.signatures(flat, offsets)
+        kept: list[Record] = []
         out = []
-        hashes = MinHash.bulk([list(shingles(r.prompt_key)) for r in records], num_perm=c.num_perm, seed=1)
-        for i, (r, mh) in enumerate(zip(records, hashes)):
-            sh = shingles(r.prompt_key)
-            match = None
-            for key in lsh.query(mh):  # LSH proposes; the exact Jaccard decides
-                other, other_sh = kept[key]
-                if len(sh & other_sh) / len(sh | other_sh) >= c.near_dup_threshold:
-                    match = other
-                    break
-            if match is not None:
+        for i, r in enumerate(records):
+            h, sig = np.unique(flat[offsets[i] : offsets[i + 1]]), sigs[i]
+            hit = index.find(h, sig)
+            if hit is not None:
+                match = kept[hit[0]]
                 conflict = r.label != match.label
                 self._drop("near_dedup", r, f"near-duplicate of {match.source}" + (f" (label {r.label!r} vs {match.label!r})" if conflict else ""), bad)
                 if len(self.clusters) < 50:
-                    self.clusters.append({"kept": match.source, "dropped": r.source, "label_conflict": conflict,
+                    self.clusters.append({"kept": match.source, "dropped": r.source, "jaccard": round(hit[1], 3), "label_conflict": conflict,
                                           "kept_text": match.prompt_key[:120], "dropped_text": r.prompt_key[:120]})
                 continue
-            key = str(i)
-            lsh.insert(key, mh)
-            kept[key] = (r, sh)
+            index.add(h, sig)
+            kept.append(r)
             out.append(r)
         return out
 
     def near_leaks(self, splits: dict[str, list[Record]]) -> list[dict]:
         """Training prompts that are near-duplicates (Jaccard >= threshold) of a validation or test prompt."""
-        from datasketch import MinHash, MinHashLSH
+        import numpy as np
 
-        c = self.c
+        from .minhash import NearDupIndex, batch_shingle_hashes
+
         evals = [(name, r) for name in ("validation", "test") for r in splits.get(name, [])]
         if not evals or not splits.get("train"):
             return []
-        lsh = MinHashLSH(threshold=c.near_dup_threshold, num_perm=c.num_perm)
-        sh = [shingles(r.prompt_key) for _, r in evals]
-        for i, m in enumerate(MinHash.bulk([list(x) for x in sh], num_perm=c.num_perm, seed=1)):
-            lsh.insert(str(i), m)
+        index = NearDupIndex(self.c.near_dup_threshold, self.c.num_perm)
+        flat, off = batch_shingle_hashes([r.prompt_key for _, r in evals])
+        for i, sig in enumerate(index.signatures(flat, off)):
+            index.add(np.unique(flat[off[i] : off[i + 1]]), sig)
         out = []
         train = splits["train"]
-        for r, m in zip(train, MinHash.bulk([list(shingles(r.prompt_key)) for r in train], num_perm=c.num_perm, seed=1)):
-            mine = shingles(r.prompt_key)
-            for key in lsh.query(m):
-                j = int(key)
-                sim = len(mine & sh[j]) / len(mine | sh[j])
-                if sim >= c.near_dup_threshold:
-                    name, other = evals[j]
-                    out.append({"train": r.source, "split": name, "other": other.source, "jaccard": round(sim, 3),
-                                "prompt": r.prompt_key[:200], "record": r})
-                    break
+        flat, off = batch_shingle_hashes([r.prompt_key for r in train])
+        for i, (r, sig) in enumerate(zip(train, index.signatures(flat, off))):
+            hit = index.find(np.unique(flat[off[i] : off[i + 1]]), sig)
+            if hit is not None:
+                name, other = evals[hit[0]]
+                out.append({"train": r.source, "split": name, "other": other.source, "jaccard": round(hit[1], 3),
+                            "prompt": r.prompt_key[:200], "record": r})
         return out
 
     def report(self) -> dict:
@@ -225,3 +220,55 @@ class Cleaner:
 
 
 __all__ = ["Cleaner", "normalize_text", "repetition", "copies_prompt", "PII_TYPES"]
+
+
+def quality_scores(records: list[Record], neighbour_threshold: float = 0.6) -> list[dict]:
+    """A per-record quality score in [0, 1] from simple signals, each also returned:
+
+    - length: how typical the answer's and prompt's lengths are for this data (a Gaussian on the z-score of
+      log word counts: a one-word essay answer or a 2,000-word one scores low);
+    - repetition: 1 - the share of repeated word 3-grams in the answer;
+    - label: for labelled data, the share of similar prompts (Jaccard of character 5-grams >= neighbour_threshold)
+      that carry the same label (1 when there are none): a label its look-alikes disagree with is suspect.
+    The score is the mean of the signals.
+    """
+    import math
+
+    import numpy as np
+
+    from .minhash import NearDupIndex, batch_shingle_hashes
+
+    if not records:
+        return []
+    la = np.log1p([len(r.answer.split()) for r in records])
+    lp = np.log1p([len(r.prompt_key.split()) for r in records])
+
+    def gauss(x):
+        sd = float(x.std()) or 1.0
+        return np.exp(-0.5 * ((x - float(np.median(x))) / sd) ** 2)
+
+    length = (gauss(la) + gauss(lp)) / 2
+    labelled = any(r.label is not None for r in records)
+    label = np.ones(len(records))
+    if labelled:
+        index = NearDupIndex(neighbour_threshold, 128)
+        flat, off = batch_shingle_hashes([r.prompt_key for r in records])
+        sigs = index.signatures(flat, off)
+        sets = [np.unique(flat[off[i] : off[i + 1]]) for i in range(len(records))]
+        for i, sig in enumerate(sigs):
+            index.add(sets[i], sig)
+        for i, sig in enumerate(sigs):
+            cands = sorted({j for band, key in zip(index.buckets, index._keys(sig)) for j in band.get(key, ()) if j != i})[:50]
+            near = [j for j in cands if len(np.intersect1d(sets[i], sets[j], assume_unique=True)) /
+                    len(np.union1d(sets[i], sets[j])) >= neighbour_threshold]
+            if near:
+                label[i] = sum(records[j].label == records[i].label for j in near) / len(near)
+    out = []
+    for i, r in enumerate(records):
+        rep = 1.0 - repetition(r.answer)
+        signals = {"length": round(float(length[i]), 4), "repetition": round(rep, 4)}
+        if labelled:
+            signals["label"] = round(float(label[i]), 4)
+        out.append({"score": round(sum(signals.values()) / len(signals), 4), **signals})
+    assert all(not math.isnan(o["score"]) for o in out)
+    return out

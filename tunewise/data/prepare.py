@@ -89,6 +89,31 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
         leaks = find_leaks(splits)
         near = []
 
+    from .clean import quality_scores
+
+    scores = quality_scores(splits["train"])
+    selected = None
+    if cfg.data.clean.select and cfg.data.clean.select < len(splits["train"]):
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i]["score"], i))
+        keep = set(order[: cfg.data.clean.select])
+        cut = scores[order[cfg.data.clean.select - 1]]["score"]
+        kept = []
+        for i, r in enumerate(splits["train"]):
+            if i in keep:
+                kept.append(r)
+            else:
+                file, _, where = r.source.rpartition(":")
+                bad.append(BadRecord(file, where, f"not selected: quality score {scores[i]['score']:.3f} below the cut {cut:.3f} ({scores[i]})", r.to_json()))
+        splits["train"] = kept
+        scores = [scores[i] for i in sorted(keep)]
+        selected = {"kept": len(kept), "cut": cut}
+    import numpy as np
+
+    score_values = np.array([s_["score"] for s_ in scores]) if scores else np.zeros(0)
+    quality = {"selected": selected, "histogram": np.histogram(score_values, bins=10, range=(0, 1))[0].tolist() if len(score_values) else [],
+               "mean": float(score_values.mean()) if len(score_values) else None,
+               "lowest": sorted(({"source": r.source, **q} for r, q in zip(splits["train"], scores)), key=lambda x: x["score"])[:10]}
+
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = {}
     for name in SPLITS:
@@ -103,6 +128,7 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
         "outputs": outputs,
         "read": {"valid": sum(read_counts.values()), "kept": len(records) + sum(len(v) for v in fixed.values()), "quarantined": len(bad)},
         "cleaning": cleaner.report(),
+        "quality": quality,
         "quarantine_reasons": dict(reasons.most_common()),
         "quarantine_examples": [str(b) for b in bad[:20]],
         "labels": {name: len({r.label for r in splits[name] if r.label is not None}) for name in SPLITS},
