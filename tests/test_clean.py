@@ -79,6 +79,11 @@ def test_prepare_cleans_a_planted_file_and_accounts_for_every_record(tmp_path):
     assert c["steps"]["normalize"]["changed"] >= 1 and c["steps"]["pii"]["changed"] == 3
     assert any(cl["label_conflict"] for cl in c["near_duplicate_clusters"])
     assert "cleaning" in res.output.lower()
+    page = (out / "report.html").read_text()
+    for section in ("Counts at every step", "PII redacted, by type", "Token lengths", "Labels", "Near-duplicate clusters", "Quarantine",
+                    "exact duplicate of train.jsonl:line 1", "quality score"):
+        assert section in page, section
+    assert str(out / "report.html") == summary["report"] and "data report:" in res.output
 
 
 def test_leaks_exact_and_near_are_reported_and_dropped_on_request(tmp_path):

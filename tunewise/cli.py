@@ -129,6 +129,8 @@ def _print_data_summary(prepared) -> None:
         sel = f"; --select kept {q['selected']['kept']} (score >= {q['selected']['cut']:.3f})" if q.get("selected") else ""
         console.print(f"quality score of training records: mean {q['mean']:.3f}, histogram (0-1, 10 bins) {q['histogram']}{sel}", highlight=False)
     console.print(f"quarantined: {s['read']['quarantined']} (-> {prepared.dir / 'quarantine.jsonl'})")
+    if s.get("report"):
+        console.print(f"[bold]data report:[/] {s['report']}")
     for reason, n in s["quarantine_reasons"].items():
         console.print(f"  {n:>6}  {reason}", highlight=False)
     for line in s["quarantine_examples"][:5]:

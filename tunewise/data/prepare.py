@@ -140,6 +140,9 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
         from .tokenize import tokenize_records
 
         summary["tokens"] = {name: tokenize_records(tokenizer, splits[name], cfg.data.max_length)[1].summary() for name in SPLITS if splits[name]}
+    from ..report.data_html import data_report
+
+    summary["report"] = str(data_report(out_dir, summary, splits, bad))
     atomic_write_json(out_dir / "summary.json", summary)
     return Prepared(out_dir, splits, summary)
 

@@ -93,7 +93,18 @@ class TokenStats:
             "length_p50": ls[len(ls) // 2],
             "length_p95": ls[min(len(ls) - 1, int(len(ls) * 0.95))],
             "length_max": ls[-1],
+            "length_histogram": _histogram(self.lengths),
         }
+
+
+def _histogram(values: list[int], bins: int = 20) -> dict:
+    """Equal-width bins from 0 to the maximum: {"edges": [...], "counts": [...]}."""
+    top = max(values, default=0) or 1
+    width = max(1, -(-top // bins))
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, v // width)] += 1
+    return {"edges": [i * width for i in range(bins + 1)], "counts": counts}
 
 
 def truncate(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]] | None:
