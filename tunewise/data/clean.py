@@ -77,6 +77,7 @@ class Cleaner:
         self.steps: dict[str, StepReport] = {}
         self.pii_found: Counter = Counter()
         self.clusters: list[dict] = []
+        self.label_conflicts = 0
 
     def step(self, name: str) -> StepReport:
         return self.steps.setdefault(name, StepReport())
@@ -180,6 +181,7 @@ class Cleaner:
             if hit is not None:
                 match = kept[hit[0]]
                 conflict = r.label != match.label
+                self.label_conflicts += conflict
                 self._drop("near_dedup", r, f"near-duplicate of {match.source}" + (f" (label {r.label!r} vs {match.label!r})" if conflict else ""), bad)
                 if len(self.clusters) < 50:
                     self.clusters.append({"kept": match.source, "dropped": r.source, "jaccard": round(hit[1], 3), "label_conflict": conflict,
@@ -216,7 +218,7 @@ class Cleaner:
 
     def report(self) -> dict:
         return {"steps": {k: {"changed": v.changed, "dropped": v.dropped, "examples": v.examples} for k, v in self.steps.items()},
-                "pii_found": dict(self.pii_found), "near_duplicate_clusters": self.clusters}
+                "pii_found": dict(self.pii_found), "near_duplicate_clusters": self.clusters, "label_conflicts": self.label_conflicts}
 
 
 __all__ = ["Cleaner", "normalize_text", "repetition", "copies_prompt", "PII_TYPES"]
