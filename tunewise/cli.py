@@ -249,8 +249,8 @@ def eval_cmd(
         chosen = next((v for v in cfg.evaluation.variants if v.name == variant), None)
         if chosen is None:
             _fail(f"unknown variant {variant!r}; configured: {[v.name for v in cfg.evaluation.variants]}")
-        with console.status(f"evaluating {variant}"):
-            s = evaluate(cfg, chosen)
+        with console.status(f"evaluating {variant}") as status:
+            s = evaluate(cfg, chosen, progress=lambda msg: status.update(f"evaluating {msg}"))
         _print_compare({"variants": {variant: s}, "paired_vs_reference": {}, "reference_variant": variant}, cfg)
         console.print(f"items: {cfg.run_dir / 'eval' / variant / 'items.jsonl'}")
 

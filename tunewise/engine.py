@@ -141,8 +141,10 @@ class Engine:
         batch_size: int = 16,
         adapter: str | None = None,
         seed: int | None = None,
+        on_batch=None,
     ) -> list[Completion]:
-        """Generate one reply per conversation. adapter=None uses the base model (adapters disabled)."""
+        """Generate one reply per conversation. adapter=None uses the base model (adapters disabled).
+        on_batch(done, total) is called after every batch (progress display)."""
         prompts = self._prompts(conversations)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[Completion | None] = [None] * len(prompts)
@@ -154,6 +156,8 @@ class Engine:
                 outs = self._decode_batch([prompts[i] for i in idx], max_new_tokens, temperature, top_p, stop, gen)
                 for i, out in zip(idx, outs):
                     results[i] = out
+                if on_batch:
+                    on_batch(min(k + batch_size, len(order)), len(order))
         return results  # type: ignore[return-value]
 
     def _decode_batch(self, batch: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,

@@ -122,7 +122,7 @@ def fingerprint(cfg: ProjectConfig, variant: VariantConfig, prepared: Prepared) 
 
 
 def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None = None, out_root: Path | None = None,
-             prepared: Prepared | None = None, reuse: bool = False) -> dict:
+             prepared: Prepared | None = None, reuse: bool = False, progress=None) -> dict:
     """Score one variant; with reuse, a saved result with the same fingerprint is returned as it is."""
     ev = cfg.evaluation
     engines = engines or Engines(cfg)
@@ -154,7 +154,8 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     retrieval_s = time.time() - t0
 
     t0 = time.time()
-    outs = eng.generate(convs, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, adapter=adapter)
+    outs = eng.generate(convs, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, adapter=adapter,
+                        on_batch=(lambda done, total: progress(f"{variant.name}: {done}/{total} items")) if progress else None)
     wall = time.time() - t0 + retrieval_s
     if rag:
         from ..rag.answer import strip_citations
@@ -278,7 +279,7 @@ def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path |
     for v in variants:
         if progress:
             progress(v.name)
-        summaries[v.name] = evaluate(cfg, v, engines, out_root, prepared, reuse=reuse)
+        summaries[v.name] = evaluate(cfg, v, engines, out_root, prepared, reuse=reuse, progress=progress)
     first = variants[0].name
     paired = {}
     for v in variants[1:]:
