@@ -269,3 +269,30 @@ def test_raft_data_cites_the_gold_chunk(kb_project):
             assert gold_text not in user
     assert 0 < with_gold < len(rows)  # p_oracle 0.5: some examples with the gold chunk, some without
     assert f"{with_gold} with the gold chunk" in res.output
+
+
+def test_data_synth_filters_and_round_trip(kb_project, monkeypatch):
+    """Generation replaced by canned replies (a random tiny model writes nothing parseable); parsing, the
+    support check, the round-trip retrieval filter and the output are the real ones."""
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+    from tunewise.engine import Completion, Engine
+
+    replies = {"International transfers": "Question: How much does an international transfer cost?\nAnswer: 2 euros",
+               "A new card": "Question: What colour is the sky on Mars?\nAnswer: butterscotch",  # not in the chunk
+               "You can reset": "Sure! Here is a question about PINs."}  # unparseable
+
+    def fake_generate(self, convs, **kw):
+        return [Completion(next(v for key, v in replies.items() if key in c[-1]["content"]), 10, 10, 0.1, "stop") for c in convs]
+
+    monkeypatch.setattr(Engine, "generate", fake_generate)
+    runner = CliRunner()
+    assert runner.invoke(app, ["kb", "index", str(kb_project)]).exit_code == 0
+    out = kb_project.parent / "synth.jsonl"
+    res = runner.invoke(app, ["data", "synth", str(kb_project), "--out", str(out), "--chunks", "3", "-k", "1"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["messages"][1]["content"] == "2 euros" and rows[0]["gold_sources"] == ["kb/fees.md"]
+    assert "3 pairs from 3 chunks: 2 parsed, 1 supported by their chunk, 1 retrieve their chunk" in res.output
+    assert "pass rate 33.3%" in res.output

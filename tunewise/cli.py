@@ -109,6 +109,40 @@ def data_prepare(
     _guard(run)
 
 
+@data_app.command("synth")
+def data_synth(
+    config: Path = typer.Argument(..., help="Project config with a rag section (index it first: tunewise kb index)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Chat JSONL to write."),
+    chunks: int = typer.Option(100, help="How many chunks to sample (seeded)."),
+    per_chunk: int = typer.Option(1, help="Pairs to generate per chunk."),
+    k: int = typer.Option(5, "-k", help="Round-trip filter: the question must retrieve its chunk in the top k."),
+    temperature: float = typer.Option(0.7),
+    seed: int = typer.Option(0),
+    raft: bool = typer.Option(False, "--raft", help="Write RAFT-style records (retrieved distractors, cited gold chunk)."),
+    endpoint: Optional[str] = typer.Option(None, help="OpenAI-compatible /v1 base URL to generate with instead of the local model."),
+    endpoint_model: Optional[str] = typer.Option(None, help="Model name at the endpoint."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Generate question/answer pairs from knowledge-base chunks; keep those the chunk supports and that retrieve their own chunk."""
+    _quiet_libraries()
+    cfg = _load(config, set_)
+
+    def run():
+        from .data.synth import synthesize
+
+        with console.status("generating") as status:
+            rep = synthesize(cfg, out, chunks, per_chunk, k, seed, temperature, endpoint, endpoint_model, raft,
+                             progress=lambda d, t: status.update(f"generating: {d}/{t}"))
+        r = rep.as_dict()
+        console.print(f"{r['generated']} pairs from {r['chunks']} chunks: {r['parsed']} parsed, {r['supported']} supported by their chunk, "
+                      f"{r['kept']} retrieve their chunk in the top {k}; pass rate {r['pass_rate']:.1%} -> {out}")
+        console.print(f"rejected: {r['rejected']}", highlight=False)
+        for e in r["examples"][:3]:
+            console.print(f"  e.g. [{e['chunk']}] Q: {e['question']}  A: {e['answer']}", highlight=False)
+
+    _guard(run)
+
+
 def _print_data_summary(prepared) -> None:
     s = prepared.summary
     table = Table(title=f"prepared data -> {prepared.dir}")
