@@ -219,6 +219,7 @@ def test_kb_index_query_and_rag_variant_end_to_end(kb_project):
     items = [json.loads(x) for x in (run / "rag" / "items.jsonl").read_text().splitlines()]
     assert all(len(it["retrieved"]) == 2 for it in items)
     base = json.loads((run / "base" / "summary.json").read_text())
+    assert "hallucination" in base["metrics"] and "recall@5" not in base["metrics"]  # closed-book: judged against the gold passages
     assert summary["prompt_tokens_mean"] > base["prompt_tokens_mean"] + 10  # the context costs tokens, and it shows
     assert "rag" in res.output and "recall@5" in res.output
     # A second compare reuses both saved results; a changed setting re-runs them.

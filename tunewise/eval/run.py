@@ -164,7 +164,7 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     else:
         preds = [o.text for o in outs]
     per_metric = {m: _score_alternatives(m, preds, items, refs) for m in ev.metrics}
-    extra = _grounding_metrics(items, preds, [o.text for o in outs], contexts)
+    extra = _grounding_metrics(items, preds, [o.text for o in outs], contexts, _gold_text_lookup(cfg, engines))
 
     nll = eng.reference_nll(convs, refs, batch_size=ev.batch_size, adapter=adapter) if ev.perplexity else None
 
@@ -218,9 +218,25 @@ def _score_alternatives(metric: str, preds: list[str], items: list[Record], refs
     return scores
 
 
-def _grounding_metrics(items: list[Record], preds: list[str], raw: list[str], contexts) -> dict[str, list]:
+def _gold_text_lookup(cfg: ProjectConfig, engines: Engines):
+    """source -> text of the knowledge-base chunks of that source, when the project has an index (else None)."""
+    from ..rag.retrieve import index_dir_of
+
+    if not cfg.rag.knowledge_base or not (index_dir_of(cfg) / "manifest.json").exists():
+        return None
+    by_source: dict[str, list[str]] = {}
+    for c in engines.retriever().chunks:
+        by_source.setdefault(c.source, []).append(c.text)
+        by_source.setdefault(c.source.split("#", 1)[-1], []).append(c.text)
+    return lambda sources: "\n".join(t for s in sources for t in by_source.get(s, [])) or None
+
+
+def _grounding_metrics(items: list[Record], preds: list[str], raw: list[str], contexts, gold_text=None) -> dict[str, list]:
     """Hallucination (answer not supported by its evidence), and for RAG variants retrieval recall@k, MRR and
-    citation precision, where the records name their gold passages (meta.gold_sources) or evidence."""
+    citation precision, where the records name their gold passages (meta.gold_sources) or evidence.
+
+    Evidence: the retrieved context for RAG variants; otherwise the record's meta.evidence, or the text of
+    its gold passages in the knowledge base (so closed-book answers are held to the same passages)."""
     from ..rag.answer import citation_precision, gold_rank, is_abstention, supported
 
     out: dict[str, list] = {}
@@ -231,6 +247,8 @@ def _grounding_metrics(items: list[Record], preds: list[str], raw: list[str], co
         evidence = [c.text for c in contexts]
     elif any(evidence_text):
         evidence = evidence_text
+    elif gold_text is not None and any(golds):
+        evidence = [gold_text(g) if g else None for g in golds]
     else:
         return out
     out["hallucination"] = [None if ev is None else float(not is_abstention(p) and not supported(p, ev)) for p, ev in zip(preds, evidence)]
