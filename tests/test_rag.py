@@ -297,3 +297,41 @@ def test_data_synth_filters_and_round_trip(kb_project, monkeypatch):
     assert len(rows) == 1 and rows[0]["messages"][1]["content"] == "2 euros" and rows[0]["gold_sources"] == ["kb/fees.md"]
     assert "3 pairs from 3 chunks: 2 parsed, 1 supported by their chunk, 1 retrieve their chunk" in res.output
     assert "pass rate 33.3%" in res.output
+
+
+def test_openai_compatible_embeddings_endpoint(tmp_path):
+    """openai:<model> embeddings go to <url>/embeddings; vectors come back normalised, in input order, and cached."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from tunewise.rag.embed import Embedder
+
+    calls = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            calls.append((self.path, body["model"], list(body["input"])))
+            data = [{"index": i, "embedding": [float(len(t)), 1.0, 0.0]} for i, t in enumerate(body["input"])][::-1]  # out of order
+            out = json.dumps({"data": data}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_port}/v1"
+        e = Embedder("openai:text-embedding-3-small", tmp_path / "c.sqlite", url=url)
+        v = e.encode(["ab", "abcd"])
+        assert calls[0][:2] == ("/v1/embeddings", "text-embedding-3-small")
+        assert np.allclose(v[0], np.array([2, 1, 0]) / np.sqrt(5)) and np.allclose(v[1], np.array([4, 1, 0]) / np.sqrt(17))
+        e.encode(["abcd"])
+        assert len(calls) == 1 and e.hits == 1  # served from the cache
+    finally:
+        srv.shutdown()
