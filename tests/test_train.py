@@ -149,7 +149,7 @@ def test_kill_9_then_resume_from_cli_equals_uninterrupted(tiny_project, tmp_path
 
 
 def test_early_stopping_when_validation_stops_improving(tiny_project, tmp_path):
-    cfg = load_config(tiny_project(max_steps=30, eval_every=1, learning_rate=3.0, early_stopping_patience=2, max_grad_norm=None))
+    cfg = load_config(tiny_project(max_steps=30, eval_every=1, learning_rate=0.3, early_stopping_patience=2, max_grad_norm=None))
     before = initial_state(cfg)
     r, after = run_and_capture(cfg, tmp_path / "run")
     assert_trained_exactly(before, after)
