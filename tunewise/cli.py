@@ -463,24 +463,100 @@ def models_tiny(out: Path = typer.Argument(..., help="Directory to write the tin
 
 
 @app.command()
+def advise(
+    config: Path = typer.Argument(..., help="Project config (tunewise.yaml) with its use_case section."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole advice as JSON."),
+):
+    """Recommend a route (prompt, RAG, fine-tune, hybrid, pre-train) from the use case, with reasons and estimated costs."""
+    _quiet_libraries()
+    cfg = _load(config, set_)
+
+    def run():
+        from .advise.decide import advise as advise_fn
+        from .models import load_tokenizer
+
+        a = advise_fn(cfg, load_tokenizer(cfg.model.name))
+        if as_json:
+            print(json.dumps(a, indent=2, default=str))
+            return
+        console.print(f"[bold]recommended:[/] {a['recommendation']} - {a['recommendation_text']}")
+        t = Table(title=f"routes ({a['hardware']['name']}, {a['hardware']['tflops']:.3f} matmul TFLOP/s measured, "
+                        f"{cfg.use_case.queries_per_day:,} queries/day)")
+        for h in ("route", "points", "$ / 1k queries", "training", "re-training / yr", "first year", "why"):
+            t.add_column(h, overflow="fold")
+        for r in a["ranking"]:
+            c = r["cost"]
+            t.add_row(r["route"], str(r["points"]), f"{c['per_query_usd'] * 1000:.4f}" + (" hosted" if c["hosted"] else ""),
+                      f"${c['training_usd']:.2f} ({c['training_hours'] * 60:.0f} min)" if c["training_hours"] else "-",
+                      f"${c['retraining_usd_per_year']:.2f}", f"${c['first_year_usd']:,.2f}", "\n".join(r["reasons"]))
+        console.print(t)
+        te = a["training_estimate"]
+        console.print(f"training estimate ({te['method']}): {te['steps']} steps, {te['tokens']:,} tokens, {te['flops']:.2e} FLOPs, "
+                      f"{te['hours'] * 60:.1f} min, peak memory {te['memory_gb']:.2f} GB{'' if te['fits'] else ' (does NOT fit)'}")
+        console.print(f"to confirm, measure: {a['ranking'][0]['what_to_measure']} (`tunewise run` does it in order)")
+
+    _guard(run)
+
+
+def _run_and_print(fn) -> None:
+    d = fn(lambda stage: console.print(f"[bold]>[/] {stage}"))
+    g = d["goal"]
+    t = Table(title=f"decision: {g['metric']} >= {g['threshold']:g}")
+    for h in ("route", "variant", "validation", "test [95% CI]", "goal", "latency p50 s", "$ / 1k q", "training", "first year"):
+        t.add_column(h)
+    for r in d["evidence"]:
+        ci = r["test_ci95"] or [0, 0]
+        t.add_row(r["route"], r["variant"], f"{r['validation']:.3f}", f"{r['test']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]",
+                  "met" if r["meets_goal"] else "short", f"{r['latency_p50_s']:.2f}", f"{r['per_1k_queries_usd']:.4f}",
+                  f"${r['training_usd']:.2f}" if r["training_hours"] else "-", f"${r['first_year_usd']:,.2f}")
+    console.print(t)
+    if d["met"]:
+        console.print(f"[bold green]chosen:[/] {d['chosen']} ({d['chosen_variant']}): meets the goal at the lowest first-year cost")
+    else:
+        console.print(f"[bold yellow]goal not met[/]; best: {d['chosen']} ({d['chosen_variant']})")
+    if d.get("roi"):
+        r = d["roi"]
+        console.print(f"vs {r['against']}: {r['accuracy_gain']:+.3f} {g['metric']} for ${r['extra_cost_usd_per_year']:,.2f}/yr more"
+                      + (f", ${r['cost_per_extra_correct_answer_usd']:.4f} per extra correct answer" if r.get("cost_per_extra_correct_answer_usd") else ""))
+    console.print(f"wall time {d['wall_s']:.0f} s")
+    console.print(f"[bold]report:[/] {d['report']}")
+
+
+@app.command("run")
+def run_cmd(
+    config: Path = typer.Argument(..., help="Project config (tunewise.yaml) with goal and use_case."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    all_routes: bool = typer.Option(False, "--all", help="Go on through every route after the goal is met (more evidence, more time)."),
+    validation_samples: Optional[int] = typer.Option(200, help="Validation items each variant is scored on while searching (a seeded sample)."),
+    test_samples: Optional[int] = typer.Option(None, help="Test items in the final comparison (default: evaluation.max_samples, else all)."),
+):
+    """The workflow: prompt baselines -> RAG -> fine-tune -> ft+rag, stopping when the goal is met; then a decision report."""
+    _quiet_libraries()
+    cfg = _load(config, set_)
+
+    def run():
+        from .pipeline import run_workflow
+
+        ts = test_samples if test_samples is not None else cfg.evaluation.max_samples
+        _run_and_print(lambda p: run_workflow(cfg, p, all_routes=all_routes, validation_samples=validation_samples, test_samples=ts))
+
+    _guard(run)
+
+
+@app.command()
 def demo(
     config: Path = typer.Argument(Path("examples/support-intents/tunewise.yaml"), help="Example project."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-    samples: int = typer.Option(100, help="Test items (a seeded sample) to compare the variants on."),
 ):
-    """Prepare the example data, fine-tune the bundled model briefly (40 steps), compare base, few-shot and fine-tuned."""
+    """`tunewise run` on the example, sized for a CPU: 100 validation and 100 test items, at most 40 training steps."""
     _quiet_libraries()
     cfg = _load(config, set_)
 
     def run():
         from .pipeline import demo as demo_fn
 
-        result = demo_fn(cfg, samples=samples, progress=lambda stage: console.print(f"[bold]>[/] {stage}"))
-        _print_compare(result, cfg)
-        t = result["training"]
-        console.print(f"training: {t['steps']} steps, validation loss {t['first_val_loss']:.3f} -> {t['best_val_loss']:.3f}, "
-                      f"{t['tokens_per_s']} tokens/s; demo wall time {result['wall_s']:.0f} s")
-        console.print(f"[bold]report:[/] {result['report']}")
+        _run_and_print(lambda p: demo_fn(cfg, p))
 
     _guard(run)
 

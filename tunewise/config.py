@@ -185,6 +185,45 @@ class GoalConfig(Section):
     threshold: float | None = Field(None, description="The value that counts as good enough (e.g. 0.85).")
 
 
+CHANGES_PER_YEAR = {"never": 0, "yearly": 1, "quarterly": 4, "monthly": 12, "weekly": 52, "daily": 365}
+
+
+class UseCaseConfig(Section):
+    task: Literal["classification", "extraction", "formatting", "qa", "generation", "chat"] = Field(
+        "classification", description="What the model does: classification | extraction | formatting | qa (answers from knowledge) | generation | chat.")
+    knowledge_changes: Literal["never", "yearly", "quarterly", "monthly", "weekly", "daily"] = Field(
+        "never", description="How often the facts the answers depend on change (sets re-training per year; fast change favours RAG).")
+    data_changes: Literal["never", "yearly", "quarterly", "monthly", "weekly", "daily"] = Field(
+        "yearly", description="How often new labelled examples arrive (a fine-tuned model is re-trained this often).")
+    citations: bool = Field(False, description="Answers must cite their sources (only retrieval can).")
+    on_premises: bool = Field(False, description="Data must stay on our machines: hosted models are ruled out.")
+    queries_per_day: int = Field(1000, ge=0, description="Expected queries per day (serving cost and break-even volumes).")
+    latency_ms: float | None = Field(None, gt=0, description="p95 latency target per answer in ms (null: none).")
+    context_tokens: int | None = Field(None, ge=0, description="Tokens of instructions/reference text every prompt would need (null: the system prompt's length).")
+    domain_corpus_tokens: int = Field(0, ge=0, description="Unlabelled domain text available, in tokens (pre-training only pays off at ~1e11+).")
+    budget_usd: float | None = Field(None, ge=0, description="One-off budget for training (null: no limit).")
+    value_per_correct_answer_usd: float | None = Field(None, ge=0, description="What one more correct answer is worth (e.g. an agent's minutes saved); gives the decision an ROI (null: cost per extra correct answer only).")
+    max_training_hours: float | None = Field(None, gt=0, description="Cap on estimated training time on this hardware; `run` shortens training to fit (null: none).")
+
+
+class HardwareConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Hardware the estimates are for (auto: this machine).")
+    matmul_tflops: float | None = Field(None, gt=0, description="Measured fp32 (CPU) or bf16 (GPU) matmul TFLOP/s; null: a few-second probe, cached.")
+    memory_gb: float | None = Field(None, gt=0, description="Memory available for training (null: detected RAM or GPU memory).")
+
+
+class PricesConfig(Section):
+    # Defaults set 2026-11-22 and rounded; they are assumptions to override, not quotes. GPU: on-demand
+    # single-H100 rentals listed by cloud GPU providers (about 2-3 USD/h; hyperscalers charge more).
+    # CPU: a 2-vCPU general-purpose cloud instance (about 0.1 USD/h). Hosted tokens: OpenAI's list price
+    # for gpt-4o-mini (0.15 / 0.60 USD per 1M input / output tokens, published July 2024).
+    gpu_hour_usd: float = Field(2.5, ge=0, description="USD per GPU-hour (training and self-hosted serving on a GPU).")
+    cpu_hour_usd: float = Field(0.1, ge=0, description="USD per hour of the CPU machine (training and serving on CPU).")
+    hosted_input_per_1m_usd: float = Field(0.15, ge=0, description="Hosted model: USD per 1M prompt tokens (prompt/RAG routes without self-hosting).")
+    hosted_output_per_1m_usd: float = Field(0.60, ge=0, description="Hosted model: USD per 1M completion tokens.")
+    engineer_hour_usd: float = Field(0.0, ge=0, description="Optional: USD per engineer-hour, counted once per training run (0: ignore).")
+
+
 class ProjectConfig(Section):
     project: str = Field("tunewise-project", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Project name.")
     output_dir: Path = Field(Path("runs"), description="Where runs are written (relative to this config file).")
@@ -194,6 +233,9 @@ class ProjectConfig(Section):
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     rag: RagConfig = Field(default_factory=RagConfig)
     goal: GoalConfig = Field(default_factory=GoalConfig)
+    use_case: UseCaseConfig = Field(default_factory=UseCaseConfig)
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    prices: PricesConfig = Field(default_factory=PricesConfig)
 
     # Where the file lives; relative paths resolve against it. Not a config key.
     base_dir: Path = Field(Path("."), exclude=True)

@@ -1,36 +1,218 @@
-"""Workflows that chain stages. `demo`: prepare -> short fine-tune -> compare variants -> HTML report."""
+"""`tunewise run`: the seed workflow, stopping as soon as the goal is met, then a decision report.
+
+Routes in the design's order (cheapest first): prompt (the configured base and few-shot variants) ->
+rag (when a knowledge base is configured) -> fine-tune (LoRA with automatic defaults) -> hybrid (ft+rag).
+Each route's variants are scored on the validation split; the first route whose best variant reaches
+goal.threshold on goal.metric ends the search. The variants tried are then compared on the test split,
+and the decision (lowest first-year cost among routes that met the goal) is written with its evidence.
+
+Every step is reused when its inputs are unchanged: prepared data by input hashes, evaluations by
+fingerprint, training by a key over the training config, data and model. `steps.json` journals them.
+"""
 
 from __future__ import annotations
 
-import shutil
+import copy
+import json
 import time
+from pathlib import Path
 
-from .config import ProjectConfig
+from .config import ProjectConfig, VariantConfig
 from .data.prepare import ensure_prepared
-from .eval.run import compare
+from .eval.run import EvalError, compare, evaluate, Engines
 from .models import load_tokenizer
-from .train.loop import train
+from .util import atomic_write_json, sha256_text
 
-# A CPU-sized budget: ~40 optimizer steps of 16 examples is a few minutes for the 135M model here.
-DEMO_TRAINING = {"max_steps": 40, "eval_every": 20, "save_every": 20, "eval_samples": 64}
+ROUTE_OF_KIND = {"base": "prompt", "few-shot": "prompt", "rag": "rag", "fine-tuned": "fine-tune", "ft+rag": "hybrid"}
+ROUTE_ORDER = ("prompt", "rag", "fine-tune", "hybrid")
+DEFAULT_VARIANTS = {"prompt": [VariantConfig(name="base", kind="base"), VariantConfig(name="few-shot", kind="few-shot")],
+                    "rag": [VariantConfig(name="rag", kind="rag")], "fine-tune": [VariantConfig(name="fine-tuned", kind="fine-tuned")],
+                    "hybrid": [VariantConfig(name="ft+rag", kind="ft+rag")]}
+
+# `tunewise demo` / `make demo`: sized so the whole run fits in ~10 minutes on a 2-core CPU.
+DEMO = {"validation_samples": 100, "test_samples": 100, "training": {"max_steps": 40, "eval_every": 20, "save_every": 20, "eval_samples": 64}}
 
 
-def demo(cfg: ProjectConfig, samples: int = 100, progress=None) -> dict:
+def route_variants(cfg: ProjectConfig) -> dict[str, list[VariantConfig]]:
+    out = {r: [v for v in cfg.evaluation.variants if ROUTE_OF_KIND[v.kind] == r] for r in ROUTE_ORDER}
+    for r in ROUTE_ORDER:
+        if not out[r]:
+            out[r] = [v.model_copy() for v in DEFAULT_VARIANTS[r]]
+    if not cfg.rag.knowledge_base:
+        out["rag"], out["hybrid"] = [], []
+    return out
+
+
+def _train_key(cfg: ProjectConfig, prepared) -> str:
+    return sha256_text(json.dumps({"training": cfg.training.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+                                   "data": prepared.summary.get("outputs"), "max_length": cfg.data.max_length}, sort_keys=True))
+
+
+def _ensure_trained(cfg: ProjectConfig, prepared, journal: dict, progress) -> dict:
+    from .train.loop import train
+
+    train_dir = cfg.run_dir / "train"
+    key = _train_key(cfg, prepared)
+    summary_path = train_dir / "train_summary.json"
+    key_path = train_dir / "run_key.txt"
+    if summary_path.exists() and key_path.exists() and key_path.read_text() == key and (train_dir / "model").exists():
+        journal["training"] = {"reused": True, **json.loads(summary_path.read_text())}
+        return journal["training"]
+    import shutil
+
+    shutil.rmtree(train_dir, ignore_errors=True)
+    progress("training")
+    result = train(cfg, train_dir)
+    key_path.write_text(key)
+    journal["training"] = {"reused": False, **json.loads(summary_path.read_text())} if summary_path.exists() else {"wall_s": result.wall_s}
+    return journal["training"]
+
+
+def _value(summary: dict, metric: str) -> float | None:
+    m = summary["metrics"].get(metric)
+    return None if m is None else m["mean"]
+
+
+def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, validation_samples: int | None = 200,
+                 test_samples: int | None = None) -> dict:
+    """The workflow; returns the decision dict (also written to <run>/run/decision.json and report.html)."""
+    from .advise.decide import advise
+    from .train.defaults import auto_training
+
+    progress = progress or (lambda msg: None)
     t0 = time.time()
-    for key, value in DEMO_TRAINING.items():
+    goal = cfg.goal
+    if goal.threshold is None:
+        raise EvalError("goal.threshold is not set: tunewise run needs a target (e.g. goal: {metric: accuracy, threshold: 0.85})")
+    if goal.metric not in cfg.evaluation.metrics:
+        cfg.evaluation.metrics = list(cfg.evaluation.metrics) + [goal.metric]
+    out = cfg.run_dir / "run"
+    out.mkdir(parents=True, exist_ok=True)
+    journal: dict = {"steps": []}
+
+    def step(name: str, **info):
+        journal["steps"].append({"step": name, "at_s": round(time.time() - t0, 1), **info})
+        atomic_write_json(out / "steps.json", journal)
+
+    tok = load_tokenizer(cfg.model.name)
+    progress("preparing data")
+    prepared = ensure_prepared(cfg, tok)
+    step("data", outputs=prepared.summary.get("outputs"))
+    progress("advising")
+    before = advise(cfg, tok)
+    step("advise", recommendation=before["recommendation"])
+
+    val_cfg = copy.deepcopy(cfg)
+    val_cfg.evaluation.split = "validation"
+    val_cfg.evaluation.max_samples = validation_samples
+    test_cfg = copy.deepcopy(cfg)
+    test_cfg.evaluation.max_samples = test_samples
+    engines = Engines(val_cfg)
+    routes = route_variants(cfg)
+    tried: list[tuple[str, VariantConfig]] = []
+    validation: dict[str, dict] = {}
+    met_at = None
+    training = None
+    for route in ROUTE_ORDER:
+        if not routes[route]:
+            step(route, skipped="no knowledge base configured (rag.knowledge_base)")
+            continue
+        if route == "fine-tune" or (route == "hybrid" and training is None):
+            facts = before["facts"]
+            hours = before["training_estimate"]
+            steps_per_hour = hours["steps"] / hours["hours"] if hours["hours"] else None
+            notes = auto_training(cfg, facts["examples"], facts["mean_tokens"], before["model"]["params"], steps_per_hour)
+            val_cfg.training = test_cfg.training = cfg.training
+            training = _ensure_trained(cfg, prepared, journal, progress)
+            step("train", defaults=notes, steps=training.get("steps"), wall_s=training.get("wall_s"), reused=training.get("reused"))
+        for v in routes[route]:
+            progress(f"{route}: {v.name} on the validation split")
+            s = evaluate(val_cfg, v, engines, out / "validation", prepared, reuse=True)
+            validation[v.name] = s
+            tried.append((route, v))
+            step(f"validate {v.name}", route=route, value=_value(s, goal.metric), reused=bool(s.get("reused")))
+        best = max(_value(validation[v.name], goal.metric) or 0.0 for v in routes[route])
+        if best >= goal.threshold and met_at is None:
+            met_at = route
+            step("goal met", route=route, value=best, threshold=goal.threshold)
+            if not all_routes:
+                break
+
+    progress("final comparison on the test split")
+    test_cfg.evaluation.variants = [v for _, v in tried]
+    final = compare(test_cfg, out_root=out / "test", progress=lambda name: progress(f"test: {name}"))
+    step("test compare", variants=[v.name for _, v in tried])
+    decision = decide(cfg, before, tried, validation, final, training, met_at)
+    decision["wall_s"] = round(time.time() - t0, 1)
+    decision["steps"] = journal["steps"]
+    atomic_write_json(out / "decision.json", decision)
+    from .report.decision_html import decision_report
+
+    decision["report"] = str(decision_report(decision, out / "report.html"))
+    decision["compare_report"] = final["report"]
+    atomic_write_json(out / "decision.json", decision)
+    return decision
+
+
+def decide(cfg: ProjectConfig, before: dict, tried, validation: dict, final: dict, training: dict | None, met_at: str | None) -> dict:
+    """The evidence table per route (its best variant on validation) and the decision with its ROI."""
+    from .advise import costs
+    from .advise.decide import Facts, route_costs
+
+    goal, uc = cfg.goal, cfg.use_case
+    shape = costs.model_shape(cfg.model.name)
+    hw = costs.Hardware(**before["hardware"])
+    best: dict[str, str] = {}
+    for route, v in tried:
+        if route not in best or (_value(validation[v.name], goal.metric) or 0) > (_value(validation[best[route]], goal.metric) or 0):
+            best[route] = v.name
+    measured = {}
+    for route, name in best.items():
+        s = final["variants"][name]
+        measured[route] = {"prompt_tokens": s["prompt_tokens_mean"], "completion_tokens": s["completion_tokens_mean"],
+                           "items_per_s": s["items_per_s"]}
+        if route in ("fine-tune", "hybrid") and training and training.get("wall_s"):
+            measured[route]["training_s"] = training["wall_s"]
+    rc = route_costs(cfg, Facts(**before["facts"]), shape, hw, measured)
+    rows = []
+    for route, name in best.items():
+        s, val = final["variants"][name], validation[name]
+        m = s["metrics"].get(goal.metric, {})
+        c = rc[route]
+        rows.append({"route": route, "variant": name, "validation": _value(val, goal.metric), "test": m.get("mean"), "test_ci95": m.get("ci95"),
+                     "meets_goal": (_value(val, goal.metric) or 0) >= goal.threshold, "latency_p50_s": s["latency_s"].get("p50"),
+                     "latency_p95_s": s["latency_s"].get("p95"), "items_per_s": s["items_per_s"], "prompt_tokens": s["prompt_tokens_mean"],
+                     "per_1k_queries_usd": c["per_query_usd"] * 1000, "hosted": c["hosted"], "training_usd": c["training_usd"],
+                     "training_hours": c["training_hours"], "retraining_usd_per_year": c["retraining_usd_per_year"],
+                     "serving_usd_per_year": c["serving_usd_per_year"], "first_year_usd": c["first_year_usd"]})
+    meeting = [r for r in rows if r["meets_goal"]]
+    short = [r for r in rows if not r["meets_goal"]]
+    chosen = min(meeting, key=lambda r: r["first_year_usd"]) if meeting else max(rows, key=lambda r: r["test"] or 0)
+    cheapest_short = min(short, key=lambda r: r["first_year_usd"]) if short else None
+    roi = None
+    if meeting and cheapest_short:
+        extra = chosen["first_year_usd"] - cheapest_short["first_year_usd"]
+        gain = (chosen["test"] or 0) - (cheapest_short["test"] or 0)
+        more_correct = gain * uc.queries_per_day * 365
+        roi = {"against": cheapest_short["route"], "extra_cost_usd_per_year": extra, "accuracy_gain": gain,
+               "more_correct_answers_per_year": more_correct,
+               "cost_per_extra_correct_answer_usd": extra / more_correct if more_correct > 0 else None}
+        if uc.value_per_correct_answer_usd is not None and extra > 0:
+            roi["roi"] = (more_correct * uc.value_per_correct_answer_usd - extra) / extra
+    untried = [r for r in ("prompt", "rag", "fine-tune", "hybrid") if r not in best]
+    return {"goal": {"metric": goal.metric, "threshold": goal.threshold}, "met": bool(meeting), "met_at": met_at,
+            "chosen": chosen["route"], "chosen_variant": chosen["variant"], "evidence": rows, "roi": roi,
+            "advice_before": {"recommendation": before["recommendation"], "ranking": [{k: r[k] for k in ("route", "points", "reasons")} for r in before["ranking"]]},
+            "estimates_for_untried": {r: {k: rc[r][k] for k in ("per_query_usd", "training_usd", "training_hours", "first_year_usd")} for r in untried if r in rc},
+            "hardware": before["hardware"], "prices": before["prices"], "use_case": before["use_case"], "training": training,
+            "config_sha256": sha256_text(json.dumps(cfg.resolved(), sort_keys=True))}
+
+
+def demo(cfg: ProjectConfig, progress=None) -> dict:
+    for key, value in DEMO["training"].items():
         if key == "max_steps" and cfg.training.max_steps:
             continue  # the user's --set wins
         setattr(cfg.training, key, value)
-    cfg.evaluation.max_samples = samples
-    cfg.evaluation.perplexity = False  # its forward pass does not use the engine's prefix cache yet: minutes on long prompts
-    ensure_prepared(cfg, load_tokenizer(cfg.model.name))
-    train_dir = cfg.run_dir / "train"
-    shutil.rmtree(train_dir, ignore_errors=True)
-    if progress:
-        progress("training")
-    result = train(cfg, train_dir)
-    out = compare(cfg, progress=progress)
-    out["training"] = {"steps": result.steps, "first_val_loss": result.first_val_loss, "best_val_loss": result.best_val_loss,
-                       "tokens_per_s": round(result.tokens_per_s, 1), "model_dir": result.model_dir}
-    out["wall_s"] = round(time.time() - t0, 1)
-    return out
+    cfg.evaluation.perplexity = False  # its forward pass does not use the engine's prefix cache: minutes on long prompts
+    return run_workflow(cfg, progress, validation_samples=DEMO["validation_samples"], test_samples=DEMO["test_samples"])
+
