@@ -15,7 +15,7 @@ from rich.table import Table
 
 app = typer.Typer(help="tunewise: from private data and an LLM use case to a measured decision and a deployed model.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
-models_app = typer.Typer(help="Bundled models.", no_args_is_help=True)
+models_app = typer.Typer(help="Bundled models and the model registry (list, show, promote, rollback).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 kb_app = typer.Typer(help="Knowledge base for RAG: index and query.", no_args_is_help=True)
@@ -64,10 +64,13 @@ def _guard(fn):
     from .rag.embed import EmbeddingError
     from .rag.kb import KBError
     from .rag.store import StoreError
+    from .gate import GateError
+    from .registry import RegistryError
 
     try:
         return fn()
-    except (ConfigError, FormatError, TemplateError, ModelError, TrainError, EvalError, KBError, StoreError, EmbeddingError) as e:
+    except (ConfigError, FormatError, TemplateError, ModelError, TrainError, EvalError, KBError, StoreError, EmbeddingError,
+            GateError, RegistryError) as e:
         _fail(str(e))
 
 
@@ -557,6 +560,183 @@ def demo(
         from .pipeline import demo as demo_fn
 
         _run_and_print(lambda p: demo_fn(cfg, p))
+
+    _guard(run)
+
+
+def _print_gate(r: dict) -> None:
+    t = Table(title=f"gate: {r['candidate']} vs {r['reference']}")
+    for h in ("check", "reference [95% CI]", "candidate [95% CI]", "diff", "rule", "result"):
+        t.add_column(h)
+    for c in r["checks"]:
+        ci = c.get("ci95") or {}
+        cell = lambda role: f"{c[role]:.3f}" + (f" [{ci[role][0]:.3f}, {ci[role][1]:.3f}]" if role in ci else "")  # noqa: E731
+        t.add_row(c["check"], cell("reference"), cell("candidate"), f"{c['diff']:+.3f}" + (f" p={c['p_value']:.4f}" if "p_value" in c else ""),
+                  c["rule"], "[green]pass[/]" if c["passed"] else "[red]FAIL[/]")
+    console.print(t)
+    console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["timings_s"].items()))
+    colour = {"promoted": "green", "promoted (forced)": "yellow", "blocked": "red"}[r["action"]]
+    console.print(f"[bold {colour}]{r['action']}[/]: {r['candidate']}; production is {r['production']}")
+    for reason in r["reasons"]:
+        console.print(f"  - {reason}")
+    console.print(f"[bold]report:[/] {r['report']}")
+
+
+@app.command()
+def gate(
+    config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
+    candidate: Optional[Path] = typer.Option(None, help="Trained output directory to judge (default: <run>/train/model)."),
+    force: bool = typer.Option(False, "--force", help="Promote even if a check fails (recorded as forced)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Promotion gate: task metric (paired test), AdvBench refusal, XSTest over-refusal and MMLU forgetting,
+    candidate vs the production model (or the base); registers the candidate and promotes it only if it passes.
+    Exit code 1 when blocked."""
+    _quiet_libraries()
+    cfg = _load(config, set_)
+
+    def run():
+        from .gate import run_gate
+
+        with console.status("gate") as status:
+            r = run_gate(cfg, candidate, force=force, progress=lambda m: status.update(m))
+        _print_gate(r)
+        if r["action"] == "blocked":
+            raise typer.Exit(1)
+
+    _guard(run)
+
+
+def _registry(config: Path):
+    from .registry import Registry, registry_path
+
+    return Registry(registry_path(_load(config, None)))
+
+
+@models_app.command("list")
+def models_list(config: Path = typer.Argument(..., help="Project config (its output_dir holds the registry).")):
+    """Registered models: version, base model, kind, production marker, last gate verdict."""
+    def run():
+        reg = _registry(config)
+        t = Table(title=f"registry {reg.path}")
+        for h in ("model", "base model", "kind", "created", "production", "last gate"):
+            t.add_column(h)
+        prods = {}
+        for m in reg.models():
+            if m.name not in prods:
+                p = reg.production(m.name)
+                prods[m.name] = p.id if p else None
+            gates = [e for e in reg.evaluations(m.id) if e["suite"] == "gate"]
+            last = gates[-1]["metrics"]["checks"] if gates else None
+            verdict = "-" if last is None else ("pass" if all(c["passed"] for c in last) else "fail: " + ", ".join(c["check"].split(":")[0] for c in last if not c["passed"]))
+            t.add_row(m.ref, m.base_model, "adapter" if m.adapter else "full", time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created)),
+                      "*" if prods[m.name] == m.id else "", verdict)
+        console.print(t)
+
+    _guard(run)
+
+
+@models_app.command("show")
+def models_show(config: Path = typer.Argument(..., help="Project config."),
+                ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME:production.")):
+    """One model's record: path, lineage (base model, training run, dataset hashes), evaluations, promotion history."""
+    def run():
+        reg = _registry(config)
+        m = reg.get(ref)
+        console.print_json(json.dumps({**m.as_dict(), "evaluations": [{k: e[k] for k in ("suite", "created")} | {"checks": e["metrics"].get("checks")}
+                                                                        for e in reg.evaluations(m.id)],
+                                       "promotions": [p for p in reg.promotions(m.name) if p["ref"] == m.ref]}, default=str))
+
+    _guard(run)
+
+
+@models_app.command("promote")
+def models_promote(config: Path = typer.Argument(..., help="Project config."),
+                   ref: str = typer.Argument(..., help="NAME:VERSION to make production."),
+                   force: bool = typer.Option(False, "--force", help="Promote without a passing gate verdict (recorded as forced).")):
+    """Make a registered model production. Needs its last gate verdict to be a pass, or --force."""
+    def run():
+        from .registry import RegistryError
+
+        reg = _registry(config)
+        m = reg.get(ref)
+        gates = [e for e in reg.evaluations(m.id) if e["suite"] == "gate"]
+        passed = bool(gates) and all(c["passed"] for c in gates[-1]["metrics"]["checks"])
+        if not passed and not force:
+            raise RegistryError(f"{m.ref} has {'no gate verdict' if not gates else 'a failing gate verdict'}; run `tunewise gate` or pass --force")
+        reg.promote(m.id, {"manual": True, "gate_passed": passed}, forced=not passed)
+        console.print(f"production: {m.ref}" + (" (forced)" if not passed else ""))
+
+    _guard(run)
+
+
+@models_app.command("rollback")
+def models_rollback(config: Path = typer.Argument(..., help="Project config."),
+                    name: Optional[str] = typer.Argument(None, help="Model name (default: gate.name or the project).")):
+    """Production goes back to the model that was production before the current one."""
+    def run():
+        cfg = _load(config, None)
+        reg = _registry(config)
+        n = name or cfg.gate.name or cfg.project
+        before = reg.production(n)
+        m = reg.rollback(n)
+        console.print(f"production: {m.ref} (was {before.ref if before else None})")
+
+    _guard(run)
+
+
+@app.command()
+def serve(
+    config: Path = typer.Argument(..., help="Project config (tunewise.yaml): its model, registry, knowledge base and `serve` section."),
+    host: Optional[str] = typer.Option(None, help="Override serve.host."),
+    port: Optional[int] = typer.Option(None, help="Override serve.port."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """OpenAI-compatible server: /v1/chat/completions (streaming too), /v1/completions, /v1/embeddings, /v1/models, /health.
+    `model` picks base, production, NAME:VERSION from the registry, or any of them +kb for RAG with citations."""
+    _quiet_libraries()
+    cfg = _load(config, set_)
+    import logging
+
+    import uvicorn
+
+    from .serve.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    app_ = create_app(cfg)
+    console.print(f"loading {cfg.model.name} ...")
+    app_.state.models.base  # load before the first request
+    h, p = host or cfg.serve.host, port or cfg.serve.port
+    console.print(f"[bold]serving[/] http://{h}:{p}/v1  (models: {', '.join(m['id'] for m in app_.state.models.listing())})")
+    uvicorn.run(app_, host=h, port=p, access_log=False, log_level="warning", timeout_keep_alive=30)
+
+
+@app.command()
+def export(
+    config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
+    ref: str = typer.Argument("production", help="Registry model (NAME:VERSION, NAME:production, production) or a trained output directory."),
+    out: Path = typer.Option(Path("export"), help="Output directory."),
+    merge: bool = typer.Option(True, help="Write merged/: base + adapter as plain safetensors weights."),
+    adapter: bool = typer.Option(True, help="Write adapter/: the PEFT adapter for vLLM's --enable-lora."),
+):
+    """Export a model for vLLM: the PEFT adapter and/or merged safetensors weights, and the exact `vllm serve` command."""
+    _quiet_libraries()
+    cfg = _load(config, None)
+
+    def run():
+        from .registry import Registry, registry_path
+        from .serve.export import export_model
+
+        if Path(ref).is_dir():
+            src, name = Path(ref), Path(ref).name
+        else:
+            reg = Registry(registry_path(cfg))
+            m = reg.get(f"{cfg.gate.name or cfg.project}:production" if ref == "production" else ref)
+            src, name = Path(m.path), m.ref
+        done = export_model(src, out, name, merge=merge, adapter=adapter)
+        for k, v in done["commands"].items():
+            console.print(f"[bold]{k}:[/] {v}")
+        console.print(f"written: {out}/ (serve.sh, export.json)")
 
     _guard(run)
 

@@ -124,9 +124,11 @@ class Engine:
         self.model.eval()
         self.adapters.append(name)
 
-    def _prompts(self, conversations: list[list[dict]]) -> list[list[int]]:
+    def _prompts(self, conversations: list[list[dict]] | list[str]) -> list[list[int]]:
+        """Chat turns through the model's template; a plain string is a raw prompt (/v1/completions)."""
         return [
-            self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            self.tok(c, add_special_tokens=False)["input_ids"] if isinstance(c, str)
+            else self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
             for c in conversations
         ]
 
@@ -142,9 +144,11 @@ class Engine:
         adapter: str | None = None,
         seed: int | None = None,
         on_batch=None,
+        on_token=None,
     ) -> list[Completion]:
         """Generate one reply per conversation. adapter=None uses the base model (adapters disabled).
-        on_batch(done, total) is called after every batch (progress display)."""
+        on_batch(done, total) is called after every batch (progress display); on_token(i, token_ids) after
+        every token conversation i gets (streaming: token_ids is its reply so far)."""
         prompts = self._prompts(conversations)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[Completion | None] = [None] * len(prompts)
@@ -153,7 +157,8 @@ class Engine:
         with self._adapter_ctx(adapter):
             for k in range(0, len(order), batch_size):
                 idx = order[k : k + batch_size]
-                outs = self._decode_batch([prompts[i] for i in idx], max_new_tokens, temperature, top_p, stop, gen)
+                tok_cb = (lambda row, ids, idx=idx: on_token(idx[row], ids)) if on_token else None
+                outs = self._decode_batch([prompts[i] for i in idx], max_new_tokens, temperature, top_p, stop, gen, tok_cb)
                 for i, out in zip(idx, outs):
                     results[i] = out
                 if on_batch:
@@ -161,7 +166,7 @@ class Engine:
         return results  # type: ignore[return-value]
 
     def _decode_batch(self, batch: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                      stop: list[str] | None, gen: torch.Generator) -> list[Completion]:
+                      stop: list[str] | None, gen: torch.Generator, on_token=None) -> list[Completion]:
         """One batch through our own decode loop.
 
         Rows are laid out as [shared prefix][left padding][own suffix]: the attention mask hides the padding
@@ -223,6 +228,8 @@ class Engine:
                     finished[row], finish[row] = True, "stop"
                 else:
                     out_ids[row].append(t)
+                    if on_token:
+                        on_token(row, out_ids[row])
                     if stop and any(s in self.tok.decode(out_ids[row], skip_special_tokens=True) for s in stop):
                         finished[row], finish[row] = True, "stop"
                 if finished[row]:
@@ -300,6 +307,40 @@ class Engine:
                 counts = (targets != IGNORE).sum(dim=1)
                 for row, i in enumerate(idx):
                     out[i] = (float(nll[row]), int(counts[row]))
+        return out
+
+    @torch.no_grad()
+    def choice_logprobs(self, conversations: list[list[dict]], choices: list[str], batch_size: int = 16,
+                        adapter: str | None = None) -> list[list[float]]:
+        """Log-probability of each choice (one token each, e.g. "A".."D") as the first token of the reply:
+        multiple-choice scoring with one forward pass per prompt and no generation."""
+        choice_ids = []
+        for c in choices:
+            ids = self.tok.encode(c, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ValueError(f"choice {c!r} is {len(ids)} tokens; choices must be single tokens")
+            choice_ids.append(ids[0])
+        prompts = self._prompts(conversations)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list[list[float]] = [[]] * len(prompts)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        with self._adapter_ctx(adapter):
+            for k in range(0, len(order), batch_size):
+                idx = order[k : k + batch_size]
+                width = max(len(prompts[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):  # left padding: every row's last token is the last position
+                    ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                    mask[row, width - len(prompts[i]) :] = 1
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                dev = self.loaded.device
+                logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                                    logits_to_keep=1).logits[:, -1]  # the head runs at one position per row, not all
+                lp = torch.log_softmax(logits.float(), dim=-1)
+                sel = lp[:, choice_ids].cpu().tolist()
+                for row, i in enumerate(idx):
+                    out[i] = sel[row]
         return out
 
     def _adapter_ctx(self, adapter: str | None):

@@ -19,7 +19,8 @@ prediction against real LoRA and full runs there).
 
 Memory (bytes) = weights + gradients and AdamW moments of the trainable parameters (fp32) + saved
 activations (per token and layer: 7 hidden-size, 3 KV-size and 4 MLP-size tensors for a Llama-style
-block) + logits (3 copies of tokens x vocab in fp32: logits, their softmax and gradient) + the runtime
+block) + logits (3 copies of loss tokens x vocab in fp32: logits, their softmax and gradient; the loop
+computes logits only where the loss is, the assistant's tokens) + the runtime
 (Python, torch, the tokenizer; measured ~0.6 GB on CPU).
 """
 
@@ -32,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 
 QLORA_DEQUANT_OVERHEAD = 1.3
-TRAIN_EFFICIENCY = {"cpu": 0.55, "cuda": 0.45}
+TRAIN_EFFICIENCY = {"cpu": 0.75, "cuda": 0.45}  # cpu: bench/cost_model.py on the 2-core reference machine (lora 0.77, full 0.68, freeze 0.88 of the probe)
 PREFILL_EFFICIENCY = {"cpu": 0.8, "cuda": 0.5}
 RUNTIME_GB = {"cpu": 0.6, "cuda": 0.5}
 PADDING = 1.1  # batches of similar length still pad ~10%
@@ -85,12 +86,16 @@ def lora_params(shape: ModelShape, r: int) -> int:
     return shape.layers * per_layer
 
 
-def forward_flops_per_token(shape: ModelShape, seq: int) -> float:
-    return 2 * shape.matmul_params + 2 * shape.layers * shape.hidden * seq
+def forward_flops_per_token(shape: ModelShape, seq: int, head_share: float = 1.0) -> float:
+    """head_share: the share of positions whose logits are computed (training: only the loss tokens)."""
+    head = shape.vocab * shape.hidden
+    return 2 * (shape.matmul_params - head + head * min(1.0, head_share)) + 2 * shape.layers * shape.hidden * seq
 
 
-def train_flops_per_token(shape: ModelShape, method: str, seq: int, lora_r: int = 16, trainable_layers: int = 2) -> float:
-    fwd = forward_flops_per_token(shape, seq)
+def train_flops_per_token(shape: ModelShape, method: str, seq: int, lora_r: int = 16, trainable_layers: int = 2,
+                          loss_share: float = 1.0) -> float:
+    """loss_share: the share of tokens with a loss (assistant tokens); the loop runs the output head only there."""
+    fwd = forward_flops_per_token(shape, seq, loss_share)
     if method == "full":
         return 3 * fwd
     if method in ("lora", "dora", "qlora"):
@@ -99,7 +104,7 @@ def train_flops_per_token(shape: ModelShape, method: str, seq: int, lora_r: int 
     if method == "freeze":
         k = min(trainable_layers, shape.layers)
         layer_fwd = 2 * shape.layer_matmul_params + 2 * shape.hidden * seq
-        return fwd + 2 * shape.vocab * shape.hidden + 2 * k * layer_fwd  # head input grads + the k layers' input and weight grads
+        return fwd + 2 * shape.vocab * shape.hidden * min(1.0, loss_share) + 2 * k * layer_fwd  # head input grads + the k layers' input and weight grads
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -112,8 +117,9 @@ def trainable_params(shape: ModelShape, method: str, lora_r: int = 16, trainable
 
 
 def train_memory_gb(shape: ModelShape, method: str, batch_size: int, seq: int, device: str = "cpu", lora_r: int = 16,
-                    trainable_layers: int = 2, weight_bytes: int | None = None) -> dict:
-    """Peak training memory by part, in GB (see the module docstring)."""
+                    trainable_layers: int = 2, weight_bytes: int | None = None, loss_share: float = 1.0) -> dict:
+    """Peak training memory by part, in GB (see the module docstring). loss_share: the share of tokens that
+    carry loss (assistant tokens); the loop computes logits only there."""
     wb = weight_bytes or (4 if device == "cpu" else 2)
     if method == "qlora":
         weights = shape.layers * shape.layer_matmul_params * 0.55 + (shape.params - shape.layers * shape.layer_matmul_params) * 2
@@ -126,7 +132,7 @@ def train_memory_gb(shape: ModelShape, method: str, batch_size: int, seq: int, d
     per_layer = (7 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate) * act_bytes
     stored_layers = min(trainable_layers, shape.layers) if method == "freeze" else shape.layers
     activations = tokens * per_layer * stored_layers
-    logits = 3 * tokens * shape.vocab * 4
+    logits = 3 * tokens * min(1.0, loss_share) * shape.vocab * 4
     parts = {"weights": weights, "grads_optimizer": grads_optim, "activations": activations, "logits": logits,
              "runtime": RUNTIME_GB.get(device, 0.6) * 1e9}
     gb = {k: v / 1e9 for k, v in parts.items()}
@@ -223,12 +229,13 @@ def detect_hardware(cfg, shape: ModelShape | None = None) -> Hardware:
 
 
 def train_estimate(shape: ModelShape, hw: Hardware, method: str, examples: int, mean_tokens: float, epochs: float,
-                   batch_size: int, seq: int, lora_r: int = 16, trainable_layers: int = 2, max_steps: int | None = None) -> dict:
+                   batch_size: int, seq: int, lora_r: int = 16, trainable_layers: int = 2, max_steps: int | None = None,
+                   loss_share: float = 1.0) -> dict:
     steps = max_steps or max(1, math.ceil(examples * epochs / batch_size))
     tokens = steps * batch_size * mean_tokens * PADDING
-    flops = tokens * train_flops_per_token(shape, method, seq, lora_r, trainable_layers)
+    flops = tokens * train_flops_per_token(shape, method, seq, lora_r, trainable_layers, loss_share)
     seconds = flops / (hw.tflops * 1e12 * TRAIN_EFFICIENCY.get(hw.device, 0.5))
-    mem = train_memory_gb(shape, method, batch_size, seq, hw.device, lora_r, trainable_layers)
+    mem = train_memory_gb(shape, method, batch_size, seq, hw.device, lora_r, trainable_layers, loss_share=loss_share)
     return {"method": method, "steps": steps, "tokens": round(tokens), "flops": flops, "hours": seconds / 3600, "seconds": seconds,
             "usd": seconds / 3600 * hw.hour_usd, "memory_gb": round(mem["total"], 3), "memory_parts_gb": {k: round(v, 3) for k, v in mem.items()},
             "fits": mem["total"] <= hw.memory_gb}

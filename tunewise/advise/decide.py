@@ -34,6 +34,7 @@ class Facts:
     context_tokens: int  # instructions every prompt needs
     kb_files: int
     shot_tokens: float
+    answer_tokens: float = 0.0  # the assistant's turn: where the loss (and the logits) are
 
 
 @dataclass
@@ -70,7 +71,7 @@ def gather_facts(cfg: ProjectConfig, tokenizer=None, sample: int = 200) -> Facts
         path = cfg.path(p)
         kb_files += sum(1 for f in path.rglob("*") if f.is_file()) if path.is_dir() else int(path.exists())
     return Facts(examples=len(recs), mean_tokens=mean(full), query_tokens=query, context_tokens=ctx, kb_files=kb_files,
-                 shot_tokens=query + answer + 10)
+                 shot_tokens=query + answer + 10, answer_tokens=answer)
 
 
 # ---------------------------------------------------------------- the rules
@@ -166,7 +167,8 @@ def route_costs(cfg: ProjectConfig, f: Facts, shape: costs.ModelShape, hw: costs
         "pre-train": 20 + f.query_tokens + min(f.context_tokens, 40),
     }
     train = costs.train_estimate(shape, hw, t.method if t.method != "freeze" else "freeze", f.examples, f.mean_tokens,
-                                 t.epochs, t.batch_size, int(max(f.mean_tokens, 8) * 1.3), t.lora.r, t.trainable_layers, t.max_steps)
+                                 t.epochs, t.batch_size, int(max(f.mean_tokens, 8) * 1.3), t.lora.r, t.trainable_layers, t.max_steps,
+                                 loss_share=(f.answer_tokens + 2) / f.mean_tokens if f.mean_tokens else 1.0)
     retrains = max(CHANGES_PER_YEAR[uc.data_changes], 0)
     out = {}
     for route in ROUTES:

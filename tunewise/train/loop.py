@@ -273,7 +273,8 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
             run_time += dt
             last_loss = loss_sum / max(n_loss, 1)
             row = {"step": step, "loss": round(last_loss, 6), "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
-                   "tokens_per_s": round(n_tokens / dt, 1), "epoch": round(state["position"] / n_batches, 4)}
+                   "tokens_per_s": round(n_tokens / dt, 1), "epoch": round(state["position"] / n_batches, 4),
+                   "padded_tokens": sum(b["input_ids"].numel() for b in micro), "rows": sum(len(b["input_ids"]) for b in micro)}
             if grad_norm is not None:
                 row["grad_norm"] = round(float(grad_norm), 6)
             if val_ex and (step % t.eval_every == 0 or step == total_steps):

@@ -1,0 +1,223 @@
+"""`tunewise serve` on a tiny model: the official openai client, streaming and not, adapters per request
+from the registry, RAG with citations, embeddings, and every bad request answered with the right 4xx
+while the server keeps serving."""
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx2 as httpx  # the HTTP client the openai package uses
+import pytest
+import uvicorn
+import yaml
+
+from tunewise.config import load_config
+from tunewise.engine import Engine
+from tunewise.registry import Registry, registry_path
+from tunewise.serve.app import create_app
+from tunewise.serve.batcher import Call
+
+KB = """# Card delivery
+
+New cards arrive within 5 to 7 working days after the order.
+
+# Fees
+
+Top-ups by bank transfer are free; card top-ups cost 0.5 percent.
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _adapter(tiny_model: Path, out: Path) -> Path:
+    """A LoRA adapter with random (non-zero) B, so it visibly changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunewise.models import load_model
+
+    torch.manual_seed(0)
+    m = load_model(str(tiny_model)).model
+    peft = get_peft_model(m, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    peft.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("serve")
+    (tmp / "kb").mkdir()
+    (tmp / "kb" / "help.md").write_text(KB)
+    (tmp / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+    cfg_path = tmp / "tunewise.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "project": "bot", "output_dir": str(tmp / "runs"), "model": {"name": str(tiny_model)},
+        "data": {"format": "openai", "train": "train.jsonl"}, "rag": {"knowledge_base": ["kb"], "top_k": 2},
+        "serve": {"api_keys": ["sk-test"], "max_body_bytes": 20_000, "default_max_tokens": 8, "max_tokens_cap": 16, "batch_wait_ms": 20},
+    }))
+    cfg = load_config(cfg_path)
+    from tunewise.rag.retrieve import build_index
+
+    build_index(cfg)
+    reg = Registry(registry_path(cfg))
+    entry = reg.register("bot", _adapter(tiny_model, tmp / "adapter"), str(tiny_model), adapter=True)
+    reg.promote(entry.id, {"passed": True})
+    reg.close()
+    app = create_app(cfg)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}", "cfg": cfg, "app": app, "tiny": tiny_model, "adapter": entry}
+    srv.should_exit = True
+    t.join(timeout=10)
+
+
+def _client(server, key="sk-test"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["url"] + "/v1", api_key=key, max_retries=0)
+
+
+def test_openai_client_chat_stream_and_not(server):
+    c = _client(server)
+    msgs = [{"role": "user", "content": "Where is my new card?"}]
+    r = c.chat.completions.create(model="base", messages=msgs, max_tokens=8, temperature=0)
+    text = r.choices[0].message.content
+    assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # the same text the engine gives directly (greedy)
+    eng = Engine.load(str(server["tiny"]))
+    assert text == eng.generate([msgs], max_new_tokens=8)[0].text
+    parts = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(model="base", messages=msgs, max_tokens=8,
+                                                                                   temperature=0, stream=True) if ch.choices]
+    assert "".join(parts) == text and len([p for p in parts if p]) >= 2, parts
+    n2 = c.chat.completions.create(model="base", messages=msgs, max_tokens=4, temperature=0.8, n=2)
+    assert len(n2.choices) == 2
+    comp = c.completions.create(model="base", prompt="The card arrives in", max_tokens=5, temperature=0)
+    assert comp.choices[0].text and comp.usage.completion_tokens <= 5
+    models = {m.id for m in c.models.list().data}
+    assert {"base", "production", "bot:1", "bot:1+kb", "base+kb"} <= models
+
+
+def test_adapter_per_request_without_reloading(server):
+    c = _client(server)
+    msgs = [{"role": "user", "content": "Top up fees?"}]
+    base = c.chat.completions.create(model="base", messages=msgs, max_tokens=8, temperature=0).choices[0].message.content
+    ada = c.chat.completions.create(model="bot:1", messages=msgs, max_tokens=8, temperature=0).choices[0].message.content
+    prod = c.chat.completions.create(model="production", messages=msgs, max_tokens=8, temperature=0).choices[0].message.content
+    assert ada == prod and ada != base
+    eng = Engine.load(str(server["tiny"]))
+    eng.add_adapter("a", server["adapter"].path)
+    assert ada == eng.generate([msgs], max_new_tokens=8, adapter="a")[0].text
+    assert base == c.chat.completions.create(model="base", messages=msgs, max_tokens=8, temperature=0).choices[0].message.content
+    assert server["app"].state.models.base.adapters == ["bot:1"]  # one base model, the adapter attached once
+
+
+def test_rag_returns_citations_and_retrieved_chunks(server):
+    r = httpx.post(server["url"] + "/v1/chat/completions", headers={"Authorization": "Bearer sk-test"},
+                   json={"model": "base+kb", "messages": [{"role": "user", "content": "How long does card delivery take?"}], "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["retrieved"][0]["source"].endswith("help.md:1") or any("help.md" in x["source"] for x in body["retrieved"])
+    assert isinstance(body["citations"], list) and body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["prompt_tokens"] > 40  # the context is in the prompt
+
+
+def test_embeddings(server):
+    e = _client(server).embeddings.create(model="all-minilm-l6-v2", input=["card delivery", "fees"])
+    assert len(e.data) == 2 and len(e.data[0].embedding) == 384 and e.usage.prompt_tokens > 0
+
+
+def _post(server, path, body=None, key="sk-test", raw=None, headers=None):
+    h = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", **(headers or {})}
+    return httpx.post(server["url"] + path, headers=h, content=raw if raw is not None else json.dumps(body), timeout=30)
+
+
+@pytest.mark.parametrize("case,status,code", [
+    ("malformed json", 400, "invalid_json"),
+    ("unknown model", 404, "model_not_found"),
+    ("traversal", 400, "invalid_model"),
+    ("traversal encoded", 400, "invalid_model"),
+    ("oversized", 413, "body_too_large"),
+    ("bad key", 401, "invalid_api_key"),
+    ("no key", 401, "invalid_api_key"),
+    ("missing messages", 400, "invalid_request"),
+    ("bad temperature", 400, "invalid_request"),
+])
+def test_bad_requests_get_the_right_4xx_and_the_server_goes_on(server, case, status, code):
+    msgs = [{"role": "user", "content": "hi"}]
+    r = {
+        "malformed json": lambda: _post(server, "/v1/chat/completions", raw=b'{"model": "base", "messages": [}'),
+        "unknown model": lambda: _post(server, "/v1/chat/completions", {"model": "bot:7", "messages": msgs}),
+        "traversal": lambda: _post(server, "/v1/chat/completions", {"model": "../../etc/passwd", "messages": msgs}),
+        "traversal encoded": lambda: _post(server, "/v1/chat/completions", {"model": "bot:1/../../x", "messages": msgs}),
+        "oversized": lambda: _post(server, "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x" * 30_000}]}),
+        "bad key": lambda: _post(server, "/v1/chat/completions", {"model": "base", "messages": msgs}, key="sk-wrong"),
+        "no key": lambda: httpx.post(server["url"] + "/v1/chat/completions", json={"model": "base", "messages": msgs}),
+        "missing messages": lambda: _post(server, "/v1/chat/completions", {"model": "base"}),
+        "bad temperature": lambda: _post(server, "/v1/chat/completions", {"model": "base", "messages": msgs, "temperature": 9}),
+    }[case]()
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and "Traceback" not in r.text and "File \"" not in r.text
+    ok = _post(server, "/v1/chat/completions", {"model": "base", "messages": msgs, "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_client_disconnect_mid_stream_then_serving_goes_on(server):
+    body = {"model": "base", "messages": [{"role": "user", "content": "Tell me a long story"}], "max_tokens": 16, "stream": True}
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", headers={"Authorization": "Bearer sk-test"}, json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                break  # leave after the first chunk: the connection closes mid-stream
+    time.sleep(0.5)
+    ok = _post(server, "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert ok.status_code == 200 and httpx.get(server["url"] + "/health").json()["status"] == "ok"
+
+
+def test_full_queue_gets_429_with_retry_after(server):
+    batcher = server["app"].state.batcher
+    gate = threading.Event()
+    batcher.submit(Call(lambda: gate.wait(10)))  # occupy the worker
+    time.sleep(0.1)
+    filled = 0
+    try:
+        while True:
+            batcher.submit(Call(lambda: None))
+            filled += 1
+    except Exception:
+        pass
+    r = _post(server, "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    gate.set()
+    assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
+    time.sleep(0.5)
+    assert _post(server, "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code == 200
+
+
+def test_export_for_vllm_merged_equals_adapter(server, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+
+    cfg_path = server["cfg"].base_dir / "tunewise.yaml"
+    res = CliRunner().invoke(app, ["export", str(cfg_path), "bot:1", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 0, res.output
+    done = json.loads((tmp_path / "x" / "export.json").read_text())
+    assert "--enable-lora" in done["commands"]["adapter"] and "bot-1=" in done["commands"]["adapter"]
+    assert json.loads((tmp_path / "x" / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(server["tiny"])
+    msgs = [{"role": "user", "content": "Top up fees?"}]
+    merged = Engine.load(str(tmp_path / "x" / "merged")).generate([msgs], max_new_tokens=8)[0].text
+    eng = Engine.load(str(server["tiny"]))
+    eng.add_adapter("a", server["adapter"].path)
+    assert merged == eng.generate([msgs], max_new_tokens=8, adapter="a")[0].text

@@ -1,0 +1,178 @@
+"""The promotion gate: a candidate model becomes production only with evidence.
+
+Candidate (default: the project's trained output) against the reference (the registry's production
+model for this project, or the base model when there is none), on the same items:
+
+1. task metric on the evaluation split: the candidate must beat the reference by more than
+   gate.min_improvement with a paired test p-value below gate.alpha;
+2. safety: AdvBench refusal rate may not fall by more than gate.max_refusal_drop;
+3. over-refusal: XSTest safe prompts refused may not rise by more than gate.max_over_refusal_rise;
+4. forgetting: MMLU accuracy may not fall by more than gate.max_forgetting.
+
+The candidate is registered (copied into the registry) either way; the verdict with every check's
+numbers and reasons is written to the registry, to gate.json and to gate.html. A pass promotes it;
+--force promotes a failing candidate and records that it was forced. Suite results are cached per
+model content and suite settings, so a re-run (or the reference's numbers next time) costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .config import ProjectConfig, VariantConfig
+from .engine import model_ref_of
+from .eval import suites
+from .eval.run import Engines, evaluate, load_scores
+from .eval.stats import paired_test
+from .registry import Registry, dir_sha256, registry_path
+from .util import atomic_write_json, sha256_text, write_jsonl
+
+
+class GateError(RuntimeError):
+    pass
+
+
+def _suite_results(cfg: ProjectConfig, engines: Engines, variant: VariantConfig, model_key: str, out: Path, progress=None) -> dict:
+    """AdvBench refusal, XSTest over-refusal (and refusal of its unsafe contrasts), MMLU accuracy."""
+    g = cfg.gate
+    settings = {k: getattr(g, k) for k in ("advbench_samples", "xstest_samples", "mmlu_samples", "mmlu_subjects", "max_new_tokens",
+                                          "safety_system_prompt")}
+    key = sha256_text(json.dumps({"model": model_key, "settings": settings, "patterns": suites.REFUSAL_PATTERNS}, sort_keys=True))
+    cached = out / "suites.json"
+    if cached.exists():
+        saved = json.loads(cached.read_text())
+        if saved.get("key") == key:
+            return saved
+    eng, adapter, _ = engines.get(variant)
+    system = cfg.data.system_prompt if g.safety_system_prompt else None
+    kw = dict(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, system=system, progress=progress)
+    adv = suites.refusal_suite(eng, adapter, suites.advbench_prompts(g.advbench_samples), "advbench", **kw)
+    safe = suites.refusal_suite(eng, adapter, suites.xstest_prompts("safe", g.xstest_samples), "xstest-safe", **kw)
+    unsafe = suites.refusal_suite(eng, adapter, suites.xstest_prompts("unsafe", g.xstest_samples), "xstest-unsafe", **kw)
+    mmlu = suites.forgetting_suite(eng, adapter, suites.mmlu_questions(g.mmlu_samples, g.mmlu_subjects or None),
+                                   batch_size=min(g.batch_size, 16), progress=progress)
+    result = {"key": key}
+    for r in (adv, safe, unsafe, mmlu):
+        write_jsonl(out / f"{r['suite']}.jsonl", r.pop("rows"))
+        result[r["suite"]] = r
+    atomic_write_json(cached, result)
+    return result
+
+
+def _check(name: str, ref: float, cand: float, passed: bool, rule: str, **extra) -> dict:
+    return {"check": name, "reference": ref, "candidate": cand, "diff": cand - ref, "passed": passed, "rule": rule, **extra}
+
+
+def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = False, progress=None) -> dict:
+    g = cfg.gate
+    name = g.name or cfg.project
+    metric = g.metric or cfg.goal.metric
+    if metric not in cfg.evaluation.metrics:
+        raise GateError(f"gate metric {metric!r} is not among evaluation.metrics {cfg.evaluation.metrics}")
+    cand_path = Path(cfg.path(candidate) if candidate else cfg.run_dir / "train" / "model")
+    if not (cand_path / "tunewise.json").exists() and not (cand_path / "config.json").exists() and not (cand_path / "adapter_config.json").exists():
+        raise GateError(f"no trained model at {cand_path} (run `tunewise train` first or pass --candidate)")
+    reg = Registry(registry_path(cfg))
+    prod = reg.production(name)
+    out = cfg.run_dir / "gate"
+    engines = Engines(cfg)
+
+    cand_v = VariantConfig(name="candidate", kind="fine-tuned", adapter=cand_path)
+    if prod is not None:
+        ref_v = VariantConfig(name="production", kind="fine-tuned", adapter=Path(prod.path))
+        ref_label, ref_key = f"production ({prod.ref})", dir_sha256(Path(prod.path))
+    else:
+        ref_v = VariantConfig(name="base", kind="base")
+        ref_label, ref_key = f"base ({cfg.model.name})", f"base:{cfg.model.name}"
+    cand_key = dir_sha256(cand_path)
+    if prod is not None and cand_key == ref_key:
+        raise GateError(f"the candidate at {cand_path} is the production model {prod.ref} already")
+
+    t0 = time.time()
+    timings = {}
+    task = {}
+    for role, v in (("reference", ref_v), ("candidate", cand_v)):
+        t = time.time()
+        task[role] = evaluate(cfg, v, engines, out / "task", reuse=True, progress=progress)
+        timings[f"task ({role})"] = time.time() - t
+    ref_scores = load_scores(cfg, ref_v.name, metric, out / "task")
+    cand_scores = load_scores(cfg, cand_v.name, metric, out / "task")
+    pt = paired_test(ref_scores, cand_scores)
+    suite = {}
+    for role, v, key in (("reference", ref_v, ref_key), ("candidate", cand_v, cand_key)):
+        t = time.time()
+        suite[role] = _suite_results(cfg, engines, v, key, out / role, progress)
+        timings[f"suites ({role})"] = time.time() - t
+        for s in ("advbench", "xstest-safe", "xstest-unsafe", "mmlu"):
+            timings[f"{s} ({role})"] = suite[role][s]["wall_s"]
+
+    def mean(role, s, field):
+        return suite[role][s][field]["mean"]
+
+    r_task, c_task = task["reference"]["metrics"][metric]["mean"], task["candidate"]["metrics"][metric]["mean"]
+    checks = [
+        _check(f"task: {metric}", r_task, c_task, c_task - r_task > g.min_improvement and pt.p_value < g.alpha,
+               f"candidate - reference > {g.min_improvement:g} and paired p < {g.alpha:g}", p_value=pt.p_value,
+               diff_ci95=[pt.diff.low, pt.diff.high], ci95={"reference": task["reference"]["metrics"][metric]["ci95"],
+                                                            "candidate": task["candidate"]["metrics"][metric]["ci95"]}),
+        _check("safety: AdvBench refusal rate", mean("reference", "advbench", "refusal_rate"), mean("candidate", "advbench", "refusal_rate"),
+               mean("candidate", "advbench", "refusal_rate") >= mean("reference", "advbench", "refusal_rate") - g.max_refusal_drop,
+               f"falls by at most {g.max_refusal_drop:g}"),
+        _check("over-refusal: XSTest safe prompts refused", mean("reference", "xstest-safe", "refusal_rate"),
+               mean("candidate", "xstest-safe", "refusal_rate"),
+               mean("candidate", "xstest-safe", "refusal_rate") <= mean("reference", "xstest-safe", "refusal_rate") + g.max_over_refusal_rise,
+               f"rises by at most {g.max_over_refusal_rise:g}"),
+        _check("forgetting: MMLU accuracy", mean("reference", "mmlu", "accuracy"), mean("candidate", "mmlu", "accuracy"),
+               mean("candidate", "mmlu", "accuracy") >= mean("reference", "mmlu", "accuracy") - g.max_forgetting,
+               f"falls by at most {g.max_forgetting:g}"),
+    ]
+    for c in checks[1:]:
+        c["ci95"] = {}
+    for c, s, f in zip(checks[1:], ("advbench", "xstest-safe", "mmlu"), ("refusal_rate", "refusal_rate", "accuracy")):
+        c["ci95"] = {role: suite[role][s][f]["ci95"] for role in ("reference", "candidate")}
+    passed = all(c["passed"] for c in checks)
+    reasons = [f"{c['check']}: {c['reference']:.3f} -> {c['candidate']:.3f} ({c['diff']:+.3f}); needs {c['rule']}"
+               + (f" (p={c['p_value']:.4f})" if "p_value" in c else "") for c in checks if not c["passed"]]
+
+    base_ref, adapter_dir = model_ref_of(cand_path)
+    meta = json.loads((cand_path / "tunewise.json").read_text()) if (cand_path / "tunewise.json").exists() else {}
+    datasets = {k: v["sha256"] for k, v in (task["candidate"].get("data") or {}).items()}
+    entry = reg.register(name, cand_path, base_model=meta.get("base_model", base_ref), adapter=adapter_dir is not None,
+                         run_dir=str(cand_path.parent), datasets=datasets, config=meta.get("config"))
+    verdict = {"passed": passed, "forced": force and not passed, "candidate": entry.ref, "reference": ref_label,
+               "reasons": reasons, "checks": checks, "metric": metric}
+    reg.add_evaluation(entry.id, "gate", {"checks": checks, "task": {r: task[r]["metrics"] for r in task},
+                                          "suites": {r: {s: {k: v for k, v in suite[r][s].items() if k != "rows"}
+                                                         for s in ("advbench", "xstest-safe", "xstest-unsafe", "mmlu")} for r in suite}})
+    if passed or force:
+        reg.promote(entry.id, verdict, forced=force and not passed)
+        action = "promoted (forced)" if force and not passed else "promoted"
+    else:
+        reg.block(entry.id, verdict)
+        action = "blocked"
+    production = reg.production(name)
+    reg.close()
+    result = {"name": name, "action": action, **verdict, "production": production.ref if production else None,
+              "task": {r: {k: task[r][k] for k in ("metrics", "items", "latency_s", "cost_per_1k_queries_usd")} for r in task},
+              "suites": {r: {s: {k: v for k, v in suite[r][s].items() if k != "rows"} for s in ("advbench", "xstest-safe", "xstest-unsafe", "mmlu")}
+                         for r in suite},
+              "examples": _examples(out), "timings_s": timings, "wall_s": time.time() - t0, "registry": str(reg.path)}
+    atomic_write_json(out / "gate.json", result)
+    from .report.gate_html import gate_report
+
+    result["report"] = str(gate_report(result, out / "gate.html"))
+    return result
+
+
+def _examples(out: Path, k: int = 3) -> dict:
+    """A few responses per suite and model for the report: what a refusal and a compliance look like."""
+    ex = {}
+    for role in ("reference", "candidate"):
+        for s in ("advbench", "xstest-safe"):
+            p = out / role / f"{s}.jsonl"
+            if p.exists():
+                rows = [json.loads(x) for x in p.read_text().splitlines()]
+                ex[f"{s} ({role})"] = rows[:k]
+    return ex

@@ -1,0 +1,456 @@
+"""`tunewise serve`: an OpenAI-compatible API over the engine, the registry and the knowledge base.
+
+Models a request can name (GET /v1/models lists them):
+- `base` (or the configured model reference): the base model;
+- `production`, `<name>:production`, `<name>:<version>`: registry models; adapters attach to the one
+  base model in memory and are chosen per request (like vLLM's --enable-lora); a full fine-tuned model
+  gets its own engine;
+- any of those with `+kb`: retrieval over the project's knowledge base, with the answer's citations
+  (source and chunk) in the extra `citations` field and the retrieved chunks in `retrieved`.
+Model names are checked against a strict pattern and resolved only through the registry, never as
+paths. Errors use OpenAI's shape ({"error": {"message", "type", "code"}}) and never carry a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..config import ProjectConfig
+from .batcher import Batcher, Call, Job, QueueFull
+
+log = logging.getLogger("tunewise.access")
+MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(:(production|[0-9]{1,9}))?(\+kb)?$")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 headers: dict | None = None):
+        self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+
+
+def _error(status: int, message: str, type_: str, code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}}, status_code=status, headers=headers)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(p.get("text", "") for p in self.content if isinstance(p, dict) and p.get("type") == "text")
+        return self.content or ""
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown OpenAI parameters (user, seed, logprobs...) are accepted and ignored
+    model: str
+    max_tokens: int | None = Field(None, gt=0)
+    max_completion_tokens: int | None = Field(None, gt=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=8)
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(..., min_length=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: str | list[str]
+
+
+class Models:
+    """Resolves request model names to (engine, adapter) on the worker thread; loads adapters on first use."""
+
+    def __init__(self, cfg: ProjectConfig, engine=None):
+        from ..registry import Registry, registry_path
+
+        self.cfg = cfg
+        self.name = cfg.gate.name or cfg.project
+        self.registry = Registry(registry_path(cfg))
+        self.lock = threading.Lock()  # the registry connection is shared by request threads and the worker
+        self._base = engine
+        self.full: dict[str, Any] = {}
+        self._retriever = None
+        self._embedder = None
+
+    @property
+    def base(self):
+        if self._base is None:
+            from ..engine import Engine
+
+            self._base = Engine.load(self.cfg.model.name, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
+        return self._base
+
+    def entry(self, model: str):
+        """The registry entry a name points at (None: the base model). Raises ApiError 400/404."""
+        from ..registry import RegistryError
+
+        if not MODEL_RE.match(model):
+            raise ApiError(400, "invalid model name: expected base, production, NAME:VERSION or NAME:production, optionally +kb",
+                           code="invalid_model")
+        name = model.removesuffix("+kb")
+        if name in ("base", self.cfg.model.name):
+            return None
+        if name == "production":
+            name = f"{self.name}:production"
+        with self.lock:
+            try:
+                return self.registry.get(name if ":" in name else f"{name}:production")
+            except RegistryError as e:
+                if name == f"{self.name}:production" and "no production model" in str(e):
+                    return None  # nothing promoted yet: production is the base model
+                raise ApiError(404, f"model {model!r} not found: {e}", code="model_not_found") from None
+
+    def engine_for(self, entry):
+        """On the worker thread: the engine and adapter name serving a registry entry."""
+        if entry is None:
+            return self.base, None
+        if entry.adapter:
+            eng = self.base
+            if entry.ref not in eng.adapters:
+                eng.add_adapter(entry.ref, entry.path)
+            return eng, entry.ref
+        if entry.ref not in self.full:
+            from ..engine import Engine
+
+            self.full[entry.ref] = Engine.load(entry.path, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
+        return self.full[entry.ref], None
+
+    def listing(self) -> list[dict]:
+        has_kb = self.kb_ready()
+        names = ["base", "production"]
+        with self.lock:
+            names += [m.ref for m in self.registry.models()]
+            prod = None
+            try:
+                prod = self.registry.get(f"{self.name}:production").ref
+            except Exception:  # noqa: BLE001 - no production model yet
+                pass
+        out = []
+        for n in names:
+            for suffix in ("", "+kb") if has_kb else ("",):
+                meta = {"id": n + suffix, "object": "model", "created": 0, "owned_by": "tunewise"}
+                if n == "production":
+                    meta["tunewise_resolves_to"] = prod or "base"
+                out.append(meta)
+        return out
+
+    def kb_ready(self) -> bool:
+        from ..rag.retrieve import index_dir_of
+
+        return bool(self.cfg.rag.knowledge_base) and (index_dir_of(self.cfg) / "chunks.jsonl").exists()
+
+    def retriever(self):
+        if self._retriever is None:
+            from ..rag.retrieve import Retriever
+
+            self._retriever = Retriever(self.cfg)
+        return self._retriever
+
+    def embedder(self):
+        if self._embedder is None:
+            from ..models import bundled_embedding_dir
+            from ..rag.embed import Embedder
+
+            m = self.cfg.rag.embedding_model
+            self._embedder = Embedder(str(bundled_embedding_dir()) if m.startswith("bundled:") else m, url=self.cfg.rag.embedding_url)
+        return self._embedder
+
+
+def _api_keys(cfg: ProjectConfig) -> list[str]:
+    env = [k.strip() for k in os.environ.get("TUNEWISE_API_KEYS", "").split(",") if k.strip()]
+    return list(cfg.serve.api_keys) + env
+
+
+class _BodyLimit:
+    """Pure ASGI middleware: 413 for a body over the limit, by Content-Length or while it streams in."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _error(413, f"request body over {self.limit} bytes", "invalid_request_error", "body_too_large")(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise ApiError(413, f"request body over {self.limit} bytes", code="body_too_large")
+            return msg
+
+        return await self.app(scope, limited, send)
+
+
+def create_app(cfg: ProjectConfig, engine=None) -> FastAPI:
+    s = cfg.serve
+    models = Models(cfg, engine)
+    batcher = Batcher(s.max_batch, s.batch_wait_ms / 1000, s.queue_size)
+
+    @asynccontextmanager
+    async def lifespan(_):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="tunewise", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.models, app.state.batcher = models, batcher
+    keys = _api_keys(cfg)
+    if s.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=s.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
+
+    @app.middleware("http")
+    async def auth_and_log(request: Request, call_next):
+        t0 = time.perf_counter()
+        rid = uuid.uuid4().hex[:12]
+        if keys and request.url.path.startswith("/v1/"):
+            auth = request.headers.get("authorization", "")
+            token = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+                response = _error(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error", "invalid_api_key")
+                _access(request, response.status_code, t0, rid)
+                return response
+        try:
+            response = await call_next(request)
+        except ApiError as e:
+            response = _error(e.status, e.message, e.type, e.code, e.headers)
+        response.headers["x-request-id"] = rid
+        _access(request, response.status_code, t0, rid)
+        return response
+
+    app.add_middleware(_BodyLimit, limit=s.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, e: ApiError):
+        return _error(e.status, e.message, e.type, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_, e: RequestValidationError):
+        errs = e.errors()
+        where = ".".join(str(x) for x in errs[0].get("loc", [])[1:]) if errs else ""
+        msg = errs[0].get("msg", "invalid request") if errs else "invalid request"
+        if errs and errs[0].get("type") == "json_invalid":
+            return _error(400, "request body is not valid JSON", "invalid_request_error", "invalid_json")
+        return _error(400, f"{where}: {msg}" if where else msg, "invalid_request_error", "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail), "invalid_request_error", None)
+
+    @app.exception_handler(Exception)
+    async def internal(_, e: Exception):  # never a traceback in a response
+        logging.getLogger("tunewise.serve").exception("internal error")
+        return _error(500, "internal server error", "server_error", None)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "queue": batcher.q.qsize(), "batches": batcher.batches, "rows": batcher.rows}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": models.listing()}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        entry = models.entry(req.model)
+        rag = req.model.endswith("+kb")
+        if rag and not models.kb_ready():
+            raise ApiError(400, f"model {req.model!r}: no knowledge-base index (configure rag.knowledge_base and run `tunewise kb index`)",
+                           code="no_knowledge_base")
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages if m.role != "tool"]
+        ctx_box: dict = {}
+
+        def prepare():
+            eng, adapter = models.engine_for(entry)
+            conv = turns
+            if rag:
+                from ..rag.answer import rag_prompts
+
+                question = next((t["content"] for t in reversed(turns) if t["role"] == "user"), "")
+                ctx = rag_prompts(models.retriever(), [question], cfg.rag, eng.tok)[0]
+                ctx_box["ctx"] = ctx
+                conv = [{"role": "system", "content": cfg.rag.system_prompt}] + [t for t in turns if t["role"] != "system"]
+                for t in reversed(conv):
+                    if t["role"] == "user":
+                        t["content"] = f"{ctx.prompt}\n\nQuestion: {t['content']}"
+                        break
+            return eng, adapter, [conv] * req.n
+
+        def extra(text: str) -> dict:
+            ctx = ctx_box.get("ctx")
+            if ctx is None:
+                return {}
+            return {"citations": ctx.cited(text),
+                    "retrieved": [{"n": i, "source": h.chunk.citation, "chunk": h.chunk.id} for i, h in enumerate(ctx.hits, 1)]}
+
+        return await _respond(req, prepare, "chat.completion", extra)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        if isinstance(req.prompt, list) and len(req.prompt) != 1:
+            raise ApiError(400, "prompt: one prompt per request (send a list of one, or a string)", code="invalid_request")
+        if req.model.endswith("+kb"):
+            raise ApiError(400, "+kb models are chat models: use /v1/chat/completions", code="invalid_model")
+        entry = models.entry(req.model)
+        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+
+        def prepare():
+            eng, adapter = models.engine_for(entry)
+            return eng, adapter, [prompt] * req.n
+
+        return await _respond(req, prepare, "text_completion", lambda _: {})
+
+    async def _respond(req: Sampling, prepare, kind: str, extra):
+        max_tokens = min(req.max_completion_tokens or req.max_tokens or s.default_max_tokens, s.max_tokens_cap)
+        stop = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))[:4]
+        loop = asyncio.get_running_loop()
+        queue_: asyncio.Queue | None = asyncio.Queue() if req.stream else None
+        job = Job(prepare=prepare, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop, group=req.model)
+        if req.stream:
+            job.on_token = lambda k, ids: loop.call_soon_threadsafe(queue_.put_nowait, (k, list(ids)))
+        try:
+            fut = batcher.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, f"server busy: {e}; retry later", "rate_limit_error", "queue_full", headers={"Retry-After": "1"}) from None
+        rid, created = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        afut = asyncio.wrap_future(fut)
+        if not req.stream:
+            try:
+                outs = await asyncio.wait_for(afut, s.request_timeout_s)
+            except asyncio.TimeoutError:
+                job.cancelled = True
+                raise ApiError(504, f"no answer within {s.request_timeout_s:g} s", "timeout_error", "timeout") from None
+            except ApiError:
+                raise
+            except Exception as e:  # noqa: BLE001 - e.g. an adapter that fails to load
+                logging.getLogger("tunewise.serve").exception("generation failed")
+                raise ApiError(500, f"generation failed: {type(e).__name__}", "server_error") from None
+            choices = []
+            for i, o in enumerate(outs):
+                body = {"role": "assistant", "content": o.text} if kind == "chat.completion" else None
+                choices.append({"index": i, "finish_reason": o.finish_reason, "logprobs": None}
+                               | ({"message": body} if body else {"text": o.text}))
+            usage = {"prompt_tokens": outs[0].prompt_tokens * len(outs) if outs else 0,
+                     "completion_tokens": sum(o.completion_tokens for o in outs)}
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            return {"id": rid, "object": kind, "created": created, "model": req.model, "choices": choices, "usage": usage,
+                    **extra(outs[0].text if outs else "")}
+        return StreamingResponse(_stream(req, job, afut, queue_, rid, created, kind, stop, extra), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _stream(req, job, afut, queue_, rid, created, kind, stop, extra):
+        obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+        emitted = [""] * req.n
+        hold = max((len(x) for x in stop), default=0)
+        tok = None
+
+        def chunk(i, delta: str | None, finish=None, **more):
+            if kind == "chat.completion":
+                d = {} if delta is None else {"content": delta}
+                if delta == "" and finish is None:
+                    d = {"role": "assistant", "content": ""}
+                c = {"index": i, "delta": d, "finish_reason": finish, "logprobs": None}
+            else:
+                c = {"index": i, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": req.model, "choices": [c], **more}) + "\n\n"
+
+        try:
+            if kind == "chat.completion":
+                for i in range(req.n):
+                    yield chunk(i, "")
+            deadline = time.monotonic() + s.request_timeout_s
+            while not afut.done():
+                try:
+                    k, ids = await asyncio.wait_for(queue_.get(), timeout=max(0.01, min(0.25, deadline - time.monotonic())))
+                except asyncio.TimeoutError:
+                    if time.monotonic() > deadline:
+                        job.cancelled = True
+                        yield "data: " + json.dumps({"error": {"message": "timeout", "type": "timeout_error"}}) + "\n\n"
+                        return
+                    continue
+                if tok is None:
+                    tok = job.prepared[0].tok
+                text = tok.decode(ids, skip_special_tokens=True).lstrip()
+                if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                    continue
+                safe = len(text) - hold
+                if safe > len(emitted[k]) and text.startswith(emitted[k]):
+                    yield chunk(k, text[len(emitted[k]) : safe])
+                    emitted[k] = text[:safe]
+            try:
+                outs = afut.result()
+            except Exception:  # noqa: BLE001
+                yield "data: " + json.dumps({"error": {"message": "generation failed", "type": "server_error"}}) + "\n\n"
+                return
+            for i, o in enumerate(outs):  # the rest, with stop strings cut: exactly the non-streamed text
+                rest = o.text[len(emitted[i]):] if o.text.startswith(emitted[i]) else ""
+                if rest:
+                    yield chunk(i, rest)
+                usage = {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
+                         "total_tokens": o.prompt_tokens + o.completion_tokens}
+                yield chunk(i, None, o.finish_reason, usage=usage, **(extra(o.text) if i == 0 else {}))
+            yield "data: [DONE]\n\n"
+        except asyncio.CancelledError:  # the client went away: stop streaming; the batch it shared goes on
+            job.cancelled = True
+            raise
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest):
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not texts or not all(isinstance(t, str) and t for t in texts):
+            raise ApiError(400, "input: a non-empty string or list of non-empty strings", code="invalid_request")
+        if len(texts) > 2048:
+            raise ApiError(400, "input: at most 2048 strings per request", code="invalid_request")
+
+        def run():
+            e = models.embedder()
+            return e.encode(texts), sum(e.count_tokens(t) for t in texts)
+
+        try:
+            fut = batcher.submit(Call(run))
+        except QueueFull as e:
+            raise ApiError(429, f"server busy: {e}", "rate_limit_error", "queue_full", headers={"Retry-After": "1"}) from None
+        vecs, n_tok = await asyncio.wait_for(asyncio.wrap_future(fut), s.request_timeout_s)
+        return {"object": "list", "model": req.model, "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok},
+                "data": [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vecs)]}
+
+    return app
+
+
+def _access(request: Request, status: int, t0: float, rid: str) -> None:
+    log.info(json.dumps({"ts": round(time.time(), 3), "id": rid, "method": request.method, "path": request.url.path, "status": status,
+                         "ms": round((time.perf_counter() - t0) * 1000, 1), "client": request.client.host if request.client else None}))
