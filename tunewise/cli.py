@@ -533,8 +533,10 @@ def run_cmd(
     all_routes: bool = typer.Option(False, "--all", help="Go on through every route after the goal is met (more evidence, more time)."),
     validation_samples: Optional[int] = typer.Option(200, help="Validation items each variant is scored on while searching (a seeded sample)."),
     test_samples: Optional[int] = typer.Option(None, help="Test items in the final comparison (default: evaluation.max_samples, else all)."),
+    gate_: bool = typer.Option(True, "--gate/--no-gate", help="When the chosen route is a fine-tune, run the promotion gate on it at the end."),
 ):
-    """The workflow: prompt baselines -> RAG -> fine-tune -> ft+rag, stopping when the goal is met; then a decision report."""
+    """The workflow: prompt baselines -> RAG -> fine-tune -> ft+rag, stopping when the goal is met; then a decision
+    report, and the promotion gate when the chosen route is a trained model."""
     _quiet_libraries()
     cfg = _load(config, set_)
 
@@ -542,7 +544,24 @@ def run_cmd(
         from .pipeline import run_workflow
 
         ts = test_samples if test_samples is not None else cfg.evaluation.max_samples
-        _run_and_print(lambda p: run_workflow(cfg, p, all_routes=all_routes, validation_samples=validation_samples, test_samples=ts))
+        holder = {}
+
+        def go(p):
+            holder["d"] = run_workflow(cfg, p, all_routes=all_routes, validation_samples=validation_samples, test_samples=ts)
+            return holder["d"]
+
+        _run_and_print(go)
+        d = holder["d"]
+        if gate_ and d["chosen"] in ("fine-tune", "hybrid"):
+            from .config import VariantConfig
+            from .gate import run_gate
+
+            variant = next((v for v in cfg.evaluation.variants if v.name == d["chosen_variant"]), None)
+            candidate = variant.adapter if isinstance(variant, VariantConfig) and variant.adapter else None
+            console.print("[bold]>[/] gate: the chosen fine-tune against production (or base)")
+            with console.status("gate") as status:
+                r = run_gate(cfg, candidate, progress=lambda m: status.update(m))
+            _print_gate(r)
 
     _guard(run)
 
@@ -552,7 +571,7 @@ def demo(
     config: Path = typer.Argument(Path("examples/support-intents/tunewise.yaml"), help="Example project."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
-    """`tunewise run` on the example, sized for a CPU: 100 validation and 100 test items, at most 40 training steps."""
+    """`tunewise run` on the example, sized for a CPU: 200 validation and 100 test items, one variant of each kind, at most 40 training steps."""
     _quiet_libraries()
     cfg = _load(config, set_)
 

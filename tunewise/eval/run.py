@@ -18,7 +18,7 @@ from ..data.prepare import Prepared, ensure_prepared
 from ..data.records import Record
 from ..data.split import sample_records
 from ..engine import Engine, model_ref_of
-from ..models import bundled_embedding_dir, load_tokenizer
+from ..models import load_tokenizer
 from ..util import atomic_write_json, sha256_file, sha256_text, write_jsonl
 from .metrics import score
 from .stats import bootstrap_ci, paired_test, percentile
@@ -38,11 +38,16 @@ def select_shots(train: list[Record], items: list[Record], k: int, selection: st
     k = min(k, len(train))
     if selection == "random":
         return [random.Random(seed * 1_000_003 + i).sample(train, k) for i in range(len(items))]
-    from sentence_transformers import SentenceTransformer
+    import torch
 
-    model = SentenceTransformer(str(bundled_embedding_dir()), device="cpu")
-    t = model.encode([_user_text(r) for r in train], batch_size=128, normalize_embeddings=True, convert_to_tensor=True)
-    q = model.encode([_user_text(r) for r in items], batch_size=128, normalize_embeddings=True, convert_to_tensor=True)
+    from ..models import cache_home
+    from ..rag.embed import DEFAULT_EMBEDDING, Embedder
+
+    # Cached by text hash: the training pool is embedded once per machine, not once per evaluation.
+    emb = Embedder(DEFAULT_EMBEDDING, cache=cache_home() / "shot-embeddings.sqlite", batch_size=32, pack=False)
+    t = torch.from_numpy(emb.encode([_user_text(r) for r in train]))
+    q = torch.from_numpy(emb.encode([_user_text(r) for r in items]))
+    emb.close()
     top = (q @ t.T).topk(k, dim=1).indices.tolist()
     # Most similar last: closest to the question, where small models attend most.
     return [[train[j] for j in reversed(row)] for row in top]

@@ -25,8 +25,8 @@ class EmbeddingError(RuntimeError):
 
 class Embedder:
     def __init__(self, model: str = DEFAULT_EMBEDDING, cache: str | Path | None = None, url: str | None = None,
-                 batch_size: int = 64):
-        self.model_name, self.url, self.batch_size = model, url, batch_size
+                 batch_size: int = 64, pack: bool = True):
+        self.model_name, self.url, self.batch_size, self.pack = model, url, batch_size, pack
         self._st = None
         self.cache_path = Path(cache) if cache else None
         self._db: sqlite3.Connection | None = None
@@ -46,9 +46,10 @@ class Embedder:
 
             path = str(bundled_embedding_dir()) if self.model_name == DEFAULT_EMBEDDING else self.model_name
             self._st = SentenceTransformer(path, device="cpu")
-            from ..engine import pack_linears
+            if self.pack:  # prepacked oneDNN weights: a one-query encode is mostly small matmuls (bulk encodes are faster without)
+                from ..engine import pack_linears
 
-            pack_linears(self._st)  # prepacked oneDNN weights: a one-query encode is mostly small matmuls
+                pack_linears(self._st)
         return self._st
 
     def count_tokens(self, text: str) -> int:
