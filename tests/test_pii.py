@@ -134,3 +134,56 @@ def test_redact_replaces_with_placeholders_and_counts():
     assert text == "Mail <EMAIL> or call <PHONE>; card <CARD>."
     assert counts == {"EMAIL": 1, "PHONE": 1, "CARD": 1}
     assert redact("I paid 49.99 EUR on 2024-05-17.")[0] == "I paid 49.99 EUR on 2024-05-17."
+
+
+def _score(find, items, negatives):
+    planted_n = detected = wrong = false_pos = 0
+    per_type: dict = {}
+    for text, values in items:
+        found = find(text)
+        for kind, v in values:
+            planted_n += 1
+            a = text.index(v)
+            hit = [f for f in found if f.start <= a + len(v) // 2 < f.end]  # covers the value's middle
+            ok = per_type.setdefault(kind, [0, 0])
+            ok[1] += 1
+            if hit:
+                detected += 1
+                ok[0] += hit[0].type == kind
+                wrong += hit[0].type != kind
+        for f in found:
+            if not any(text.index(v) <= f.start + (f.end - f.start) // 2 < text.index(v) + len(v) for _, v in values):
+                false_pos += 1
+    false_pos += sum(len(find(s)) for s in negatives)
+    return detected / planted_n, (detected - wrong) / max(1, detected + false_pos), {k: round(a / b, 3) for k, a, b in
+                                                                                      ((k, *v) for k, v in per_type.items())}
+
+
+def test_presidio_backend_on_the_same_planted_set(tmp_path, monkeypatch):
+    """The optional Presidio backend (blank spaCy pipeline: pattern recognisers, no model download) on the same
+    planted set, for comparison; and redaction through the cleaner with data.clean.pii_backend: presidio."""
+    import pytest
+
+    pytest.importorskip("presidio_analyzer")
+    monkeypatch.setenv("TUNEWISE_HOME", str(tmp_path))
+    from tunewise.config import CleanConfig
+    from tunewise.data.clean import Cleaner
+    from tunewise.data.pii import PresidioDetector
+    from tunewise.data.records import Record
+
+    det = PresidioDetector()
+    items = planted(n=200)
+    recall, precision, per_type = _score(det.find, items, NEGATIVES * 2)
+    ours = _score(find_pii, items, NEGATIVES * 2)
+    print(f"\nPresidio (blank pipeline) on {len(items)} planted texts: recall {recall:.3f}, precision {precision:.3f}, "
+          f"per type {per_type}; tunewise regex: recall {ours[0]:.3f}, precision {ours[1]:.3f}")
+    # Measured: recall 0.810, precision 1.000. Presidio misses 13-digit cards grouped 4-4-4-1, IBANs split in groups of
+    # four for some countries, and NINOs written without spaces; the rest it finds.
+    assert precision >= 0.95 and recall >= 0.75
+    assert min(per_type[k] for k in ("EMAIL", "SSN", "IP", "PHONE")) >= 0.95
+    cleaner = Cleaner(CleanConfig(pii_backend="presidio"))
+    r = Record([{"role": "user", "content": "mail me at jo@example.com, card 4111 1111 1111 1111"},
+                {"role": "assistant", "content": "done"}], "x.jsonl:line 1")
+    out = cleaner.run([r], [], drop=False)[0]
+    assert out.messages[0]["content"] == "mail me at <EMAIL>, card <CARD>"
+    assert cleaner.pii_found == {"EMAIL": 1, "CARD": 1}

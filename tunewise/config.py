@@ -54,6 +54,10 @@ class CleanConfig(Section):
     pii: bool = Field(True, description="Replace PII with typed placeholders (<EMAIL>, <PHONE>, <CARD>, <IBAN>, <SSN>, <NINO>, <IP>).")
     pii_types: list[Literal["EMAIL", "IBAN", "CARD", "SSN", "NINO", "IP", "PHONE"]] = Field(
         ["EMAIL", "IBAN", "CARD", "SSN", "NINO", "IP", "PHONE"], description="Which PII types to redact.")
+    pii_backend: Literal["regex", "presidio"] = Field(
+        "regex", description="PII detector: tunewise's own patterns with checksums (regex), or Microsoft Presidio (needs tunewise[presidio]).")
+    presidio_model: str | None = Field(
+        None, description="spaCy pipeline (name or path) for Presidio's NLP engine; null: a blank English pipeline (pattern recognisers only, no download).")
     min_chars: int = Field(1, ge=0, description="Drop records with a user or assistant turn shorter than this.")
     max_chars: int | None = Field(None, gt=0, description="Drop records with a turn longer than this (null: no limit).")
     max_repetition: float = Field(0.5, ge=0.0, le=1.0, description="Drop answers whose share of repeated word 3-grams exceeds this.")

@@ -78,6 +78,12 @@ class Cleaner:
         self.pii_found: Counter = Counter()
         self.clusters: list[dict] = []
         self.label_conflicts = 0
+        self._sigs: dict = {}  # prompt text -> MinHash signature
+        self._redact_fn = redact
+        if cfg.pii and cfg.pii_backend == "presidio":
+            from .pii import PresidioDetector
+
+            self._redact_fn = PresidioDetector(cfg.presidio_model).redact
 
     def step(self, name: str) -> StepReport:
         return self.steps.setdefault(name, StepReport())
@@ -112,7 +118,7 @@ class Cleaner:
         found: Counter = Counter()
 
         def fn(text: str) -> str:
-            new, counts = redact(text, types)
+            new, counts = self._redact_fn(text, types)
             found.update(counts)
             return new
 
@@ -163,23 +169,54 @@ class Cleaner:
             out.append(r)
         return out
 
-    def _near_dedup(self, records: list[Record], bad: list[BadRecord]) -> list[Record]:
-        """MinHash LSH over the prompt (user turns): a record whose prompt is within the Jaccard threshold of an
-        earlier kept one is dropped; different labels inside a cluster are reported as label conflicts."""
+    def _hashes(self, texts: list[str]) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+        """Shingle hashes (flat, offsets) and MinHash signatures of texts; signatures are remembered per text, so the
+        near-dedup, the leakage check and the quality score compute each once."""
         import numpy as np
 
         from .minhash import NearDupIndex, batch_shingle_hashes
 
+        index = NearDupIndex(self.c.near_dup_threshold, self.c.num_perm)  # the permutations depend on num_perm only
+        flat, off = batch_shingle_hashes(texts)
+        todo = [i for i, t in enumerate(texts) if t not in self._sigs]
+        if todo:
+            if len(todo) == len(texts):
+                new = index.signatures(flat, off)
+            else:
+                sub, sub_off = batch_shingle_hashes([texts[i] for i in todo])
+                new = index.signatures(sub, sub_off)
+            for i, sig in zip(todo, new):
+                self._sigs[texts[i]] = sig
+        sigs = np.stack([self._sigs[t] for t in texts]) if texts else np.zeros((0, self.c.num_perm), dtype=np.uint32)
+        return flat, off, sigs
+
+    def signatures(self, records: list[Record]) -> "np.ndarray":
+        return self._hashes([r.prompt_key for r in records])[2]
+
+    def _near_dedup(self, records: list[Record], bad: list[BadRecord]) -> list[Record]:
+        """MinHash LSH over the prompt (user turns): a record whose prompt is within the Jaccard threshold of an
+        earlier kept one is dropped; different labels inside a cluster are reported as label conflicts.
+
+        LSH band keys are computed for all records at once; a record that shares no band key with any other
+        cannot be anybody's candidate, so only the colliding ones go through the sequential find/add."""
+        import numpy as np
+
+        from .minhash import NearDupIndex, colliding
+
         index = NearDupIndex(self.c.near_dup_threshold, self.c.num_perm)
-        flat, offsets = batch_shingle_hashes([r.prompt_key for r in records])
-        sigs = index.signatures(flat, offsets)
-        kept: list[Record] = []
+        flat, offsets, sigs = self._hashes([r.prompt_key for r in records])
+        keys = index.band_keys(sigs)
+        maybe = colliding(keys)
+        indexed: list[Record] = []
         out = []
         for i, r in enumerate(records):
-            h, sig = np.unique(flat[offsets[i] : offsets[i + 1]]), sigs[i]
-            hit = index.find(h, sig)
+            if not maybe[i]:
+                out.append(r)
+                continue
+            h, k = np.unique(flat[offsets[i] : offsets[i + 1]]), keys[i].tolist()
+            hit = index.find(h, keys=k)
             if hit is not None:
-                match = kept[hit[0]]
+                match = indexed[hit[0]]
                 conflict = r.label != match.label
                 self.label_conflicts += conflict
                 self._drop("near_dedup", r, f"near-duplicate of {match.source}" + (f" (label {r.label!r} vs {match.label!r})" if conflict else ""), bad)
@@ -187,29 +224,36 @@ class Cleaner:
                     self.clusters.append({"kept": match.source, "dropped": r.source, "jaccard": round(hit[1], 3), "label_conflict": conflict,
                                           "kept_text": match.prompt_key[:120], "dropped_text": r.prompt_key[:120]})
                 continue
-            index.add(h, sig)
-            kept.append(r)
+            index.add(h, keys=k)
+            indexed.append(r)
             out.append(r)
         return out
 
     def near_leaks(self, splits: dict[str, list[Record]]) -> list[dict]:
-        """Training prompts that are near-duplicates (Jaccard >= threshold) of a validation or test prompt."""
+        """Training prompts that are near-duplicates (Jaccard >= threshold) of a validation or test prompt.
+        Only training prompts sharing an LSH band key with an evaluation prompt are compared (vectorised)."""
         import numpy as np
 
-        from .minhash import NearDupIndex, batch_shingle_hashes
+        from .minhash import NearDupIndex
 
         evals = [(name, r) for name in ("validation", "test") for r in splits.get(name, [])]
-        if not evals or not splits.get("train"):
+        train = splits.get("train", [])
+        if not evals or not train:
             return []
         index = NearDupIndex(self.c.near_dup_threshold, self.c.num_perm)
-        flat, off = batch_shingle_hashes([r.prompt_key for _, r in evals])
-        for i, sig in enumerate(index.signatures(flat, off)):
-            index.add(np.unique(flat[off[i] : off[i + 1]]), sig)
+        flat, off, sigs = self._hashes([r.prompt_key for _, r in evals])
+        ekeys = index.band_keys(sigs)
+        for i in range(len(evals)):
+            index.add(np.unique(flat[off[i] : off[i + 1]]), keys=ekeys[i].tolist())
+        flat, off, sigs = self._hashes([r.prompt_key for r in train])
+        tkeys = index.band_keys(sigs)
+        cand = np.zeros(len(train), dtype=bool)
+        for b in range(tkeys.shape[1]):
+            cand |= np.isin(tkeys[:, b], ekeys[:, b])
         out = []
-        train = splits["train"]
-        flat, off = batch_shingle_hashes([r.prompt_key for r in train])
-        for i, (r, sig) in enumerate(zip(train, index.signatures(flat, off))):
-            hit = index.find(np.unique(flat[off[i] : off[i + 1]]), sig)
+        for i in np.flatnonzero(cand):
+            r = train[i]
+            hit = index.find(np.unique(flat[off[i] : off[i + 1]]), keys=tkeys[i].tolist())
             if hit is not None:
                 name, other = evals[hit[0]]
                 out.append({"train": r.source, "split": name, "other": other.source, "jaccard": round(hit[1], 3),
@@ -224,7 +268,7 @@ class Cleaner:
 __all__ = ["Cleaner", "normalize_text", "repetition", "copies_prompt", "PII_TYPES"]
 
 
-def quality_scores(records: list[Record], neighbour_threshold: float = 0.6) -> list[dict]:
+def quality_scores(records: list[Record], neighbour_threshold: float = 0.6, signatures=None) -> list[dict]:
     """A per-record quality score in [0, 1] from simple signals, each also returned:
 
     - length: how typical the answer's and prompt's lengths are for this data (a Gaussian on the z-score of
@@ -233,7 +277,8 @@ def quality_scores(records: list[Record], neighbour_threshold: float = 0.6) -> l
     - label: for labelled data, the share of similar prompts (Jaccard of character 5-grams >= neighbour_threshold,
       estimated from MinHash signatures) that carry the same label (1 when there are none): a label its
       look-alikes disagree with is suspect.
-    The score is the mean of the signals.
+    The score is the mean of the signals. `signatures` (Cleaner.signatures of the same records, 128 permutations)
+    saves computing them again.
     """
     import math
 
@@ -250,7 +295,7 @@ def quality_scores(records: list[Record], neighbour_threshold: float = 0.6) -> l
 
     length = (gauss(la) + gauss(lp)) / 2
     labelled = any(r.label is not None for r in records)
-    label = _label_agreement(records, neighbour_threshold) if labelled else np.ones(len(records))
+    label = _label_agreement(records, neighbour_threshold, signatures=signatures) if labelled else np.ones(len(records))
     out = []
     for i, r in enumerate(records):
         rep = 1.0 - repetition(r.answer)
@@ -262,7 +307,7 @@ def quality_scores(records: list[Record], neighbour_threshold: float = 0.6) -> l
     return out
 
 
-def _label_agreement(records: list[Record], threshold: float, num_perm: int = 128, window: int = 8) -> "np.ndarray":
+def _label_agreement(records: list[Record], threshold: float, num_perm: int = 128, window: int = 8, signatures=None) -> "np.ndarray":
     """Per record, the share of its look-alikes (estimated Jaccard >= threshold) with the same label; 1 without any.
 
     Vectorised: in every LSH band the records are sorted by band key and each is paired with the next
@@ -271,18 +316,20 @@ def _label_agreement(records: list[Record], threshold: float, num_perm: int = 12
     which is enough for a soft score. 100,000 records take a few seconds (bench/data_prep.py)."""
     import numpy as np
 
-    from .minhash import NearDupIndex, _bands, batch_shingle_hashes
+    from .minhash import NearDupIndex, _bands, band_keys, batch_shingle_hashes
 
     n = len(records)
-    flat, off = batch_shingle_hashes([r.prompt_key for r in records])
-    sigs = NearDupIndex(threshold, num_perm).signatures(flat, off)
+    if signatures is not None and signatures.shape == (n, num_perm):
+        sigs = signatures
+    else:
+        flat, off = batch_shingle_hashes([r.prompt_key for r in records])
+        sigs = NearDupIndex(threshold, num_perm).signatures(flat, off)
     _, labels = np.unique(np.array([str(r.label) for r in records]), return_inverse=True)
     bands, rows = _bands(threshold, num_perm, recall=0.95)
     found = []
+    all_keys = band_keys(sigs, bands, rows)
     for b in range(bands):
-        key = np.zeros(n, dtype=np.uint64)
-        for c in range(b * rows, (b + 1) * rows):
-            key = key * np.uint64(0x9E3779B97F4A7C15) + sigs[:, c].astype(np.uint64)
+        key = all_keys[:, b]
         order = np.argsort(key, kind="stable")
         ks = key[order]
         for d in range(1, min(window, n - 1) + 1):

@@ -78,7 +78,7 @@ class NearDupIndex:
         self.b = rng.integers(0, 1 << 63, size=num_perm, dtype=np.uint64)
         self.threshold = threshold
         self.b_count, self.rows = _bands(threshold, num_perm)
-        self.buckets: list[dict[bytes, list[int]]] = [defaultdict(list) for _ in range(self.b_count)]
+        self.buckets: list[dict[int, list[int]]] = [defaultdict(list) for _ in range(self.b_count)]
         self.sets: list[np.ndarray] = []
 
     def signature(self, hashes: np.ndarray) -> np.ndarray:
@@ -100,14 +100,18 @@ class NearDupIndex:
             i = j
         return out
 
-    def _keys(self, sig: np.ndarray) -> list[bytes]:
-        r = self.rows
-        return [sig[i * r : (i + 1) * r].tobytes() for i in range(self.b_count)]
+    def band_keys(self, sigs: np.ndarray) -> np.ndarray:
+        """[texts, bands] uint64: each band's rows folded into one key (equal rows give equal keys)."""
+        return band_keys(sigs, self.b_count, self.rows)
 
-    def find(self, hashes: np.ndarray, sig: np.ndarray | None = None) -> tuple[int, float] | None:
+    def _keys(self, sig: np.ndarray) -> list[int]:
+        return self.band_keys(sig[None, :])[0].tolist()
+
+    def find(self, hashes: np.ndarray, sig: np.ndarray | None = None, keys: list[int] | None = None) -> tuple[int, float] | None:
         """The first inserted id (in insertion order) at or above the threshold, with its similarity."""
-        sig = self.signature(hashes) if sig is None else sig
-        cands = sorted({i for band, key in zip(self.buckets, self._keys(sig)) for i in band.get(key, ())})
+        if keys is None:
+            keys = self._keys(self.signature(hashes) if sig is None else sig)
+        cands = sorted({i for band, key in zip(self.buckets, keys) for i in band.get(key, ())})
         for i in cands:
             other = self.sets[i]
             inter = len(np.intersect1d(hashes, other, assume_unique=True))
@@ -116,10 +120,33 @@ class NearDupIndex:
                 return i, sim
         return None
 
-    def add(self, hashes: np.ndarray, sig: np.ndarray | None = None) -> int:
-        sig = self.signature(hashes) if sig is None else sig
+    def add(self, hashes: np.ndarray, sig: np.ndarray | None = None, keys: list[int] | None = None) -> int:
+        if keys is None:
+            keys = self._keys(self.signature(hashes) if sig is None else sig)
         i = len(self.sets)
         self.sets.append(hashes)
-        for band, key in zip(self.buckets, self._keys(sig)):
+        for band, key in zip(self.buckets, keys):
             band[key].append(i)
         return i
+
+
+def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """LSH band keys of many signatures at once: [texts, bands] uint64 (a multiplicative fold of each band's rows;
+    equal rows always give equal keys, and unequal ones collide with probability ~2^-64)."""
+    out = np.zeros((len(sigs), bands), dtype=np.uint64)
+    for b in range(bands):
+        key = out[:, b]
+        for c in range(b * rows, (b + 1) * rows):
+            key *= np.uint64(0x9E3779B97F4A7C15)
+            key += sigs[:, c].astype(np.uint64)
+    return out
+
+
+def colliding(keys: np.ndarray) -> np.ndarray:
+    """Rows of a [texts, bands] key matrix that share a key with another row in at least one band: the only
+    texts LSH can ever pair (a text unique in every band is nobody's candidate)."""
+    hit = np.zeros(len(keys), dtype=bool)
+    for b in range(keys.shape[1]):
+        _, inv, counts = np.unique(keys[:, b], return_inverse=True, return_counts=True)
+        hit |= counts[inv] > 1
+    return hit

@@ -57,6 +57,9 @@ def iban_ok(text: str) -> bool:
     return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
 
 
+_MAYBE = re.compile(r"[0-9@:]")
+
+
 @dataclass
 class Found:
     type: str
@@ -75,6 +78,8 @@ def _ipv6_ok(s: str) -> bool:
 
 def find_pii(text: str, types: tuple[str, ...] = PII_TYPES) -> list[Found]:
     """Non-overlapping PII spans, earlier detectors in PII_TYPES winning overlaps."""
+    if not _MAYBE.search(text):  # every detector needs a digit, an @ or (IPv6) a colon: most text has none
+        return []
     found: list[Found] = []
     taken: list[tuple[int, int]] = []
 
@@ -120,7 +125,10 @@ def find_pii(text: str, types: tuple[str, ...] = PII_TYPES) -> list[Found]:
 
 def redact(text: str, types: tuple[str, ...] = PII_TYPES) -> tuple[str, Counter]:
     """Text with every PII span replaced by <TYPE>, and the count of each type found."""
-    spans = find_pii(text, types)
+    return _replace(text, find_pii(text, types))
+
+
+def _replace(text: str, spans: list[Found]) -> tuple[str, Counter]:
     if not spans:
         return text, Counter()
     out, pos = [], 0
@@ -132,25 +140,49 @@ def redact(text: str, types: tuple[str, ...] = PII_TYPES) -> tuple[str, Counter]
     return "".join(out), Counter(f.type for f in spans)
 
 
-def presidio_redact(text: str, types: tuple[str, ...] = PII_TYPES) -> tuple[str, Counter]:  # pragma: no cover - optional
-    """The same contract through Microsoft Presidio (pip install presidio-analyzer presidio-anonymizer)."""
-    from presidio_analyzer import AnalyzerEngine
+_PRESIDIO_TYPES = {"EMAIL_ADDRESS": "EMAIL", "CREDIT_CARD": "CARD", "IBAN_CODE": "IBAN", "US_SSN": "SSN", "UK_NINO": "NINO",
+                   "PHONE_NUMBER": "PHONE", "IP_ADDRESS": "IP"}
 
-    mapping = {"EMAIL_ADDRESS": "EMAIL", "CREDIT_CARD": "CARD", "IBAN_CODE": "IBAN", "US_SSN": "SSN", "UK_NINO": "NINO",
-               "PHONE_NUMBER": "PHONE", "IP_ADDRESS": "IP"}
-    global _PRESIDIO
-    try:
-        _PRESIDIO
-    except NameError:
-        _PRESIDIO = AnalyzerEngine()
-    results = [r for r in _PRESIDIO.analyze(text=text, language="en") if mapping.get(r.entity_type) in types]
-    results.sort(key=lambda r: r.start)
-    out, pos, counts = [], 0, Counter()
-    for r in results:
-        if r.start < pos:
-            continue
-        out += [text[pos : r.start], f"<{mapping[r.entity_type]}>"]
-        pos = r.end
-        counts[mapping[r.entity_type]] += 1
-    out.append(text[pos:])
-    return "".join(out), counts
+
+class PresidioDetector:
+    """The same contract as find_pii through Microsoft Presidio (`pip install presidio-analyzer`; data.clean.pii_backend:
+    presidio). `model` is a spaCy pipeline name or path for Presidio's NLP engine; None builds a blank English
+    pipeline (no download: Presidio's pattern, checksum and phonenumbers recognisers, which cover every type here)."""
+
+    def __init__(self, model: str | None = None, score_threshold: float = 0.0):
+        try:
+            from presidio_analyzer import AnalyzerEngine
+            from presidio_analyzer.nlp_engine import NlpEngineProvider
+        except ImportError as e:
+            raise RuntimeError("data.clean.pii_backend: presidio needs presidio-analyzer (pip install 'tunewise[presidio]')") from e
+        import logging
+
+        logging.getLogger("tldextract").setLevel(logging.CRITICAL)  # offline: it falls back to its bundled suffix list
+        logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
+        if model is None:
+            import spacy
+
+            from ..models import cache_home
+
+            path = cache_home() / "spacy-blank-en"
+            if not (path / "config.cfg").exists():
+                spacy.blank("en").to_disk(path)
+            model = str(path)
+        nlp = NlpEngineProvider(nlp_configuration={"nlp_engine_name": "spacy", "models": [{"lang_code": "en", "model_name": model}]})
+        self.engine = AnalyzerEngine(nlp_engine=nlp.create_engine(), supported_languages=["en"])
+        self.score_threshold = score_threshold
+
+    def find(self, text: str, types: tuple[str, ...] = PII_TYPES) -> list[Found]:
+        wanted = [k for k, v in _PRESIDIO_TYPES.items() if v in types]
+        results = self.engine.analyze(text=text, language="en", entities=wanted, score_threshold=self.score_threshold)
+        # Longest, then most confident, span wins an overlap (Presidio may report a card's digits also as a phone).
+        results.sort(key=lambda r: (-(r.end - r.start), -r.score, r.start))
+        found: list[Found] = []
+        for r in results:
+            if any(r.start < f.end and f.start < r.end for f in found):
+                continue
+            found.append(Found(_PRESIDIO_TYPES[r.entity_type], r.start, r.end, text[r.start : r.end]))
+        return sorted(found, key=lambda f: f.start)
+
+    def redact(self, text: str, types: tuple[str, ...] = PII_TYPES) -> tuple[str, Counter]:
+        return _replace(text, self.find(text, types))

@@ -91,7 +91,7 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
 
     from .clean import quality_scores
 
-    scores = quality_scores(splits["train"])
+    scores = quality_scores(splits["train"], signatures=cleaner.signatures(splits["train"]) if cfg.data.clean.num_perm == 128 else None)
     selected = None
     if cfg.data.clean.select and cfg.data.clean.select < len(splits["train"]):
         order = sorted(range(len(scores)), key=lambda i: (-scores[i]["score"], i))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
@@ -31,9 +32,10 @@ class Record:
     def from_json(cls, row: dict) -> "Record":
         return cls(messages=row["messages"], source=row.get("source", ""), label=row.get("label"), meta=row.get("meta", {}))
 
-    @property
+    @cached_property
     def prompt_key(self) -> str:
-        """Normalised user turns: two records with the same key ask the same thing (leakage, grouping)."""
+        """Normalised user turns: two records with the same key ask the same thing (leakage, grouping).
+        Computed once per record (records are not changed in place: cleaning makes new ones)."""
         text = "\n".join(m["content"] for m in self.messages if m["role"] == "user")
         return re.sub(r"\s+", " ", text).strip().lower()
 
