@@ -278,13 +278,19 @@ def test_data_synth_filters_and_round_trip(kb_project, monkeypatch):
     from typer.testing import CliRunner
 
     from tunewise.cli import app
+    from tunewise.data.synth import ANSWER_SYSTEM
     from tunewise.engine import Completion, Engine
 
     replies = {"International transfers": "Question: How much does an international transfer cost?\nAnswer: 2 euros",
-               "A new card": "Question: What colour is the sky on Mars?\nAnswer: butterscotch",  # not in the chunk
+               "A new card": 'The question is: "What colour is the sky on Mars?"',  # no answer line: answered in a second pass
                "You can reset": "Sure! Here is a question about PINs."}  # unparseable
+    second = []
 
     def fake_generate(self, convs, **kw):
+        if convs and convs[0][0]["content"] == ANSWER_SYSTEM:  # the answering pass: greedy, passage + question
+            second.extend(c[-1]["content"] for c in convs)
+            assert kw["temperature"] == 0.0
+            return [Completion("butterscotch\nmore text", 10, 10, 0.1, "stop") for c in convs]  # not in the chunk
         return [Completion(next(v for key, v in replies.items() if key in c[-1]["content"]), 10, 10, 0.1, "stop") for c in convs]
 
     monkeypatch.setattr(Engine, "generate", fake_generate)
@@ -295,7 +301,9 @@ def test_data_synth_filters_and_round_trip(kb_project, monkeypatch):
     assert res.exit_code == 0, res.output
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["messages"][1]["content"] == "2 euros" and rows[0]["gold_sources"] == ["kb/fees.md"]
-    assert "3 pairs from 3 chunks: 2 parsed, 1 supported by their chunk, 1 retrieve their chunk" in res.output
+    assert second == ["Passage:\nA new card arrives within 5 working days.\n\nQuestion: What colour is the sky on Mars?"], second
+    assert "3 pairs from 3 chunks: 2 parsed (1 answered in a second pass), 1 supported by their chunk, 1 retrieve their chunk" in res.output
+    assert "'unsupported': 1" in res.output and "'unparseable': 1" in res.output
     assert "pass rate 33.3%" in res.output
 
 

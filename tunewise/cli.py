@@ -137,7 +137,7 @@ def data_synth(
             rep = synthesize(cfg, out, chunks, per_chunk, k, seed, temperature, endpoint, endpoint_model, raft,
                              progress=lambda d, t: status.update(f"generating: {d}/{t}"))
         r = rep.as_dict()
-        console.print(f"{r['generated']} pairs from {r['chunks']} chunks: {r['parsed']} parsed, {r['supported']} supported by their chunk, "
+        console.print(f"{r['generated']} pairs from {r['chunks']} chunks: {r['parsed']} parsed ({r['answered_separately']} answered in a second pass), {r['supported']} supported by their chunk, "
                       f"{r['kept']} retrieve their chunk in the top {k}; pass rate {r['pass_rate']:.1%} -> {out}")
         console.print(f"rejected: {r['rejected']}", highlight=False)
         for e in r["examples"][:3]:

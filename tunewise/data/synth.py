@@ -27,6 +27,18 @@ _Q = re.compile(r"^\s*(?:\*\*)?question(?:\*\*)?\s*[:：]\s*(.+)$", re.I | re.M)
 _A = re.compile(r"^\s*(?:\*\*)?answer(?:\*\*)?\s*[:：]\s*(.+)$", re.I | re.M)
 
 
+ANSWER_SYSTEM = "Answer the question with a short phrase copied from the passage."
+
+
+def parse_question(text: str) -> str | None:
+    """A question without its answer line (small models often stop after it): the 'Question:' line, or else
+    the first sentence ending in '?'."""
+    q = _Q.search(text)
+    cand = q.group(1) if q else next(iter(re.findall(r"[^.!?\n\"]*\?", text)), "")
+    cand = cand.strip().strip('"').strip()
+    return cand if len(cand) >= 8 and cand.endswith("?") else None
+
+
 def parse_pair(text: str) -> tuple[str, str] | None:
     q, a = _Q.search(text), _A.search(text)
     if not q or not a:
@@ -44,6 +56,7 @@ class SynthReport:
     parsed: int = 0
     supported: int = 0
     round_trip: int = 0
+    answered_separately: int = 0  # questions whose answer came from the second, answering pass
     rejected: dict = field(default_factory=lambda: {"unparseable": 0, "unsupported": 0, "round_trip": 0})
     examples: list = field(default_factory=list)
 
@@ -53,7 +66,7 @@ class SynthReport:
 
     def as_dict(self) -> dict:
         return {"chunks": self.chunks, "generated": self.generated, "parsed": self.parsed, "supported": self.supported,
-                "kept": self.round_trip, "pass_rate": round(self.pass_rate, 4), "rejected": self.rejected, "examples": self.examples}
+                "kept": self.round_trip, "answered_separately": self.answered_separately, "pass_rate": round(self.pass_rate, 4), "rejected": self.rejected, "examples": self.examples}
 
 
 def _endpoint_generate(url: str, model: str, convs: list[list[dict]], max_tokens: int, temperature: float) -> list[str]:
@@ -81,19 +94,34 @@ def synthesize(cfg, out: Path, chunks: int = 100, per_chunk: int = 1, k: int = 5
     picked = rng.sample(pool, min(chunks, len(pool)))
     convs = [[{"role": "system", "content": SYNTH_SYSTEM}, {"role": "user", "content": f"Passage:\n{c.text}"}] for c in picked for _ in range(per_chunk)]
     owners = [c for c in picked for _ in range(per_chunk)]
-    if endpoint:
-        texts = _endpoint_generate(endpoint, endpoint_model or "gpt-4o-mini", convs, 96, temperature)
-    else:
-        from ..engine import Engine
+    eng = None
 
-        eng = Engine.load(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype)
-        outs = eng.generate(convs, max_new_tokens=96, temperature=temperature, top_p=0.95, seed=seed,
+    def generate(batch: list[list[dict]], temperature: float, max_tokens: int) -> list[str]:
+        nonlocal eng
+        if endpoint:
+            return _endpoint_generate(endpoint, endpoint_model or "gpt-4o-mini", batch, max_tokens, temperature)
+        if eng is None:
+            from ..engine import Engine
+
+            eng = Engine.load(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype)
+        outs = eng.generate(batch, max_new_tokens=max_tokens, temperature=temperature, top_p=0.95, seed=seed,
                             batch_size=cfg.evaluation.batch_size, on_batch=progress)
-        texts = [o.text for o in outs]
-    rep = SynthReport(chunks=len(picked), generated=len(texts))
+        return [o.text for o in outs]
+
+    texts = generate(convs, temperature, 96)
+    # Second pass: a question that came without its answer is answered from its passage (greedy), as a
+    # reader would; the support and round-trip filters below judge it like any other pair.
+    parsed = [parse_pair(t) for t in texts]
+    lone = [(i, q) for i, (t, p) in enumerate(zip(texts, parsed)) if p is None and (q := parse_question(t))]
+    answers = generate([[{"role": "system", "content": ANSWER_SYSTEM},
+                         {"role": "user", "content": f"Passage:\n{owners[i].text}\n\nQuestion: {q}"}] for i, q in lone], 0.0, 32) if lone else []
+    for (i, q), a in zip(lone, answers):
+        a = a.strip().split("\n")[0].strip().strip('"')
+        if a:
+            parsed[i] = (q, a)
+    rep = SynthReport(chunks=len(picked), generated=len(texts), answered_separately=sum(parsed[i] is not None for i, _ in lone))
     pairs = []
-    for chunk, text in zip(owners, texts):
-        pair = parse_pair(text)
+    for chunk, pair in zip(owners, parsed):
         if pair is None:
             rep.rejected["unparseable"] += 1
             continue
