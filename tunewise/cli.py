@@ -626,17 +626,17 @@ def gate(
     _guard(run)
 
 
-def _registry(config: Path):
+def _registry(cfg):
     from .registry import Registry, registry_path
 
-    return Registry(registry_path(_load(config, None)))
+    return Registry(registry_path(cfg))
 
 
 @models_app.command("list")
 def models_list(config: Path = typer.Argument(..., help="Project config (its output_dir holds the registry).")):
     """Registered models: version, base model, kind, production marker, last gate verdict."""
     def run():
-        reg = _registry(config)
+        reg = _registry(_load(config, None))
         t = Table(title=f"registry {reg.path}")
         for h in ("model", "base model", "kind", "created", "production", "last gate"):
             t.add_column(h)
@@ -645,8 +645,7 @@ def models_list(config: Path = typer.Argument(..., help="Project config (its out
             if m.name not in prods:
                 p = reg.production(m.name)
                 prods[m.name] = p.id if p else None
-            gates = [e for e in reg.evaluations(m.id) if e["suite"] == "gate"]
-            last = gates[-1]["metrics"]["checks"] if gates else None
+            last = reg.last_gate(m.id)
             verdict = "-" if last is None else ("pass" if all(c["passed"] for c in last) else "fail: " + ", ".join(c["check"].split(":")[0] for c in last if not c["passed"]))
             t.add_row(m.ref, m.base_model, "adapter" if m.adapter else "full", time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created)),
                       "*" if prods[m.name] == m.id else "", verdict)
@@ -660,7 +659,7 @@ def models_show(config: Path = typer.Argument(..., help="Project config."),
                 ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME:production.")):
     """One model's record: path, lineage (base model, training run, dataset hashes), evaluations, promotion history."""
     def run():
-        reg = _registry(config)
+        reg = _registry(_load(config, None))
         m = reg.get(ref)
         console.print_json(json.dumps({**m.as_dict(), "evaluations": [{k: e[k] for k in ("suite", "created")} | {"checks": e["metrics"].get("checks")}
                                                                         for e in reg.evaluations(m.id)],
@@ -677,12 +676,12 @@ def models_promote(config: Path = typer.Argument(..., help="Project config."),
     def run():
         from .registry import RegistryError
 
-        reg = _registry(config)
+        reg = _registry(_load(config, None))
         m = reg.get(ref)
-        gates = [e for e in reg.evaluations(m.id) if e["suite"] == "gate"]
-        passed = bool(gates) and all(c["passed"] for c in gates[-1]["metrics"]["checks"])
+        checks = reg.last_gate(m.id)
+        passed = checks is not None and all(c["passed"] for c in checks)
         if not passed and not force:
-            raise RegistryError(f"{m.ref} has {'no gate verdict' if not gates else 'a failing gate verdict'}; run `tunewise gate` or pass --force")
+            raise RegistryError(f"{m.ref} has {'no gate verdict' if checks is None else 'a failing gate verdict'}; run `tunewise gate` or pass --force")
         reg.promote(m.id, {"manual": True, "gate_passed": passed}, forced=not passed)
         console.print(f"production: {m.ref}" + (" (forced)" if not passed else ""))
 
@@ -695,7 +694,7 @@ def models_rollback(config: Path = typer.Argument(..., help="Project config."),
     """Production goes back to the model that was production before the current one."""
     def run():
         cfg = _load(config, None)
-        reg = _registry(config)
+        reg = _registry(cfg)
         n = name or cfg.gate.name or cfg.project
         before = reg.production(n)
         m = reg.rollback(n)
@@ -743,13 +742,12 @@ def export(
     cfg = _load(config, None)
 
     def run():
-        from .registry import Registry, registry_path
         from .serve.export import export_model
 
         if Path(ref).is_dir():
             src, name = Path(ref), Path(ref).name
         else:
-            reg = Registry(registry_path(cfg))
+            reg = _registry(cfg)
             m = reg.get(f"{cfg.gate.name or cfg.project}:production" if ref == "production" else ref)
             src, name = Path(m.path), m.ref
         done = export_model(src, out, name, merge=merge, adapter=adapter)

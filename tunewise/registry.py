@@ -219,6 +219,11 @@ class Registry:
         return [{"id": i, "suite": s, "metrics": json.loads(m), "created": c}
                 for i, s, m, c in self.db.execute("SELECT id, suite, metrics, created FROM evaluations WHERE model_id=? ORDER BY id", (model_id,))]
 
+    def last_gate(self, model_id: int) -> list[dict] | None:
+        """The checks of the model's latest gate verdict, or None if it was never gated."""
+        gates = [e for e in self.evaluations(model_id) if e["suite"] == "gate"]
+        return gates[-1]["metrics"]["checks"] if gates else None
+
     def promotions(self, name: str) -> list[dict]:
         rows = self.db.execute("SELECT p.id, p.action, p.forced, p.verdict, p.created, m.version FROM promotions p"
                                " LEFT JOIN models m ON m.id = p.model_id WHERE p.name=? ORDER BY p.id", (name,))

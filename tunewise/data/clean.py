@@ -169,29 +169,32 @@ class Cleaner:
             out.append(r)
         return out
 
-    def _hashes(self, texts: list[str]) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
-        """Shingle hashes (flat, offsets) and MinHash signatures of texts; signatures are remembered per text, so the
-        near-dedup, the leakage check and the quality score compute each once."""
+    def _signatures(self, texts: list[str], flat=None, off=None) -> "np.ndarray":
+        """MinHash signatures of texts, [texts, num_perm], remembered per text so the near-dedup, the leakage
+        check and the quality score compute each once; `flat, off` (batch_shingle_hashes of texts) are reused
+        when every text is new, otherwise only the new texts are shingled."""
         import numpy as np
 
         from .minhash import NearDupIndex, batch_shingle_hashes
 
-        index = NearDupIndex(self.c.near_dup_threshold, self.c.num_perm)  # the permutations depend on num_perm only
-        flat, off = batch_shingle_hashes(texts)
         todo = [i for i, t in enumerate(texts) if t not in self._sigs]
         if todo:
-            if len(todo) == len(texts):
-                new = index.signatures(flat, off)
-            else:
-                sub, sub_off = batch_shingle_hashes([texts[i] for i in todo])
-                new = index.signatures(sub, sub_off)
-            for i, sig in zip(todo, new):
+            index = NearDupIndex(self.c.near_dup_threshold, self.c.num_perm)  # the permutations depend on num_perm only
+            if flat is None or len(todo) < len(texts):
+                flat, off = batch_shingle_hashes([texts[i] for i in todo])
+            for i, sig in zip(todo, index.signatures(flat, off)):
                 self._sigs[texts[i]] = sig
-        sigs = np.stack([self._sigs[t] for t in texts]) if texts else np.zeros((0, self.c.num_perm), dtype=np.uint32)
-        return flat, off, sigs
+        return np.stack([self._sigs[t] for t in texts]) if texts else np.zeros((0, self.c.num_perm), dtype=np.uint32)
+
+    def _hashes(self, texts: list[str]) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+        """Shingle hashes (flat, offsets) and MinHash signatures of texts."""
+        from .minhash import batch_shingle_hashes
+
+        flat, off = batch_shingle_hashes(texts)
+        return flat, off, self._signatures(texts, flat, off)
 
     def signatures(self, records: list[Record]) -> "np.ndarray":
-        return self._hashes([r.prompt_key for r in records])[2]
+        return self._signatures([r.prompt_key for r in records])
 
     def _near_dedup(self, records: list[Record], bad: list[BadRecord]) -> list[Record]:
         """MinHash LSH over the prompt (user turns): a record whose prompt is within the Jaccard threshold of an

@@ -149,12 +149,14 @@ class PresidioDetector:
     presidio). `model` is a spaCy pipeline name or path for Presidio's NLP engine; None builds a blank English
     pipeline (no download: Presidio's pattern, checksum and phonenumbers recognisers, which cover every type here)."""
 
-    def __init__(self, model: str | None = None, score_threshold: float = 0.0):
+    def __init__(self, model: str | None = None):
+        from ..config import ConfigError
+
         try:
             from presidio_analyzer import AnalyzerEngine
             from presidio_analyzer.nlp_engine import NlpEngineProvider
         except ImportError as e:
-            raise RuntimeError("data.clean.pii_backend: presidio needs presidio-analyzer (pip install 'tunewise[presidio]')") from e
+            raise ConfigError("data.clean.pii_backend: presidio needs presidio-analyzer (pip install 'tunewise[presidio]')") from e
         import logging
 
         logging.getLogger("tldextract").setLevel(logging.CRITICAL)  # offline: it falls back to its bundled suffix list
@@ -169,12 +171,16 @@ class PresidioDetector:
                 spacy.blank("en").to_disk(path)
             model = str(path)
         nlp = NlpEngineProvider(nlp_configuration={"nlp_engine_name": "spacy", "models": [{"lang_code": "en", "model_name": model}]})
-        self.engine = AnalyzerEngine(nlp_engine=nlp.create_engine(), supported_languages=["en"])
-        self.score_threshold = score_threshold
+        try:
+            engine = nlp.create_engine()
+        except OSError as e:  # spaCy: no such installed pipeline or directory
+            raise ConfigError(f"data.clean.presidio_model: cannot load spaCy pipeline {model!r} ({e}); "
+                               "give an installed pipeline's name or path, or null for the blank English pipeline") from e
+        self.engine = AnalyzerEngine(nlp_engine=engine, supported_languages=["en"])
 
     def find(self, text: str, types: tuple[str, ...] = PII_TYPES) -> list[Found]:
         wanted = [k for k, v in _PRESIDIO_TYPES.items() if v in types]
-        results = self.engine.analyze(text=text, language="en", entities=wanted, score_threshold=self.score_threshold)
+        results = self.engine.analyze(text=text, language="en", entities=wanted)
         # Longest, then most confident, span wins an overlap (Presidio may report a card's digits also as a phone).
         results.sort(key=lambda r: (-(r.end - r.start), -r.score, r.start))
         found: list[Found] = []
