@@ -142,3 +142,29 @@ def test_quality_score_and_select(tmp_path):
     q = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
     assert len(kept) == 5 and {x["where"] for x in q} == {"line 6", "line 7"} and all("not selected" in x["reason"] for x in q)
     assert "--select kept 5" in res.output
+
+
+def test_perplexity_signal_marks_garbled_answers_with_the_real_model(tmp_path):
+    """data.clean.perplexity: the bundled SmolLM2 scores each answer; the garbled one gets the lowest signal."""
+    from tunewise.config import load_config
+    from tunewise.data.prepare import prepare_data
+
+    fluent = [("What is the capital of France?", "The capital of France is Paris."),
+              ("How many days are in a week?", "There are seven days in a week."),
+              ("What colour is the sky on a clear day?", "On a clear day the sky is blue."),
+              ("What do bees make?", "Bees make honey from the nectar of flowers."),
+              ("Which planet do we live on?", "We live on the planet Earth."),
+              ("What is water made of?", "Water is made of hydrogen and oxygen.")]
+    garbled = ("What is the capital of Italy?", "Qx zvrp tlok wuuq brrn gfx plim snorq vatt.")
+    rows = fluent + [garbled]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}) + "\n"
+                                                  for u, a in rows))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"output_dir": "out", "data": {"format": "openai", "train": "train.jsonl",
+                                                     "split": {"validation": 0.0, "test": 0.0}, "clean": {"perplexity": True}}}))
+    p = prepare_data(load_config(tmp_path / "t.yaml"))
+    lowest = p.summary["quality"]["lowest"]
+    by_ppl = sorted(lowest, key=lambda x: x["perplexity"])
+    print("\nperplexity signal:", [(x["source"].split(":")[-1], x["perplexity"], x["score"]) for x in by_ppl])
+    assert by_ppl[0]["source"] == "train.jsonl:line 7" and by_ppl[0]["perplexity"] < 0.5, lowest
+    assert all(x["perplexity"] > 0.5 for x in by_ppl[1:]), lowest
+    assert lowest[0]["source"] == "train.jsonl:line 7"  # and it is the lowest overall score

@@ -184,6 +184,6 @@ def test_presidio_backend_on_the_same_planted_set(tmp_path, monkeypatch):
     cleaner = Cleaner(CleanConfig(pii_backend="presidio"))
     r = Record([{"role": "user", "content": "mail me at jo@example.com, card 4111 1111 1111 1111"},
                 {"role": "assistant", "content": "done"}], "x.jsonl:line 1")
-    out = cleaner.run([r], [], drop=False)[0]
+    out = cleaner.transform([r])[0]
     assert out.messages[0]["content"] == "mail me at <EMAIL>, card <CARD>"
     assert cleaner.pii_found == {"EMAIL": 1, "CARD": 1}

@@ -78,3 +78,68 @@ def test_sample_is_seeded_and_spreads_over_a_sorted_file():
     assert s == sample_records(list(reversed(rs)), 50) and len(s) == 50
     assert len({r.label for r in s}) == 10  # the first 50 would hold 2 labels
     assert sample_records(rs, None) == rs and sample_records(rs, 1000) == rs
+
+
+def _messy_file(path, n=400, seed=0):
+    """Records with exact and near duplicates spread far apart, PII, a bad line: cross-chunk work for prepare."""
+    rng = random.Random(seed)
+    base = [f"my card number {i} has not arrived after {i % 7 + 2} weeks, what should i do about order {i * 37}" for i in range(60)]
+    lines = []
+    for i in range(n):
+        text = rng.choice(base)
+        r = rng.random()
+        if r < 0.3:
+            text = text.replace("what", "so what", 1)  # a near duplicate of another draw
+        elif r < 0.6:
+            text = f"{text} (ticket {i})"
+        if i % 9 == 0:
+            text += f" mail me at user{i}@example.com"
+        lab = f"L{hash(text.split(' has')[0]) % 5}"
+        lines.append(json.dumps({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": lab}], "label": lab}))
+    lines.insert(123, "{broken")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_streaming_in_small_chunks_gives_the_same_result(tmp_path):
+    """prepare streams chunk_size records at a time; dedup, near-dedup, leaks, scores and --select work across
+    chunks, so 7 records at a time gives byte-identical splits, the same quarantine and the same summary as
+    everything in one chunk. Nothing is left in the work directory."""
+    _messy_file(tmp_path / "train.jsonl")
+    (tmp_path / "test.jsonl").write_text("".join(l + "\n" for l in (tmp_path / "train.jsonl").read_text().splitlines()[300:320] if "broken" not in l))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"output_dir": "out", "data": {
+        "format": "openai", "train": "train.jsonl", "test": "test.jsonl", "split": {"validation": 0.1},
+        "clean": {"near_dup_threshold": 0.8, "drop_leaks": True, "select": 60}}}))
+    cfg = load_config(tmp_path / "t.yaml")
+    outs = {}
+    for chunk in (7, 100_000):
+        p = prepare_data(cfg, tmp_path / f"c{chunk}", chunk_size=chunk)
+        files = {f: (p.dir / f).read_bytes() for f in ("train.jsonl", "validation.jsonl", "test.jsonl")}
+        quarantine = sorted((p.dir / "quarantine.jsonl").read_text().splitlines())
+        summary = {k: v for k, v in p.summary.items() if k not in ("report",)}
+        outs[chunk] = (files, quarantine, summary)
+        assert sorted(x.name for x in p.dir.iterdir()) == ["quarantine.jsonl", "report.html", "summary.json", "test.jsonl", "train.jsonl", "validation.jsonl"]
+    small, big = outs[7], outs[100_000]
+    assert small[0] == big[0] and small[1] == big[1]
+    assert {k: v for k, v in small[2].items() if k != "quarantine_examples"} == {k: v for k, v in big[2].items() if k != "quarantine_examples"}
+    s = big[2]
+    steps = {k: v["dropped"] for k, v in s["cleaning"]["steps"].items()}
+    assert steps["dedup"] > 10 and steps["near_dedup"] > 10 and s["leaks"]["dropped"] > 0  # the file exercises every step
+    assert s["outputs"]["train"]["records"] == 60 and s["quality"]["selected"]["kept"] == 60
+    assert s["read"]["valid"] == 420 and s["read"]["quarantined"] + sum(o["records"] for o in s["outputs"].values()) == 421  # + the broken line
+
+
+def test_label_agreement_spilled_to_disk_equals_in_memory(tmp_path):
+    import numpy as np
+
+    from tunewise.data.clean import _label_agreement
+    from tunewise.data.minhash import NearDupIndex, batch_shingle_hashes
+
+    rng = random.Random(1)
+    texts = [f"where is my card number {rng.randrange(30)} please {rng.choice(['help', 'now', 'today'])}" for _ in range(300)]
+    flat, off = batch_shingle_hashes(texts)
+    sigs = NearDupIndex(0.6, 128).signatures(flat, off)
+    labels = np.array([rng.randrange(3) for _ in texts])
+    rows = np.arange(len(texts))[::-1].copy()  # rows need not be in order
+    mem = _label_agreement(labels[rows], sigs, rows, 0.6)
+    disk = _label_agreement(labels[rows], sigs, rows, 0.6, work_dir=tmp_path, pairs_per_part=50)  # many partitions
+    assert np.array_equal(mem, disk) and (mem < 1).any() and not list(tmp_path.iterdir())

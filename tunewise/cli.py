@@ -105,8 +105,9 @@ def data_prepare(
         from .data.prepare import prepare_data
         from .models import load_tokenizer
 
-        with console.status("reading and validating records"):
-            prepared = prepare_data(cfg, tokenizer=load_tokenizer(cfg.model.name))
+        with console.status("reading and validating records") as status:
+            prepared = prepare_data(cfg, tokenizer=load_tokenizer(cfg.model.name),
+                                    progress=lambda stage, n: status.update(f"{stage}: {n:,} records"))
         _print_data_summary(prepared)
 
     _guard(run)

@@ -2,23 +2,26 @@
 
 Steps, in order: Unicode/whitespace normalisation -> PII redaction -> filters (empty or too short/long
 turns, repetitive answers, answers that copy the prompt) -> exact dedup -> near-duplicate removal
-(MinHash LSH over the prompt: tunewise/data/minhash.py). A record a step drops goes to quarantine with the reason
-(and, for duplicates, the record it duplicates); a record a step changes is counted, with examples.
+(MinHash LSH over the prompt: tunewise/data/dedup.py). The per-record steps live here; the steps that look across
+records (dedup, near-dedup, leakage) run on compact per-record arrays in tunewise/data/dedup.py, so that
+`data prepare` streams. A record a step drops goes to quarantine with the reason (and, for duplicates, the record
+it duplicates); a record a step changes is counted, with examples.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .pii import PII_TYPES, redact
 from .records import BadRecord, Record
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\u200c\u200d\u2060\ufeff]")
-_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
+# runs of 2+ spaces, or any other horizontal space: a lone " " (most of them) is not touched, which is 10x faster on prose
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]{2,}|[\t\u00a0\u2000-\u200a\u202f\u205f\u3000]")
 
 
 @dataclass
@@ -78,7 +81,7 @@ class Cleaner:
         self.pii_found: Counter = Counter()
         self.clusters: list[dict] = []
         self.label_conflicts = 0
-        self._sigs: dict = {}  # prompt text -> MinHash signature
+        self.repetition_of: dict[int, float] = {}  # id(record) -> repetition(answer), computed by keep()
         self._redact_fn = redact
         if cfg.pii and cfg.pii_backend == "presidio":
             from .pii import PresidioDetector
@@ -88,20 +91,12 @@ class Cleaner:
     def step(self, name: str) -> StepReport:
         return self.steps.setdefault(name, StepReport())
 
-    def run(self, records: list[Record], bad: list[BadRecord], drop: bool = True) -> list[Record]:
-        """Clean records; with drop=False (a given validation/test file) only normalise and redact, never thin."""
-        c = self.c
-        if c.normalize:
+    def transform(self, records: list[Record]) -> list[Record]:
+        """The steps that change records one at a time: normalisation and PII redaction (as configured)."""
+        if self.c.normalize:
             records = [self._normalize(r) for r in records]
-        if c.pii:
+        if self.c.pii:
             records = [self._redact(r) for r in records]
-        if not drop:
-            return records
-        records = [r for r in records if self._keep(r, bad)]
-        if c.dedup:
-            records = self._dedup(records, bad)
-        if c.near_dedup:
-            records = self._near_dedup(records, bad)
         return records
 
     def _normalize(self, r: Record) -> Record:
@@ -131,137 +126,32 @@ class Cleaner:
             s.note({"source": r.source, "found": dict(found), "after": out.messages[i]["content"][:200]})
         return out
 
-    def _drop(self, step: str, r: Record, reason: str, bad: list[BadRecord]) -> None:
+    def drop(self, step: str, r: Record, reason: str, bad) -> None:
         s = self.step(step)
         s.dropped += 1
         s.note({"source": r.source, "reason": reason})
         file, _, where = r.source.rpartition(":")
         bad.append(BadRecord(file or r.source, where or "", reason, r.to_json()))
 
-    def _keep(self, r: Record, bad: list[BadRecord]) -> bool:
+    def keep(self, r: Record, bad) -> bool:
+        """The filters; a record that fails one goes to `bad` (anything with append) with the reason."""
         c = self.c
         for m in r.messages:
             n = len(m["content"])
             if m["role"] != "system" and n < c.min_chars:
-                self._drop("filter", r, f"{m['role']} turn too short ({n} < {c.min_chars} characters)", bad)
+                self.drop("filter", r, f"{m['role']} turn too short ({n} < {c.min_chars} characters)", bad)
                 return False
             if c.max_chars and n > c.max_chars:
-                self._drop("filter", r, f"{m['role']} turn too long ({n} > {c.max_chars} characters)", bad)
+                self.drop("filter", r, f"{m['role']} turn too long ({n} > {c.max_chars} characters)", bad)
                 return False
-        rep = repetition(r.answer)
+        rep = self.repetition_of[id(r)] = repetition(r.answer)  # kept for the quality score (prepare pops it)
         if rep > c.max_repetition:
-            self._drop("filter", r, f"repetitive answer ({rep:.0%} of its word 3-grams repeat)", bad)
+            self.drop("filter", r, f"repetitive answer ({rep:.0%} of its word 3-grams repeat)", bad)
             return False
         if c.drop_copies and copies_prompt(r):
-            self._drop("filter", r, "the answer copies the prompt", bad)
+            self.drop("filter", r, "the answer copies the prompt", bad)
             return False
         return True
-
-    def _dedup(self, records: list[Record], bad: list[BadRecord]) -> list[Record]:
-        seen: dict[str, Record] = {}
-        out = []
-        for r in records:
-            key = hashlib.sha256(repr([(m["role"], m["content"]) for m in r.messages]).encode()).hexdigest()
-            if key in seen:
-                self._drop("dedup", r, f"exact duplicate of {seen[key].source}", bad)
-                continue
-            seen[key] = r
-            out.append(r)
-        return out
-
-    def _signatures(self, texts: list[str], flat=None, off=None) -> "np.ndarray":
-        """MinHash signatures of texts, [texts, num_perm], remembered per text so the near-dedup, the leakage
-        check and the quality score compute each once; `flat, off` (batch_shingle_hashes of texts) are reused
-        when every text is new, otherwise only the new texts are shingled."""
-        import numpy as np
-
-        from .minhash import NearDupIndex, batch_shingle_hashes
-
-        todo = [i for i, t in enumerate(texts) if t not in self._sigs]
-        if todo:
-            index = NearDupIndex(self.c.near_dup_threshold, self.c.num_perm)  # the permutations depend on num_perm only
-            if flat is None or len(todo) < len(texts):
-                flat, off = batch_shingle_hashes([texts[i] for i in todo])
-            for i, sig in zip(todo, index.signatures(flat, off)):
-                self._sigs[texts[i]] = sig
-        return np.stack([self._sigs[t] for t in texts]) if texts else np.zeros((0, self.c.num_perm), dtype=np.uint32)
-
-    def _hashes(self, texts: list[str]) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
-        """Shingle hashes (flat, offsets) and MinHash signatures of texts."""
-        from .minhash import batch_shingle_hashes
-
-        flat, off = batch_shingle_hashes(texts)
-        return flat, off, self._signatures(texts, flat, off)
-
-    def signatures(self, records: list[Record]) -> "np.ndarray":
-        return self._signatures([r.prompt_key for r in records])
-
-    def _near_dedup(self, records: list[Record], bad: list[BadRecord]) -> list[Record]:
-        """MinHash LSH over the prompt (user turns): a record whose prompt is within the Jaccard threshold of an
-        earlier kept one is dropped; different labels inside a cluster are reported as label conflicts.
-
-        LSH band keys are computed for all records at once; a record that shares no band key with any other
-        cannot be anybody's candidate, so only the colliding ones go through the sequential find/add."""
-        import numpy as np
-
-        from .minhash import NearDupIndex, colliding
-
-        index = NearDupIndex(self.c.near_dup_threshold, self.c.num_perm)
-        flat, offsets, sigs = self._hashes([r.prompt_key for r in records])
-        keys = index.band_keys(sigs)
-        maybe = colliding(keys)
-        indexed: list[Record] = []
-        out = []
-        for i, r in enumerate(records):
-            if not maybe[i]:
-                out.append(r)
-                continue
-            h, k = np.unique(flat[offsets[i] : offsets[i + 1]]), keys[i].tolist()
-            hit = index.find(h, keys=k)
-            if hit is not None:
-                match = indexed[hit[0]]
-                conflict = r.label != match.label
-                self.label_conflicts += conflict
-                self._drop("near_dedup", r, f"near-duplicate of {match.source}" + (f" (label {r.label!r} vs {match.label!r})" if conflict else ""), bad)
-                if len(self.clusters) < 50:
-                    self.clusters.append({"kept": match.source, "dropped": r.source, "jaccard": round(hit[1], 3), "label_conflict": conflict,
-                                          "kept_text": match.prompt_key[:120], "dropped_text": r.prompt_key[:120]})
-                continue
-            index.add(h, keys=k)
-            indexed.append(r)
-            out.append(r)
-        return out
-
-    def near_leaks(self, splits: dict[str, list[Record]]) -> list[dict]:
-        """Training prompts that are near-duplicates (Jaccard >= threshold) of a validation or test prompt.
-        Only training prompts sharing an LSH band key with an evaluation prompt are compared (vectorised)."""
-        import numpy as np
-
-        from .minhash import NearDupIndex
-
-        evals = [(name, r) for name in ("validation", "test") for r in splits.get(name, [])]
-        train = splits.get("train", [])
-        if not evals or not train:
-            return []
-        index = NearDupIndex(self.c.near_dup_threshold, self.c.num_perm)
-        flat, off, sigs = self._hashes([r.prompt_key for _, r in evals])
-        ekeys = index.band_keys(sigs)
-        for i in range(len(evals)):
-            index.add(np.unique(flat[off[i] : off[i + 1]]), keys=ekeys[i].tolist())
-        flat, off, sigs = self._hashes([r.prompt_key for r in train])
-        tkeys = index.band_keys(sigs)
-        cand = np.zeros(len(train), dtype=bool)
-        for b in range(tkeys.shape[1]):
-            cand |= np.isin(tkeys[:, b], ekeys[:, b])
-        out = []
-        for i in np.flatnonzero(cand):
-            r = train[i]
-            hit = index.find(np.unique(flat[off[i] : off[i + 1]]), keys=tkeys[i].tolist())
-            if hit is not None:
-                name, other = evals[hit[0]]
-                out.append({"train": r.source, "split": name, "other": other.source, "jaccard": round(hit[1], 3),
-                            "prompt": r.prompt_key[:200], "record": r})
-        return out
 
     def report(self) -> dict:
         return {"steps": {k: {"changed": v.changed, "dropped": v.dropped, "examples": v.examples} for k, v in self.steps.items()},
@@ -271,7 +161,7 @@ class Cleaner:
 __all__ = ["Cleaner", "normalize_text", "repetition", "copies_prompt", "PII_TYPES"]
 
 
-def quality_scores(records: list[Record], neighbour_threshold: float = 0.6, signatures=None) -> list[dict]:
+def quality_scores(records: list[Record], neighbour_threshold: float = 0.6) -> list[dict]:
     """A per-record quality score in [0, 1] from simple signals, each also returned:
 
     - length: how typical the answer's and prompt's lengths are for this data (a Gaussian on the z-score of
@@ -280,75 +170,130 @@ def quality_scores(records: list[Record], neighbour_threshold: float = 0.6, sign
     - label: for labelled data, the share of similar prompts (Jaccard of character 5-grams >= neighbour_threshold,
       estimated from MinHash signatures) that carry the same label (1 when there are none): a label its
       look-alikes disagree with is suspect.
-    The score is the mean of the signals. `signatures` (Cleaner.signatures of the same records, 128 permutations)
-    saves computing them again.
+    The score is the mean of the signals. `data prepare` computes the same from its per-record arrays
+    (quality_from_signals) without holding the records.
     """
+    import numpy as np
+
+    from .minhash import NearDupIndex, batch_shingle_hashes
+    from .split import label_ids
+
+    if not records:
+        return []
+    flat, off = batch_shingle_hashes([r.prompt_key for r in records])
+    sigs = NearDupIndex(neighbour_threshold, QUALITY_PERM).signatures(flat, off)
+    labels = label_ids([r.label for r in records])[0] if any(r.label is not None for r in records) else None
+    return quality_from_signals(np.array([len(r.answer.split()) for r in records]), np.array([len(r.prompt_key.split()) for r in records]),
+                                np.array([1.0 - repetition(r.answer) for r in records]), labels, sigs, np.arange(len(records)), neighbour_threshold)
+
+
+QUALITY_PERM = 128  # MinHash permutations behind the label signal: standard error ~0.04 at Jaccard 0.6
+
+
+def quality_from_signals(answer_words, prompt_words, rep, labels, sigs, rows, neighbour_threshold: float = 0.6) -> list[dict]:
+    """quality_scores from per-record arrays: word counts of answer and prompt, 1 - repetition, label ids (None:
+    unlabelled data), and MinHash signatures (128 permutations) sigs[rows[i]] of record i's prompt."""
+    q = quality_arrays(answer_words, prompt_words, rep, labels, sigs, rows, neighbour_threshold)
+    return [score_dict(q, i) for i in range(len(rows))]
+
+
+def score_dict(q: dict, i: int) -> dict:
+    """Record i's score and signals from quality_arrays, as quality_scores gives them."""
+    return {k: float(v[i]) for k, v in q.items()}
+
+
+def quality_arrays(answer_words, prompt_words, rep, labels, sigs, rows, neighbour_threshold: float = 0.6, work_dir=None, nll=None) -> dict:
+    """quality_from_signals as arrays {"score", "length", "repetition"[, "label"]} (8 bytes a record each, where a
+    list of dicts takes ~400). sigs may be a disk-backed np.memmap; with work_dir the label signal's candidate
+    pairs are spilled there (see _label_agreement), so memory stays bounded. nll: the answers' mean negative
+    log-likelihood under the base model (data/perplexity.py), which adds the "perplexity" signal."""
     import math
 
     import numpy as np
 
-    if not records:
-        return []
-    la = np.log1p([len(r.answer.split()) for r in records])
-    lp = np.log1p([len(r.prompt_key.split()) for r in records])
+    n = len(rows)
+    names = ["score", "length", "repetition"] + (["label"] if labels is not None else []) + (["perplexity"] if nll is not None else [])
+    out = {k: np.zeros(n) for k in names}
+    if not n:
+        return out
+    la, lp = np.log1p(np.asarray(answer_words)), np.log1p(np.asarray(prompt_words))
 
     def gauss(x):
         sd = float(x.std()) or 1.0
         return np.exp(-0.5 * ((x - float(np.median(x))) / sd) ** 2)
 
     length = (gauss(la) + gauss(lp)) / 2
-    labelled = any(r.label is not None for r in records)
-    label = _label_agreement(records, neighbour_threshold, signatures=signatures) if labelled else np.ones(len(records))
-    out = []
-    for i, r in enumerate(records):
-        rep = 1.0 - repetition(r.answer)
-        signals = {"length": round(float(length[i]), 4), "repetition": round(rep, 4)}
-        if labelled:
-            signals["label"] = round(float(label[i]), 4)
-        out.append({"score": round(sum(signals.values()) / len(signals), 4), **signals})
-    assert all(not math.isnan(o["score"]) for o in out)
+    label = _label_agreement(labels, sigs, rows, neighbour_threshold, work_dir=work_dir) if labels is not None else None
+    if nll is not None:
+        from .perplexity import perplexity_signal
+
+        ppl = perplexity_signal(nll)
+    for i in range(n):  # Python's round, as the scores were always computed: identical values whatever the path
+        signals = [round(float(length[i]), 4), round(float(rep[i]), 4)] + ([round(float(label[i]), 4)] if label is not None else [])
+        if nll is not None:
+            signals.append(round(float(ppl[i]), 4))
+        out["score"][i] = round(sum(signals) / len(signals), 4)
+        for k, v in zip(names[1:], signals):
+            out[k][i] = v
+    assert not math.isnan(float(out["score"].sum()))
     return out
 
 
-def _label_agreement(records: list[Record], threshold: float, num_perm: int = 128, window: int = 8, signatures=None) -> "np.ndarray":
+def _label_agreement(labels, sigs, rows, threshold: float, window: int = 8, pair_chunk: int = 100_000, work_dir=None,
+                     pairs_per_part: int = 1_000_000) -> "np.ndarray":
     """Per record, the share of its look-alikes (estimated Jaccard >= threshold) with the same label; 1 without any.
 
     Vectorised: in every LSH band the records are sorted by band key and each is paired with the next
     `window` records of the same key (so a huge bucket costs n * window pairs, not n^2); the pairs'
-    Jaccard is estimated from the MinHash signatures (128 permutations: standard error ~0.04 at 0.6),
-    which is enough for a soft score. 100,000 records take a few seconds (bench/data_prep.py)."""
+    Jaccard is estimated from the MinHash signatures, which is enough for a soft score. One band's columns
+    are read at a time. A pair found in several bands counts once: the pairs are made unique in memory, or,
+    with work_dir, in partitions spilled to files there (pair id mod P, ~pairs_per_part pairs each), so memory does not
+    grow with the number of pairs (bench/data_prep.py)."""
     import numpy as np
 
-    from .minhash import NearDupIndex, _bands, band_keys, batch_shingle_hashes
+    from .minhash import _bands, band_keys
 
-    n = len(records)
-    if signatures is not None and signatures.shape == (n, num_perm):
-        sigs = signatures
-    else:
-        flat, off = batch_shingle_hashes([r.prompt_key for r in records])
-        sigs = NearDupIndex(threshold, num_perm).signatures(flat, off)
-    _, labels = np.unique(np.array([str(r.label) for r in records]), return_inverse=True)
-    bands, rows = _bands(threshold, num_perm, recall=0.95)
+    rows = np.asarray(rows)
+    n = len(rows)
+    labels = np.asarray(labels)
+    bands, r = _bands(threshold, QUALITY_PERM, recall=0.95)
+    parts = 1 if work_dir is None else max(1, n * window * bands // 8 // pairs_per_part)
+    files = [open(f"{work_dir}/pairs-{k}.i64", "wb") for k in range(parts)] if work_dir is not None else None
     found = []
-    all_keys = band_keys(sigs, bands, rows)
     for b in range(bands):
-        key = all_keys[:, b]
+        key = band_keys(np.asarray(sigs[:, b * r : (b + 1) * r])[rows], 1, r)[:, 0]
         order = np.argsort(key, kind="stable")
         ks = key[order]
         for d in range(1, min(window, n - 1) + 1):
             same = ks[d:] == ks[:-d]
             i, j = order[:-d][same], order[d:][same]
-            found.append(np.minimum(i, j).astype(np.int64) * n + np.maximum(i, j))
+            pair = np.minimum(i, j).astype(np.int64) * n + np.maximum(i, j)
+            if files is None:
+                found.append(pair)
+            else:
+                part = pair % parts
+                for k in range(parts):
+                    pair[part == k].tofile(files[k])
     agree = np.zeros(n)
     count = np.zeros(n)
-    if found:
-        pair = np.unique(np.concatenate(found))
-        for s in range(0, len(pair), 200_000):  # bounded memory: [chunk, num_perm] comparisons at a time
-            p = pair[s : s + 200_000]
+
+    def tally(pair):
+        nonlocal agree, count
+        for s in range(0, len(pair), pair_chunk):  # bounded memory: [chunk, 128] comparisons at a time
+            p = pair[s : s + pair_chunk]
             i, j = p // n, p % n
-            near = (sigs[i] == sigs[j]).mean(axis=1) >= threshold
+            near = (np.asarray(sigs[rows[i]]) == np.asarray(sigs[rows[j]])).mean(axis=1) >= threshold
             i, j = i[near], j[near]
             same = (labels[i] == labels[j]).astype(float)
             count += np.bincount(i, minlength=n) + np.bincount(j, minlength=n)
             agree += np.bincount(i, weights=same, minlength=n) + np.bincount(j, weights=same, minlength=n)
+
+    if files is None:
+        if found:
+            tally(np.unique(np.concatenate(found)))
+    else:
+        for f in files:
+            f.close()
+            tally(np.unique(np.fromfile(f.name, dtype=np.int64)))
+            Path(f.name).unlink()
     return np.where(count > 0, agree / np.maximum(count, 1), 1.0)

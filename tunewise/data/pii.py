@@ -58,6 +58,18 @@ def iban_ok(text: str) -> bool:
 
 
 _MAYBE = re.compile(r"[0-9@:]")
+# Necessary conditions of each detector, without lookarounds so that the regex engine can skip ahead to a
+# possible first character: on long prose (a 5 KB answer) the detectors cost ~1.3 ms, the guards ~0.1.
+_GUARD = {
+    "CARD": re.compile(r"\d(?:[ -]?\d){12}"),
+    "IBAN": re.compile(r"[A-Z]{2}\d{2}"),
+    "SSN": re.compile(r"\d{3}[- ]\d{2}[- ]\d{4}"),
+    "NINO": re.compile(r"[A-Z]{2} ?\d{2} ?\d{2} ?\d{2} ?[A-D]"),
+    "IPV4": re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d"),
+    "PHONE": re.compile(r"\d[\d .()-]{5,}\d"),
+}
+# One pass for all of them (IBAN and NINO need an upper-case pair before their digits; the rest, a digit run).
+_ANY_GUARD = re.compile(r"\d[\d .()-]{5,}\d|\d{1,3}\.\d{1,3}\.\d{1,3}\.\d|[A-Z]{2} ?\d{2}")
 
 
 @dataclass
@@ -80,6 +92,8 @@ def find_pii(text: str, types: tuple[str, ...] = PII_TYPES) -> list[Found]:
     """Non-overlapping PII spans, earlier detectors in PII_TYPES winning overlaps."""
     if not _MAYBE.search(text):  # every detector needs a digit, an @ or (IPv6) a colon: most text has none
         return []
+    if "@" not in text and text.count(":") < 2 and not _ANY_GUARD.search(text):  # prose with a few numbers
+        return []
     found: list[Found] = []
     taken: list[tuple[int, int]] = []
 
@@ -91,8 +105,10 @@ def find_pii(text: str, types: tuple[str, ...] = PII_TYPES) -> list[Found]:
         taken.append((a, b))
 
     for kind in types:
+        if kind in _GUARD and not _GUARD[kind].search(text):
+            continue
         if kind == "EMAIL":
-            for m in _EMAIL.finditer(text):
+            for m in _EMAIL.finditer(text) if "@" in text else ():
                 add(kind, m)
         elif kind == "CARD":
             for m in _CARD.finditer(text):
@@ -110,10 +126,10 @@ def find_pii(text: str, types: tuple[str, ...] = PII_TYPES) -> list[Found]:
             for m in _NINO.finditer(text):
                 add(kind, m)
         elif kind == "IP":
-            for m in _IPV4.finditer(text):
+            for m in _IPV4.finditer(text) if _GUARD["IPV4"].search(text) else ():
                 if all(int(o) <= 255 for o in m.group().split(".")):
                     add(kind, m)
-            for m in _IPV6.finditer(text):
+            for m in _IPV6.finditer(text) if text.count(":") >= 2 else ():
                 if _ipv6_ok(m.group()):
                     add(kind, m)
         elif kind == "PHONE":

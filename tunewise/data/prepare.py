@@ -1,160 +1,388 @@
-"""`tunewise data prepare`: read -> validate -> quarantine -> split -> leakage check -> write.
+"""`tunewise data prepare`: read -> validate -> clean -> quarantine -> split -> leakage check -> score -> write.
 
+It streams: records are read, normalised, redacted and filtered `chunk_size` at a time and spooled to disk;
+what the steps across records need (hashes, ranks, label ids, LSH band keys; MinHash signatures in a
+disk-backed array) is kept as compact arrays, and the splits are written by reading the spool back. So the
+memory it needs grows by a few hundred bytes per record, not with the text (bench/data_prep.py --stream).
 Every input record is accounted for: it lands in a split or in quarantine.jsonl with its reason.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import tempfile
+import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 from ..config import ProjectConfig
-from ..util import atomic_write_json, read_jsonl, sha256_file, write_jsonl
+from ..util import atomic_write_json, read_jsonl, sha256_file
 from .formats import read_records
 from .records import BadRecord, Record
-from .split import find_leaks, split_records
+from .split import leaking_groups, rank64, split_positions
 
 SPLITS = ("train", "validation", "test")
+FILES = ("train", "validation", "test")  # file ids in the per-record arrays
+READ_BACK = 2048  # records read back from the spool at a time (near-dedup, perplexity, writing the splits)
 
 
-@dataclass
 class Prepared:
-    dir: Path
-    splits: dict[str, list[Record]]
-    summary: dict
+    """Prepared data on disk; `splits` (lists of records) is read from the split files when first used."""
+
+    def __init__(self, dir: Path, summary: dict, splits: dict[str, list[Record]] | None = None, timings: dict | None = None):
+        self.dir, self.summary, self._splits, self.timings = Path(dir), summary, splits, timings or {}
+
+    @property
+    def splits(self) -> dict[str, list[Record]]:
+        if self._splits is None:
+            self._splits = {name: [Record.from_json(r) for r in read_jsonl(self.dir / f"{name}.jsonl")] for name in SPLITS}
+        return self._splits
 
 
-def _read(cfg: ProjectConfig, path: Path, limit: int | None, bad: list[BadRecord]) -> list[Record]:
-    good = []
-    for item in read_records(path, cfg.data.format, cfg.data.columns, cfg.data.system_prompt):
+class Quarantine:
+    """quarantine.jsonl written as records are set aside (atomically in place at the end); keeps counts by kind
+    of reason and the first 100 for the report."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        fd, self._tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        self._f = os.fdopen(fd, "w", encoding="utf-8")
+        self.count = 0
+        self.head: list[BadRecord] = []
+        self.reasons: Counter = Counter()  # reasons grouped by their shape (numbers elided)
+
+    def append(self, b: BadRecord) -> None:
+        self._f.write(json.dumps(b.to_json(), ensure_ascii=False) + "\n")
+        self.count += 1
+        if len(self.head) < 100:
+            self.head.append(b)
+        self.reasons[re.sub(r"\d+", "N", b.reason)] += 1
+
+    def close(self, keep: bool = True) -> None:
+        self._f.close()
+        if keep:
+            os.replace(self._tmp, self.path)
+        else:
+            Path(self._tmp).unlink(missing_ok=True)
+
+
+def _bad(r: Record, reason: str) -> BadRecord:
+    file, _, where = r.source.rpartition(":")
+    return BadRecord(file or r.source, where, reason, r.to_json())
+
+
+class _Columns:
+    """The compact per-record state, appended a chunk at a time: file id, conversation digest, seeded prompt
+    rank (the group), seeded record rank, label id, answer/prompt word counts, 1 - repetition, LSH band keys;
+    MinHash signatures (128 permutations, for the quality score) go to a file."""
+
+    def __init__(self, cfg, seed: int, sig_path: Path):
+        from .minhash import NearDupIndex
+
+        c = cfg.data.clean
+        self.seed = seed
+        self.index = NearDupIndex(c.near_dup_threshold, c.num_perm)
+        from .clean import QUALITY_PERM
+
+        self.quality_index = self.index if c.num_perm == QUALITY_PERM else NearDupIndex(0.6, QUALITY_PERM)
+        self.cols: dict[str, list[np.ndarray]] = {k: [] for k in ("file", "digest", "group", "rank", "label", "aw", "pw", "rep", "keys")}
+        self.names: dict[str, int] = {}
+        self.sig_path = sig_path
+        self._sig_f = open(sig_path, "wb")
+        self.n = 0
+
+    def add(self, fid: int, records: list[Record], known: dict[int, float] | None = None) -> None:
+        """known: repetition of the answer by id(record), where the filters computed it already."""
+        known = {} if known is None else known
+        import hashlib
+
+        from .clean import repetition
+        from .minhash import batch_shingle_hashes
+
+        if not records:
+            return
+        col = self.cols
+        u64 = lambda xs: np.array(xs, dtype=np.uint64)  # noqa: E731
+        col["file"].append(np.full(len(records), fid, dtype=np.int8))
+        col["digest"].append(u64([int.from_bytes(hashlib.sha256(repr([(m["role"], m["content"]) for m in r.messages]).encode()).digest()[:8], "big")
+                                  for r in records]))
+        col["group"].append(u64([rank64(self.seed, r.prompt_key) for r in records]))
+        col["rank"].append(u64([rank64(self.seed, r.prompt_key + "\x00" + r.source) for r in records]))
+        col["label"].append(np.array([-1 if r.label is None else self.names.setdefault(r.label, len(self.names)) for r in records], dtype=np.int32))
+        col["aw"].append(np.array([len(r.answer.split()) for r in records], dtype=np.int32))
+        col["pw"].append(np.array([len(r.prompt_key.split()) for r in records], dtype=np.int32))
+        col["rep"].append(np.array([1.0 - (known.pop(id(r)) if id(r) in known else repetition(r.answer)) for r in records]))
+        flat, off = batch_shingle_hashes([r.prompt_key for r in records])
+        sigs = self.index.signatures(flat, off)
+        col["keys"].append(self.index.band_keys(sigs))
+        qsigs = sigs if self.quality_index is self.index else self.quality_index.signatures(flat, off)
+        qsigs.astype(np.uint32).tofile(self._sig_f)
+        self.n += len(records)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        from .clean import QUALITY_PERM
+
+        self._sig_f.close()
+        out = {k: (np.concatenate(v) if v else np.zeros((0, self.index.b_count) if k == "keys" else 0)) for k, v in self.cols.items()}
+        self.cols.clear()
+        out["sigs"] = (np.memmap(self.sig_path, dtype=np.uint32, mode="r", shape=(self.n, QUALITY_PERM)) if self.n
+                       else np.zeros((0, QUALITY_PERM), dtype=np.uint32))
+        return out
+
+
+def _chunks(items, size: int, limit: int | None, bad: Quarantine, max_chars: int = 8_000_000):
+    """Valid records in lists of at most `size` records and ~max_chars characters of text (so long conversations
+    make smaller chunks); bad ones go to quarantine as they come; stop after `limit` valid ones."""
+    chunk, n, chars = [], 0, 0
+    for item in items:
         if isinstance(item, BadRecord):
             bad.append(item)
-        else:
-            good.append(item)
-            if limit and len(good) >= limit:
-                break
-    return good
+            continue
+        chunk.append(item)
+        n += 1
+        chars += sum(len(m["content"]) for m in item.messages)
+        if len(chunk) >= size or chars >= max_chars or (limit and n >= limit):
+            yield chunk
+            chunk, chars = [], 0
+            if limit and n >= limit:
+                return
+    if chunk:
+        yield chunk
 
 
-def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None) -> Prepared:
+def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None, chunk_size: int = 20_000,
+                 progress: Callable[[str, int], None] | None = None) -> Prepared:
+    """Prepare the project's data into out_dir (default runs/<project>/data). progress(stage, records done) is
+    called as work goes on."""
+    from .clean import Cleaner, quality_arrays, score_dict
+    from .dedup import Spool, near_dedup, near_leaks
+
     out_dir = out_dir or cfg.run_dir / "data"
-    bad: list[BadRecord] = []
-    inputs = {}
-    train_path = cfg.path(cfg.data.train)
-    inputs["train"] = {"path": str(train_path), "sha256": sha256_file(train_path)}
-    from .clean import Cleaner
-
-    cleaner = Cleaner(cfg.data.clean)
-    raw = _read(cfg, train_path, cfg.data.limit, bad)
-    read_counts = {"train": len(raw)}
-    records = cleaner.run(raw, bad)
-    fixed: dict[str, list[Record]] = {}
-    for name in ("validation", "test"):
-        p = cfg.path(getattr(cfg.data, name))
-        if p is not None:
-            inputs[name] = {"path": str(p), "sha256": sha256_file(p)}
-            raw = _read(cfg, p, None, bad)
-            read_counts[name] = len(raw)
-            fixed[name] = cleaner.run(raw, bad, drop=False)  # evaluation files are normalised, never thinned
-
-    s = cfg.data.split
-    splits = split_records(
-        records,
-        validation=0.0 if "validation" in fixed else s.validation,
-        test=0.0 if "test" in fixed else s.test,
-        seed=s.seed,
-        stratify=s.stratify,
-    )
-    for name, recs in fixed.items():
-        splits[name] = recs
-    leaks = find_leaks(splits)
-    near = cleaner.near_leaks(splits) if cfg.data.clean.near_dedup else []
-    exact_train = {src for leak in leaks for src in leak["splits"].get("train", [])}
-    near = [n for n in near if n["train"] not in exact_train]  # reported once, as exact
-    dropped_leaks = 0
-    if cfg.data.clean.drop_leaks:
-        leaking = exact_train | {n["train"] for n in near}
-        why = {n["train"]: f"leaks into {n['split']}: near-duplicate (Jaccard {n['jaccard']}) of {n['other']}" for n in near}
-        kept = []
-        for r in splits["train"]:
-            if r.source in leaking:
-                file, _, where = r.source.rpartition(":")
-                bad.append(BadRecord(file, where, why.get(r.source, "leaks into an evaluation split: same prompt"), r.to_json()))
-                dropped_leaks += 1
-            else:
-                kept.append(r)
-        splits["train"] = kept
-        leaks = find_leaks(splits)
-        near = []
-
-    from .clean import quality_scores
-
-    scores = quality_scores(splits["train"], signatures=cleaner.signatures(splits["train"]) if cfg.data.clean.num_perm == 128 else None)
-    selected = None
-    if cfg.data.clean.select and cfg.data.clean.select < len(splits["train"]):
-        order = sorted(range(len(scores)), key=lambda i: (-scores[i]["score"], i))
-        keep = set(order[: cfg.data.clean.select])
-        cut = scores[order[cfg.data.clean.select - 1]]["score"]
-        kept = []
-        for i, r in enumerate(splits["train"]):
-            if i in keep:
-                kept.append(r)
-            else:
-                file, _, where = r.source.rpartition(":")
-                bad.append(BadRecord(file, where, f"not selected: quality score {scores[i]['score']:.3f} below the cut {cut:.3f} ({scores[i]})", r.to_json()))
-        splits["train"] = kept
-        scores = [scores[i] for i in sorted(keep)]
-        selected = {"kept": len(kept), "cut": cut}
-    import numpy as np
-
-    score_values = np.array([s_["score"] for s_ in scores]) if scores else np.zeros(0)
-    quality = {"selected": selected, "histogram": np.histogram(score_values, bins=10, range=(0, 1))[0].tolist() if len(score_values) else [],
-               "mean": float(score_values.mean()) if len(score_values) else None,
-               "lowest": sorted(({"source": r.source, **q} for r, q in zip(splits["train"], scores)), key=lambda x: x["score"])[:10]}
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {}
-    for name in SPLITS:
-        write_jsonl(out_dir / f"{name}.jsonl", (r.to_json() for r in splits[name]))
-        outputs[name] = {"records": len(splits[name]), "sha256": sha256_file(out_dir / f"{name}.jsonl")}
-    write_jsonl(out_dir / "quarantine.jsonl", (b.to_json() for b in bad))
+    c = cfg.data.clean
+    say = progress or (lambda stage, n: None)
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
 
-    # Group reasons by their shape (numbers elided) so the summary counts kinds of problems.
-    reasons = Counter(re.sub(r"\d+", "N", b.reason) for b in bad)
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - clock[0]
+        clock[0] = now
+
+    cleaner = Cleaner(c)
+    bad = Quarantine(out_dir / "quarantine.jsonl")
+    work = tempfile.TemporaryDirectory(dir=out_dir, prefix=".work-")
+    spool = Spool(Path(work.name) / "records.jsonl")
+    try:
+        table = _Columns(cfg, cfg.data.split.seed, Path(work.name) / "signatures.u32")
+        inputs, read_counts, fixed = {}, {}, []
+        done = 0
+        # Pass 1: read, validate, normalise, redact, filter (training file only: evaluation files are never thinned).
+        for fid, name in enumerate(FILES):
+            path = cfg.path(getattr(cfg.data, name))
+            if path is None:
+                continue
+            inputs[name] = {"path": str(path), "sha256": sha256_file(path)}
+            read_counts[name] = 0
+            if name != "train":
+                fixed.append(name)
+            items = read_records(path, cfg.data.format, cfg.data.columns, cfg.data.system_prompt)
+            for chunk in _chunks(items, chunk_size, cfg.data.limit if name == "train" else None, bad):
+                read_counts[name] += len(chunk)
+                done += len(chunk)
+                lap("read and validate")
+                chunk = cleaner.transform(chunk)
+                lap("normalise and redact")
+                if name == "train":
+                    chunk = [r for r in chunk if cleaner.keep(r, bad)]
+                    lap("filters")
+                table.add(fid, chunk, cleaner.repetition_of)
+                cleaner.repetition_of.clear()
+                spool.add(chunk)
+                lap("hashes and spool")
+                say("reading and cleaning", done)
+        col = table.finish()
+        say("deduplicating", done)
+
+        # Exact and near duplicates in the training file; the first one is kept.
+        train = np.flatnonzero(col["file"] == 0)
+        if c.dedup and len(train):
+            _, first, inv = np.unique(col["digest"][train], return_index=True, return_inverse=True)
+            dup = np.ones(len(train), dtype=bool)
+            dup[first] = False
+            for t in np.flatnonzero(dup):
+                cleaner.drop("dedup", spool.get(train[t]), f"exact duplicate of {spool.get(train[first[inv[t]]]).source}", bad)
+            train = train[~dup]
+        lap("exact dedup")
+        if c.near_dedup:
+            def on_drop(r: Record, match: Record, sim: float) -> None:
+                conflict = r.label != match.label
+                cleaner.label_conflicts += conflict
+                cleaner.drop("near_dedup", r, f"near-duplicate of {match.source}" + (f" (label {r.label!r} vs {match.label!r})" if conflict else ""), bad)
+                if len(cleaner.clusters) < 50:
+                    cleaner.clusters.append({"kept": match.source, "dropped": r.source, "jaccard": round(sim, 3), "label_conflict": conflict,
+                                             "kept_text": match.prompt_key[:120], "dropped_text": r.prompt_key[:120]})
+
+            dropped = near_dedup(train, col["keys"], spool, c.near_dup_threshold, on_drop, min(chunk_size, READ_BACK), col["sigs"])
+            train = train[~np.isin(train, dropped)]
+        lap("near dedup")
+        kept_count = len(train) + sum(int((col["file"] == FILES.index(n)).sum()) for n in fixed)
+
+        # Split (positions into the arrays), then leakage between the splits.
+        say("splitting and checking leakage", done)
+        s = cfg.data.split
+        names = list(table.names)
+        sp = split_positions(col["group"][train], col["label"][train], names, col["rank"][train],
+                             validation=0.0 if "validation" in fixed else s.validation, test=0.0 if "test" in fixed else s.test,
+                             stratify=s.stratify)
+        splits = {name: train[sp[name]] for name in SPLITS}
+        for name in fixed:
+            splits[name] = np.flatnonzero(col["file"] == FILES.index(name))
+
+        def exact_leaks() -> tuple[list[int], list[dict]]:
+            groups = leaking_groups({n: col["group"][splits[n]] for n in SPLITS})
+            examples = []
+            for g in groups[:20]:
+                where: dict[str, list[str]] = {}
+                prompt = None
+                for n in SPLITS:
+                    for i in splits[n][col["group"][splits[n]] == np.uint64(g)]:
+                        r = spool.get(i)
+                        prompt = prompt if prompt is not None else r.prompt_key[:200]
+                        where.setdefault(n, []).append(r.source)
+                examples.append({"prompt": prompt, "splits": dict(sorted(where.items()))})
+            return groups, examples
+
+        groups, leak_examples = exact_leaks()
+        exact_train = splits["train"][np.isin(col["group"][splits["train"]], np.array(groups, dtype=np.uint64))]
+        evals = np.concatenate([splits["validation"], splits["test"]])
+        near = near_leaks(splits["train"], evals, col["keys"], spool, c.near_dup_threshold, col["sigs"]) if c.near_dedup else []
+        exact_set = set(exact_train.tolist())
+        near = [(int(splits["train"][t]), e, sim) for t, e, sim in near if int(splits["train"][t]) not in exact_set]
+
+        def near_info(i: int, e: int, sim: float) -> dict:
+            r = spool.get(i)
+            return {"train": r.source, "split": "validation" if e < len(splits["validation"]) else "test",
+                    "other": spool.get(evals[e]).source, "jaccard": round(sim, 3), "prompt": r.prompt_key[:200]}
+
+        near_examples = [near_info(*x) for x in near[:20]]
+        dropped_leaks = 0
+        if c.drop_leaks:
+            why = {i: near_info(i, e, sim) for i, e, sim in near}
+            leaking = exact_set | set(why)
+            keep = np.ones(len(splits["train"]), dtype=bool)
+            for t, i in enumerate(splits["train"].tolist()):
+                if i in leaking:
+                    w = why.get(i)
+                    reason = f"leaks into {w['split']}: near-duplicate (Jaccard {w['jaccard']}) of {w['other']}" if w else "leaks into an evaluation split: same prompt"
+                    bad.append(_bad(spool.get(i), reason))
+                    keep[t] = False
+                    dropped_leaks += 1
+            splits["train"] = splits["train"][keep]
+            groups, leak_examples = exact_leaks()
+            near, near_examples = [], []
+        lap("split and leakage")
+
+        # Quality score of the training records, and --select.
+        say("scoring", done)
+        tr = splits["train"]
+        labelled = bool(len(tr)) and bool((col["label"][tr] >= 0).any())
+        nll = None
+        if c.perplexity and len(tr):
+            from .perplexity import answer_nll
+
+            lap("quality score")
+            nll = answer_nll(cfg.model.name, (spool.records(tr[a : a + READ_BACK]) for a in range(0, len(tr), READ_BACK)), cfg.data.max_length,
+                             dtype=cfg.model.dtype, progress=lambda n: say("perplexity under the base model", n))
+            lap("perplexity")
+        q = quality_arrays(col["aw"][tr], col["pw"][tr], col["rep"][tr], col["label"][tr] if labelled else None, col["sigs"], tr,
+                           work_dir=work.name, nll=nll)
+        selected = None
+        if c.select and c.select < len(tr):
+            order = np.lexsort((np.arange(len(tr)), -q["score"]))  # best first; ties in split order
+            chosen = np.zeros(len(tr), dtype=bool)
+            chosen[order[: c.select]] = True
+            cut = float(q["score"][order[c.select - 1]])
+            for t in np.flatnonzero(~chosen):
+                bad.append(_bad(spool.get(tr[t]), f"not selected: quality score {q['score'][t]:.3f} below the cut {cut:.3f} ({score_dict(q, t)})"))
+            splits["train"] = tr[chosen]
+            q = {k: v[chosen] for k, v in q.items()}
+            selected = {"kept": int(chosen.sum()), "cut": cut}
+        score_values = q["score"]
+        lowest = np.argsort(score_values, kind="stable")[:10]
+        quality = {"selected": selected, "histogram": np.histogram(score_values, bins=10, range=(0, 1))[0].tolist() if len(score_values) else [],
+                   "mean": float(score_values.mean()) if len(score_values) else None,
+                   "lowest": [{"source": spool.get(splits["train"][i]).source, **score_dict(q, i)} for i in lowest]}
+        del q
+        lap("quality score")
+
+        # Pass 2: write the splits from the spool (and count tokens after the chat template).
+        outputs, token_stats = {}, {}
+        written = 0
+        for name in SPLITS:
+            stats = None
+            if tokenizer is not None and len(splits[name]):
+                from .tokenize import TokenStats
+
+                stats = TokenStats()
+            path = out_dir / f"{name}.jsonl"
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.jsonl.")
+            with os.fdopen(fd, "wb") as f:
+                for start in range(0, len(splits[name]), READ_BACK):
+                    lines = [spool.line(i) for i in splits[name][start : start + READ_BACK]]
+                    f.writelines(lines)
+                    if stats is not None:
+                        from .tokenize import tokenize_records
+
+                        tokenize_records(tokenizer, [Record.from_json(json.loads(x)) for x in lines], cfg.data.max_length, stats)
+                    written += len(lines)
+                    say("writing", written)
+            os.replace(tmp, path)
+            outputs[name] = {"records": int(len(splits[name])), "sha256": sha256_file(path)}
+            if stats is not None:
+                token_stats[name] = stats.summary()
+        label_counts = {n: Counter(names[x] for x in col["label"][splits[n]].tolist() if x >= 0) for n in SPLITS}
+        lap("write")
+    except BaseException:
+        bad.close(keep=False)
+        raise
+    finally:
+        spool.close()
+        col = None
+        work.cleanup()
+    bad.close()
+
     summary = {
         "inputs": inputs,
         "outputs": outputs,
-        "read": {"valid": sum(read_counts.values()), "kept": len(records) + sum(len(v) for v in fixed.values()), "quarantined": len(bad)},
+        "read": {"valid": sum(read_counts.values()), "kept": kept_count, "quarantined": bad.count},
         "cleaning": cleaner.report(),
         "quality": quality,
-        "quarantine_reasons": dict(reasons.most_common()),
-        "quarantine_examples": [str(b) for b in bad[:20]],
-        "labels": {name: len({r.label for r in splits[name] if r.label is not None}) for name in SPLITS},
-        "leaks": {"count": len(leaks), "examples": leaks[:20], "near_duplicates": len(near),
-                  "near_examples": [{k: v for k, v in n.items() if k != "record"} for n in near[:20]], "dropped": dropped_leaks},
+        "quarantine_reasons": dict(bad.reasons.most_common()),
+        "quarantine_examples": [str(b) for b in bad.head[:20]],
+        "labels": {name: len(label_counts[name]) for name in SPLITS},
+        "leaks": {"count": len(groups), "examples": leak_examples, "near_duplicates": len(near),
+                  "near_examples": near_examples, "dropped": dropped_leaks},
         "config": cfg.resolved()["data"],
     }
-    if tokenizer is not None:
-        from .tokenize import tokenize_records
-
-        summary["tokens"] = {name: tokenize_records(tokenizer, splits[name], cfg.data.max_length)[1].summary() for name in SPLITS if splits[name]}
+    if token_stats:
+        summary["tokens"] = token_stats
     from ..report.data_html import data_report
 
-    summary["report"] = str(data_report(out_dir, summary, splits, bad))
+    summary["report"] = str(data_report(out_dir, summary, label_counts, bad.head))
     atomic_write_json(out_dir / "summary.json", summary)
-    return Prepared(out_dir, splits, summary)
+    return Prepared(out_dir, summary, timings=timings)
 
 
 def load_prepared(data_dir: Path) -> Prepared | None:
     if not (data_dir / "summary.json").exists():
         return None
-    import json
-
-    summary = json.loads((data_dir / "summary.json").read_text())
-    splits = {name: [Record.from_json(r) for r in read_jsonl(data_dir / f"{name}.jsonl")] for name in SPLITS}
-    return Prepared(data_dir, splits, summary)
+    return Prepared(data_dir, json.loads((data_dir / "summary.json").read_text()))
 
 
 def prepared_is_current(cfg: ProjectConfig, prepared: Prepared) -> bool:

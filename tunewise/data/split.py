@@ -3,12 +3,17 @@
 Records that ask the same thing (same normalised user turns) are one group and land in one split, so a
 duplicate can never leak from train into validation. Within each label the groups are ordered by a
 seeded hash, which makes the split independent of input order and stratified by label.
+
+The work is done on compact per-record arrays (a 64-bit group rank, a label id, a 64-bit record rank), so
+`data prepare` can split a file far larger than memory; `split_records` is the same on a list of records.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+
+import numpy as np
 
 from .records import Record
 
@@ -17,38 +22,78 @@ def _rank(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}\x00{key}".encode()).hexdigest()
 
 
+def rank64(seed: int, key: str) -> int:
+    """The first 64 bits of _rank as an integer: sorting by it is sorting by _rank (up to a 2^-64 tie)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\x00{key}".encode()).digest()[:8], "big")
+
+
+def split_positions(group: np.ndarray, label: np.ndarray, names: list[str | None], record_rank: np.ndarray,
+                    validation: float, test: float, stratify: bool = True) -> dict[str, np.ndarray]:
+    """Positions (into the arrays) of each split, each split ordered by record_rank.
+
+    group: [n] uint64, the seeded rank of the record's prompt (equal prompts, equal group); label: [n] int,
+    an index into names (-1: no label). A group's stratum is the label of its first record; within a stratum
+    groups are taken in rank order: the first share goes to test, the next to validation, the rest to train."""
+    out = {"train": [], "validation": [], "test": []}
+    if len(group):
+        groups, first, inv = np.unique(group, return_index=True, return_inverse=True)  # ascending = rank order
+        stratum = label[first] if stratify else np.full(len(groups), -2)
+        name = {-2: None, -1: None, **dict(enumerate(names))}
+        present = sorted(set(stratum.tolist()), key=lambda s: (name[s] is None, str(name[s])))
+        where = {s: i for i, s in enumerate(present)}
+        order = np.lexsort((np.arange(len(groups)), np.array([where[s] for s in stratum.tolist()])))
+        bounds = np.flatnonzero(np.diff(np.array([where[s] for s in stratum[order].tolist()]))) + 1
+        assign = np.zeros(len(groups), dtype=np.int8)  # 0 train, 1 validation, 2 test
+        carry = {"validation": 0.0, "test": 0.0}  # fractional remainders carried across strata keep totals exact
+        for keys in np.split(order, bounds):
+            n = len(keys)
+            counts = {}
+            for part, share in (("test", test), ("validation", validation)):
+                want = n * share + carry[part]
+                counts[part] = int(want)
+                carry[part] = want - counts[part]
+            n_test, n_val = counts["test"], counts["validation"]
+            if n_test + n_val >= n:  # keep at least one group for training in every stratum
+                n_val = max(0, n - 1 - n_test)
+            assign[keys[:n_test]] = 2
+            assign[keys[n_test : n_test + n_val]] = 1
+        which = assign[inv]
+        for k, part in enumerate(("train", "validation", "test")):
+            pos = np.flatnonzero(which == k)
+            out[part] = pos[np.argsort(record_rank[pos], kind="stable")]
+    return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
+
+
+def label_ids(labels: list[str | None]) -> tuple[np.ndarray, list[str]]:
+    names: dict[str, int] = {}
+    ids = np.array([-1 if x is None else names.setdefault(x, len(names)) for x in labels], dtype=np.int64)
+    return ids, list(names)
+
+
 def split_records(
     records: list[Record], validation: float, test: float, seed: int, stratify: bool = True
 ) -> dict[str, list[Record]]:
-    groups: dict[str, list[Record]] = defaultdict(list)
-    for r in records:
-        groups[r.prompt_key].append(r)
-    # A group's stratum is its first record's label (duplicates with other labels go along with it).
-    strata: dict[str | None, list[str]] = defaultdict(list)
-    for key, members in groups.items():
-        strata[members[0].label if stratify else None].append(key)
+    group = np.array([rank64(seed, r.prompt_key) for r in records], dtype=np.uint64)
+    rrank = np.array([rank64(seed, r.prompt_key + "\x00" + r.source) for r in records], dtype=np.uint64)
+    ids, names = label_ids([r.label for r in records])
+    pos = split_positions(group, ids, names, rrank, validation, test, stratify)
+    return {k: [records[i] for i in v] for k, v in pos.items()}
 
-    out: dict[str, list[Record]] = {"train": [], "validation": [], "test": []}
-    carry = {"validation": 0.0, "test": 0.0}  # fractional remainders carried across strata keep totals exact
-    for label in sorted(strata, key=lambda x: (x is None, str(x))):
-        keys = sorted(strata[label], key=lambda k: _rank(seed, k))
-        n = len(keys)
-        counts = {}
-        for name, share in (("test", test), ("validation", validation)):
-            want = n * share + carry[name]
-            counts[name] = int(want)
-            carry[name] = want - counts[name]
-        n_test, n_val = counts["test"], counts["validation"]
-        if n_test + n_val >= n:  # keep at least one group for training in every stratum
-            n_val = max(0, n - 1 - n_test)
-        assigned = {"test": keys[:n_test], "validation": keys[n_test : n_test + n_val], "train": keys[n_test + n_val :]}
-        for name, ks in assigned.items():
-            for k in ks:
-                out[name].extend(groups[k])
-    # Restore a stable, input-independent order within each split.
-    for name in out:
-        out[name].sort(key=lambda r: _rank(seed, r.prompt_key + "\x00" + r.source))
-    return out
+
+def leaking_groups(groups_by_split: dict[str, np.ndarray]) -> list[int]:
+    """Group ids found in more than one split, in order of first appearance (splits in the order given)."""
+    seq = np.concatenate([np.asarray(g, dtype=np.uint64) for g in groups_by_split.values()] or [np.zeros(0, np.uint64)])
+    if not len(seq):
+        return []
+    which = np.concatenate([np.full(len(g), k) for k, g in enumerate(groups_by_split.values())])
+    pairs = np.unique(np.stack([seq, which.astype(np.uint64)], axis=1), axis=0)
+    ug, counts = np.unique(pairs[:, 0], return_counts=True)
+    multi = ug[counts > 1]
+    if not len(multi):
+        return []
+    pos = np.flatnonzero(np.isin(seq, multi))
+    ids, first = np.unique(seq[pos], return_index=True)
+    return ids[np.argsort(pos[first])].tolist()
 
 
 def find_leaks(splits: dict[str, list[Record]]) -> list[dict]:

@@ -124,8 +124,10 @@ def truncate(ids: list[int], labels: list[int], max_length: int) -> tuple[list[i
     return ids[cut:], labels[cut:]
 
 
-def tokenize_records(tok, records, max_length: int) -> tuple[list[Tokenized], TokenStats]:
-    stats = TokenStats()
+def tokenize_records(tok, records, max_length: int, stats: TokenStats | None = None) -> tuple[list[Tokenized], TokenStats]:
+    """Records -> examples within max_length; `stats` (counts, lengths) is added to when given, so a stream of
+    chunks can be summarised."""
+    stats = stats if stats is not None else TokenStats()
     out = []
     for r in records:
         try:

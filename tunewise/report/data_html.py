@@ -46,7 +46,8 @@ def _hbars(title: str, items: list[tuple[str, int]], color: str = COLORS[2]) -> 
     return "".join(out) + "</svg>"
 
 
-def data_report(data_dir: Path, summary: dict, splits: dict, quarantine: list) -> Path:
+def data_report(data_dir: Path, summary: dict, label_counts: dict[str, Counter], quarantine: list) -> Path:
+    """label_counts: a Counter of labels per split; quarantine: the first records set aside (up to 100 shown)."""
     s = summary
     parts = [f"<h1>tunewise data report</h1><p>{html.escape(str(data_dir))}</p>"]
     read, c = s["read"], s.get("cleaning", {})
@@ -73,7 +74,7 @@ def data_report(data_dir: Path, summary: dict, splits: dict, quarantine: list) -
         hist = s.get("tokens", {}).get(name, {}).get("length_histogram")
         if hist:
             parts.append(_histogram_svg(f"{name}: tokens per example", hist["edges"], hist["counts"], COLORS[i]))
-    labelled = {n: Counter(r.label for r in splits[n] if r.label is not None) for n in SPLITS}
+    labelled = {n: label_counts.get(n, Counter()) for n in SPLITS}
     if any(labelled.values()):
         parts.append("<h2>Labels</h2>")
         for n in SPLITS:
@@ -90,6 +91,8 @@ def data_report(data_dir: Path, summary: dict, splits: dict, quarantine: list) -
             parts.append(_table(["train", "evaluation", "Jaccard", "prompt"], [[x["train"], x["other"], x["jaccard"], x["prompt"][:100]] for x in lk["near_examples"]]))
     reasons = s.get("quarantine_reasons", {})
     parts.append("<h2>Quarantine</h2>" + _table(["reason (numbers elided)", "records"], [[k, v] for k, v in reasons.items()]))
+    if read["quarantined"] > len(quarantine[:100]):
+        parts.append(f"<p>The first {len(quarantine[:100])} of {read['quarantined']}; all are in quarantine.jsonl.</p>")
     parts.append(_table(["file", "where", "reason"], [[b.file, b.where, b.reason] for b in quarantine[:100]]))
     style = ("body{font-family:system-ui,sans-serif;margin:24px;max-width:1100px} table{border-collapse:collapse;margin:8px 0;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top} svg{display:block;margin:10px 0}")
