@@ -144,7 +144,7 @@ def test_quality_score_and_select(tmp_path):
     assert "--select kept 5" in res.output
 
 
-def test_perplexity_signal_marks_garbled_answers_with_the_real_model(tmp_path):
+def test_perplexity_signal_marks_garbled_answers_with_the_real_model(tmp_path, monkeypatch):
     """data.clean.perplexity: the bundled SmolLM2 scores each answer; the garbled one gets the lowest signal."""
     from tunewise.config import load_config
     from tunewise.data.prepare import prepare_data
@@ -168,3 +168,28 @@ def test_perplexity_signal_marks_garbled_answers_with_the_real_model(tmp_path):
     assert by_ppl[0]["source"] == "train.jsonl:line 7" and by_ppl[0]["perplexity"] < 0.5, lowest
     assert all(x["perplexity"] > 0.5 for x in by_ppl[1:]), lowest
     assert lowest[0]["source"] == "train.jsonl:line 7"  # and it is the lowest overall score
+
+    # The scores are cached by record: preparing again does not load the model and gives the same scores;
+    # a new record is the only one scored.
+    import tunewise.models
+
+    real_load = tunewise.models.load_model
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded although every record is in the cache")
+
+    monkeypatch.setattr(tunewise.models, "load_model", no_model)
+    again = prepare_data(load_config(tmp_path / "t.yaml"))
+    assert again.summary["quality"]["lowest"] == lowest
+
+    from tunewise.data.perplexity import NLLCache, cache_path
+
+    cfg = load_config(tmp_path / "t.yaml")
+    path = cache_path(p.dir / ".perplexity-cache", cfg.model.name, cfg.data.max_length, cfg.model.dtype)
+    assert len(NLLCache(path).known) == 7
+    with open(tmp_path / "train.jsonl", "a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "What is ice?"}, {"role": "assistant", "content": "Ice is frozen water."}]}) + "\n")
+    loads = []
+    monkeypatch.setattr(tunewise.models, "load_model", lambda *a, **k: (loads.append(1), real_load(*a, **k))[1])
+    third = prepare_data(load_config(tmp_path / "t.yaml"))
+    assert loads == [1] and len(NLLCache(path).known) == 8 and third.summary["outputs"]["train"]["records"] == 8

@@ -143,3 +143,86 @@ def test_label_agreement_spilled_to_disk_equals_in_memory(tmp_path):
     mem = _label_agreement(labels[rows], sigs, rows, 0.6)
     disk = _label_agreement(labels[rows], sigs, rows, 0.6, work_dir=tmp_path, pairs_per_part=50)  # many partitions
     assert np.array_equal(mem, disk) and (mem < 1).any() and not list(tmp_path.iterdir())
+
+
+def _resume_project(tmp_path, **clean):
+    _messy_file(tmp_path / "train.jsonl")
+    (tmp_path / "test.jsonl").write_text("".join(l + "\n" for l in (tmp_path / "train.jsonl").read_text().splitlines()[300:320] if "broken" not in l))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"output_dir": "out", "data": {
+        "format": "openai", "train": "train.jsonl", "test": "test.jsonl", "split": {"validation": 0.1},
+        "clean": {"near_dup_threshold": 0.8, "drop_leaks": True, "select": 60, **clean}}}))
+    return load_config(tmp_path / "t.yaml")
+
+
+def _outputs(d):
+    summary = json.loads((d / "summary.json").read_text())
+    summary.pop("report")
+    return {f: (d / f).read_bytes() for f in ("train.jsonl", "validation.jsonl", "test.jsonl", "quarantine.jsonl")}, summary
+
+
+def test_interrupted_prepare_resumes_to_the_same_outputs(tmp_path, monkeypatch):
+    """Ctrl-C between chunks, a kill in the middle of a chunk (its records already filtered into quarantine, hashed,
+    half spooled, all of it flushed to disk past the checkpoint) and an interrupt after reading: each time
+    resume=True reads only what the checkpoint does not hold and gives byte-identical splits, quarantine and
+    summary to an uninterrupted run; the work directory is gone afterwards."""
+    from tunewise.data import dedup
+    from tunewise.data.clean import Cleaner
+    from tunewise.data.prepare import checkpointed_records
+
+    cfg = _resume_project(tmp_path)
+    ref = _outputs(prepare_data(cfg, tmp_path / "ref", chunk_size=7).dir)
+    assert ref[1]["read"]["valid"] == 420 and ref[1]["cleaning"]["steps"]["near_dedup"]["dropped"] > 10
+
+    transformed = []
+    real_transform, real_add = Cleaner.transform, dedup.Spool.add
+    monkeypatch.setattr(Cleaner, "transform", lambda self, rs: (transformed.append(len(rs)), real_transform(self, rs))[1])
+
+    def stop_in_chunk(n):
+        calls = []
+
+        def add(self, records):
+            calls.append(1)
+            if len(calls) == n:
+                real_add(self, records[: len(records) // 2])
+                raise KeyboardInterrupt
+            real_add(self, records)
+        return add
+
+    def stop_at(stage, after=0):
+        def progress(s, n):
+            if s == stage and n >= after:
+                raise KeyboardInterrupt
+        return progress
+
+    cases = {"between chunks": (None, stop_at("reading and cleaning", 140)), "inside a chunk": (stop_in_chunk(31), None),
+             "after reading": (None, stop_at("scoring"))}
+    for name, (add, progress) in cases.items():
+        out = tmp_path / name.replace(" ", "-")
+        if add:
+            monkeypatch.setattr(dedup.Spool, "add", add)
+        try:
+            prepare_data(cfg, out, chunk_size=7, progress=progress)
+            raise AssertionError("not interrupted")
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.setattr(dedup.Spool, "add", real_add)
+        held = checkpointed_records(out)
+        assert held and (out / ".work").is_dir() and not (out / "train.jsonl").exists(), name
+        transformed.clear()
+        stages = []
+        prepare_data(cfg, out, chunk_size=7, resume=True, progress=lambda s, n: stages.append((s, n)))
+        assert stages[0] == ("resuming", held), name
+        assert sum(transformed) == 420 - held, (name, held, sum(transformed))  # only what the checkpoint lacked was read again
+        assert _outputs(out) == ref, name
+        assert not (out / ".work").exists()
+
+    # A checkpoint of other inputs or another config is not used: it starts over.
+    out = tmp_path / "changed"
+    try:
+        prepare_data(cfg, out, chunk_size=7, progress=stop_at("reading and cleaning", 140))
+    except KeyboardInterrupt:
+        pass
+    cfg2 = _resume_project(tmp_path, near_dup_threshold=0.9)
+    stages = []
+    prepare_data(cfg2, out, chunk_size=7, resume=True, progress=lambda s, n: stages.append(s))
+    assert "resuming" not in stages and _outputs(out) == _outputs(prepare_data(cfg2, tmp_path / "ref2", chunk_size=7).dir)

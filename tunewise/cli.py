@@ -96,18 +96,36 @@ def data_prepare(
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     drop_leaks: bool = typer.Option(False, "--drop-leaks", help="Drop training records whose prompt (nearly) equals a validation/test prompt."),
     select: Optional[int] = typer.Option(None, "--select", help="Keep the N training records with the best quality score."),
+    resume: bool = typer.Option(False, "--resume", help="Go on from where an interrupted prepare stopped (same inputs and config)."),
 ):
-    """Read, validate, clean (normalise, redact PII, filter, dedup, near-dedup), quarantine, split, check leakage."""
+    """Read, validate, clean (normalise, redact PII, filter, dedup, near-dedup), quarantine, split, check leakage.
+    Ctrl-C keeps a checkpoint; --resume goes on from it."""
     _quiet_libraries()
     cfg = _load(config, (set_ or []) + (["data.clean.drop_leaks=true"] if drop_leaks else []) + ([f"data.clean.select={select}"] if select else []))
 
     def run():
-        from .data.prepare import prepare_data
+        from .data.prepare import checkpointed_records, prepare_data
         from .models import load_tokenizer
 
-        with console.status("reading and validating records") as status:
-            prepared = prepare_data(cfg, tokenizer=load_tokenizer(cfg.model.name),
-                                    progress=lambda stage, n: status.update(f"{stage}: {n:,} records"))
+        out_dir = cfg.run_dir / "data"
+        resumed = []
+        try:
+            with console.status("reading and validating records") as status:
+                def show(stage: str, n: int) -> None:
+                    if stage == "resuming":
+                        resumed.append(n)
+                    status.update(f"{stage}: {n:,} records")
+
+                prepared = prepare_data(cfg, out_dir, tokenizer=load_tokenizer(cfg.model.name), progress=show, resume=resume)
+        except KeyboardInterrupt:
+            n = checkpointed_records(out_dir)
+            if n is None:
+                raise
+            console.print(f"interrupted; {n:,} records read and cleaned are checkpointed. Continue with: tunewise data prepare {config} --resume")
+            raise typer.Exit(130)
+        if resume:
+            console.print(f"resumed after {resumed[0]:,} records" if resumed else
+                          "[yellow]no checkpoint of these inputs and this data config to resume from: prepared from the beginning[/yellow]")
         _print_data_summary(prepared)
 
     _guard(run)

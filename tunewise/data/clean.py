@@ -153,6 +153,14 @@ class Cleaner:
             return False
         return True
 
+    def state(self) -> dict:
+        """What it has counted so far (for a checkpoint of `data prepare`)."""
+        return {"steps": self.steps, "pii_found": self.pii_found, "clusters": self.clusters, "label_conflicts": self.label_conflicts}
+
+    def restore(self, state: dict) -> None:
+        self.steps, self.pii_found = state["steps"], state["pii_found"]
+        self.clusters, self.label_conflicts = state["clusters"], state["label_conflicts"]
+
     def report(self) -> dict:
         return {"steps": {k: {"changed": v.changed, "dropped": v.dropped, "examples": v.examples} for k, v in self.steps.items()},
                 "pii_found": dict(self.pii_found), "near_duplicate_clusters": self.clusters, "label_conflicts": self.label_conflicts}

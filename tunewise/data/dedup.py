@@ -26,11 +26,25 @@ from .records import Record
 class Spool:
     """Records appended to a JSONL file and read back by position, as the same bytes `write_jsonl` writes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume: tuple[np.ndarray, int] | None = None):
+        """resume: (offsets, end) of a checkpoint: the file is reopened and cut back to `end` bytes."""
         self.path = path
-        self._f = open(path, "w+b")
         self.offsets = array("q")
         self._end = 0
+        if resume is None:
+            self._f = open(path, "w+b")
+        else:
+            self._f = open(path, "r+b")
+            self.offsets.frombytes(np.asarray(resume[0], dtype=np.int64).tobytes())
+            self._end = int(resume[1])
+            self._f.truncate(self._end)
+            self._f.seek(self._end)
+
+    @property
+    def end(self) -> int:
+        """Bytes written (flushed to the OS by this call, so a checkpoint that records it is safe)."""
+        self._f.flush()
+        return self._end
 
     def add(self, records: list[Record]) -> None:
         for r in records:

@@ -3,15 +3,18 @@
 It streams: records are read, normalised, redacted and filtered `chunk_size` at a time and spooled to disk;
 what the steps across records need (hashes, ranks, label ids, LSH band keys; MinHash signatures in a
 disk-backed array) is kept as compact arrays, and the splits are written by reading the spool back. So the
-memory it needs grows by a few hundred bytes per record, not with the text (bench/data_prep.py --stream).
+memory it needs grows by a few hundred bytes per record, not with the text (bench/data_prep.py). Reading and
+cleaning are checkpointed a chunk at a time, so an interrupted run goes on with resume=True (_Checkpoint).
 Every input record is accounted for: it lands in a split or in quarantine.jsonl with its reason.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -45,16 +48,27 @@ class Prepared:
 
 
 class Quarantine:
-    """quarantine.jsonl written as records are set aside (atomically in place at the end); keeps counts by kind
-    of reason and the first 100 for the report."""
+    """quarantine.jsonl written as records are set aside (moved into place at the end); keeps counts by kind
+    of reason and the first 100 for the report. tmp: where it is written meanwhile (a checkpoint's work
+    directory); state: a checkpoint's `state()` to go on from."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tmp: Path | None = None, state: dict | None = None):
         self.path = path
-        fd, self._tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        self._f = os.fdopen(fd, "w", encoding="utf-8")
+        if tmp is None:
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            os.close(fd)
+            tmp = Path(name)
+        self._tmp = tmp
         self.count = 0
         self.head: list[BadRecord] = []
         self.reasons: Counter = Counter()  # reasons grouped by their shape (numbers elided)
+        if state is None:
+            self._f = open(tmp, "w", encoding="utf-8")
+        else:
+            with open(tmp, "r+b") as f:
+                f.truncate(state["size"])
+            self._f = open(tmp, "a", encoding="utf-8")
+            self.count, self.head, self.reasons = state["count"], state["head"], Counter(state["reasons"])
 
     def append(self, b: BadRecord) -> None:
         self._f.write(json.dumps(b.to_json(), ensure_ascii=False) + "\n")
@@ -62,6 +76,10 @@ class Quarantine:
         if len(self.head) < 100:
             self.head.append(b)
         self.reasons[re.sub(r"\d+", "N", b.reason)] += 1
+
+    def state(self) -> dict:
+        self._f.flush()
+        return {"size": os.path.getsize(self._tmp), "count": self.count, "head": list(self.head), "reasons": dict(self.reasons)}
 
     def close(self, keep: bool = True) -> None:
         self._f.close()
@@ -81,7 +99,8 @@ class _Columns:
     rank (the group), seeded record rank, label id, answer/prompt word counts, 1 - repetition, LSH band keys;
     MinHash signatures (128 permutations, for the quality score) go to a file."""
 
-    def __init__(self, cfg, seed: int, sig_path: Path):
+    def __init__(self, cfg, seed: int, sig_path: Path, keep: bool = False):
+        """keep: the signature file is a checkpoint's (restore() follows), not to be emptied."""
         from .minhash import NearDupIndex
 
         c = cfg.data.clean
@@ -93,8 +112,23 @@ class _Columns:
         self.cols: dict[str, list[np.ndarray]] = {k: [] for k in ("file", "digest", "group", "rank", "label", "aw", "pw", "rep", "keys")}
         self.names: dict[str, int] = {}
         self.sig_path = sig_path
-        self._sig_f = open(sig_path, "wb")
+        self._sig_f = open(sig_path, "r+b" if keep else "wb")
         self.n = 0
+
+    def restore(self, chunks: list[dict[str, np.ndarray]], names: dict[str, int], n: int) -> None:
+        """Go on from a checkpoint: its chunks' arrays, label names and record count (the signature file is cut back)."""
+        from .clean import QUALITY_PERM
+
+        for arrays in chunks:
+            for k in self.cols:
+                self.cols[k].append(arrays[f"col_{k}"])
+        self.names, self.n = dict(names), n
+        self._sig_f.truncate(n * QUALITY_PERM * 4)
+        self._sig_f.seek(0, os.SEEK_END)
+
+    def last(self) -> dict[str, np.ndarray]:
+        self._sig_f.flush()
+        return {k: v[-1] for k, v in self.cols.items()}
 
     def add(self, fid: int, records: list[Record], known: dict[int, float] | None = None) -> None:
         """known: repetition of the answer by id(record), where the filters computed it already."""
@@ -135,11 +169,15 @@ class _Columns:
         return out
 
 
-def _chunks(items, size: int, limit: int | None, bad: Quarantine, max_chars: int = 8_000_000):
+def _chunks(items, size: int, limit: int | None, bad: Quarantine, max_chars: int = 8_000_000, already: int = 0):
     """Valid records in lists of at most `size` records and ~max_chars characters of text (so long conversations
-    make smaller chunks); bad ones go to quarantine as they come; stop after `limit` valid ones."""
-    chunk, n, chars = [], 0, 0
+    make smaller chunks), each with how many items (valid or bad) were taken from `items` so far; bad ones go to
+    quarantine as they come; stop after `limit` valid ones (`already` of them read before a resume)."""
+    chunk, n, chars, taken = [], already, 0, 0
+    if limit and n >= limit:
+        return
     for item in items:
+        taken += 1
         if isinstance(item, BadRecord):
             bad.append(item)
             continue
@@ -147,18 +185,74 @@ def _chunks(items, size: int, limit: int | None, bad: Quarantine, max_chars: int
         n += 1
         chars += sum(len(m["content"]) for m in item.messages)
         if len(chunk) >= size or chars >= max_chars or (limit and n >= limit):
-            yield chunk
+            yield chunk, taken
             chunk, chars = [], 0
             if limit and n >= limit:
                 return
-    if chunk:
-        yield chunk
+    yield chunk, taken
+
+
+PASS2_ONLY = ("select", "drop_leaks", "perplexity")  # data.clean fields a resumed pass 1 does not depend on
+
+
+class _Checkpoint:
+    """Pass 1 (read, clean, spool) saved after every chunk in out_dir/.work, so an interrupted prepare goes on
+    from the last chunk with --resume: the spool, the signature file and the quarantine are cut back to their
+    checkpointed sizes, each chunk's column arrays are in chunk-N.npz, the rest (positions in the inputs,
+    counts, the cleaner's tallies) in state.pkl, replaced atomically. The steps after pass 1 take seconds and
+    run again; the slow optional one (perplexity) keeps its own cache."""
+
+    def __init__(self, work: Path, fingerprint: str):
+        self.work, self.fingerprint = work, fingerprint
+
+    def load(self) -> dict | None:
+        import pickle
+
+        try:
+            state = pickle.loads((self.work / "state.pkl").read_bytes())
+        except (OSError, EOFError, pickle.UnpicklingError):
+            return None
+        return state if state.get("fingerprint") == self.fingerprint else None
+
+    def save(self, state: dict, arrays: dict[str, np.ndarray] | None) -> None:
+        import pickle
+
+        if arrays is not None:
+            name = f"chunk-{len(state['chunks']):06d}.npz"
+            tmp = self.work / f".{name}"
+            with open(tmp, "wb") as f:
+                np.savez(f, **{f"col_{k}": v for k, v in arrays.items()})  # ("file" would clash with savez's argument)
+            os.replace(tmp, self.work / name)
+            state["chunks"].append(name)
+        tmp = self.work / ".state.pkl"
+        tmp.write_bytes(pickle.dumps({**state, "fingerprint": self.fingerprint}))
+        os.replace(tmp, self.work / "state.pkl")
+
+
+def _fingerprint(cfg: ProjectConfig, inputs: dict, chunk_size: int) -> str:
+    import hashlib
+
+    data = cfg.resolved()["data"]
+    data = {**data, "clean": {k: v for k, v in data["clean"].items() if k not in PASS2_ONLY}}
+    return hashlib.sha256(json.dumps({"data": data, "inputs": inputs, "chunk_size": chunk_size, "v": 1}, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpointed_records(out_dir: Path) -> int | None:
+    """Records read by an interrupted prepare whose checkpoint is in out_dir (None: there is none)."""
+    import pickle
+
+    try:
+        return int(pickle.loads((Path(out_dir) / ".work" / "state.pkl").read_bytes())["done"])
+    except (OSError, EOFError, KeyError, pickle.UnpicklingError):
+        return None
 
 
 def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None, chunk_size: int = 20_000,
-                 progress: Callable[[str, int], None] | None = None) -> Prepared:
+                 progress: Callable[[str, int], None] | None = None, resume: bool = False) -> Prepared:
     """Prepare the project's data into out_dir (default runs/<project>/data). progress(stage, records done) is
-    called as work goes on."""
+    called as work goes on. Reading and cleaning is checkpointed after every chunk in out_dir/.work; if it is
+    interrupted, resume=True goes on from there (with the same inputs, data config and chunk_size; otherwise
+    it starts over), giving the same outputs as an uninterrupted run."""
     from .clean import Cleaner, quality_arrays, score_dict
     from .dedup import Spool, near_dedup, near_leaks
 
@@ -175,24 +269,51 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
         clock[0] = now
 
     cleaner = Cleaner(c)
-    bad = Quarantine(out_dir / "quarantine.jsonl")
-    work = tempfile.TemporaryDirectory(dir=out_dir, prefix=".work-")
-    spool = Spool(Path(work.name) / "records.jsonl")
+    inputs: dict[str, dict] = {}
+    for name in FILES:
+        path = cfg.path(getattr(cfg.data, name))
+        if path is not None:
+            inputs[name] = {"path": str(path), "sha256": sha256_file(path)}
+    work = out_dir / ".work"
+    ckpt = _Checkpoint(work, _fingerprint(cfg, inputs, chunk_size))
+    state = ckpt.load() if resume else None
+    if state is None:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        state = {"chunks": [], "position": {}, "files_done": [], "read_counts": {}, "done": 0, "timings": {}}
+    else:
+        for stale in work.glob("*"):  # what a step after pass 1 or an unfinished chunk left behind
+            if stale.name not in {*state["chunks"], "state.pkl", "records.jsonl", "signatures.u32", "quarantine.jsonl"}:
+                stale.unlink()
+        cleaner.restore(state["cleaner"])
+        timings.update(state["timings"])
+        say("resuming", state["done"])
+    resumed = "spool_end" in state
+    bad = Quarantine(out_dir / "quarantine.jsonl", work / "quarantine.jsonl", state.get("quarantine") if resumed else None)
+    spool = Spool(work / "records.jsonl",
+                  (np.concatenate([np.load(work / n)["col_offsets"] for n in state["chunks"]]) if state["chunks"] else np.zeros(0, np.int64),
+                   state["spool_end"]) if resumed else None)
+    finished = False
     try:
-        table = _Columns(cfg, cfg.data.split.seed, Path(work.name) / "signatures.u32")
-        inputs, read_counts, fixed = {}, {}, []
-        done = 0
+        table = _Columns(cfg, cfg.data.split.seed, work / "signatures.u32", keep=resumed)
+        if resumed:
+            table.restore([np.load(work / n) for n in state["chunks"]], state["names"], state["n"])
+        read_counts, fixed = state["read_counts"], [n for n in inputs if n != "train"]
+        done = state["done"]
+
+        def checkpoint(arrays) -> None:
+            state.update(done=done, spool_end=spool.end, names=table.names, n=table.n, quarantine=bad.state(),
+                         cleaner=cleaner.state(), timings=dict(timings))
+            ckpt.save(state, arrays)
+
         # Pass 1: read, validate, normalise, redact, filter (training file only: evaluation files are never thinned).
         for fid, name in enumerate(FILES):
-            path = cfg.path(getattr(cfg.data, name))
-            if path is None:
+            if name not in inputs or name in state["files_done"]:
                 continue
-            inputs[name] = {"path": str(path), "sha256": sha256_file(path)}
-            read_counts[name] = 0
-            if name != "train":
-                fixed.append(name)
-            items = read_records(path, cfg.data.format, cfg.data.columns, cfg.data.system_prompt)
-            for chunk in _chunks(items, chunk_size, cfg.data.limit if name == "train" else None, bad):
+            read_counts.setdefault(name, 0)
+            skip = state["position"].get(name, 0)
+            items = itertools.islice(read_records(Path(inputs[name]["path"]), cfg.data.format, cfg.data.columns, cfg.data.system_prompt), skip, None)
+            for chunk, taken in _chunks(items, chunk_size, cfg.data.limit if name == "train" else None, bad, already=read_counts[name]):
                 read_counts[name] += len(chunk)
                 done += len(chunk)
                 lap("read and validate")
@@ -203,9 +324,15 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
                     lap("filters")
                 table.add(fid, chunk, cleaner.repetition_of)
                 cleaner.repetition_of.clear()
+                offsets_from = len(spool)
                 spool.add(chunk)
                 lap("hashes and spool")
+                state["position"][name] = skip + taken
+                checkpoint({**table.last(), "offsets": np.frombuffer(spool.offsets[offsets_from:], dtype=np.int64)} if chunk else None)
+                lap("checkpoint")
                 say("reading and cleaning", done)
+            state["files_done"].append(name)
+            checkpoint(None)
         col = table.finish()
         say("deduplicating", done)
 
@@ -294,14 +421,15 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
         labelled = bool(len(tr)) and bool((col["label"][tr] >= 0).any())
         nll = None
         if c.perplexity and len(tr):
-            from .perplexity import answer_nll
+            from .perplexity import answer_nll, cache_path
 
             lap("quality score")
             nll = answer_nll(cfg.model.name, (spool.records(tr[a : a + READ_BACK]) for a in range(0, len(tr), READ_BACK)), cfg.data.max_length,
-                             dtype=cfg.model.dtype, progress=lambda n: say("perplexity under the base model", n))
+                             dtype=cfg.model.dtype, progress=lambda n: say("perplexity under the base model", n),
+                             cache=cache_path(out_dir / ".perplexity-cache", cfg.model.name, cfg.data.max_length, cfg.model.dtype))
             lap("perplexity")
         q = quality_arrays(col["aw"][tr], col["pw"][tr], col["rep"][tr], col["label"][tr] if labelled else None, col["sigs"], tr,
-                           work_dir=work.name, nll=nll)
+                           work_dir=str(work), nll=nll)
         selected = None
         if c.select and c.select < len(tr):
             order = np.lexsort((np.arange(len(tr)), -q["score"]))  # best first; ties in split order
@@ -348,14 +476,15 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
                 token_stats[name] = stats.summary()
         label_counts = {n: Counter(names[x] for x in col["label"][splits[n]].tolist() if x >= 0) for n in SPLITS}
         lap("write")
-    except BaseException:
-        bad.close(keep=False)
-        raise
+        finished = True
     finally:
         spool.close()
         col = None
-        work.cleanup()
-    bad.close()
+        if finished:
+            bad.close()
+            shutil.rmtree(work, ignore_errors=True)
+        else:  # the checkpoint stays for --resume
+            bad._f.close()
 
     summary = {
         "inputs": inputs,
@@ -402,4 +531,4 @@ def ensure_prepared(cfg: ProjectConfig, tokenizer=None) -> Prepared:
     existing = load_prepared(data_dir)
     if existing is not None and prepared_is_current(cfg, existing):
         return existing
-    return prepare_data(cfg, data_dir, tokenizer)
+    return prepare_data(cfg, data_dir, tokenizer, resume=True)  # a checkpoint of other inputs or config is not used
