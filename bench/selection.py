@@ -7,6 +7,13 @@
    the test split; accuracy with 95% bootstrap CIs and a paired test of the difference.
 
     python bench/selection.py [--n 300] [--steps 40] [--test-items 400]
+
+With planted label noise (the seeds' "poor examples"): --noise 0.3 gives a seeded 30% of the pool a wrong
+label, --pool 1500 draws the pool from the cleaned split first, and --perplexity adds the base model's
+perplexity of each answer to the score (data.clean.perplexity). The table then also shows the share of
+wrongly labelled records each selection kept.
+
+    python bench/selection.py --pool 1500 --noise 0.3 --perplexity [--global]
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--test-items", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", type=int, default=None, help="Draw a pool of this many records from the cleaned split (seeded).")
+    ap.add_argument("--noise", type=float, default=0.0, help="Share of the pool given a wrong label (seeded).")
+    ap.add_argument("--perplexity", action="store_true", help="Add the perplexity signal to the score.")
+    ap.add_argument("--global", dest="global_top", action="store_true", help="Select the overall best N (data.clean.select_by_label=false).")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.console import Console
@@ -46,9 +57,35 @@ def main():
     cfg = load_config(example)
     prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name))
     pool = prepared.splits["train"]
-    scores = quality_scores(pool)
-    order = sorted(range(len(pool)), key=lambda i: (-scores[i]["score"], i))
-    chosen = {"quality": order[: args.n], "random": random.Random(args.seed).sample(range(len(pool)), args.n)}
+    rng = random.Random(args.seed)
+    if args.pool:
+        pool = [pool[i] for i in sorted(rng.sample(range(len(pool)), args.pool))]
+    flipped = set(rng.sample(range(len(pool)), round(args.noise * len(pool))))
+    if flipped:
+        from tunewise.data.records import Record
+
+        labels = sorted({r.label for r in pool})
+        for i in sorted(flipped):
+            r = pool[i]
+            wrong = rng.choice([x for x in labels if x != r.label])
+            pool[i] = Record([*r.messages[:-1], {**r.messages[-1], "content": wrong}], r.source, label=wrong, meta=r.meta)
+    nll = None
+    if args.perplexity:
+        from tunewise.data.perplexity import answer_nll
+
+        nll = answer_nll(cfg.model.name, [pool], cfg.data.max_length, dtype=cfg.model.dtype,
+                         cache=Path(tempfile.gettempdir()) / "tw-selection-nll.bin")
+    scores = quality_scores(pool, nll=nll)
+    import numpy as np
+
+    from tunewise.data.clean import select_best
+    from tunewise.data.split import label_ids
+
+    # what `data prepare --select N` keeps: by default each label's share of N (--global: the overall best N)
+    labels = None if args.global_top else label_ids([r.label for r in pool])[0]
+    best = select_best(np.array([x["score"] for x in scores]), args.n, labels)
+    chosen = {"quality": np.flatnonzero(best).tolist(), "random": random.Random(args.seed).sample(range(len(pool)), args.n)}
+    print({name: f"{sum(i in flipped for i in idx) / len(idx):.1%} wrongly labelled" for name, idx in chosen.items()}, flush=True)
     work = Path(tempfile.mkdtemp(prefix="tw-select-"))
     results = {}
     for name, idx in chosen.items():
@@ -69,18 +106,20 @@ def main():
         s = evaluate(c, VariantConfig(name="fine-tuned", kind="fine-tuned"))
         mean_score = sum(scores[i]["score"] for i in idx) / len(idx)
         results[name] = {"summary": s, "train": tr, "mean_quality": mean_score, "labels": len({pool[i].label for i in idx}),
+                         "wrong": sum(i in flipped for i in idx) / len(idx),
                          "scores": load_scores(c, "fine-tuned", "accuracy")}
-    t = Table(title=f"BANKING77: N={args.n} training examples, {args.steps} LoRA steps each, {args.test_items} test items")
-    for h in ("selection", "mean quality score", "labels covered", "best val loss", "accuracy [95% CI]"):
+    t = Table(title=f"BANKING77: N={args.n} training examples from a pool of {len(pool)} ({args.noise:.0%} wrongly labelled), "
+                    f"{args.steps} LoRA steps each, {args.test_items} test items; score signals: {', '.join(k for k in scores[0] if k != 'score')}")
+    for h in ("selection", "mean quality score", "labels covered", "wrong labels kept", "best val loss", "accuracy [95% CI]"):
         t.add_column(h)
     for name, r in results.items():
         a = r["summary"]["metrics"]["accuracy"]
-        t.add_row(name, f"{r['mean_quality']:.3f}", str(r["labels"]), f"{r['train'].best_val_loss:.3f}",
+        t.add_row(name, f"{r['mean_quality']:.3f}", str(r["labels"]), f"{r['wrong']:.1%}", f"{r['train'].best_val_loss:.3f}",
                   f"{a['mean']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]")
     Console().print(t)
     p = paired_test(results["random"]["scores"], results["quality"]["scores"])
     Console().print(f"quality - random: {p.diff} (paired, p = {p.p_value:.3f})")
-    print(json.dumps({k: {"accuracy": v["summary"]["metrics"]["accuracy"], "mean_quality": v["mean_quality"], "labels": v["labels"]}
+    print(json.dumps({k: {"accuracy": v["summary"]["metrics"]["accuracy"], "mean_quality": v["mean_quality"], "labels": v["labels"], "wrong": v["wrong"]}
                       for k, v in results.items()} | {"paired": p.as_dict()}, indent=1))
 
 

@@ -133,7 +133,8 @@ def test_quality_score_and_select(tmp_path):
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}],
                                                                 "label": r.label}) for (u, a), r in zip(rows, recs)) + "\n")
     cfg = {"project": "p", "output_dir": "runs", "data": {"format": "openai", "train": "train.jsonl", "split": {"validation": 0.0, "test": 0.0},
-                                                          "clean": {"near_dedup": False, "max_repetition": 1.0, "drop_copies": False}}}
+                                                          "clean": {"near_dedup": False, "max_repetition": 1.0, "drop_copies": False,
+                                                                    "select_by_label": False}}}
     (tmp_path / "tunewise.yaml").write_text(yaml.safe_dump(cfg))
     res = CliRunner().invoke(app, ["data", "prepare", str(tmp_path / "tunewise.yaml"), "--select", "5"])
     assert res.exit_code == 0, res.output
@@ -142,6 +143,27 @@ def test_quality_score_and_select(tmp_path):
     q = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
     assert len(kept) == 5 and {x["where"] for x in q} == {"line 6", "line 7"} and all("not selected" in x["reason"] for x in q)
     assert "--select kept 5" in res.output
+
+
+def test_select_by_label_keeps_each_labels_share():
+    """A global top N can lose whole labels (bench/selection.py: 61 of 77); by label, each keeps one and its share
+    of the rest (largest remainder), its own best records."""
+    import numpy as np
+
+    from tunewise.data.clean import select_best
+
+    labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
+    scores = np.array([1.0, 0.9, 0.95, 0.2, 0.99, 0.98, 0.5, 0.6, 0.4, 0.1])
+    top = select_best(scores, 5)
+    assert np.flatnonzero(top).tolist() == [0, 1, 2, 4, 5] and set(labels[top]) == {0}  # the global top 5 is all label 0
+    fair = select_best(scores, 5, labels)
+    # one each, then the other 2 in proportion to 5 / 2 / 0 records beyond that: 1.43 / 0.57 / 0 -> 1 + 1 + 0
+    assert fair.sum() == 5 and [int((labels[fair] == k).sum()) for k in (0, 1, 2)] == [2, 2, 1]
+    assert np.flatnonzero(fair).tolist() == [0, 4, 6, 7, 9]  # the best of each label
+    few = select_best(scores, 2, labels)  # fewer places than labels: by share (6 / 3 / 1 of 10 -> 1.2 / 0.6 / 0.2)
+    assert np.flatnonzero(few).tolist() == [0, 7]
+    ties = select_best(np.ones(4), 2, np.array([1, 0, 1, 0]))
+    assert np.flatnonzero(ties).tolist() == [0, 1]  # ties: earlier first within a label
 
 
 def test_perplexity_signal_marks_garbled_answers_with_the_real_model(tmp_path, monkeypatch):

@@ -68,6 +68,7 @@ class CleanConfig(Section):
     num_perm: int = Field(128, ge=16, description="MinHash permutations.")
     perplexity: bool = Field(False, description="Add the answer's perplexity under the base model (model.name) to the quality score: garbled or off-language answers score low. Runs the model over every training record (on this 2-core CPU: 11 records/s on the BANKING77 example, whose system prompt lists the 77 labels).")
     select: int | None = Field(None, gt=0, description="Keep only the N training records with the best quality score (also: data prepare --select N); the rest are set aside with their score.")
+    select_by_label: bool = Field(True, description="With select on labelled data, keep each label's share of the N (largest remainder), the best within each label: a global top N can lose whole labels (61 of 77 BANKING77 intents in bench/selection.py).")
     drop_leaks: bool = Field(False, description="Drop training records whose prompt equals or nearly equals a validation/test prompt (also: data prepare --drop-leaks).")
 
 

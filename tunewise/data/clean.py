@@ -169,7 +169,7 @@ class Cleaner:
 __all__ = ["Cleaner", "normalize_text", "repetition", "copies_prompt", "PII_TYPES"]
 
 
-def quality_scores(records: list[Record], neighbour_threshold: float = 0.6) -> list[dict]:
+def quality_scores(records: list[Record], neighbour_threshold: float = 0.6, nll=None) -> list[dict]:
     """A per-record quality score in [0, 1] from simple signals, each also returned:
 
     - length: how typical the answer's and prompt's lengths are for this data (a Gaussian on the z-score of
@@ -178,6 +178,8 @@ def quality_scores(records: list[Record], neighbour_threshold: float = 0.6) -> l
     - label: for labelled data, the share of similar prompts (Jaccard of character 5-grams >= neighbour_threshold,
       estimated from MinHash signatures) that carry the same label (1 when there are none): a label its
       look-alikes disagree with is suspect.
+    - perplexity (when nll, the answers' mean negative log-likelihood under the base model from
+      data/perplexity.py answer_nll, is given): see perplexity_signal.
     The score is the mean of the signals. `data prepare` computes the same from its per-record arrays
     (quality_from_signals) without holding the records.
     """
@@ -192,17 +194,45 @@ def quality_scores(records: list[Record], neighbour_threshold: float = 0.6) -> l
     sigs = NearDupIndex(neighbour_threshold, QUALITY_PERM).signatures(flat, off)
     labels = label_ids([r.label for r in records])[0] if any(r.label is not None for r in records) else None
     return quality_from_signals(np.array([len(r.answer.split()) for r in records]), np.array([len(r.prompt_key.split()) for r in records]),
-                                np.array([1.0 - repetition(r.answer) for r in records]), labels, sigs, np.arange(len(records)), neighbour_threshold)
+                                np.array([1.0 - repetition(r.answer) for r in records]), labels, sigs, np.arange(len(records)), neighbour_threshold,
+                                nll=nll)
 
 
 QUALITY_PERM = 128  # MinHash permutations behind the label signal: standard error ~0.04 at Jaccard 0.6
 
 
-def quality_from_signals(answer_words, prompt_words, rep, labels, sigs, rows, neighbour_threshold: float = 0.6) -> list[dict]:
+def quality_from_signals(answer_words, prompt_words, rep, labels, sigs, rows, neighbour_threshold: float = 0.6, nll=None) -> list[dict]:
     """quality_scores from per-record arrays: word counts of answer and prompt, 1 - repetition, label ids (None:
     unlabelled data), and MinHash signatures (128 permutations) sigs[rows[i]] of record i's prompt."""
-    q = quality_arrays(answer_words, prompt_words, rep, labels, sigs, rows, neighbour_threshold)
+    q = quality_arrays(answer_words, prompt_words, rep, labels, sigs, rows, neighbour_threshold, nll=nll)
     return [score_dict(q, i) for i in range(len(rows))]
+
+
+def select_best(scores, n: int, labels=None) -> "np.ndarray":
+    """Boolean mask of the n records to keep: the best scores (ties: earlier first). With labels (ids, -1 for
+    none), each label keeps its best records, as many as its share of n: one each first when n allows, the
+    rest in proportion to what each has beyond that, by largest remainder (ties: smaller id)."""
+    import numpy as np
+
+    scores = np.asarray(scores)
+    keep = np.zeros(len(scores), dtype=bool)
+    if labels is None:
+        keep[np.lexsort((np.arange(len(scores)), -scores))[:n]] = True
+        return keep
+    labels = np.asarray(labels)
+    ids, counts = np.unique(labels, return_counts=True)
+    n = min(n, len(scores))
+    base = np.ones(len(ids), dtype=int) if n >= len(ids) else np.zeros(len(ids), dtype=int)
+    rest = counts - base
+    share = rest * (n - int(base.sum())) / max(int(rest.sum()), 1)
+    quota = np.floor(share).astype(int)
+    extra = n - int(base.sum()) - int(quota.sum())
+    quota[np.lexsort((ids, -(share - quota)))[:extra]] += 1
+    quota += base
+    for lab, q in zip(ids.tolist(), quota.tolist()):
+        rows = np.flatnonzero(labels == lab)
+        keep[rows[np.lexsort((rows, -scores[rows]))[:q]]] = True
+    return keep
 
 
 def score_dict(q: dict, i: int) -> dict:

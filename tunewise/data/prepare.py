@@ -192,7 +192,7 @@ def _chunks(items, size: int, limit: int | None, bad: Quarantine, max_chars: int
     yield chunk, taken
 
 
-PASS2_ONLY = ("select", "drop_leaks", "perplexity")  # data.clean fields a resumed pass 1 does not depend on
+PASS2_ONLY = ("select", "select_by_label", "drop_leaks", "perplexity")  # data.clean fields a resumed pass 1 does not depend on
 
 
 class _Checkpoint:
@@ -253,7 +253,7 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
     called as work goes on. Reading and cleaning is checkpointed after every chunk in out_dir/.work; if it is
     interrupted, resume=True goes on from there (with the same inputs, data config and chunk_size; otherwise
     it starts over), giving the same outputs as an uninterrupted run."""
-    from .clean import Cleaner, quality_arrays, score_dict
+    from .clean import Cleaner, quality_arrays, score_dict, select_best
     from .dedup import Spool, near_dedup, near_leaks
 
     out_dir = out_dir or cfg.run_dir / "data"
@@ -432,15 +432,17 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
                            work_dir=str(work), nll=nll)
         selected = None
         if c.select and c.select < len(tr):
-            order = np.lexsort((np.arange(len(tr)), -q["score"]))  # best first; ties in split order
-            chosen = np.zeros(len(tr), dtype=bool)
-            chosen[order[: c.select]] = True
-            cut = float(q["score"][order[c.select - 1]])
+            by_label = c.select_by_label and labelled
+            lab = col["label"][tr]
+            chosen = select_best(q["score"], c.select, lab if by_label else None)  # ties in split order
+            cut = float(q["score"][chosen].min())
+            cuts = {int(x): float(q["score"][chosen & (lab == x)].min()) for x in np.unique(lab[chosen])} if by_label else {}
             for t in np.flatnonzero(~chosen):
-                bad.append(_bad(spool.get(tr[t]), f"not selected: quality score {q['score'][t]:.3f} below the cut {cut:.3f} ({score_dict(q, t)})"))
+                where = f"its label's cut {cuts[int(lab[t])]:.3f}" if int(lab[t]) in cuts else ("its label got no place" if by_label else f"the cut {cut:.3f}")
+                bad.append(_bad(spool.get(tr[t]), f"not selected: quality score {q['score'][t]:.3f} below {where} ({score_dict(q, t)})"))
             splits["train"] = tr[chosen]
             q = {k: v[chosen] for k, v in q.items()}
-            selected = {"kept": int(chosen.sum()), "cut": cut}
+            selected = {"kept": int(chosen.sum()), "cut": cut, "by_label": by_label}
         score_values = q["score"]
         lowest = np.argsort(score_values, kind="stable")[:10]
         quality = {"selected": selected, "histogram": np.histogram(score_values, bins=10, range=(0, 1))[0].tolist() if len(score_values) else [],
