@@ -182,11 +182,9 @@ def _print_data_summary(prepared) -> None:
             console.print("  PII redacted: " + ", ".join(f"{k} {v}" for k, v in sorted(c["pii_found"].items())), highlight=False)
     q = s.get("quality")
     if q and q.get("mean") is not None:
-        sel = ""
-        if q.get("selected"):
-            chosen = q["selected"]
-            sel = f"; --select kept {chosen['kept']} " + (f"(each label's share, its best; lowest kept score {chosen['cut']:.3f})"
-                                                           if chosen.get("by_label") else f"(score >= {chosen['cut']:.3f})")
+        from .data.clean import describe_selection
+
+        sel = f"; --select {describe_selection(q['selected'])}" if q.get("selected") else ""
         console.print(f"quality score of training records: mean {q['mean']:.3f}, histogram (0-1, 10 bins) {q['histogram']}{sel}", highlight=False)
     console.print(f"quarantined: {s['read']['quarantined']} (-> {prepared.dir / 'quarantine.jsonl'})")
     if s.get("report"):

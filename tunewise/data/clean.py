@@ -130,8 +130,7 @@ class Cleaner:
         s = self.step(step)
         s.dropped += 1
         s.note({"source": r.source, "reason": reason})
-        file, _, where = r.source.rpartition(":")
-        bad.append(BadRecord(file or r.source, where or "", reason, r.to_json()))
+        bad.append(BadRecord.of(r, reason))
 
     def keep(self, r: Record, bad) -> bool:
         """The filters; a record that fails one goes to `bad` (anything with append) with the reason."""
@@ -235,13 +234,20 @@ def select_best(scores, n: int, labels=None) -> "np.ndarray":
     return keep
 
 
+def describe_selection(selected: dict) -> str:
+    """The summary's quality.selected in words (the CLI and report.html)."""
+    how = (f"each label's share, its best; lowest kept score {selected['cut']:.3f}" if selected.get("by_label")
+           else f"score >= {selected['cut']:.3f}")
+    return f"kept {selected['kept']} ({how})"
+
+
 def score_dict(q: dict, i: int) -> dict:
     """Record i's score and signals from quality_arrays, as quality_scores gives them."""
     return {k: float(v[i]) for k, v in q.items()}
 
 
 def quality_arrays(answer_words, prompt_words, rep, labels, sigs, rows, neighbour_threshold: float = 0.6, work_dir=None, nll=None) -> dict:
-    """quality_from_signals as arrays {"score", "length", "repetition"[, "label"]} (8 bytes a record each, where a
+    """quality_from_signals as arrays {"score", "length", "repetition"[, "label"][, "perplexity"]} (8 bytes a record each, where a
     list of dicts takes ~400). sigs may be a disk-backed np.memmap; with work_dir the label signal's candidate
     pairs are spilled there (see _label_agreement), so memory stays bounded. nll: the answers' mean negative
     log-likelihood under the base model (data/perplexity.py), which adds the "perplexity" signal."""

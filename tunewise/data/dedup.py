@@ -107,15 +107,6 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / (len(a) + len(b) - inter)
 
 
-def shared_keys(keys: np.ndarray) -> np.ndarray:
-    """[n, bands] bool: the band key is shared with another row in that band (a key nobody shares pairs nobody)."""
-    out = np.zeros(keys.shape, dtype=bool)
-    for b in range(keys.shape[1]):
-        _, inv, counts = np.unique(keys[:, b], return_inverse=True, return_counts=True)
-        out[:, b] = counts[inv.reshape(-1)] > 1
-    return out
-
-
 def _verify(h: np.ndarray, cands: np.ndarray, positions, sigs, sig: np.ndarray, sets: ShingleSets, threshold: float,
             margin: float = 0.25) -> tuple[int, float] | None:
     """The first candidate (ascending) whose exact Jaccard with h is >= threshold, as (index into cands' positions, J).

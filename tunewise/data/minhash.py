@@ -140,13 +140,3 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
             key *= np.uint64(0x9E3779B97F4A7C15)
             key += sigs[:, c].astype(np.uint64)
     return out
-
-
-def colliding(keys: np.ndarray) -> np.ndarray:
-    """Rows of a [texts, bands] key matrix that share a key with another row in at least one band: the only
-    texts LSH can ever pair (a text unique in every band is nobody's candidate)."""
-    hit = np.zeros(len(keys), dtype=bool)
-    for b in range(keys.shape[1]):
-        _, inv, counts = np.unique(keys[:, b], return_inverse=True, return_counts=True)
-        hit |= counts[inv] > 1
-    return hit

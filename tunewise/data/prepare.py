@@ -49,15 +49,11 @@ class Prepared:
 
 class Quarantine:
     """quarantine.jsonl written as records are set aside (moved into place at the end); keeps counts by kind
-    of reason and the first 100 for the report. tmp: where it is written meanwhile (a checkpoint's work
+    of reason and the first 100 for the report. tmp: where it is written meanwhile (in the checkpoint's work
     directory); state: a checkpoint's `state()` to go on from."""
 
-    def __init__(self, path: Path, tmp: Path | None = None, state: dict | None = None):
+    def __init__(self, path: Path, tmp: Path, state: dict | None = None):
         self.path = path
-        if tmp is None:
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-            os.close(fd)
-            tmp = Path(name)
         self._tmp = tmp
         self.count = 0
         self.head: list[BadRecord] = []
@@ -81,17 +77,14 @@ class Quarantine:
         self._f.flush()
         return {"size": os.path.getsize(self._tmp), "count": self.count, "head": list(self.head), "reasons": dict(self.reasons)}
 
-    def close(self, keep: bool = True) -> None:
+    def close(self) -> None:
+        """Finished: move it into place."""
         self._f.close()
-        if keep:
-            os.replace(self._tmp, self.path)
-        else:
-            Path(self._tmp).unlink(missing_ok=True)
+        os.replace(self._tmp, self.path)
 
-
-def _bad(r: Record, reason: str) -> BadRecord:
-    file, _, where = r.source.rpartition(":")
-    return BadRecord(file or r.source, where, reason, r.to_json())
+    def suspend(self) -> None:
+        """Interrupted: close it where it is, for the checkpoint."""
+        self._f.close()
 
 
 class _Columns:
@@ -205,14 +198,19 @@ class _Checkpoint:
     def __init__(self, work: Path, fingerprint: str):
         self.work, self.fingerprint = work, fingerprint
 
-    def load(self) -> dict | None:
+    @staticmethod
+    def read(work: Path) -> dict | None:
+        """The saved state, whatever its fingerprint (None: none, or unreadable)."""
         import pickle
 
         try:
-            state = pickle.loads((self.work / "state.pkl").read_bytes())
+            return pickle.loads((Path(work) / "state.pkl").read_bytes())
         except (OSError, EOFError, pickle.UnpicklingError):
             return None
-        return state if state.get("fingerprint") == self.fingerprint else None
+
+    def load(self) -> dict | None:
+        state = self.read(self.work)
+        return state if state is not None and state.get("fingerprint") == self.fingerprint else None
 
     def save(self, state: dict, arrays: dict[str, np.ndarray] | None) -> None:
         import pickle
@@ -239,12 +237,8 @@ def _fingerprint(cfg: ProjectConfig, inputs: dict, chunk_size: int) -> str:
 
 def checkpointed_records(out_dir: Path) -> int | None:
     """Records read by an interrupted prepare whose checkpoint is in out_dir (None: there is none)."""
-    import pickle
-
-    try:
-        return int(pickle.loads((Path(out_dir) / ".work" / "state.pkl").read_bytes())["done"])
-    except (OSError, EOFError, KeyError, pickle.UnpicklingError):
-        return None
+    state = _Checkpoint.read(Path(out_dir) / ".work")
+    return None if state is None else int(state["done"])
 
 
 def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None, chunk_size: int = 20_000,
@@ -289,15 +283,16 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
         timings.update(state["timings"])
         say("resuming", state["done"])
     resumed = "spool_end" in state
+    chunks = [np.load(work / n) for n in state["chunks"]]
     bad = Quarantine(out_dir / "quarantine.jsonl", work / "quarantine.jsonl", state.get("quarantine") if resumed else None)
     spool = Spool(work / "records.jsonl",
-                  (np.concatenate([np.load(work / n)["col_offsets"] for n in state["chunks"]]) if state["chunks"] else np.zeros(0, np.int64),
-                   state["spool_end"]) if resumed else None)
+                  (np.concatenate([a["col_offsets"] for a in chunks]) if chunks else np.zeros(0, np.int64), state["spool_end"]) if resumed else None)
     finished = False
     try:
         table = _Columns(cfg, cfg.data.split.seed, work / "signatures.u32", keep=resumed)
         if resumed:
-            table.restore([np.load(work / n) for n in state["chunks"]], state["names"], state["n"])
+            table.restore(chunks, state["names"], state["n"])
+        del chunks
         read_counts, fixed = state["read_counts"], [n for n in inputs if n != "train"]
         done = state["done"]
 
@@ -407,7 +402,7 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
                 if i in leaking:
                     w = why.get(i)
                     reason = f"leaks into {w['split']}: near-duplicate (Jaccard {w['jaccard']}) of {w['other']}" if w else "leaks into an evaluation split: same prompt"
-                    bad.append(_bad(spool.get(i), reason))
+                    bad.append(BadRecord.of(spool.get(i), reason))
                     keep[t] = False
                     dropped_leaks += 1
             splits["train"] = splits["train"][keep]
@@ -439,7 +434,7 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
             cuts = {int(x): float(q["score"][chosen & (lab == x)].min()) for x in np.unique(lab[chosen])} if by_label else {}
             for t in np.flatnonzero(~chosen):
                 where = f"its label's cut {cuts[int(lab[t])]:.3f}" if int(lab[t]) in cuts else ("its label got no place" if by_label else f"the cut {cut:.3f}")
-                bad.append(_bad(spool.get(tr[t]), f"not selected: quality score {q['score'][t]:.3f} below {where} ({score_dict(q, t)})"))
+                bad.append(BadRecord.of(spool.get(tr[t]), f"not selected: quality score {q['score'][t]:.3f} below {where} ({score_dict(q, t)})"))
             splits["train"] = tr[chosen]
             q = {k: v[chosen] for k, v in q.items()}
             selected = {"kept": int(chosen.sum()), "cut": cut, "by_label": by_label}
@@ -486,7 +481,7 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
             bad.close()
             shutil.rmtree(work, ignore_errors=True)
         else:  # the checkpoint stays for --resume
-            bad._f.close()
+            bad.suspend()
 
     summary = {
         "inputs": inputs,

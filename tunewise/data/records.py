@@ -53,6 +53,12 @@ class BadRecord:
     reason: str
     raw: Any = None
 
+    @classmethod
+    def of(cls, r: "Record", reason: str) -> "BadRecord":
+        """A parsed record set aside later (a filter, a duplicate, a leak), placed by its source "file:where"."""
+        file, _, where = r.source.rpartition(":")
+        return cls(file or r.source, where, reason, r.to_json())
+
     def to_json(self) -> dict:
         raw = self.raw if isinstance(self.raw, (str, dict, list)) or self.raw is None else repr(self.raw)
         return {"file": self.file, "where": self.where, "reason": self.reason, "raw": raw}

@@ -59,9 +59,9 @@ def data_report(data_dir: Path, summary: dict, label_counts: dict[str, Counter],
         rows.append(["leakage (--drop-leaks)", f"{lk['dropped']} dropped"])
     q = s.get("quality", {})
     if q.get("selected"):
-        sel = q["selected"]
-        rows.append(["--select", f"kept {sel['kept']} " + (f"(each label's share, its best; lowest kept score {sel['cut']:.3f})" if sel.get("by_label")
-                                                          else f"(score >= {sel['cut']:.3f})")])
+        from ..data.clean import describe_selection
+
+        rows.append(["--select", describe_selection(q["selected"])])
     rows += [[f"split: {n}", s["outputs"][n]["records"]] for n in SPLITS]
     rows.append(["quarantined (all reasons)", read["quarantined"]])
     parts.append("<h2>Counts at every step</h2>" + _table(["step", "records"], rows))
