@@ -226,3 +226,30 @@ def test_interrupted_prepare_resumes_to_the_same_outputs(tmp_path, monkeypatch):
     stages = []
     prepare_data(cfg2, out, chunk_size=7, resume=True, progress=lambda s, n: stages.append(s))
     assert "resuming" not in stages and _outputs(out) == _outputs(prepare_data(cfg2, tmp_path / "ref2", chunk_size=7).dir)
+
+
+def test_a_damaged_checkpoint_is_not_used(tmp_path):
+    """A checkpoint whose files are missing or shorter than it recorded is not resumed from: prepare starts over
+    (the CLI says so) and still gives the uninterrupted run's outputs."""
+    cfg = _resume_project(tmp_path)
+    ref = _outputs(prepare_data(cfg, tmp_path / "ref", chunk_size=7).dir)
+
+    def stop(stage, n):
+        if stage == "reading and cleaning" and n >= 140:
+            raise KeyboardInterrupt
+
+    for damage in ("chunk", "spool"):
+        out = tmp_path / damage
+        try:
+            prepare_data(cfg, out, chunk_size=7, progress=stop)
+        except KeyboardInterrupt:
+            pass
+        work = out / ".work"
+        if damage == "chunk":
+            next(work.glob("chunk-*.npz")).unlink()
+        else:
+            with open(work / "records.jsonl", "r+b") as f:
+                f.truncate(10)
+        stages = []
+        prepare_data(cfg, out, chunk_size=7, resume=True, progress=lambda s, n: stages.append(s))
+        assert "resuming" not in stages and _outputs(out) == ref, damage

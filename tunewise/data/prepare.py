@@ -209,8 +209,19 @@ class _Checkpoint:
             return None
 
     def load(self) -> dict | None:
+        """The state if it is this run's (same fingerprint) and its files are all there, at least as long as it
+        recorded; otherwise None, and prepare starts over."""
         state = self.read(self.work)
-        return state if state is not None and state.get("fingerprint") == self.fingerprint else None
+        if state is None or state.get("fingerprint") != self.fingerprint:
+            return None
+        if "spool_end" in state:
+            from .clean import QUALITY_PERM
+
+            need = {"records.jsonl": state["spool_end"], "signatures.u32": state["n"] * QUALITY_PERM * 4,
+                    "quarantine.jsonl": state["quarantine"]["size"], **{n: 1 for n in state["chunks"]}}
+            if any(not (self.work / f).exists() or (self.work / f).stat().st_size < size for f, size in need.items()):
+                return None
+        return state
 
     def save(self, state: dict, arrays: dict[str, np.ndarray] | None) -> None:
         import pickle
