@@ -1,23 +1,27 @@
 """The training loop, readable top to bottom: load -> method -> data -> optimise -> validate -> save.
 
 Our own loop (no Trainer subclass). Runs through accelerate, so `accelerate launch` spreads it over GPUs.
-Two details that other loops get wrong:
+Details that other loops get wrong or leave on the table:
   * gradient accumulation divides the summed token loss by the number of loss tokens across *all*
     micro-batches of the step (and processes), not by a per-micro-batch mean;
   * the output head runs only at positions that carry loss (a 49k-vocab head over prompt tokens is
-    wasted work), which is exact for models whose logits are lm_head(hidden).
+    wasted work), which is exact for models whose logits are lm_head(hidden);
+  * the batch's shared prefix runs once, examples are packed without padding, and a `freeze` run
+    computes its frozen layers once per example (layout.py, forward.py; all exact);
+  * training.max_minutes is a budget that holds (budget.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +33,10 @@ from ..data.tokenize import IGNORE, batch_order, collate, tokenize_records
 from ..models import load_model
 from ..util import atomic_replace_dir, atomic_write_json, write_jsonl
 from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .methods import apply_method, count_params, is_adapter
+from .budget import Plan, lr_factor
+from .forward import FrozenCache, LayoutLoss, llama_parts, summed_cross_entropy
+from .layout import make_layout, shared_prefix
+from .methods import apply_method, count_params, decoder_layers, is_adapter
 
 
 class TrainError(RuntimeError):
@@ -56,7 +63,7 @@ class TokenLoss(torch.nn.Module):
             logits = base.get_output_embeddings()(hidden[:, :-1][keep])
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][keep]
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return summed_cross_entropy(logits, targets[keep])
 
 
 @dataclass
@@ -76,6 +83,7 @@ class TrainResult:
     trainable_params: int
     total_params: int
     wall_s: float
+    notes: list[str] = field(default_factory=list)
 
 
 class _StopFlag:
@@ -106,34 +114,41 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _n_loss(b) -> int:
+    """Loss tokens of a micro-batch: a plain padded batch (dict) or a (Layout, keys) pair."""
+    return b[0].n_loss if isinstance(b, tuple) else int((b["labels"][:, 1:] != IGNORE).sum())
+
+
+def _loss(loss_fn, b):
+    return loss_fn(*b) if isinstance(b, tuple) else loss_fn(**b)
+
+
 @torch.no_grad()
-def validation_loss(loss_fn: TokenLoss, examples, batch_size: int, pad_id: int, device) -> float:
+def validation_loss(loss_fn, batches) -> float:
+    """Mean token loss over micro-batches (plain dicts or (Layout, keys) pairs)."""
     loss_fn.model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     total, count = 0.0, 0
-    for k in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[k : k + batch_size]], pad_id)
-        batch = {n: t.to(device) for n, t in batch.items()}
-        total += loss_fn(**batch).item()
-        count += int((batch["labels"][:, 1:] != IGNORE).sum())
+    for b in batches:
+        total += _loss(loss_fn, b).item()
+        count += _n_loss(b)
     loss_fn.model.train()
     return total / max(count, 1)
 
 
-def backward_accumulated(loss_fn, micro: list[dict], accelerator) -> tuple[float, int]:
+def backward_accumulated(loss_fn, micro: list, accelerator) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step; returns (summed loss, loss tokens).
 
     Each micro-batch's summed token loss is divided by the loss-token count of the whole step (all
     micro-batches, all processes), so the gradient equals that of one big batch: a per-micro-batch
     mean would over-weight micro-batches with few answer tokens.
     """
-    n_loss = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+    n_loss = sum(_n_loss(b) for b in micro)
     n_all = accelerator.reduce(torch.tensor(float(n_loss), device=accelerator.device), "sum")
     loss_sum = 0.0
     for k, b in enumerate(micro):
         sync = nullcontext() if k == len(micro) - 1 else accelerator.no_sync(loss_fn)
         with sync:
-            loss = loss_fn(**b)
+            loss = _loss(loss_fn, b)
             # DDP averages gradients over processes; multiplying by their number turns that into a sum.
             accelerator.backward(loss * accelerator.num_processes / n_all)
         loss_sum += loss.item()
@@ -152,10 +167,73 @@ def _save_model(model, tokenizer, out: Path, meta: dict) -> None:
     atomic_replace_dir(tmp, out)
 
 
+class Batches:
+    """Micro-batches as the loss module takes them: (Layout, keys) for LayoutLoss, padded dicts otherwise.
+
+    The layout options come from the config; `start` is the prefix every example of the run shares, which
+    the frozen cache is keyed on (0 when prefixes are not shared)."""
+
+    def __init__(self, t, pad_id: int, device, layouts: bool, start: int):
+        self.t, self.pad_id, self.device, self.layouts, self.start = t, pad_id, device, layouts, start
+
+    def make(self, examples, keys):
+        if not self.layouts:
+            return {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
+        layout = make_layout(examples, self.pad_id, self.t.share_prefix, self.t.packing, at_least=self.start)
+        return layout.to(self.device), keys
+
+    def sorted_batches(self, examples, tag: str, batch_size: int):
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+        return [self.make([examples[i] for i in order[k : k + batch_size]], [(tag, i) for i in order[k : k + batch_size]])
+                for k in range(0, len(order), batch_size)]
+
+
+def _stats(b) -> tuple[int, int, int]:
+    """(real tokens, computed tokens, rows) of a micro-batch: a shared prefix is computed once but counted once
+    per example as a real token, as the peers count it."""
+    if isinstance(b, tuple):
+        lay = b[0]
+        return lay.n_tokens, lay.prefix_len + lay.input_ids.numel(), lay.input_ids.shape[0] + (1 if lay.prefix_len else 0)
+    return int(b["attention_mask"].sum()), b["input_ids"].numel(), len(b["input_ids"])
+
+
+def _loss_module(model, t, train_ex, val_ex, notes: list[str]):
+    """LayoutLoss (prefix sharing, packing, frozen cache) where the model allows it, else the plain TokenLoss."""
+    if llama_parts(model) is None:
+        if t.share_prefix or t.packing or (t.method == "freeze" and t.cache_frozen):
+            notes.append("share_prefix/packing/cache_frozen: off (the model is not Llama-shaped; plain padded batches)")
+        return TokenLoss(model), False, 0, None
+    start = shared_prefix(train_ex + val_ex) if t.share_prefix else 0
+    first, cache = 0, None
+    if t.method == "freeze" and t.cache_frozen:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = base.config
+        n_layers = len(decoder_layers(base))
+        dropout = max(float(getattr(cfg, k, 0.0) or 0.0) for k in ("attention_dropout", "hidden_dropout", "resid_pdrop"))
+        tokens = sum(len(e.input_ids) - start for e in train_ex + val_ex)
+        nbytes = tokens * cfg.hidden_size * base.dtype.itemsize
+        limit = _cache_limit_bytes()
+        if dropout:
+            notes.append(f"cache_frozen: off (the frozen layers have dropout {dropout})")
+        elif nbytes > limit:
+            notes.append(f"cache_frozen: off ({nbytes / 2**30:.1f} GiB of hidden states > {limit / 2**30:.1f} GiB, a quarter of memory)")
+        else:
+            first, cache = n_layers - t.trainable_layers, FrozenCache(start)
+            notes.append(f"cache_frozen: layers 0-{first - 1} run once per example ({nbytes / 2**20:.0f} MiB of hidden states)")
+    return LayoutLoss(model, first, cache), True, start, cache
+
+
+def _cache_limit_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError):
+        return 4 * 2**30
+
+
 def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False, on_step=None, progress: bool = True) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
+    from torch.optim.lr_scheduler import LambdaLR
 
     t0 = time.time()
     t = cfg.training
@@ -186,16 +264,25 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
     n_trainable, n_total = count_params(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    notes: list[str] = []
+    loss_module, layouts, start, cache = _loss_module(model, t, train_ex, val_ex, notes)
     n_batches = math.ceil(len(train_ex) / t.batch_size)
-    total_steps = t.max_steps or max(1, math.ceil(n_batches * t.epochs / t.grad_accum))
-    sched_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
-    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps)
-    loss_fn, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+    natural = t.max_steps or max(1, math.ceil(n_batches * t.epochs / t.grad_accum))
+    n_layers = len(decoder_layers(model.get_base_model() if hasattr(model, "get_base_model") else model))
+    first = loss_module.first_trainable if cache is not None else 0
+    # a cached step runs the trainable layers only (forward + backward ~ 3x), a fresh one also the frozen forward
+    plan = Plan(natural, t.max_minutes * 60 if t.max_minutes else None, t0,
+                fresh_steps=math.ceil(n_batches / t.grad_accum) if cache is not None else 0,
+                cached_ratio=3 * (n_layers - first) / (first + 3 * (n_layers - first)),
+                eval_every=t.eval_every, has_validation=bool(val_ex))
+    scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, plan.total, int(t.warmup_ratio * plan.total), t.scheduler))
+    loss_fn, optimizer = accelerator.prepare(loss_module, optimizer)
     device = accelerator.device
-    pad_id = tok.pad_token_id
+    batches = Batches(t, tok.pad_token_id, device, layouts, start)
+    val_batches = batches.sorted_batches(val_ex, "v", t.batch_size)
 
     # --- state, resume ------------------------------------------------------------------------
-    state = {"position": 0, "best_val": None, "first_val": None, "last_val": None, "bad_evals": 0, "tokens": 0}
+    state = {"position": 0, "best_val": None, "first_val": None, "last_val": None, "bad_evals": 0, "tokens": 0, "planned_total": natural}
     step = 0
     metrics_path = out_dir / "metrics.jsonl"
     rows: list[dict] = []
@@ -203,6 +290,7 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
         saved, rng = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
         step = saved.pop("step")
         state.update(saved)
+        plan.total = state["planned_total"]
         set_rng_state(rng)
         if metrics_path.exists():
             rows = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r.get("step", 0) <= step]
@@ -219,7 +307,8 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
             orders.clear()
             orders[epoch] = batch_order(lengths, t.batch_size, t.seed + epoch, t.group_by_length)
         state["position"] += 1
-        return {k: v.to(device) for k, v in collate([train_ex[j] for j in orders[epoch][i]], pad_id).items()}
+        idx = orders[epoch][i]
+        return batches.make([train_ex[j] for j in idx], [("t", j) for j in idx])
 
     meta = {
         "base_model": cfg.model.name,
@@ -248,18 +337,22 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
         TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
         disable=not (progress and accelerator.is_main_process),
     )
-    task = bar.add_task("train", total=total_steps, completed=step, loss="-", val="-", tps="-")
-    stopped_early = interrupted = False
+    task = bar.add_task("train", total=plan.total, completed=step, loss="-", val="-", tps="-")
+    stopped_early = interrupted = out_of_time = False
     last_loss = None
     run_tokens, run_time = 0, 0.0
     with bar, _StopFlag() as stop:
-        while step < total_steps:
+        while step < plan.total:
             if stop.requested:
                 interrupted = True
                 ckpt(step, dict(state), rng_state())
                 break
+            if plan.must_stop(step):
+                out_of_time = True
+                break
             ts = time.time()
             micro = [next_batch() for _ in range(t.grad_accum)]
+            fresh = cache is not None and not all(cache.has(b[1]) for b in micro)
             loss_sum, n_loss = backward_accumulated(loss_fn, micro, accelerator)
             grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
             optimizer.step()
@@ -267,18 +360,26 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.time() - ts
-            n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            plan.observe(dt, fresh)
+            if t.max_minutes and (step in (1, 3, 10) or step % 10 == 0):
+                state["planned_total"] = plan.replan(step)
+                bar.update(task, total=plan.total)
+            n_tokens, computed, n_rows = (sum(x) for x in zip(*map(_stats, micro)))
             state["tokens"] += n_tokens
             run_tokens += n_tokens
             run_time += dt
             last_loss = loss_sum / max(n_loss, 1)
             row = {"step": step, "loss": round(last_loss, 6), "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
                    "tokens_per_s": round(n_tokens / dt, 1), "epoch": round(state["position"] / n_batches, 4),
-                   "padded_tokens": sum(b["input_ids"].numel() for b in micro), "rows": sum(len(b["input_ids"]) for b in micro)}
+                   "padded_tokens": computed, "rows": n_rows}
             if grad_norm is not None:
                 row["grad_norm"] = round(float(grad_norm), 6)
-            if val_ex and (step % t.eval_every == 0 or step == total_steps):
-                val = validation_loss(loss_fn, val_ex, t.batch_size, pad_id, device)
+            ending = step >= plan.total or plan.must_stop(step)
+            out_of_time = out_of_time or (ending and step < plan.total)
+            if val_ex and (step % t.eval_every == 0 or ending):
+                tv = time.time()
+                val = validation_loss(loss_fn, val_batches)
+                plan.observe_eval(time.time() - tv)
                 row["val_loss"] = round(val, 6)
                 state["last_val"] = val
                 if state["first_val"] is None:
@@ -294,23 +395,26 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
                 bar.update(task, val=f"{val:.4f}")
             log(row)
             bar.update(task, completed=step, loss=f"{last_loss:.4f}", tps=f"{run_tokens / run_time:.0f}")
-            if step % t.save_every == 0 or step == total_steps or stopped_early:
+            if step % t.save_every == 0 or ending or stopped_early:
                 ckpt(step, dict(state), rng_state())
             if on_step:
                 on_step(step, row, model)
-            if stopped_early:
+            if stopped_early or ending:
                 break
     metrics_file.close()
-
+    if out_of_time:
+        notes.append(f"stopped at step {step} of {plan.natural}: training.max_minutes={t.max_minutes:g} reached")
     if not interrupted and state["best_val"] is None and accelerator.is_main_process:
         _save_model(accelerator.unwrap_model(loss_fn).model, tok, out_dir / "model", {**meta, "step": step})
     result = TrainResult(
-        out_dir=str(out_dir), model_dir=str(out_dir / "model"), steps=step, total_steps=total_steps,
+        out_dir=str(out_dir), model_dir=str(out_dir / "model"), steps=step, total_steps=plan.total,
         train_loss=last_loss, first_val_loss=state["first_val"], best_val_loss=state["best_val"],
         last_val_loss=state["last_val"], stopped_early=stopped_early, interrupted=interrupted,
         tokens_per_s=run_tokens / run_time if run_time else 0.0, peak_memory_mb=_peak_memory_mb(loaded.device),
-        trainable_params=n_trainable, total_params=n_total, wall_s=time.time() - t0,
+        trainable_params=n_trainable, total_params=n_total, wall_s=time.time() - t0, notes=notes,
     )
     if accelerator.is_main_process:
-        atomic_write_json(out_dir / "train_summary.json", {**asdict(result), "adapter": is_adapter(t), "tokens": train_stats.summary()})
+        atomic_write_json(out_dir / "train_summary.json", {**asdict(result), "adapter": is_adapter(t), "tokens": train_stats.summary(),
+                                                            "budget_s": plan.seconds, "natural_steps": plan.natural,
+                                                            "shared_prefix_tokens": start})
     return result
