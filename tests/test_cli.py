@@ -16,6 +16,26 @@ def test_init_writes_a_valid_starter(tmp_path):
     assert runner.invoke(app, ["init", str(p)]).exit_code == 2  # no silent overwrite
 
 
+def test_init_tells_format_and_columns_from_the_file_and_sets_nothing_else(tmp_path):
+    from tunewise.config import load_config
+
+    (tmp_path / "tickets.csv").write_text("id,Text,intent\n1,where is my card,card_arrival\n")
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n")
+    (tmp_path / "odd.csv").write_text("a,b\n1,2\n")
+    r = runner.invoke(app, ["init", str(tmp_path / "a.yaml"), "--data", "tickets.csv"])
+    assert r.exit_code == 0 and "data.format: csv" in r.output and "user=Text, assistant=intent, label=intent" in r.output
+    cfg = load_config(tmp_path / "a.yaml")
+    assert (cfg.data.format, cfg.data.columns.user, cfg.data.columns.assistant, cfg.data.columns.label) == ("csv", "Text", "intent", "intent")
+    # nothing but the data was chosen: training keys are defaults, so tunewise run's automatic choices apply
+    assert cfg.training.model_fields_set == set() and "training" not in cfg.model_fields_set
+    assert runner.invoke(app, ["init", str(tmp_path / "b.yaml"), "--data", "chat.jsonl"]).exit_code == 0
+    assert load_config(tmp_path / "b.yaml").data.format == "sharegpt"
+    r = runner.invoke(app, ["init", str(tmp_path / "c.yaml"), "--data", "odd.csv"])
+    assert r.exit_code == 0 and "could not tell which column" in r.output
+    r = runner.invoke(app, ["init", str(tmp_path / "d.yaml"), "--data", "notes.txt"])
+    assert r.exit_code == 0 and "data.format: could not tell" in r.output
+
+
 def test_bad_config_fails_before_work_naming_the_key(tmp_path):
     (tmp_path / "t.jsonl").write_text("")
     p = tmp_path / "c.yaml"

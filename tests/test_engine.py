@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tunewise.engine import Engine
+from tunewise.engine import Engine, LabelTrie
 from tunewise.models import load_model
 
 def single(eng, conv, max_new_tokens):
@@ -143,3 +143,65 @@ def test_reference_nll_matches_a_hand_computed_forward(tiny_model):
     batch = eng.reference_nll([conv, [{"role": "user", "content": "a much longer question " * 6}], [{"role": "user", "content": "x"}]],
                               ["card_arrival", "y", "z"], batch_size=3)
     assert abs(batch[0][0] - nll) < 1e-3
+
+
+LABELS = ["card", "card_arrival", "card_linking", "cancel_transfer", "exchange_rate", "Refund_not_showing_up", "reverted_card_payment?"]
+
+
+def _reference_constrained(plain, conv, choices):
+    """Greedy decoding restricted to the choices, one full forward per token (no cache, no trie): at each
+    step the allowed tokens are those that continue some choice's tokens, plus end-of-turn once the tokens
+    so far are a whole choice; decoding ends once a single choice is left (or end-of-turn is picked)."""
+    tok, model = plain.tokenizer, plain.model
+    seqs = {c: tok.encode(c, add_special_tokens=False) for c in choices}
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_dict=True)["input_ids"]
+    out: list[int] = []
+    while True:
+        live = [c for c, s in seqs.items() if s[: len(out)] == out]
+        if len(live) == 1 and (len(out) > 0):
+            return live[0]
+        allowed = {seqs[c][len(out)] for c in live if len(seqs[c]) > len(out)}
+        if any(seqs[c] == out for c in live):
+            allowed |= set(eos)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+        mask = torch.full_like(logits, float("-inf"))
+        mask[sorted(allowed)] = 0
+        t = int((logits + mask).argmax())
+        if t in eos:
+            return tok.decode(out)
+        out.append(t)
+
+
+def test_constrained_decoding_answers_only_labels_and_equals_the_reference(tiny_model):
+    plain = load_model(str(tiny_model))
+    eng = Engine(load_model(str(tiny_model)))
+    convs = CONVS + [[{"role": "user", "content": f"message number {i}"}] for i in range(6)]
+    free = eng.generate(convs, max_new_tokens=8, batch_size=4)
+    assert not any(o.text in LABELS for o in free)  # the random model never answers a label by itself
+    calls = []
+    hook = eng.model.register_forward_hook(lambda *a: calls.append(1))
+    outs = eng.generate(convs, max_new_tokens=2, batch_size=4, choices=LABELS)  # max_new_tokens too short: extended
+    fast = len(calls)
+    assert all(o.text in LABELS and o.finish_reason == "stop" for o in outs), [o.text for o in outs]
+    assert [o.text for o in outs] == [_reference_constrained(plain, c, LABELS) for c in convs]
+    # a row stops as soon as its answer is told apart from the others: without that, more forward passes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LabelTrie, "only", lambda self, node: None)
+        calls.clear()
+        assert [o.text for o in eng.generate(convs, max_new_tokens=2, batch_size=4, choices=LABELS)] == [o.text for o in outs]
+    hook.remove()
+    assert fast < len(calls), (fast, len(calls))
+    # a single choice needs no decode step at all beyond the prefill
+    assert {o.text for o in eng.generate(convs[:2], choices=["exchange_rate"])} == {"exchange_rate"}
+
+
+@pytest.mark.parametrize("choices,match", [([], "empty"), (["ok", ""], "non-empty"), ([f"l{i}" for i in range(10_001)], "at most")])
+def test_choice_lists_that_cannot_be_enforced_are_refused(tiny_model, choices, match):
+    from tunewise.engine import ChoiceError
+
+    eng = Engine(load_model(str(tiny_model)))
+    with pytest.raises(ChoiceError, match=match):
+        eng.generate(CONVS[:1], choices=choices)

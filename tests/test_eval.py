@@ -42,7 +42,7 @@ def test_similar_shots_share_the_label_far_more_than_random():
 
 
 def test_compare_three_variants_on_tiny_model(tiny_project, tmp_path):
-    cfg_path = tiny_project(max_steps=4)
+    cfg_path = tiny_project(max_steps=4, method="lora")
     assert runner.invoke(app, ["train", str(cfg_path)]).exit_code == 0
     overrides = ["--set", "evaluation.max_samples=10", "--set", "evaluation.max_new_tokens=4",
                  "--set", "evaluation.variants=[{name: base, kind: base}, {name: shots, kind: few-shot, k: 2, selection: random}, {name: ft, kind: fine-tuned}]"]
@@ -76,9 +76,30 @@ def test_compare_three_variants_on_tiny_model(tiny_project, tmp_path):
 
     items = sample_records(load_prepared(cfg.run_dir / "data").splits["test"], 10)
     eng = Engine.load(cfg.model.name, str(cfg.run_dir / "train" / "model"))
-    expected = [o.text for o in eng.generate([bp(x, cfg.data.system_prompt, None) for x in items], max_new_tokens=4, adapter="default")]
+    labels = sorted({x.label for x in load_prepared(cfg.run_dir / "data").splits["train"]})
+    assert s["constrained_to"] == len(labels)  # classification with labels: answers constrained by default
+    expected = [o.text for o in eng.generate([bp(x, cfg.data.system_prompt, None) for x in items], max_new_tokens=4, adapter="default",
+                                             choices=labels)]
     got = [json.loads(x)["output"] for x in (ev / "ft" / "items.jsonl").read_text().splitlines()]
-    assert got == expected
+    assert got == expected and all(g in labels for g in got)
+    # evaluation.constrain: none is free decoding, which the random tiny model does not turn into labels
+    r = runner.invoke(app, ["eval", str(cfg_path), "--variant", "ft", *overrides, "--set", "evaluation.constrain=none"])
+    assert r.exit_code == 0, r.output
+    free = [json.loads(x)["output"] for x in (ev / "ft" / "items.jsonl").read_text().splitlines()]
+    assert free == [o.text for o in eng.generate([bp(x, cfg.data.system_prompt, None) for x in items], max_new_tokens=4, adapter="default")]
+    assert not all(f in labels for f in free)
+
+
+def test_constrain_labels_on_data_without_labels_names_the_key(tiny_project, tmp_path):
+    import yaml
+
+    cfg_path = tiny_project()
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["data"]["columns"].pop("label")
+    cfg["evaluation"] = {"constrain": "labels", "max_samples": 2}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    r = runner.invoke(app, ["eval", str(cfg_path), "--variant", "base"])
+    assert r.exit_code == 2 and "evaluation.constrain: labels" in r.output and "data.columns.label" in r.output, r.output
 
 
 def test_eval_unknown_variant_and_missing_model(tiny_project):

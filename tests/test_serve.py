@@ -221,3 +221,65 @@ def test_export_for_vllm_merged_equals_adapter(server, tmp_path):
     eng = Engine.load(str(server["tiny"]))
     eng.add_adapter("a", server["adapter"].path)
     assert merged == eng.generate([msgs], max_new_tokens=8, adapter="a")[0].text
+
+
+INTENTS = ["card_arrival", "card_linking", "exchange_rate", "cancel_transfer"]
+
+
+@pytest.mark.parametrize("shape", ["structured_outputs", "guided_choice", "json_schema_enum", "json_schema_object"])
+def test_answers_restricted_to_a_choice_list_in_the_shapes_clients_send(server, shape):
+    msgs = [{"role": "user", "content": "When will my card arrive?"}]
+    body = {"model": "base", "messages": msgs, "max_tokens": 3, "temperature": 0}
+    expect = INTENTS
+    if shape == "structured_outputs":
+        body["structured_outputs"] = {"choice": INTENTS}
+    elif shape == "guided_choice":
+        body["guided_choice"] = INTENTS
+    elif shape == "json_schema_enum":
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "intent", "schema": {"type": "string", "enum": INTENTS}}}
+        expect = [json.dumps(x) for x in INTENTS]
+    else:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "routing", "strict": True, "schema": {
+            "type": "object", "properties": {"intent": {"type": "string", "enum": INTENTS}, "urgent": {"type": "boolean"}},
+            "required": ["intent", "urgent"], "additionalProperties": False}}}
+        expect = None
+    r = _post(server, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["message"]["content"]
+    if expect is None:
+        value = json.loads(text)
+        assert value["intent"] in INTENTS and isinstance(value["urgent"], bool)
+    else:
+        assert text in expect, text
+    free = _post(server, "/v1/chat/completions", {"model": "base", "messages": msgs, "max_tokens": 8, "temperature": 0})
+    assert free.json()["choices"][0]["message"]["content"] not in INTENTS  # the tiny model does not answer a label by itself
+    # streamed: the same answer
+    parts = []
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", headers={"Authorization": "Bearer sk-test"},
+                      json=body | {"stream": True}, timeout=30) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                for ch in json.loads(line[6:])["choices"]:
+                    parts.append(ch["delta"].get("content") or "")
+    assert "".join(parts) == text
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+    ({"guided_choice": [f"l{i}" for i in range(60)]}, "guided_choice"),  # over MAX_CHOICES (set to 50 here)
+    ({"structured_outputs": {"regex": "[a-z]+"}}, "structured_outputs.regex"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"response_format": {"type": "json_object"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string"}}}}, "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+        "intent": {"type": "string", "enum": INTENTS}, "note": {"type": "string"}}, "required": ["intent", "note"]}}}},
+     "response_format.json_schema.schema.properties.note"),
+])
+def test_constraints_that_cannot_be_enforced_are_a_400_naming_the_field(server, extra, field, monkeypatch):
+    monkeypatch.setattr("tunewise.engine.MAX_CHOICES", 50)  # the real limit (10,000) does not fit the test server's body limit
+    msgs = [{"role": "user", "content": "hi"}]
+    r = _post(server, "/v1/chat/completions", {"model": "base", "messages": msgs, **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "unsupported_structured_output" and err["message"].startswith(field), err
+    assert _post(server, "/v1/chat/completions", {"model": "base", "messages": msgs, "max_tokens": 2}).status_code == 200

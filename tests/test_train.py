@@ -207,3 +207,23 @@ def test_sparse_head_equals_full_logits_loss(tiny_model):
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     full = F.cross_entropy(logits[0, :-1], b["labels"][0, 1:], ignore_index=-100, reduction="sum")
     assert torch.allclose(sparse, full, rtol=1e-5)
+
+
+def test_a_wall_clock_budget_holds_and_the_schedule_still_ends(tiny_project, tmp_path):
+    """training.max_minutes: a run that would take far longer stops within the budget plus one step, with the
+    learning rate decayed to (near) zero at its last step, the model saved and a final validation loss."""
+    budget_s = 15.0
+    cfg = load_config(tiny_project(max_steps=None, epochs=500, max_minutes=budget_s / 60, eval_every=10**6, save_every=10**6))
+    before = initial_state(cfg)
+    stamps = []
+    t0 = time.time()
+    r, after = run_and_capture(cfg, tmp_path / "b", )
+    wall = time.time() - t0
+    assert_trained_exactly(before, after)
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    natural = 500 * 22 // 4  # 500 epochs of ~22 batches: far beyond the budget
+    assert 3 <= r.steps < natural / 10 and any("max_minutes" in n for n in r.notes), (r.steps, r.notes)
+    step_s = max(b["at"] - a["at"] for a, b in zip(rows, rows[1:])) if "at" in rows[0] else wall / r.steps
+    assert r.wall_s <= budget_s + step_s + 2.0, (r.wall_s, step_s)  # final save and validation included
+    assert rows[-1]["lr"] < 0.1 * cfg.training.learning_rate and r.last_val_loss is not None
+    assert os.path.exists(os.path.join(r.model_dir, "tunewise.json"))

@@ -78,15 +78,21 @@ def _guard(fn):
 def init(
     path: Path = typer.Argument(Path("tunewise.yaml"), help="Where to write the starter config."),
     data: str = typer.Option("data/train.jsonl", help="Training file to put in the config."),
-    format: str = typer.Option("openai", help="Its format: openai, alpaca, sharegpt, csv, parquet."),
+    format: Optional[str] = typer.Option(None, help="Its format: openai, alpaca, sharegpt, csv, parquet (default: told from the file)."),
     force: bool = typer.Option(False, help="Overwrite an existing file."),
 ):
-    """Write a commented starter tunewise.yaml."""
+    """Write a commented starter tunewise.yaml: the data file, its format and columns as found in it; every
+    other key commented out with its default."""
     from .config import starter_yaml
 
     if path.exists() and not force:
         _fail(f"{path} exists (use --force to overwrite)")
-    path.write_text(starter_yaml(data, format))
+    text = starter_yaml(data, format, base_dir=path.resolve().parent)
+    path.write_text(text)
+    for line in text.splitlines()[3:]:
+        if not line.startswith("# data."):
+            break
+        console.print(line[2:])
     console.print(f"wrote {path}")
 
 
@@ -223,7 +229,7 @@ def train(
         out = output or cfg.run_dir / "train"
         if fresh and out.exists():
             shutil.rmtree(out)
-        r = train_fn(cfg, out, resume=resume)
+        r = train_fn(cfg, out, resume=resume, defaults=True, say=console.print)
         table = Table(title=f"training {'interrupted' if r.interrupted else 'done'}: {r.out_dir}")
         table.add_column("metric")
         table.add_column("value", justify="right")
@@ -234,6 +240,8 @@ def train(
         if r.interrupted:
             console.print(f"checkpoint saved; continue with: tunewise train {config} --resume")
             raise typer.Exit(130)
+        for note in r.notes:
+            console.print(f"note: {note}")
         console.print(f"model: {r.model_dir}")
 
     _guard(run)
@@ -535,14 +543,21 @@ def _run_and_print(fn) -> None:
                   "met" if r["meets_goal"] else "short", f"{r['latency_p50_s']:.2f}", f"{r['per_1k_queries_usd']:.4f}",
                   f"${r['training_usd']:.2f}" if r["training_hours"] else "-", f"${r['first_year_usd']:,.2f}")
     console.print(t)
+    from .report.decision_html import step_sentence
+
+    for i, s in enumerate(d.get("steps", []), 1):
+        console.print(f"  {i}. {step_sentence(s)}")
     if d["met"]:
         console.print(f"[bold green]chosen:[/] {d['chosen']} ({d['chosen_variant']}): meets the goal at the lowest first-year cost")
+        if d.get("why"):
+            console.print(d["why"])
     else:
         console.print(f"[bold yellow]goal not met[/]; best: {d['chosen']} ({d['chosen_variant']})")
     if d.get("roi"):
         r = d["roi"]
         console.print(f"vs {r['against']}: {r['accuracy_gain']:+.3f} {g['metric']} for ${r['extra_cost_usd_per_year']:,.2f}/yr more"
-                      + (f", ${r['cost_per_extra_correct_answer_usd']:.4f} per extra correct answer" if r.get("cost_per_extra_correct_answer_usd") else ""))
+                      + (f", ${r['cost_per_extra_correct_answer_usd']:.2g} per extra correct answer" if r.get("cost_per_extra_correct_answer_usd") else "")
+                      + (f"; ROI {r['roi']:.0f}x at the configured value per correct answer" if r.get("roi") is not None else ""))
     console.print(f"wall time {d['wall_s']:.0f} s")
     console.print(f"[bold]report:[/] {d['report']}")
 
@@ -592,7 +607,8 @@ def demo(
     config: Path = typer.Argument(Path("examples/support-intents/tunewise.yaml"), help="Example project."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
-    """`tunewise run` on the example, sized for a CPU: 200 validation and 100 test items, one variant of each kind, at most 40 training steps."""
+    """`tunewise run` on the example with every route measured, sized for a CPU: 200 validation and 200 test items, one
+    variant of each kind (base, few-shot, fine-tuned), 4 minutes of training."""
     _quiet_libraries()
     cfg = _load(config, set_)
 

@@ -6,6 +6,7 @@ errors point at. Unknown keys and bad values fail on load, naming the key's path
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -172,6 +173,9 @@ class EvalConfig(Section):
     split: Literal["validation", "test"] = Field("test", description="Split to evaluate on.")
     max_samples: int | None = Field(None, gt=0, description="Evaluate on a seeded sample of N examples (null: all).")
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per answer.")
+    constrain: Literal["auto", "labels", "none"] = Field(
+        "auto", description="labels: every answer is one of the training data's labels (decoding through a token trie over the label set); "
+                            "none: free decoding; auto: labels when use_case.task is classification and the data has labels.")
     batch_size: int = Field(64, gt=0, description="Prompts per generation batch (decode steps get cheaper per row up to ~64-128 rows on CPU).")
     metrics: list[str] = Field(["accuracy", "exact_match", "token_f1"], description="Quality metrics (accuracy, exact_match, token_f1, rouge_l, chrf, bleu).")
     perplexity: bool = Field(True, description="Also score the perplexity of the reference answers (teacher-forced; one extra forward pass).")
@@ -362,7 +366,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Project
     return cfg
 
 
-def _yaml_with_comments(model: type[BaseModel], values: dict, indent: int = 0) -> list[str]:
+def _yaml_with_comments(model: type[BaseModel], values: dict, chosen: dict, indent: int = 0) -> list[str]:
+    """Every key with its documentation. Keys in `chosen` (a nested dict of what the user chose) are
+    written as settings; every other key is written commented out with its default, so that a default
+    stays a default (and `tunewise run`'s automatic choices still apply) until the user sets it."""
     out = []
     pad = "  " * indent
     for name, field in model.model_fields.items():
@@ -370,26 +377,98 @@ def _yaml_with_comments(model: type[BaseModel], values: dict, indent: int = 0) -
             continue
         ann = field.annotation
         value = values.get(name)
+        on = name in chosen
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             if field.description:
                 out.append(f"{pad}# {field.description}")
-            out.append(f"{pad}{name}:")
-            out.extend(_yaml_with_comments(ann, value or {}, indent + 1))
+            out.append(f"{pad}{'' if on else '# '}{name}:")
+            out.extend(_yaml_with_comments(ann, value or {}, chosen.get(name) or {}, indent + 1))
             continue
         if field.description:
             out.append(f"{pad}# {field.description}")
         if isinstance(value, list) and value and isinstance(value[0], dict):  # lists of sections: block style
             block = yaml.safe_dump({name: value}, default_flow_style=False, sort_keys=False).rstrip().splitlines()
-            out.extend(pad + line for line in block)
-            continue
-        dumped = yaml.safe_dump({name: value}, default_flow_style=True, width=1000).strip()
-        out.append(f"{pad}{dumped[1:-1] if dumped.startswith('{') else dumped}")
+        else:
+            dumped = yaml.safe_dump({name: value}, default_flow_style=True, width=1000).strip()
+            block = [dumped[1:-1] if dumped.startswith("{") else dumped]
+        out.extend(f"{pad}{'' if on else '# '}{line}" for line in block)
     return out
 
 
-def starter_yaml(data_path: str = "data/train.jsonl", fmt: str = "openai") -> str:
-    """A commented starter config: every key with its documentation and default."""
-    cfg = ProjectConfig.model_validate({"data": {"format": fmt, "train": data_path}})
+TEXT_COLUMNS = ("text", "utterance", "query", "question", "message", "input", "prompt", "instruction", "content", "user")
+TARGET_COLUMNS = ("label", "category", "intent", "class", "labels", "answer", "output", "response", "target", "completion", "assistant")
+LABEL_COLUMNS = ("label", "category", "intent", "class", "labels")
+
+
+def detect_format(path: Path) -> tuple[str | None, list[str] | None, str]:
+    """(format, column names or None, how it was told) for a training file, from its extension and, for
+    JSON lines, the keys of its first record. (None, None, why) when the file cannot tell."""
+    ext = path.suffix.lower()
+    if ext in (".csv", ".tsv"):
+        import csv
+
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f, delimiter="\t" if ext == ".tsv" else ","), None)
+        except OSError:
+            return "csv", None, f"the extension {ext}"
+        return "csv", [h.strip() for h in header or []], f"the extension {ext}"
+    if ext == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            return "parquet", list(pq.read_schema(path).names), "the extension .parquet"
+        except Exception:  # noqa: BLE001 - missing file or library: the format still stands
+            return "parquet", None, "the extension .parquet"
+    if ext in (".jsonl", ".json", ".ndjson"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                first = next((line for line in f if line.strip()), "")
+            keys = set(json.loads(first)) if first else set()
+        except (OSError, ValueError, TypeError):
+            return None, None, f"{path.name} is not readable JSON lines"
+        for key, fmt in (("messages", "openai"), ("conversations", "sharegpt"), ("instruction", "alpaca")):
+            if key in keys:
+                return fmt, None, f"its first record has \"{key}\""
+        return None, None, f"its first record has none of messages, conversations, instruction (keys: {sorted(keys)})"
+    return None, None, f"the extension {ext or '(none)'} is not one of .jsonl .json .csv .tsv .parquet"
+
+
+def starter_yaml(data_path: str = "data/train.jsonl", fmt: str | None = None, base_dir: Path | None = None) -> str:
+    """A commented starter config: every key with its documentation and default. Only what init chose is
+    set: the training file, its format (given, or told from the file) and, for tables, the columns found
+    in the header; every other key is commented out, so its default is not mistaken for a choice."""
+    file = Path(data_path) if Path(data_path).is_absolute() or base_dir is None else base_dir / data_path
+    notes = []
+    columns_found = None
+    if fmt is None:
+        fmt, columns_found, why = detect_format(file)
+        if fmt is None:
+            notes.append(f"# data.format: could not tell ({why}); set it to one of openai, alpaca, sharegpt, csv, parquet.")
+            fmt = "openai"
+        else:
+            notes.append(f"# data.format: {fmt} (from {why}).")
+    elif fmt in ("csv", "parquet"):
+        columns_found = detect_format(file)[1]
+    chosen: dict = {"data": {"format": None, "train": None}}
+    data: dict = {"format": fmt, "train": data_path}
+    if fmt in ("csv", "parquet") and columns_found is not None:
+        lower = {c.lower(): c for c in columns_found}
+        user = next((lower[c] for c in TEXT_COLUMNS if c in lower), None)
+        target = next((lower[c] for c in TARGET_COLUMNS if c in lower and lower[c] != user), None)
+        if user and target:
+            cols = {"user": user, "assistant": target}
+            if target.lower() in LABEL_COLUMNS:
+                cols["label"] = target
+            data["columns"] = cols
+            chosen["data"]["columns"] = {k: None for k in cols}
+            notes.append(f"# data.columns: {', '.join(f'{k}={v}' for k, v in cols.items())} (from the header: {', '.join(columns_found)}).")
+        else:
+            notes.append(f"# data.columns: could not tell which column is the user turn and which the answer "
+                         f"(header: {', '.join(columns_found) or 'empty'}); set data.columns.user and data.columns.assistant.")
+    cfg = ProjectConfig.model_validate({"data": data})
     values = cfg.model_dump(mode="json")
-    header = ["# tunewise project config. Every key is optional unless marked; unknown keys are errors.", ""]
-    return "\n".join(header + _yaml_with_comments(ProjectConfig, values)) + "\n"
+    header = ["# tunewise project config. Every key is optional unless marked; unknown keys are errors.",
+              "# Keys written commented out show their defaults: a default stays a default (tunewise run picks",
+              "# training settings from the data and the budget) until you uncomment it and set it.", *notes, ""]
+    return "\n".join(header + _yaml_with_comments(ProjectConfig, values, chosen)) + "\n"

@@ -1,9 +1,11 @@
 """The one generation engine: chat, evaluation and serving all call it.
 
-Batched and left-padded, KV-cached (transformers' generate), batches sorted by prompt length, the
-prompt prefix that a batch shares (system prompt, template, few-shot block) computed once per batch,
-stop strings, per-item token counts and latency. Adapters are attached to one base model by name and
-selected per request, so switching costs nothing.
+Our own decode loop over transformers' model forward: batches sorted by prompt length, the prompt
+prefix a batch shares (system prompt, template, few-shot block) computed once per batch into a
+preallocated KV buffer, finished rows dropped, stop strings, per-item token counts and latency.
+Decoding can be restricted to a closed set of answers (`choices`: a token trie over the labels), so
+every answer is one of them. Adapters are attached to one base model by name and selected per
+request, so switching costs nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,67 @@ def _common_prefix(seqs: list[list[int]]) -> int:
         if any(x[i] != first[i] for x in seqs):
             return i
     return n
+
+
+MAX_CHOICES = 10_000  # a larger choice list is a grammar, not a label set
+
+
+def _depth(node: dict) -> list[int]:
+    """The longest token path below node (its tokens; only the length is used)."""
+    best: list[int] = []
+    for t, child in node.items():
+        if t is not None:
+            path = [t] + _depth(child)
+            if len(path) > len(best):
+                best = path
+    return best
+
+
+class ChoiceError(ValueError):
+    """A choice list the engine cannot enforce (empty, too large, an empty or non-string choice)."""
+
+
+def check_choices(choices, field: str = "choices") -> list[str]:
+    """The choice list, de-duplicated in order; ChoiceError naming `field` when it cannot be enforced."""
+    if not isinstance(choices, (list, tuple)) or not choices:
+        raise ChoiceError(f"{field}: an empty choice list; give at least one answer")
+    if len(choices) > MAX_CHOICES:
+        raise ChoiceError(f"{field}: {len(choices)} choices; at most {MAX_CHOICES}")
+    bad = [c for c in choices if not isinstance(c, str) or not c.strip()]
+    if bad:
+        raise ChoiceError(f"{field}: every choice must be a non-empty string (got {bad[0]!r})")
+    return list(dict.fromkeys(choices))
+
+
+class LabelTrie:
+    """The token sequences of a closed set of answers, as a trie: decoding steps through it, each step
+    allowing only the tokens that continue some answer (and end-of-turn where an answer is complete).
+    Once the tokens so far leave a single answer possible, the rest is filled in without more forward
+    passes: a label needs as many model steps as it takes to tell it apart from the others."""
+
+    def __init__(self, tokenizer, choices: list[str], field: str = "choices"):
+        self.choices = check_choices(choices, field)
+        self.root: dict = {}
+        for c in self.choices:
+            node = self.root
+            for t in tokenizer.encode(c, add_special_tokens=False):
+                node = node.setdefault(t, {})
+            node[None] = c  # None marks a complete answer
+        self.depth = len(_depth(self.root))
+        self._only: dict[int, list[int] | None] = {}
+
+    def only(self, node: dict) -> list[int] | None:
+        """The tokens left when exactly one answer continues from node (empty when node completes it and
+        nothing longer goes on from there); None while several answers remain possible."""
+        key = id(node)
+        if key not in self._only:
+            rest, cur = [], node
+            while None not in cur and len(cur) == 1:
+                t = next(iter(cur))
+                rest.append(t)
+                cur = cur[t]
+            self._only[key] = rest if list(cur) == [None] else None
+        return self._only[key]
 
 
 @dataclass
@@ -145,10 +208,13 @@ class Engine:
         seed: int | None = None,
         on_batch=None,
         on_token=None,
+        choices: list[str] | LabelTrie | None = None,
     ) -> list[Completion]:
         """Generate one reply per conversation. adapter=None uses the base model (adapters disabled).
         on_batch(done, total) is called after every batch (progress display); on_token(i, token_ids) after
-        every token conversation i gets (streaming: token_ids is its reply so far)."""
+        every token conversation i gets (streaming: token_ids is its reply so far). choices restricts
+        every reply to one of the given strings (ChoiceError when the list cannot be enforced)."""
+        trie = choices if isinstance(choices, LabelTrie) or choices is None else LabelTrie(self.tok, choices)
         prompts = self._prompts(conversations)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[Completion | None] = [None] * len(prompts)
@@ -158,7 +224,7 @@ class Engine:
             for k in range(0, len(order), batch_size):
                 idx = order[k : k + batch_size]
                 tok_cb = (lambda row, ids, idx=idx: on_token(idx[row], ids)) if on_token else None
-                outs = self._decode_batch([prompts[i] for i in idx], max_new_tokens, temperature, top_p, stop, gen, tok_cb)
+                outs = self._decode_batch([prompts[i] for i in idx], max_new_tokens, temperature, top_p, stop, gen, tok_cb, trie)
                 for i, out in zip(idx, outs):
                     results[i] = out
                 if on_batch:
@@ -166,7 +232,8 @@ class Engine:
         return results  # type: ignore[return-value]
 
     def _decode_batch(self, batch: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                      stop: list[str] | None, gen: torch.Generator, on_token=None) -> list[Completion]:
+                      stop: list[str] | None, gen: torch.Generator, on_token=None,
+                      trie: LabelTrie | None = None) -> list[Completion]:
         """One batch through our own decode loop.
 
         Rows are laid out as [shared prefix][left padding][own suffix]: the attention mask hides the padding
@@ -178,6 +245,8 @@ class Engine:
         t0 = time.time()
         device, pad = self.loaded.device, self.tok.pad_token_id
         rows = len(batch)
+        if trie:  # a constrained answer is never cut short: it gets as many steps as its longest label needs
+            max_new_tokens = max(max_new_tokens, trie.depth + 1)
         shared = _common_prefix(batch) - 1  # at least one token per row stays outside the prefix pass
         if shared < MIN_SHARED_PREFIX or rows == 1:
             shared = 0
@@ -218,12 +287,27 @@ class Engine:
         finish = ["length"] * rows
         latency = [0.0] * rows
         eos = self._eos_ids()
+        nodes = [trie.root] * rows if trie else None
+        if trie and not eos:
+            raise ChoiceError("choices: the model has no end-of-turn token to end a constrained answer with")
         for step in range(max_new_tokens):
+            if trie:
+                logits = self._restrict(logits, [nodes[row] for row in alive], sorted(eos))
             tokens = self._pick(logits, temperature, top_p, gen)
             for j, row in enumerate(alive):
                 if finished[row]:
                     continue
                 t = int(tokens[j])
+                if trie:
+                    node = nodes[row] = nodes[row][t] if t in nodes[row] else {}
+                    rest = trie.only(node) if t not in eos else None
+                    if rest is not None:  # a single answer is left: write it out, no more model steps
+                        out_ids[row].extend([t] + rest)
+                        if on_token:
+                            on_token(row, out_ids[row])
+                        finished[row], finish[row] = True, "stop"
+                        latency[row] = time.time() - t0
+                        continue
                 if t in eos:
                     finished[row], finish[row] = True, "stop"
                 else:
@@ -258,6 +342,16 @@ class Engine:
         return results
 
     @staticmethod
+    def _restrict(logits: torch.Tensor, nodes: list[dict], end_ids: list[int]) -> torch.Tensor:
+        """Logits with everything but each row's allowed continuations set to -inf (end-of-turn is
+        allowed where the tokens so far are a complete answer)."""
+        allow = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        for j, node in enumerate(nodes):
+            ids = [t for t in node if t is not None] + (end_ids if None in node or not node else [])
+            allow[j, ids] = True
+        return logits.masked_fill(~allow, float("-inf"))
+
+    @staticmethod
     def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
         if temperature <= 0:
             return logits.argmax(-1)
@@ -289,22 +383,36 @@ class Engine:
         """
         import torch.nn.functional as F
 
-        from .data.tokenize import IGNORE, collate, tokenize_messages, Tokenized
+        from .data.tokenize import IGNORE, tokenize_messages
 
         examples = []
         for conv, ref in zip(conversations, references):
-            ids, labels = tokenize_messages(self.tok, conv + [{"role": "assistant", "content": ref}])
-            examples.append(Tokenized(ids, labels))
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+            examples.append(tokenize_messages(self.tok, conv + [{"role": "assistant", "content": ref}]))
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
         out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        dev = self.loaded.device
         with self._adapter_ctx(adapter):
             for k in range(0, len(order), batch_size):
                 idx = order[k : k + batch_size]
-                b = {n: t.to(self.loaded.device) for n, t in collate([examples[i] for i in idx], self.tok.pad_token_id).items()}
-                logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-                targets = b["labels"][:, 1:]
-                nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none").sum(dim=1)
-                counts = (targets != IGNORE).sum(dim=1)
+                width = max(len(examples[i][0]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):  # left padding: the answers line up at the end of the rows
+                    n = len(examples[i][0])
+                    ids[row, width - n :] = torch.tensor(examples[i][0])
+                    labels[row, width - n :] = torch.tensor(examples[i][1])
+                    mask[row, width - n :] = 1
+                targets = labels[:, 1:]
+                scored = (targets != IGNORE).any(dim=0).nonzero()
+                keep = width - 1 - int(scored[0]) if len(scored) else 1  # the head runs only where answers are
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                                    logits_to_keep=keep + 1).logits[:, :-1].float()
+                t = targets[:, -keep:].to(dev)
+                nll = F.cross_entropy(logits.transpose(1, 2), t, ignore_index=IGNORE, reduction="none").sum(dim=1)
+                counts = (t != IGNORE).sum(dim=1)
                 for row, i in enumerate(idx):
                     out[i] = (float(nll[row]), int(counts[row]))
         return out

@@ -32,7 +32,9 @@ DEFAULT_VARIANTS = {"prompt": [VariantConfig(name="base", kind="base"), VariantC
 # `tunewise demo` / `make demo`: sized so the whole run fits in ~10 minutes on a 2-core CPU.
 # Sized for `make demo` on a 2-core CPU in under 10 minutes: 200 validation items give the prompt routes
 # a usable estimate (+-0.05), one variant of each kind (the example's extra zero-shot variant is left out).
-DEMO = {"validation_samples": 200, "test_samples": 100, "training": {"max_steps": 40, "eval_every": 20, "save_every": 20, "eval_samples": 64}}
+# The demo: every route measured (base, few-shot, a fine-tune trained inside the demo), sized so that
+# `make demo` fits in about 10 minutes on a 2-core CPU; the training budget holds (training.max_minutes).
+DEMO = {"validation_samples": 200, "test_samples": 200, "training": {"max_minutes": 4.0, "eval_samples": 64}}
 
 
 def route_variants(cfg: ProjectConfig) -> dict[str, list[VariantConfig]]:
@@ -121,9 +123,9 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
             continue
         if route == "fine-tune" or (route == "hybrid" and training is None):
             facts = before["facts"]
-            hours = before["training_estimate"]
-            steps_per_hour = hours["steps"] / hours["hours"] if hours["hours"] else None
-            notes = auto_training(cfg, facts["examples"], facts["mean_tokens"], before["model"]["params"], steps_per_hour)
+            labelled = bool(prepared.splits["train"]) and all(r.label for r in prepared.splits["train"][:2000])
+            notes = auto_training(cfg, facts["examples"], facts["mean_tokens"], before["model"]["params"], facts.get("answer_tokens"),
+                                  before["model"].get("layers"), labelled)
             val_cfg.training = test_cfg.training = cfg.training
             training = _ensure_trained(cfg, prepared, journal, progress)
             step("train", defaults=notes, steps=training.get("steps"), wall_s=training.get("wall_s"), reused=training.get("reused"))
@@ -168,35 +170,38 @@ def decide(cfg: ProjectConfig, before: dict, tried, validation: dict, final: dic
     for route, v in tried:
         if route not in best or (_value(validation[v.name], goal.metric) or 0) > (_value(validation[best[route]], goal.metric) or 0):
             best[route] = v.name
-    measured = {}
-    for route, name in best.items():
-        s = final["variants"][name]
-        measured[route] = {"prompt_tokens": s["prompt_tokens_mean"], "completion_tokens": s["completion_tokens_mean"],
-                           "items_per_s": s["items_per_s"]}
+    rows = []
+    rc = None
+    for route, v in tried:  # one row per variant measured (base, few-shot, fine-tuned...), each with its own costs
+        name = v.name
+        s, val = final["variants"][name], validation[name]
+        measured = {route: {"prompt_tokens": s["prompt_tokens_mean"], "completion_tokens": s["completion_tokens_mean"],
+                            "items_per_s": s["items_per_s"]}}
         if route in ("fine-tune", "hybrid") and training and training.get("wall_s"):
             measured[route]["training_s"] = training["wall_s"]
-    rc = route_costs(cfg, Facts(**before["facts"]), shape, hw, measured)
-    rows = []
-    for route, name in best.items():
-        s, val = final["variants"][name], validation[name]
+        costs_of = route_costs(cfg, Facts(**before["facts"]), shape, hw, measured)
+        rc = rc or costs_of
         m = s["metrics"].get(goal.metric, {})
-        c = rc[route]
-        rows.append({"route": route, "variant": name, "validation": _value(val, goal.metric), "test": m.get("mean"), "test_ci95": m.get("ci95"),
+        c = costs_of[route]
+        rows.append({"route": route, "variant": name, "best_of_route": best[route] == name,
+                     "validation": _value(val, goal.metric), "test": m.get("mean"), "test_ci95": m.get("ci95"),
                      "meets_goal": (_value(val, goal.metric) or 0) >= goal.threshold, "latency_p50_s": s["latency_s"].get("p50"),
                      "latency_p95_s": s["latency_s"].get("p95"), "items_per_s": s["items_per_s"], "prompt_tokens": s["prompt_tokens_mean"],
                      "per_1k_queries_usd": c["per_query_usd"] * 1000, "hosted": c["hosted"], "training_usd": c["training_usd"],
                      "training_hours": c["training_hours"], "retraining_usd_per_year": c["retraining_usd_per_year"],
                      "serving_usd_per_year": c["serving_usd_per_year"], "first_year_usd": c["first_year_usd"]})
+    rc = route_costs(cfg, Facts(**before["facts"]), shape, hw, {})  # estimates, for the routes not tried
     meeting = [r for r in rows if r["meets_goal"]]
     short = [r for r in rows if not r["meets_goal"]]
     chosen = min(meeting, key=lambda r: r["first_year_usd"]) if meeting else max(rows, key=lambda r: r["test"] or 0)
     cheapest_short = min(short, key=lambda r: r["first_year_usd"]) if short else None
     roi = None
+    beaten = [r for r in rows if r is not chosen and (not r["meets_goal"] or r["first_year_usd"] > chosen["first_year_usd"])]
     if meeting and cheapest_short:
         extra = chosen["first_year_usd"] - cheapest_short["first_year_usd"]
         gain = (chosen["test"] or 0) - (cheapest_short["test"] or 0)
         more_correct = gain * uc.queries_per_day * 365
-        roi = {"against": cheapest_short["route"], "extra_cost_usd_per_year": extra, "accuracy_gain": gain,
+        roi = {"against": f"{cheapest_short['variant']} ({cheapest_short['route']})", "extra_cost_usd_per_year": extra, "accuracy_gain": gain,
                "more_correct_answers_per_year": more_correct,
                "cost_per_extra_correct_answer_usd": extra / more_correct if more_correct > 0 else None}
         if uc.value_per_correct_answer_usd is not None and extra > 0:
@@ -204,19 +209,37 @@ def decide(cfg: ProjectConfig, before: dict, tried, validation: dict, final: dic
     untried = [r for r in ("prompt", "rag", "fine-tune", "hybrid") if r not in best]
     return {"goal": {"metric": goal.metric, "threshold": goal.threshold}, "met": bool(meeting), "met_at": met_at,
             "chosen": chosen["route"], "chosen_variant": chosen["variant"], "evidence": rows, "roi": roi,
+            "why": _why(chosen, beaten, goal),
             "advice_before": {"recommendation": before["recommendation"], "ranking": [{k: r[k] for k in ("route", "points", "reasons")} for r in before["ranking"]]},
             "estimates_for_untried": {r: {k: rc[r][k] for k in ("per_query_usd", "training_usd", "training_hours", "first_year_usd")} for r in untried if r in rc},
             "hardware": before["hardware"], "prices": before["prices"], "use_case": before["use_case"], "training": training,
             "config_sha256": sha256_text(json.dumps(cfg.resolved(), sort_keys=True))}
 
 
+def _why(chosen: dict, beaten: list[dict], goal) -> str:
+    """The decision in a sentence: what was chosen, and why over each route it beat."""
+    def q(r):
+        return f"{r['test']:.3f}" if r.get("test") is not None else "n/a"
+
+    parts = [f"{chosen['variant']} ({chosen['route']}) {'meets' if chosen['meets_goal'] else 'comes closest to'} "
+             f"{goal.metric} >= {goal.threshold:g} ({q(chosen)} on test) at ${chosen['first_year_usd']:,.0f} in the first year"]
+    for r in beaten:
+        if not r["meets_goal"]:
+            parts.append(f"{r['variant']} falls short ({q(r)})")
+        else:
+            parts.append(f"{r['variant']} also meets it but costs ${r['first_year_usd']:,.0f} "
+                         f"(${r['per_1k_queries_usd']:.3f} per 1k queries against ${chosen['per_1k_queries_usd']:.3f})")
+    return "; ".join(parts) + "."
+
+
 def demo(cfg: ProjectConfig, progress=None) -> dict:
+    """`tunewise run` on the example with every route measured (all_routes), so the decision table holds
+    base, few-shot and the fine-tune; training keys the config or --set gives win over the demo's."""
     for key, value in DEMO["training"].items():
-        if key == "max_steps" and cfg.training.max_steps:
-            continue  # the user's --set wins
-        setattr(cfg.training, key, value)
+        if key not in cfg.training.model_fields_set and not (key == "max_minutes" and cfg.training.max_steps):
+            setattr(cfg.training, key, value)
     cfg.evaluation.perplexity = False  # its forward pass does not use the engine's prefix cache: minutes on long prompts
     seen = set()
     cfg.evaluation.variants = [v for v in cfg.evaluation.variants if not (v.kind in seen or seen.add(v.kind))]
-    return run_workflow(cfg, progress, validation_samples=DEMO["validation_samples"], test_samples=DEMO["test_samples"])
+    return run_workflow(cfg, progress, all_routes=True, validation_samples=DEMO["validation_samples"], test_samples=DEMO["test_samples"])
 

@@ -28,6 +28,23 @@ class EvalError(RuntimeError):
     pass
 
 
+def label_set(cfg: ProjectConfig, prepared: Prepared) -> list[str] | None:
+    """The closed answer set evaluation decodes into (evaluation.constrain), or None for free decoding."""
+    mode = cfg.evaluation.constrain
+    if mode == "none":
+        return None
+    labels = sorted({r.label for r in prepared.splits.get("train", []) if r.label}) or \
+        sorted({r.label for split in prepared.splits.values() for r in split if r.label})
+    if not labels:
+        if mode == "labels":
+            raise EvalError("evaluation.constrain: labels, but the data has no labels (set data.columns.label to the label "
+                            "column, or evaluation.constrain: none)")
+        return None
+    if mode == "auto" and cfg.use_case.task != "classification":
+        return None
+    return labels
+
+
 def _user_text(r: Record) -> str:
     return next(m["content"] for m in reversed(r.messages) if m["role"] == "user")
 
@@ -123,6 +140,7 @@ def fingerprint(cfg: ProjectConfig, variant: VariantConfig, prepared: Prepared) 
         kb = {"rag": cfg.rag.model_dump(mode="json"), "index": sha256_file(chunks) if chunks.exists() else None}
     return sha256_text(json.dumps({"variant": variant.model_dump(mode="json"), "evaluation": ev, "model": cfg.model.model_dump(mode="json"),
                                    "trained": trained, "kb": kb, "system_prompt": cfg.data.system_prompt,
+                                   "labels": label_set(cfg, prepared),
                                    "data": prepared.summary.get("outputs")}, sort_keys=True))
 
 
@@ -159,7 +177,8 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     retrieval_s = time.time() - t0
 
     t0 = time.time()
-    outs = eng.generate(convs, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, adapter=adapter,
+    labels = label_set(cfg, prepared)
+    outs = eng.generate(convs, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, adapter=adapter, choices=labels,
                         on_batch=(lambda done, total: progress(f"{variant.name}: {done}/{total} items")) if progress else None)
     wall = time.time() - t0 + retrieval_s
     if rag:
@@ -194,6 +213,7 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
         "model": model_id,
         "split": ev.split,
         "items": n,
+        "constrained_to": len(labels) if labels else None,
         "metrics": {m: bootstrap_ci(per_metric[m]).as_dict() for m in ev.metrics}
                    | {m: bootstrap_ci([x for x in v if x is not None]).as_dict() for m, v in extra.items() if any(x is not None for x in v)},
         "reference_perplexity": _perplexity(nll),

@@ -48,6 +48,32 @@ def _scatter(rows: list[dict], threshold: float, metric: str) -> str:
     return "".join(out) + "</svg>"
 
 
+def step_sentence(s: dict) -> str:
+    """One step of the workflow's journal as a sentence (the report's and the CLI's step list)."""
+    name = s["step"]
+    reused = " (reused: same inputs as the last run)" if s.get("reused") else ""
+    if name == "data":
+        o = s.get("outputs") or {}
+        return "Prepared the data: " + ", ".join(f"{o[k]['records']:,} {k}" for k in ("train", "validation", "test") if k in o) + " records."
+    if name == "advise":
+        return f"Before measuring anything, the use case pointed to {s.get('recommendation')}."
+    if name == "train":
+        defaults = s.get("defaults") or []
+        return (f"Fine-tuned for {s.get('steps')} steps in {float(s.get('wall_s') or 0):.0f} s{reused}"
+                + (f"; settings: {'; '.join(defaults)}" if defaults else "") + ".")
+    if name.startswith("validate "):
+        v = s.get("value")
+        return f"Scored {name[9:]} ({s.get('route')}) on the validation split: {'n/a' if v is None else f'{v:.3f}'}{reused}."
+    if name == "goal met":
+        return f"The goal was met by the {s.get('route')} route: {s.get('value'):.3f} >= {s.get('threshold'):g}."
+    if name == "test compare":
+        return f"Compared {', '.join(s.get('variants') or [])} side by side on the test split."
+    if "skipped" in s:
+        return f"Skipped {name}: {s['skipped']}."
+    extra = {k: v for k, v in s.items() if k not in ("step", "at_s")}
+    return f"{name}: " + ", ".join(f"{k} {v}" for k, v in extra.items()) + "."
+
+
 def decision_report(d: dict, out: Path) -> Path:
     g = d["goal"]
     ev = d["evidence"]
@@ -63,11 +89,13 @@ def decision_report(d: dict, out: Path) -> Path:
                      f"{_usd(r['training_usd'])} ({r['training_hours'] * 60:.1f} min)" if r["training_hours"] else "-",
                      _usd(r["retraining_usd_per_year"]), _usd(r["serving_usd_per_year"]), _usd(r["first_year_usd"])])
     verdict = (f"<b>{html.escape(d['chosen'])}</b> ({html.escape(d['chosen_variant'])}) meets {g['metric']} &ge; {g['threshold']:g} "
-               f"at the lowest first-year cost." if d["met"] else
+               f"at the lowest first-year cost. {html.escape(d.get('why', ''))}" if d["met"] else
                f"No route reached {g['metric']} &ge; {g['threshold']:g}; the best was <b>{html.escape(d['chosen'])}</b>. "
                "Try more training steps, more or cleaner data, or a larger model.")
     roi = d.get("roi")
     roi_html = "<p>No cheaper route fell short, so there is nothing to compare the cost against.</p>"
+    if d.get("why") and not roi:
+        roi_html = f"<p>{html.escape(d['why'])}</p>"
     if roi:
         roi_html = (f"<p>Against <b>{html.escape(roi['against'])}</b> (the cheapest route that fell short): "
                     f"{roi['accuracy_gain']:+.3f} {g['metric']} for {_usd(roi['extra_cost_usd_per_year'])} more per year, "
@@ -80,8 +108,7 @@ def decision_report(d: dict, out: Path) -> Path:
                            for r, e in untried.items()]) if untried else ""
     adv = d["advice_before"]
     adv_rows = [[r["route"], str(r["points"]), "; ".join(r["reasons"])] for r in adv["ranking"]]
-    steps = _table(["step", "at s", "details"], [[s["step"], str(s["at_s"]), json.dumps({k: v for k, v in s.items() if k not in ("step", "at_s")})[:300]]
-                                               for s in d.get("steps", [])])
+    steps = "<ol>" + "".join(f"<li>{html.escape(step_sentence(s))} <small>({s['at_s']:.0f} s)</small></li>" for s in d.get("steps", [])) + "</ol>"
     hw = d["hardware"]
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>tunewise decision</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}

@@ -215,6 +215,19 @@ class _BodyLimit:
         return await self.app(scope, limited, send)
 
 
+def _choices(req: Sampling) -> tuple[str, ...] | None:
+    """The closed answer set the request asks for (structured_outputs.choice, guided_choice, an enum
+    json_schema); a constraint this server cannot enforce is a 400 naming the field."""
+    from ..engine import ChoiceError
+    from .structured import request_choices
+
+    try:
+        choices = request_choices(req.model_extra or {})
+    except ChoiceError as e:
+        raise ApiError(400, str(e), code="unsupported_structured_output") from None
+    return tuple(choices) if choices else None
+
+
 def create_app(cfg: ProjectConfig, engine=None) -> FastAPI:
     s = cfg.serve
     models = Models(cfg, engine)
@@ -317,7 +330,7 @@ def create_app(cfg: ProjectConfig, engine=None) -> FastAPI:
             return {"citations": ctx.cited(text),
                     "retrieved": [{"n": i, "source": h.chunk.citation, "chunk": h.chunk.id} for i, h in enumerate(ctx.hits, 1)]}
 
-        return await _respond(req, prepare, "chat.completion", extra)
+        return await _respond(req, prepare, "chat.completion", extra, _choices(req))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -327,19 +340,21 @@ def create_app(cfg: ProjectConfig, engine=None) -> FastAPI:
             raise ApiError(400, "+kb models are chat models: use /v1/chat/completions", code="invalid_model")
         entry = models.entry(req.model)
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        choices = _choices(req)
 
         def prepare():
             eng, adapter = models.engine_for(entry)
             return eng, adapter, [prompt] * req.n
 
-        return await _respond(req, prepare, "text_completion", lambda _: {})
+        return await _respond(req, prepare, "text_completion", lambda _: {}, choices)
 
-    async def _respond(req: Sampling, prepare, kind: str, extra):
+    async def _respond(req: Sampling, prepare, kind: str, extra, choices: tuple[str, ...] | None = None):
         max_tokens = min(req.max_completion_tokens or req.max_tokens or s.default_max_tokens, s.max_tokens_cap)
         stop = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))[:4]
         loop = asyncio.get_running_loop()
         queue_: asyncio.Queue | None = asyncio.Queue() if req.stream else None
-        job = Job(prepare=prepare, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop, group=req.model)
+        job = Job(prepare=prepare, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop, group=req.model,
+                  choices=choices)
         if req.stream:
             job.on_token = lambda k, ids: loop.call_soon_threadsafe(queue_.put_nowait, (k, list(ids)))
         try:

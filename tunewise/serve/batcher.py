@@ -31,6 +31,7 @@ class Job:
     top_p: float
     stop: tuple[str, ...]
     group: str  # the model name as requested: jobs of one group can share a batch
+    choices: tuple[str, ...] | None = None  # the closed answer set decoding is restricted to (None: free)
     on_token: Callable[[int, list[int]], None] | None = None
     future: Future = field(default_factory=Future)
     cancelled: bool = False
@@ -38,7 +39,7 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        return (self.group, self.max_tokens, self.temperature, self.top_p, self.stop)
+        return (self.group, self.max_tokens, self.temperature, self.top_p, self.stop, self.choices)
 
 
 @dataclass
@@ -133,7 +134,8 @@ class Batcher:
         first = jobs[0]
         try:
             outs = engine.generate(prompts, max_new_tokens=first.max_tokens, temperature=first.temperature, top_p=first.top_p,
-                                   stop=list(first.stop) or None, batch_size=len(prompts), adapter=adapter, on_token=on_token)
+                                   stop=list(first.stop) or None, batch_size=len(prompts), adapter=adapter, on_token=on_token,
+                                   choices=list(first.choices) if first.choices else None)
         except BaseException as e:  # noqa: BLE001
             for j in jobs:
                 j.future.set_exception(e)

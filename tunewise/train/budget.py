@@ -38,6 +38,7 @@ class Plan:
         self.eval_every, self.has_validation = eval_every, has_validation
         self.times: dict[bool, list[float]] = {True: [], False: []}  # fresh? -> step seconds
         self.eval_s: list[float] = []
+        self.save_s: list[float] = []
         self.notes: list[str] = []
 
     def elapsed(self) -> float:
@@ -58,6 +59,13 @@ class Plan:
 
     def observe_eval(self, seconds: float) -> None:
         self.eval_s.append(seconds)
+
+    def observe_save(self, seconds: float) -> None:
+        self.save_s.append(seconds)
+
+    def _end_seconds(self) -> float:
+        """What the end of training costs after the last step: the final validation and checkpoint."""
+        return self._eval_seconds() + (max(self.save_s[-3:]) if self.save_s else 0.0)
 
     def _eval_seconds(self) -> float:
         if not self.has_validation:
@@ -85,8 +93,8 @@ class Plan:
         left = self.seconds - self.elapsed()
         total = self.total
         for _ in range(4):  # the validations to come depend on the total, and the total on their time
-            evals = max(0, total // self.eval_every - step // self.eval_every) + 1  # +1: the final one
-            fit = self._affordable(step, left - evals * self._eval_seconds())
+            evals = max(0, total // self.eval_every - step // self.eval_every)
+            fit = self._affordable(step, left - evals * self._eval_seconds() - self._end_seconds())
             total = max(step, min(self.natural, step + fit))
         self.total = total  # == step: nothing more fits, the loop ends here
         return total
@@ -97,4 +105,4 @@ class Plan:
             return False
         fresh = step < self.fresh_steps
         t = self.step_seconds(fresh) or 0.0
-        return self.elapsed() + t + self._eval_seconds() > self.seconds
+        return self.elapsed() + t + self._end_seconds() > self.seconds

@@ -84,6 +84,7 @@ class TrainResult:
     total_params: int
     wall_s: float
     notes: list[str] = field(default_factory=list)
+    defaults: list[str] = field(default_factory=list)  # the settings train/defaults.py chose, with reasons
 
 
 class _StopFlag:
@@ -230,7 +231,10 @@ def _cache_limit_bytes() -> int:
         return 4 * 2**30
 
 
-def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False, on_step=None, progress: bool = True) -> TrainResult:
+def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False, on_step=None, progress: bool = True,
+          defaults: bool = False, say=None) -> TrainResult:
+    """Train as configured. defaults=True first fills the training keys the config does not set from the
+    task, the data and the model (train/defaults.py; `tunewise train` does, its notes are printed)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from torch.optim.lr_scheduler import LambdaLR
@@ -257,6 +261,16 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
     val_ex, _ = tokenize_records(tok, val_records, cfg.data.max_length)
     if not train_ex:
         raise TrainError("no training examples left after preparation (see the data summary)")
+    default_notes: list[str] = []
+    if defaults:  # deterministic from the data and config, so a resumed run gets the same settings
+        from .defaults import auto_training, data_facts
+
+        f = data_facts(tok, prepared.splits["train"], cfg.data.max_length)
+        default_notes = auto_training(cfg, f["examples"], f["mean_tokens"], loaded.model.num_parameters(), f["answer_tokens"],
+                                      len(decoder_layers(loaded.model)), f["labelled"])
+        t = cfg.training
+        if say:
+            say("training settings: " + "; ".join(default_notes))
 
     set_seed(t.seed)
     model = apply_method(loaded.model, t)
@@ -351,6 +365,7 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
                 out_of_time = True
                 break
             ts = time.time()
+            step_extra = 0.0  # validation and checkpoint time inside this iteration (planned apart)
             micro = [next_batch() for _ in range(t.grad_accum)]
             fresh = cache is not None and not all(cache.has(b[1]) for b in micro)
             loss_sum, n_loss = backward_accumulated(loss_fn, micro, accelerator)
@@ -360,7 +375,6 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.time() - ts
-            plan.observe(dt, fresh)
             if t.max_minutes and (step in (1, 3, 10) or step % 10 == 0):
                 state["planned_total"] = plan.replan(step)
                 bar.update(task, total=plan.total)
@@ -379,7 +393,6 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
             if val_ex and (step % t.eval_every == 0 or ending):
                 tv = time.time()
                 val = validation_loss(loss_fn, val_batches)
-                plan.observe_eval(time.time() - tv)
                 row["val_loss"] = round(val, 6)
                 state["last_val"] = val
                 if state["first_val"] is None:
@@ -393,12 +406,19 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
                     if t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience:
                         stopped_early = True
                 bar.update(task, val=f"{val:.4f}")
+                step_extra += time.time() - tv
+                plan.observe_eval(time.time() - tv)  # validation and saving the best model
             log(row)
             bar.update(task, completed=step, loss=f"{last_loss:.4f}", tps=f"{run_tokens / run_time:.0f}")
             if step % t.save_every == 0 or ending or stopped_early:
+                tc = time.time()
                 ckpt(step, dict(state), rng_state())
+                step_extra += time.time() - tc
+                plan.observe_save(time.time() - tc)
             if on_step:
                 on_step(step, row, model)
+            # a step's cost for planning is the whole iteration (logging, callbacks) but validation and saving
+            plan.observe(time.time() - ts - step_extra, fresh)
             if stopped_early or ending:
                 break
     metrics_file.close()
@@ -411,7 +431,7 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
         train_loss=last_loss, first_val_loss=state["first_val"], best_val_loss=state["best_val"],
         last_val_loss=state["last_val"], stopped_early=stopped_early, interrupted=interrupted,
         tokens_per_s=run_tokens / run_time if run_time else 0.0, peak_memory_mb=_peak_memory_mb(loaded.device),
-        trainable_params=n_trainable, total_params=n_total, wall_s=time.time() - t0, notes=notes,
+        trainable_params=n_trainable, total_params=n_total, wall_s=time.time() - t0, notes=notes, defaults=default_notes,
     )
     if accelerator.is_main_process:
         atomic_write_json(out_dir / "train_summary.json", {**asdict(result), "adapter": is_adapter(t), "tokens": train_stats.summary(),
