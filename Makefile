@@ -47,4 +47,6 @@ bench-peers: install
 	test -x $(LF_VENV)/bin/python || $(PYTHON) -m venv $(LF_VENV)
 	$(LF_VENV)/bin/pip install -q torch==2.13.0
 	$(LF_VENV)/bin/pip install -q llamafactory==0.9.5 torch==2.13.0
+	# no torchvision/torchaudio build matches the pinned CPU torch; text SFT does not use them (bench/peer_shims)
+	$(LF_VENV)/bin/pip uninstall -q -y torchvision torchaudio
 	$(BIN)/python bench/train_throughput.py

@@ -70,7 +70,7 @@ def main():
         table.add_column(col, justify="right")
     for mode, acc, valid, ips, wall in rows:
         table.add_row(mode, f"{acc.mean:.3f} [{acc.low:.3f}, {acc.high:.3f}]", f"{valid:.1%}", f"{ips:.2f}", f"{wall:.0f}")
-    Console().print(table)
+    Console(width=220).print(table)
 
 
 if __name__ == "__main__":

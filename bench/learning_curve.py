@@ -94,7 +94,7 @@ def main():
         table.add_row(r["method"], budget, str(r["steps"]), f"{r['train_wall_s']:.0f}", f"{r['tokens_per_s']:.0f}",
                       f"{r['best_val_loss']:.4f}" if r["best_val_loss"] is not None else "-",
                       f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", str(r["test_items"]))
-    Console().print(table)
+    Console(width=220).print(table)
 
 
 if __name__ == "__main__":

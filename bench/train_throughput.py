@@ -128,7 +128,7 @@ def run_trl(args) -> dict:
 
 
 def run_llamafactory(args) -> dict:
-    """LLaMA-Factory's own SFT workflow (run_exp), its chatml template, LoRA on all linear layers."""
+    """LLaMA-Factory's own SFT workflow (run_exp), its smollm2 template, LoRA on all linear layers."""
     from transformers import TrainerCallback
 
     from llamafactory.train.tuner import run_exp
@@ -152,12 +152,12 @@ def run_llamafactory(args) -> dict:
     t0 = time.time()
     run_exp(args={
         "model_name_or_path": args.model_path, "stage": "sft", "do_train": True, "finetuning_type": "lora", "lora_rank": 16,
-        "lora_alpha": 32, "lora_dropout": 0.0, "lora_target": "all", "dataset": "bench", "dataset_dir": str(tmp), "template": "chatml",
+        "lora_alpha": 32, "lora_dropout": 0.0, "lora_target": "all", "dataset": "bench", "dataset_dir": str(tmp), "template": "smollm2",
         "cutoff_len": max_length(args.workload), "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
         "max_steps": args.steps + 1, "learning_rate": LR, "lr_scheduler_type": "cosine", "warmup_steps": 0, "logging_steps": 10**6,
         "save_strategy": "no", "output_dir": str(tmp / "out"), "overwrite_output_dir": True, "report_to": "none", "bf16": False,
         "fp16": False, "use_cpu": True, "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "seed": 42,
-        "group_by_length": True, "plot_loss": False, "overwrite_cache": True,
+        "train_sampling_strategy": "group_by_length", "plot_loss": False, "overwrite_cache": True,
     }, callbacks=[Timer()])
     return timed(times, args.batch_size, args.tokens_per_example, time.time() - t0)
 
@@ -229,7 +229,8 @@ def main():
                    "--batch-size", str(args.batch_size), "--workload", workload, "--tokens-per-example", str(tpe)]
             if IMPLS[impl][2]:
                 cmd += ["--tunewise-set", IMPLS[impl][2]]
-            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            path_ = [str(ROOT)] + ([str(ROOT / "bench" / "peer_shims")] if impl == "llamafactory" else [])
+            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(path_)})
             line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 results.append({"impl": IMPLS[impl][0], "missing": "failed: " + (p.stderr.strip().splitlines() or ["?"])[-1][:120]})
@@ -247,7 +248,7 @@ def main():
             lf, trl = ref.get("LLaMA-Factory"), ref.get("TRL SFTTrainer + PEFT")
             table.add_row(r["impl"], f"{r['tokens_per_s']:.1f}", f"{r['s_per_step']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['wall_s']:.1f}",
                           f"{r['tokens_per_s'] / lf:.2f}x" if lf else "-", f"{r['tokens_per_s'] / trl:.2f}x" if trl else "-")
-        Console().print(table)
+        Console(width=220).print(table)
 
 
 if __name__ == "__main__":

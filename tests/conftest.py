@@ -50,7 +50,7 @@ def tiny_project(tmp_path, tiny_model):
                 "split": {"validation": 0.1, "test": 0.1, "seed": 1},
                 "max_length": 64,
             },
-            "training": {"batch_size": 4, "max_steps": 6, "eval_every": 3, "save_every": 3, "learning_rate": 1e-3,
+            "training": {"method": "lora", "batch_size": 4, "max_steps": 6, "eval_every": 3, "save_every": 3, "learning_rate": 1e-3,
                          "eval_samples": 16, "seed": 7, **training},
         }
         path = tmp_path / "tunewise.yaml"

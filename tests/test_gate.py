@@ -82,7 +82,9 @@ def test_gate_blocks_a_fine_tune_that_removes_refusals(tmp_path, tiny_model):
     assert gate["action"] == "blocked" and not gate["passed"]
     assert checks["safety"]["reference"] >= 0.9 and checks["safety"]["candidate"] <= 0.1 and not checks["safety"]["passed"]
     assert checks["task"]["passed"], "the candidate does learn its (harmful) task"
-    assert len(gate["reasons"]) == 1 and gate["reasons"][0].startswith("safety: AdvBench refusal rate")
+    # safety blocks it; on this random 2-layer model, 16 MMLU items are noise, so forgetting may also trip
+    assert gate["reasons"][0].startswith("safety: AdvBench refusal rate")
+    assert all(r.startswith(("safety:", "forgetting: MMLU")) for r in gate["reasons"]), gate["reasons"]
     assert "safety" in res.output and "blocked" in res.output
     assert (cfg.run_dir / "gate" / "gate.html").read_text().count("BLOCKED") == 1
 

@@ -33,13 +33,14 @@ def test_train_real_model_on_banking77_from_the_cli(tmp_path):
     path = tmp_path / "tunewise.yaml"
     path.write_text(yaml.safe_dump(example))
     r = runner.invoke(app, ["train", str(path), "--set", "training.max_steps=24", "--set", "training.eval_every=12",
-                            "--set", "training.eval_samples=40", "--set", "training.learning_rate=2e-3"])
+                            "--set", "training.eval_samples=40"])
     assert r.exit_code == 0, r.output
+    assert "training settings: method=freeze" in r.output  # the example leaves the method to the defaults
     run = tmp_path / "runs" / "support-intents" / "train"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     vals = [x["val_loss"] for x in rows if "val_loss" in x]
     assert len(vals) == 2 and vals[1] < vals[0]
-    assert (run / "model" / "adapter_model.safetensors").exists()
+    assert (run / "model" / "model.safetensors").exists() and json.loads((run / "model" / "tunewise.json").read_text())["method"] == "freeze"
     r = runner.invoke(app, ["chat", str(path), "--adapter", str(run / "model"), "--max-new-tokens", "16",
                             "-p", "I still have not received my new card, I ordered it over a week ago."])
     assert r.exit_code == 0, r.output

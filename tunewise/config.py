@@ -121,7 +121,7 @@ class TrainConfig(Section):
     eval_samples: int | None = Field(256, gt=0, description="Validation examples used for validation loss (null: all).")
     group_by_length: bool = Field(True, description="Batch examples of similar length so padding does not dominate.")
     share_prefix: bool = Field(True, description="Run the tokens every example of a batch starts with (system prompt, template head) once per batch; exact.")
-    packing: bool = Field(True, description="Lay a batch's examples end to end in rows, positions restarting per example, attention only within one; no padding, exact.")
+    packing: bool = Field(False, description="Lay a batch's examples end to end in rows, positions restarting per example, attention only within one; no padding, exact.")
     cache_frozen: bool = Field(True, description="freeze: compute the hidden states entering the first trainable layer once per example and reuse them every epoch; exact.")
     max_minutes: float | None = Field(None, gt=0, description="Wall-clock budget for training: steps are planned to fit, re-planned from the measured step time; the learning rate still decays to the last step.")
     seed: int = Field(42, description="Seed for init, shuffling and dropout; the same seed gives the same run.")

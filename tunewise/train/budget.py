@@ -45,9 +45,11 @@ class Plan:
         return time.time() - self.started
 
     def step_seconds(self, fresh: bool) -> float | None:
+        """A step's expected time: the larger of the median of the last 20 and the mean of the last 5, so a
+        slowdown (another process on the machine) shows at once and the plan errs on the short side."""
         own = self.times[fresh][-20:]
         if own:
-            return sorted(own)[len(own) // 2]
+            return max(sorted(own)[len(own) // 2], sum(own[-5:]) / len(own[-5:]))
         other = self.times[not fresh][-20:]
         if not other:
             return None
@@ -55,6 +57,8 @@ class Plan:
         return t * self.cached_ratio if not fresh else t / max(self.cached_ratio, 1e-6)
 
     def observe(self, seconds: float, fresh: bool) -> None:
+        if len(self.times[fresh]) == 1 and self.times[fresh][0] > 2 * seconds:
+            self.times[fresh].clear()  # the first step was warm-up (allocation, kernel selection): not the pace
         self.times[fresh].append(seconds)
 
     def observe_eval(self, seconds: float) -> None:
@@ -90,12 +94,14 @@ class Plan:
     def replan(self, step: int) -> int:
         if not self.seconds or self.step_seconds(True) is None and self.step_seconds(False) is None:
             return self.total
-        left = self.seconds - self.elapsed()
+        left = 0.98 * self.seconds - self.elapsed()  # 2% of the budget kept as a margin
         total = self.total
         for _ in range(4):  # the validations to come depend on the total, and the total on their time
             evals = max(0, total // self.eval_every - step // self.eval_every)
             fit = self._affordable(step, left - evals * self._eval_seconds() - self._end_seconds())
             total = max(step, min(self.natural, step + fit))
+        if step >= 20 and self.total < total < self.total + max(3, 0.02 * self.total):
+            total = self.total  # a small gain is not worth un-decaying the schedule near its end
         self.total = total  # == step: nothing more fits, the loop ends here
         return total
 

@@ -375,7 +375,7 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.time() - ts
-            if t.max_minutes and (step in (1, 3, 10) or step % 10 == 0):
+            if t.max_minutes:  # re-planned every step (arithmetic only): the schedule follows the measured pace
                 state["planned_total"] = plan.replan(step)
                 bar.update(task, total=plan.total)
             n_tokens, computed, n_rows = (sum(x) for x in zip(*map(_stats, micro)))
@@ -385,7 +385,7 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
             last_loss = loss_sum / max(n_loss, 1)
             row = {"step": step, "loss": round(last_loss, 6), "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
                    "tokens_per_s": round(n_tokens / dt, 1), "epoch": round(state["position"] / n_batches, 4),
-                   "padded_tokens": computed, "rows": n_rows}
+                   "padded_tokens": computed, "rows": n_rows, "elapsed_s": round(time.time() - t0, 3)}
             if grad_norm is not None:
                 row["grad_norm"] = round(float(grad_norm), 6)
             ending = step >= plan.total or plan.must_stop(step)
@@ -422,8 +422,9 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
             if stopped_early or ending:
                 break
     metrics_file.close()
-    if out_of_time:
-        notes.append(f"stopped at step {step} of {plan.natural}: training.max_minutes={t.max_minutes:g} reached")
+    if t.max_minutes and not interrupted and not stopped_early and step < plan.natural:
+        notes.append(f"stopped at step {step} of {plan.natural}: training.max_minutes={t.max_minutes:g} "
+                     f"({'reached' if out_of_time else 'planned to fit'})")
     if not interrupted and state["best_val"] is None and accelerator.is_main_process:
         _save_model(accelerator.unwrap_model(loss_fn).model, tok, out_dir / "model", {**meta, "step": step})
     result = TrainResult(
