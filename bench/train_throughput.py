@@ -140,8 +140,9 @@ def run_llamafactory(args) -> dict:
         system = next((m["content"] for m in c if m["role"] == "system"), None)
         rows.append({"messages": [m for m in c if m["role"] != "system"], **({"system": system} if system else {})})
     (tmp / "train.json").write_text(json.dumps(rows))
+    columns = {"messages": "messages"} | ({"system": "system"} if any("system" in r for r in rows) else {})
     (tmp / "dataset_info.json").write_text(json.dumps({"bench": {
-        "file_name": "train.json", "formatting": "sharegpt", "columns": {"messages": "messages", "system": "system"},
+        "file_name": "train.json", "formatting": "sharegpt", "columns": columns,
         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
     times = []
 
