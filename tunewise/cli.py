@@ -83,16 +83,14 @@ def init(
 ):
     """Write a commented starter tunewise.yaml: the data file, its format and columns as found in it; every
     other key commented out with its default."""
-    from .config import starter_yaml
+    from .config import starter
 
     if path.exists() and not force:
         _fail(f"{path} exists (use --force to overwrite)")
-    text = starter_yaml(data, format, base_dir=path.resolve().parent)
+    text, found = starter(data, format, base_dir=path.resolve().parent)
     path.write_text(text)
-    for line in text.splitlines()[3:]:
-        if not line.startswith("# data."):
-            break
-        console.print(line[2:])
+    for line in found:
+        console.print(line)
     console.print(f"wrote {path}")
 
 

@@ -438,6 +438,11 @@ def starter_yaml(data_path: str = "data/train.jsonl", fmt: str | None = None, ba
     """A commented starter config: every key with its documentation and default. Only what init chose is
     set: the training file, its format (given, or told from the file) and, for tables, the columns found
     in the header; every other key is commented out, so its default is not mistaken for a choice."""
+    return starter(data_path, fmt, base_dir)[0]
+
+
+def starter(data_path: str = "data/train.jsonl", fmt: str | None = None, base_dir: Path | None = None) -> tuple[str, list[str]]:
+    """(starter_yaml's text, what init found in the file: one line each, as its header comments say)."""
     file = Path(data_path) if Path(data_path).is_absolute() or base_dir is None else base_dir / data_path
     notes = []
     columns_found = None
@@ -471,4 +476,4 @@ def starter_yaml(data_path: str = "data/train.jsonl", fmt: str | None = None, ba
     header = ["# tunewise project config. Every key is optional unless marked; unknown keys are errors.",
               "# Keys written commented out show their defaults: a default stays a default (tunewise run picks",
               "# training settings from the data and the budget) until you uncomment it and set it.", *notes, ""]
-    return "\n".join(header + _yaml_with_comments(ProjectConfig, values, chosen)) + "\n"
+    return "\n".join(header + _yaml_with_comments(ProjectConfig, values, chosen)) + "\n", [n[2:] for n in notes]

@@ -37,15 +37,9 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 MAX_CHOICES = 10_000  # a larger choice list is a grammar, not a label set
 
 
-def _depth(node: dict) -> list[int]:
-    """The longest token path below node (its tokens; only the length is used)."""
-    best: list[int] = []
-    for t, child in node.items():
-        if t is not None:
-            path = [t] + _depth(child)
-            if len(path) > len(best):
-                best = path
-    return best
+def _depth(node: dict) -> int:
+    """The number of tokens on the longest path below node."""
+    return max((1 + _depth(child) for t, child in node.items() if t is not None), default=0)
 
 
 class ChoiceError(ValueError):
@@ -78,7 +72,7 @@ class LabelTrie:
             for t in tokenizer.encode(c, add_special_tokens=False):
                 node = node.setdefault(t, {})
             node[None] = c  # None marks a complete answer
-        self.depth = len(_depth(self.root))
+        self.depth = _depth(self.root)
         self._only: dict[int, list[int] | None] = {}
 
     def only(self, node: dict) -> list[int] | None:

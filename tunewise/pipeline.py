@@ -81,7 +81,7 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
                  test_samples: int | None = None) -> dict:
     """The workflow; returns the decision dict (also written to <run>/run/decision.json and report.html)."""
     from .advise.decide import advise
-    from .train.defaults import auto_training
+    from .train.defaults import auto_training, is_labelled
 
     progress = progress or (lambda msg: None)
     t0 = time.time()
@@ -123,9 +123,8 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
             continue
         if route == "fine-tune" or (route == "hybrid" and training is None):
             facts = before["facts"]
-            labelled = bool(prepared.splits["train"]) and all(r.label for r in prepared.splits["train"][:2000])
             notes = auto_training(cfg, facts["examples"], facts["mean_tokens"], before["model"]["params"], facts.get("answer_tokens"),
-                                  before["model"].get("layers"), labelled)
+                                  before["model"].get("layers"), is_labelled(prepared.splits["train"]))
             val_cfg.training = test_cfg.training = cfg.training
             training = _ensure_trained(cfg, prepared, journal, progress)
             step("train", defaults=notes, steps=training.get("steps"), wall_s=training.get("wall_s"), reused=training.get("reused"))
@@ -171,7 +170,6 @@ def decide(cfg: ProjectConfig, before: dict, tried, validation: dict, final: dic
         if route not in best or (_value(validation[v.name], goal.metric) or 0) > (_value(validation[best[route]], goal.metric) or 0):
             best[route] = v.name
     rows = []
-    rc = None
     for route, v in tried:  # one row per variant measured (base, few-shot, fine-tuned...), each with its own costs
         name = v.name
         s, val = final["variants"][name], validation[name]
@@ -180,7 +178,6 @@ def decide(cfg: ProjectConfig, before: dict, tried, validation: dict, final: dic
         if route in ("fine-tune", "hybrid") and training and training.get("wall_s"):
             measured[route]["training_s"] = training["wall_s"]
         costs_of = route_costs(cfg, Facts(**before["facts"]), shape, hw, measured)
-        rc = rc or costs_of
         m = s["metrics"].get(goal.metric, {})
         c = costs_of[route]
         rows.append({"route": route, "variant": name, "best_of_route": best[route] == name,

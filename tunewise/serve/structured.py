@@ -19,9 +19,6 @@ from typing import Any
 
 from ..engine import MAX_CHOICES, ChoiceError, check_choices
 
-UNSUPPORTED = ("json", "regex", "grammar", "json_object", "structural_tag")
-
-
 def request_choices(extra: dict[str, Any]) -> list[str] | None:
     """The answers a request restricts decoding to (None: free decoding). Raises ChoiceError naming the field."""
     found: list[tuple[str, list[str]]] = []

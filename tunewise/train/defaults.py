@@ -73,14 +73,17 @@ def auto_training(cfg, examples: int, mean_tokens: float, params: int, answer_to
     return notes
 
 
-def data_facts(tok, records, max_length: int) -> dict:
-    """What the defaults are chosen from: examples, mean tokens per example, mean answer tokens, labels."""
-    from ..data.tokenize import tokenize_records
-
+def is_labelled(records) -> bool:
+    """Whether the records carry class labels (checked on the first 2,000)."""
     sample = records[:2000]
-    examples, _ = tokenize_records(tok, sample, max_length)
+    return bool(sample) and all(r.label for r in sample)
+
+
+def data_facts(records, examples) -> dict:
+    """What the defaults are chosen from: examples, mean tokens per example, mean answer tokens, labels
+    (from the records and their tokenized examples, as training has them)."""
     n = max(1, len(examples))
     return {"examples": len(records),
             "mean_tokens": sum(len(e.input_ids) for e in examples) / n,
             "answer_tokens": sum(sum(1 for x in e.labels if x != -100) for e in examples) / n,
-            "labelled": bool(sample) and all(r.label for r in sample)}
+            "labelled": is_labelled(records)}

@@ -265,7 +265,7 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
     if defaults:  # deterministic from the data and config, so a resumed run gets the same settings
         from .defaults import auto_training, data_facts
 
-        f = data_facts(tok, prepared.splits["train"], cfg.data.max_length)
+        f = data_facts(prepared.splits["train"], train_ex)
         default_notes = auto_training(cfg, f["examples"], f["mean_tokens"], loaded.model.num_parameters(), f["answer_tokens"],
                                       len(decoder_layers(loaded.model)), f["labelled"])
         t = cfg.training
@@ -406,15 +406,17 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
                     if t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience:
                         stopped_early = True
                 bar.update(task, val=f"{val:.4f}")
-                step_extra += time.time() - tv
-                plan.observe_eval(time.time() - tv)  # validation and saving the best model
+                tv = time.time() - tv
+                step_extra += tv
+                plan.observe_eval(tv)  # validation and saving the best model
             log(row)
             bar.update(task, completed=step, loss=f"{last_loss:.4f}", tps=f"{run_tokens / run_time:.0f}")
             if step % t.save_every == 0 or ending or stopped_early:
                 tc = time.time()
                 ckpt(step, dict(state), rng_state())
-                step_extra += time.time() - tc
-                plan.observe_save(time.time() - tc)
+                tc = time.time() - tc
+                step_extra += tc
+                plan.observe_save(tc)
             if on_step:
                 on_step(step, row, model)
             # a step's cost for planning is the whole iteration (logging, callbacks) but validation and saving
