@@ -72,3 +72,46 @@ def test_prepare_train_chat_on_tiny_model(tiny_project, tmp_path):
 def test_chat_interactive_loop(tiny_model):
     r = runner.invoke(app, ["chat", "--model", str(tiny_model), "--max-new-tokens", "3"], input="hello\n/reset\n/exit\n")
     assert r.exit_code == 0 and "model>" in r.output
+
+
+def test_demo_fills_only_keys_the_user_did_not_set(tiny_project, monkeypatch):
+    """`tunewise demo --set training.eval_every=7` trains with 7; the demo's own sizes fill what is not given, and the
+    loaded config is only read (the demo works on a copy)."""
+    import tunewise.pipeline as pipeline
+
+    seen = {}
+
+    def fake_run(cfg, progress=None, **kw):
+        seen["cfg"], seen["kw"] = cfg, kw
+        return {"goal": {"metric": "accuracy", "threshold": 0.5}, "evidence": [], "steps": [], "met": False, "chosen": "prompt",
+                "chosen_variant": "base", "wall_s": 0.0, "report": "r.html"}
+
+    monkeypatch.setattr(pipeline, "run_workflow", fake_run)
+    path = tiny_project(max_steps=None)
+    r = CliRunner().invoke(app, ["demo", str(path), "--set", "training.eval_every=7", "--set", "evaluation.perplexity=true"])
+    assert r.exit_code == 0, r.output
+    cfg = seen["cfg"]
+    assert cfg.training.eval_every == 7 and cfg.evaluation.perplexity is True  # what the user gave
+    assert cfg.training.max_minutes == pipeline.DEMO["training"]["max_minutes"] and cfg.training.eval_samples == 16  # the file's 16 kept
+    assert seen["kw"]["all_routes"] and seen["kw"]["test_samples"] == pipeline.DEMO["test_samples"]
+
+    from tunewise.config import load_config
+
+    loaded = load_config(path)
+    pipeline.demo_config(loaded)
+    assert loaded.training.max_minutes is None and loaded.evaluation.perplexity is True  # demo_config copied, did not change it
+
+
+def test_models_list_starts_without_torch(tmp_path):
+    """The registry commands read SQLite only: starting them must not import torch or transformers."""
+    import subprocess
+    import sys
+
+    (tmp_path / "t.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    (tmp_path / "tunewise.yaml").write_text(f"output_dir: {tmp_path / 'runs'}\ndata: {{format: openai, train: t.jsonl}}\n")
+    code = ("import sys; from tunewise.cli import app\n"
+            "try: app(['models', 'list', sys.argv[1]])\n"
+            "except SystemExit as e: assert not e.code, e.code\n"
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tunewise.yaml")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -236,19 +236,21 @@ def test_defaults_pick_freeze_for_labels_lora_otherwise_and_never_override_a_cho
     from tunewise.train.defaults import auto_training
 
     cfg = _cfg_with()
-    notes = auto_training(cfg, 9449, 56, 134_515_008, answer_tokens=7, n_layers=30, labelled=True)
-    t = cfg.training
+    before = cfg.resolved()
+    filled, notes = auto_training(cfg, 9449, 56, 134_515_008, answer_tokens=7, n_layers=30, labelled=True)
+    t = filled.training
     assert (t.method, t.trainable_layers, t.learning_rate, t.epochs, t.batch_size, t.packing) == ("freeze", 6, 1e-3, 1.0, 16, False)
     assert any(n.startswith("method=freeze (") for n in notes)
+    assert cfg.resolved() == before  # a copy: the loaded config is only read
     long = _cfg_with()
     long.use_case.task = "generation"
-    auto_training(long, 800, 400, 134_515_008, answer_tokens=120, n_layers=30, labelled=False)
-    t = long.training
+    t = auto_training(long, 800, 400, 134_515_008, answer_tokens=120, n_layers=30, labelled=False)[0].training
     assert (t.method, t.learning_rate, t.lora.r, t.epochs, t.batch_size, t.grad_accum, t.packing) == ("lora", 1e-3, 8, 3.0, 8, 2, True)
+    assert (long.training.lora.r, long.training.batch_size) == (16, 8)  # the original keeps its values (the schema defaults)
     given = _cfg_with(method="lora", learning_rate=5e-5)
     given.use_case.max_training_hours = 0.25
-    notes = auto_training(given, 9449, 56, 134_515_008, answer_tokens=7, n_layers=30, labelled=True)
-    assert (given.training.method, given.training.learning_rate, given.training.max_minutes) == ("lora", 5e-5, 15.0)
+    filled, notes = auto_training(given, 9449, 56, 134_515_008, answer_tokens=7, n_layers=30, labelled=True)
+    assert (filled.training.method, filled.training.learning_rate, filled.training.max_minutes) == ("lora", 5e-5, 15.0)
     assert "method=lora (from the config)" in notes and "learning_rate=5e-05 (from the config)" in notes
 
 

@@ -33,10 +33,9 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    # read by transformers and huggingface_hub when they are imported: no import here (`models list` needs no torch)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _fail(msg: str, code: int = 2):
@@ -45,36 +44,31 @@ def _fail(msg: str, code: int = 2):
 
 
 def _load(config: Path, overrides: list[str] | None):
-    from .config import ConfigError, load_config
+    from .config import load_config
 
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as e:
-        _fail(str(e))
+    return load_config(config, overrides or [])
 
 
-def _guard(fn):
-    """Turn the errors users cause (bad data, bad model reference) into one clear line, not a traceback."""
-    from .config import ConfigError
-    from .data.formats import FormatError
-    from .data.tokenize import TemplateError
-    from .models import ModelError
-    from .eval.run import EvalError
-    from .train.loop import TrainError
-    from .rag.embed import EmbeddingError
-    from .rag.kb import KBError
-    from .rag.store import StoreError
-    from .gate import GateError
-    from .registry import RegistryError
+def _stage(fn):
+    """The opening every command shares: libraries quietened, and an error the user caused (any TunewiseError:
+    bad config, bad data, a missing model) printed as one line with exit code 2, not a traceback."""
+    import functools
 
-    try:
-        return fn()
-    except (ConfigError, FormatError, TemplateError, ModelError, TrainError, EvalError, KBError, StoreError, EmbeddingError,
-            GateError, RegistryError) as e:
-        _fail(str(e))
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        from .errors import TunewiseError
+
+        _quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except TunewiseError as e:
+            _fail(str(e))
+
+    return command
 
 
 @app.command()
+@_stage
 def init(
     path: Path = typer.Argument(Path("tunewise.yaml"), help="Where to write the starter config."),
     data: str = typer.Option("data/train.jsonl", help="Training file to put in the config."),
@@ -95,6 +89,7 @@ def init(
 
 
 @data_app.command("prepare")
+@_stage
 def data_prepare(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
@@ -104,38 +99,35 @@ def data_prepare(
 ):
     """Read, validate, clean (normalise, redact PII, filter, dedup, near-dedup), quarantine, split, check leakage.
     Ctrl-C keeps a checkpoint; --resume goes on from it."""
-    _quiet_libraries()
     cfg = _load(config, (set_ or []) + (["data.clean.drop_leaks=true"] if drop_leaks else []) + ([f"data.clean.select={select}"] if select else []))
 
-    def run():
-        from .data.prepare import checkpointed_records, prepare_data
-        from .models import load_tokenizer
+    from .data.prepare import checkpointed_records, prepare_data
+    from .models import load_tokenizer
 
-        out_dir = cfg.run_dir / "data"
-        resumed = []
-        try:
-            with console.status("reading and validating records") as status:
-                def show(stage: str, n: int) -> None:
-                    if stage == "resuming":
-                        resumed.append(n)
-                    status.update(f"{stage}: {n:,} records")
+    out_dir = cfg.run_dir / "data"
+    resumed = []
+    try:
+        with console.status("reading and validating records") as status:
+            def show(stage: str, n: int) -> None:
+                if stage == "resuming":
+                    resumed.append(n)
+                status.update(f"{stage}: {n:,} records")
 
-                prepared = prepare_data(cfg, out_dir, tokenizer=load_tokenizer(cfg.model.name), progress=show, resume=resume)
-        except KeyboardInterrupt:
-            n = checkpointed_records(out_dir)
-            if n is None:
-                raise
-            console.print(f"interrupted; {n:,} records read and cleaned are checkpointed. Continue with: tunewise data prepare {config} --resume")
-            raise typer.Exit(130)
-        if resume:
-            console.print(f"resumed after {resumed[0]:,} records" if resumed else
-                          "[yellow]no checkpoint of these inputs and this data config to resume from: prepared from the beginning[/yellow]")
-        _print_data_summary(prepared)
-
-    _guard(run)
+            prepared = prepare_data(cfg, out_dir, tokenizer=load_tokenizer(cfg.model.name), progress=show, resume=resume)
+    except KeyboardInterrupt:
+        n = checkpointed_records(out_dir)
+        if n is None:
+            raise
+        console.print(f"interrupted; {n:,} records read and cleaned are checkpointed. Continue with: tunewise data prepare {config} --resume")
+        raise typer.Exit(130)
+    if resume:
+        console.print(f"resumed after {resumed[0]:,} records" if resumed else
+                      "[yellow]no checkpoint of these inputs and this data config to resume from: prepared from the beginning[/yellow]")
+    _print_data_summary(prepared)
 
 
 @data_app.command("synth")
+@_stage
 def data_synth(
     config: Path = typer.Argument(..., help="Project config with a rag section (index it first: tunewise kb index)."),
     out: Path = typer.Option(..., "--out", "-o", help="Chat JSONL to write."),
@@ -150,23 +142,19 @@ def data_synth(
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Generate question/answer pairs from knowledge-base chunks; keep those the chunk supports and that retrieve their own chunk."""
-    _quiet_libraries()
     cfg = _load(config, set_)
 
-    def run():
-        from .data.synth import synthesize
+    from .data.synth import synthesize
 
-        with console.status("generating") as status:
-            rep = synthesize(cfg, out, chunks, per_chunk, k, seed, temperature, endpoint, endpoint_model, raft,
-                             progress=lambda d, t: status.update(f"generating: {d}/{t}"))
-        r = rep.as_dict()
-        console.print(f"{r['generated']} pairs from {r['chunks']} chunks: {r['parsed']} parsed ({r['answered_separately']} answered in a second pass), {r['supported']} supported by their chunk, "
-                      f"{r['kept']} retrieve their chunk in the top {k}; pass rate {r['pass_rate']:.1%} -> {out}")
-        console.print(f"rejected: {r['rejected']}", highlight=False)
-        for e in r["examples"][:3]:
-            console.print(f"  e.g. [{e['chunk']}] Q: {e['question']}  A: {e['answer']}", highlight=False)
-
-    _guard(run)
+    with console.status("generating") as status:
+        rep = synthesize(cfg, out, chunks, per_chunk, k, seed, temperature, endpoint, endpoint_model, raft,
+                         progress=lambda d, t: status.update(f"generating: {d}/{t}"))
+    r = rep.as_dict()
+    console.print(f"{r['generated']} pairs from {r['chunks']} chunks: {r['parsed']} parsed ({r['answered_separately']} answered in a second pass), {r['supported']} supported by their chunk, "
+                  f"{r['kept']} retrieve their chunk in the top {k}; pass rate {r['pass_rate']:.1%} -> {out}")
+    console.print(f"rejected: {r['rejected']}", highlight=False)
+    for e in r["examples"][:3]:
+        console.print(f"  e.g. [{e['chunk']}] Q: {e['question']}  A: {e['answer']}", highlight=False)
 
 
 def _print_data_summary(prepared) -> None:
@@ -208,6 +196,7 @@ def _print_data_summary(prepared) -> None:
 
 
 @app.command()
+@_stage
 def train(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
@@ -216,36 +205,33 @@ def train(
     output: Optional[Path] = typer.Option(None, help="Run directory (default: <output_dir>/<project>/train)."),
 ):
     """Fine-tune (LoRA by default) with validation, early stopping and checkpoints. Ctrl-C checkpoints; --resume continues."""
-    _quiet_libraries()
     cfg = _load(config, set_)
 
-    def run():
-        import shutil
+    import shutil
 
-        from .train.loop import train as train_fn
+    from .train.loop import train as train_fn
 
-        out = output or cfg.run_dir / "train"
-        if fresh and out.exists():
-            shutil.rmtree(out)
-        r = train_fn(cfg, out, resume=resume, defaults=True, say=console.print)
-        table = Table(title=f"training {'interrupted' if r.interrupted else 'done'}: {r.out_dir}")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for k in ("steps", "total_steps", "train_loss", "first_val_loss", "best_val_loss", "stopped_early", "tokens_per_s", "peak_memory_mb", "trainable_params", "total_params", "wall_s"):
-            v = getattr(r, k)
-            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-        console.print(table)
-        if r.interrupted:
-            console.print(f"checkpoint saved; continue with: tunewise train {config} --resume")
-            raise typer.Exit(130)
-        for note in r.notes:
-            console.print(f"note: {note}")
-        console.print(f"model: {r.model_dir}")
-
-    _guard(run)
+    out = output or cfg.run_dir / "train"
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    r = train_fn(cfg, out, resume=resume, defaults=True, say=console.print)
+    table = Table(title=f"training {'interrupted' if r.interrupted else 'done'}: {r.out_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in ("steps", "total_steps", "train_loss", "first_val_loss", "best_val_loss", "stopped_early", "tokens_per_s", "peak_memory_mb", "trainable_params", "total_params", "wall_s"):
+        v = getattr(r, k)
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+    if r.interrupted:
+        console.print(f"checkpoint saved; continue with: tunewise train {config} --resume")
+        raise typer.Exit(130)
+    for note in r.notes:
+        console.print(f"note: {note}")
+    console.print(f"model: {r.model_dir}")
 
 
 @app.command()
+@_stage
 def chat(
     config: Optional[Path] = typer.Argument(None, help="Project config; its model and system prompt are used."),
     model: Optional[str] = typer.Option(None, help="Model reference (default: the config's, or the bundled model)."),
@@ -256,72 +242,66 @@ def chat(
     temperature: float = typer.Option(0.0, help="0 = greedy."),
 ):
     """Talk to the base model or a fine-tuned one: one prompt, or an interactive loop."""
-    _quiet_libraries()
     from .models import DEFAULT_MODEL
 
     cfg = _load(config, None) if config else None
     ref = model or (cfg.model.name if cfg else DEFAULT_MODEL)
     system = system if system is not None else (cfg.data.system_prompt if cfg else None)
 
-    def run():
-        from .engine import Engine
+    from .engine import Engine
 
-        with console.status("loading model"):
-            eng = Engine.load(ref, str(adapter) if adapter else None)
-        name = "default" if eng.adapters else None
-        history: list[dict] = [{"role": "system", "content": system}] if system else []
+    with console.status("loading model"):
+        eng = Engine.load(ref, str(adapter) if adapter else None)
+    name = "default" if eng.adapters else None
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
 
-        def answer(text: str) -> str:
-            history.append({"role": "user", "content": text})
-            out = eng.generate([history], max_new_tokens=max_new_tokens, temperature=temperature, adapter=name)[0]
-            history.append({"role": "assistant", "content": out.text})
-            return out.text
+    def answer(text: str) -> str:
+        history.append({"role": "user", "content": text})
+        out = eng.generate([history], max_new_tokens=max_new_tokens, temperature=temperature, adapter=name)[0]
+        history.append({"role": "assistant", "content": out.text})
+        return out.text
 
-        if prompt is not None:
-            console.print(answer(prompt), highlight=False, markup=False)
-            return
-        console.print("[dim]interactive chat; /reset clears history, /exit or Ctrl-D quits[/]")
-        while True:
-            try:
-                text = console.input("[bold green]you>[/] ")
-            except (EOFError, KeyboardInterrupt):
-                break
-            if text.strip() in ("/exit", "/quit"):
-                break
-            if text.strip() == "/reset":
-                del history[1 if system else 0 :]
-                continue
-            if text.strip():
-                console.print(f"[bold blue]model>[/] {answer(text)}", highlight=False)
-
-    _guard(run)
+    if prompt is not None:
+        console.print(answer(prompt), highlight=False, markup=False)
+        return
+    console.print("[dim]interactive chat; /reset clears history, /exit or Ctrl-D quits[/]")
+    while True:
+        try:
+            text = console.input("[bold green]you>[/] ")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            del history[1 if system else 0 :]
+            continue
+        if text.strip():
+            console.print(f"[bold blue]model>[/] {answer(text)}", highlight=False)
 
 
 @app.command("eval")
+@_stage
 def eval_cmd(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
     variant: str = typer.Option("fine-tuned", "--variant", "-v", help="A name from evaluation.variants."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Score one variant on the evaluation split: per-item JSONL and a summary with 95% CIs, latency, cost."""
-    _quiet_libraries()
     cfg = _load(config, set_)
 
-    def run():
-        from .eval.run import evaluate
+    from .eval.run import evaluate
 
-        chosen = next((v for v in cfg.evaluation.variants if v.name == variant), None)
-        if chosen is None:
-            _fail(f"unknown variant {variant!r}; configured: {[v.name for v in cfg.evaluation.variants]}")
-        with console.status(f"evaluating {variant}") as status:
-            s = evaluate(cfg, chosen, progress=lambda msg: status.update(f"evaluating {msg}"))
-        _print_compare({"variants": {variant: s}, "paired_vs_reference": {}, "reference_variant": variant}, cfg)
-        console.print(f"items: {cfg.run_dir / 'eval' / variant / 'items.jsonl'}")
-
-    _guard(run)
+    chosen = next((v for v in cfg.evaluation.variants if v.name == variant), None)
+    if chosen is None:
+        _fail(f"unknown variant {variant!r}; configured: {[v.name for v in cfg.evaluation.variants]}")
+    with console.status(f"evaluating {variant}") as status:
+        s = evaluate(cfg, chosen, progress=lambda msg: status.update(f"evaluating {msg}"))
+    _print_compare({"variants": {variant: s}, "paired_vs_reference": {}, "reference_variant": variant}, cfg)
+    console.print(f"items: {cfg.run_dir / 'eval' / variant / 'items.jsonl'}")
 
 
 @app.command()
+@_stage
 def compare(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
     variants: Optional[list[str]] = typer.Option(None, "--variant", "-v", help="Variants to compare (default: all configured)."),
@@ -332,19 +312,15 @@ def compare(
 
     A variant whose saved result has the same fingerprint (variant, evaluation settings, model, trained
     model, data) is reused, so an interrupted compare goes on where it stopped."""
-    _quiet_libraries()
     cfg = _load(config, set_)
 
-    def run():
-        from .eval.run import compare as compare_fn
+    from .eval.run import compare as compare_fn
 
-        with console.status("comparing") as status:
-            result = compare_fn(cfg, variants, progress=lambda name: status.update(f"evaluating {name}"), reuse=not rerun)
-        _print_compare(result, cfg)
-        console.print(f"results: {cfg.run_dir / 'eval' / 'compare.json'}")
-        console.print(f"[bold]report:[/] {result['report']}")
-
-    _guard(run)
+    with console.status("comparing") as status:
+        result = compare_fn(cfg, variants, progress=lambda name: status.update(f"evaluating {name}"), reuse=not rerun)
+    _print_compare(result, cfg)
+    console.print(f"results: {cfg.run_dir / 'eval' / 'compare.json'}")
+    console.print(f"[bold]report:[/] {result['report']}")
 
 
 EXTRA_METRICS = ("hallucination", "recall@5", "mrr", "citation_precision")  # RAG/grounding, where a variant has them
@@ -381,37 +357,35 @@ def _print_compare(result: dict, cfg) -> None:
 
 
 @kb_app.command("index")
+@_stage
 def kb_index(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml) with a rag section."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Read, chunk, embed (cached by content) and store the knowledge base; build the BM25 index."""
-    _quiet_libraries()
     cfg = _load(config, set_)
 
-    def run():
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from .rag.retrieve import build_index, index_dir_of
+    from .rag.retrieve import build_index, index_dir_of
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as bar:
-            task = bar.add_task("reading and chunking", total=None)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("reading and chunking", total=None)
 
-            def progress(stage, done, total):
-                bar.update(task, description=stage, completed=done, total=total)
+        def progress(stage, done, total):
+            bar.update(task, description=stage, completed=done, total=total)
 
-            m = build_index(cfg, progress)
-        console.print(f"{m['documents']} documents -> {m['chunks']} chunks ({m['embedding_model']}, {m['dim']} dims); "
-                      f"embeddings reused from cache: {m['embedding_cache']['hits']}, computed: {m['embedding_cache']['misses']}; "
-                      f"store: {m['store']} ({m['stored']} chunks); {m['seconds']} s")
-        for b in m["bad_files"]:
-            err.print(f"[yellow]skipped[/] {b['path']}: {b['reason']}", highlight=False)
-        console.print(f"index: {index_dir_of(cfg)}")
-
-    _guard(run)
+        m = build_index(cfg, progress)
+    console.print(f"{m['documents']} documents -> {m['chunks']} chunks ({m['embedding_model']}, {m['dim']} dims); "
+                  f"embeddings reused from cache: {m['embedding_cache']['hits']}, computed: {m['embedding_cache']['misses']}; "
+                  f"store: {m['store']} ({m['stored']} chunks); {m['seconds']} s")
+    for b in m["bad_files"]:
+        err.print(f"[yellow]skipped[/] {b['path']}: {b['reason']}", highlight=False)
+    console.print(f"index: {index_dir_of(cfg)}")
 
 
 @kb_app.command("query")
+@_stage
 def kb_query(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
     question: str = typer.Argument(..., help="What to look up."),
@@ -420,31 +394,28 @@ def kb_query(
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Print the ranked chunks for a question, with their sources and each retriever's rank."""
-    _quiet_libraries()
     cfg = _load(config, set_)
     if mode not in (None, "hybrid", "bm25", "dense"):
         _fail(f"--mode {mode!r}: one of hybrid, bm25, dense")
 
-    def run():
-        from .rag.retrieve import Retriever
+    from .rag.retrieve import Retriever
 
-        r = Retriever(cfg)
-        t0 = time.time()
-        hits = r.search(question, k=k, mode=mode)
-        ms = (time.time() - t0) * 1000
-        table = Table(title=f"{question!r}: {mode or cfg.rag.retrieval}, {ms:.0f} ms")
-        for col in ("#", "score", "bm25", "dense", "source", "text"):
-            table.add_column(col, overflow="fold")
-        for i, h in enumerate(hits, 1):
-            text = h.chunk.text if len(h.chunk.text) <= 160 else h.chunk.text[:157] + "..."
-            table.add_row(str(i), f"{h.score:.4f}", str(h.ranks.get("bm25", "-")), str(h.ranks.get("dense", "-")), h.chunk.citation, text)
-        console.print(table)
-        r.close()
-
-    _guard(run)
+    r = Retriever(cfg)
+    t0 = time.time()
+    hits = r.search(question, k=k, mode=mode)
+    ms = (time.time() - t0) * 1000
+    table = Table(title=f"{question!r}: {mode or cfg.rag.retrieval}, {ms:.0f} ms")
+    for col in ("#", "score", "bm25", "dense", "source", "text"):
+        table.add_column(col, overflow="fold")
+    for i, h in enumerate(hits, 1):
+        text = h.chunk.text if len(h.chunk.text) <= 160 else h.chunk.text[:157] + "..."
+        table.add_row(str(i), f"{h.score:.4f}", str(h.ranks.get("bm25", "-")), str(h.ranks.get("dense", "-")), h.chunk.citation, text)
+    console.print(table)
+    r.close()
 
 
 @kb_app.command("raft")
+@_stage
 def kb_raft(
     config: Path = typer.Argument(..., help="Project config; its training split needs meta.gold_sources."),
     out: Path = typer.Option(..., "--out", "-o", help="Chat JSONL to write (train ft+rag on it with --set data.train=...)."),
@@ -454,83 +425,102 @@ def kb_raft(
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Write RAFT-style training data for ft+rag: each question with retrieved context (gold + distractors), the answer citing the gold chunk."""
-    _quiet_libraries()
     cfg = _load(config, set_)
 
-    def run():
-        from .rag.raft import write_raft
+    from .rag.raft import write_raft
 
-        with console.status("retrieving context for the training split"):
-            counts = write_raft(cfg, out, distractors, p_oracle, seed)
-        console.print(f"{out}: {counts['with_gold'] + counts['without_gold']} examples ({counts['with_gold']} with the gold chunk, "
-                      f"{counts['without_gold']} without); {counts['skipped_no_gold_source']} records skipped (no meta.gold_sources)")
-
-    _guard(run)
+    with console.status("retrieving context for the training split"):
+        counts = write_raft(cfg, out, distractors, p_oracle, seed)
+    console.print(f"{out}: {counts['with_gold'] + counts['without_gold']} examples ({counts['with_gold']} with the gold chunk, "
+                  f"{counts['without_gold']} without); {counts['skipped_no_gold_source']} records skipped (no meta.gold_sources)")
 
 
 @models_app.command("prepare")
+@_stage
 def models_prepare():
     """Convert the bundled GGUF model to a cached safetensors directory (done once; later loads take <1 s)."""
-    _quiet_libraries()
     from .models import DEFAULT_MODEL, bundled_embedding_dir, resolve_model
 
-    def run():
-        with console.status("converting the bundled model (once)"):
-            path = resolve_model(DEFAULT_MODEL)
-        console.print(f"{DEFAULT_MODEL} -> {path}")
-        console.print(f"embedding model -> {bundled_embedding_dir()}")
-
-    _guard(run)
+    with console.status("converting the bundled model (once)"):
+        path = resolve_model(DEFAULT_MODEL)
+    console.print(f"{DEFAULT_MODEL} -> {path}")
+    console.print(f"embedding model -> {bundled_embedding_dir()}")
 
 
 @models_app.command("tiny")
+@_stage
 def models_tiny(out: Path = typer.Argument(..., help="Directory to write the tiny random model to.")):
     """Write a tiny randomly initialised model (2 layers, hidden 64) with the bundled tokenizer, for tests."""
-    _quiet_libraries()
     from .models import tiny_model_dir
 
-    console.print(str(_guard(lambda: tiny_model_dir(out))))
+    console.print(str(tiny_model_dir(out)))
 
 
 @app.command()
+@_stage
 def advise(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml) with its use_case section."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the whole advice as JSON."),
 ):
     """Recommend a route (prompt, RAG, fine-tune, hybrid, pre-train) from the use case, with reasons and estimated costs."""
-    _quiet_libraries()
     cfg = _load(config, set_)
 
-    def run():
-        from .advise.decide import advise as advise_fn
-        from .models import load_tokenizer
+    from .advise.decide import advise as advise_fn
+    from .models import load_tokenizer
 
-        a = advise_fn(cfg, load_tokenizer(cfg.model.name))
-        if as_json:
-            print(json.dumps(a, indent=2, default=str))
-            return
-        console.print(f"[bold]recommended:[/] {a['recommendation']} - {a['recommendation_text']}")
-        t = Table(title=f"routes ({a['hardware']['name']}, {a['hardware']['tflops']:.3f} matmul TFLOP/s measured, "
-                        f"{cfg.use_case.queries_per_day:,} queries/day)")
-        for h in ("route", "points", "$ / 1k queries", "training", "re-training / yr", "first year", "why"):
-            t.add_column(h, overflow="fold")
-        for r in a["ranking"]:
-            c = r["cost"]
-            t.add_row(r["route"], str(r["points"]), f"{c['per_query_usd'] * 1000:.4f}" + (" hosted" if c["hosted"] else ""),
-                      f"${c['training_usd']:.2f} ({c['training_hours'] * 60:.0f} min)" if c["training_hours"] else "-",
-                      f"${c['retraining_usd_per_year']:.2f}", f"${c['first_year_usd']:,.2f}", "\n".join(r["reasons"]))
-        console.print(t)
-        te = a["training_estimate"]
-        console.print(f"training estimate ({te['method']}): {te['steps']} steps, {te['tokens']:,} tokens, {te['flops']:.2e} FLOPs, "
-                      f"{te['hours'] * 60:.1f} min, peak memory {te['memory_gb']:.2f} GB{'' if te['fits'] else ' (does NOT fit)'}")
-        console.print(f"to confirm, measure: {a['ranking'][0]['what_to_measure']} (`tunewise run` does it in order)")
+    a = advise_fn(cfg, load_tokenizer(cfg.model.name))
+    if as_json:
+        print(json.dumps(a, indent=2, default=str))
+        return
+    console.print(f"[bold]recommended:[/] {a['recommendation']} - {a['recommendation_text']}")
+    t = Table(title=f"routes ({a['hardware']['name']}, {a['hardware']['tflops']:.3f} matmul TFLOP/s measured, "
+                    f"{cfg.use_case.queries_per_day:,} queries/day)")
+    for h in ("route", "points", "$ / 1k queries", "training", "re-training / yr", "first year", "why"):
+        t.add_column(h, overflow="fold")
+    for r in a["ranking"]:
+        c = r["cost"]
+        t.add_row(r["route"], str(r["points"]), f"{c['per_query_usd'] * 1000:.4f}" + (" hosted" if c["hosted"] else ""),
+                  f"${c['training_usd']:.2f} ({c['training_hours'] * 60:.0f} min)" if c["training_hours"] else "-",
+                  f"${c['retraining_usd_per_year']:.2f}", f"${c['first_year_usd']:,.2f}", "\n".join(r["reasons"]))
+    console.print(t)
+    te = a["training_estimate"]
+    console.print(f"training estimate ({te['method']}): {te['steps']} steps, {te['tokens']:,} tokens, {te['flops']:.2e} FLOPs, "
+                  f"{te['hours'] * 60:.1f} min, peak memory {te['memory_gb']:.2f} GB{'' if te['fits'] else ' (does NOT fit)'}")
+    console.print(f"to confirm, measure: {a['ranking'][0]['what_to_measure']} (`tunewise run` does it in order)")
 
-    _guard(run)
+
+class _Steps:
+    """A workflow's output: a line per step, and a transient status line for the progress inside one (it closes
+    before the next step, so a step's own display, the training bar, has the screen)."""
+
+    def __init__(self):
+        self.status = None
+
+    def step(self, text: str) -> None:
+        self.close()
+        console.print(f"[bold]>[/] {text}", highlight=False)
+
+    def live(self, text: str) -> None:
+        if self.status is None:
+            self.status = console.status(text)
+            self.status.start()
+        else:
+            self.status.update(text)
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
 
 
 def _run_and_print(fn) -> None:
-    d = fn(lambda stage: console.print(f"[bold]>[/] {stage}"))
+    """fn(step, live) runs a workflow and returns its decision."""
+    out = _Steps()
+    try:
+        d = fn(out.step, out.live)
+    finally:
+        out.close()
     g = d["goal"]
     t = Table(title=f"decision: {g['metric']} >= {g['threshold']:g}")
     for h in ("route", "variant", "validation", "test [95% CI]", "goal", "latency p50 s", "$ / 1k q", "training", "first year"):
@@ -558,64 +548,43 @@ def _run_and_print(fn) -> None:
                       + (f"; ROI {r['roi']:.0f}x at the configured value per correct answer" if r.get("roi") is not None else ""))
     console.print(f"wall time {d['wall_s']:.0f} s")
     console.print(f"[bold]report:[/] {d['report']}")
+    if d.get("gate"):
+        _print_gate(d["gate"])
 
 
 @app.command("run")
+@_stage
 def run_cmd(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml) with goal and use_case."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     all_routes: bool = typer.Option(False, "--all", help="Go on through every route after the goal is met (more evidence, more time)."),
     validation_samples: Optional[int] = typer.Option(200, help="Validation items each variant is scored on while searching (a seeded sample)."),
-    test_samples: Optional[int] = typer.Option(None, help="Test items in the final comparison (default: evaluation.max_samples, else all)."),
+    test_samples: Optional[int] = typer.Option(None, help="Test items in the final comparison, a seeded sample (default: evaluation.max_samples, "
+                                                     "else 1,000: +-0.02 on accuracy; 0: the whole split)."),
     gate_: bool = typer.Option(True, "--gate/--no-gate", help="When the chosen route is a fine-tune, run the promotion gate on it at the end."),
 ):
     """The workflow: prompt baselines -> RAG -> fine-tune -> ft+rag, stopping when the goal is met; then a decision
     report, and the promotion gate when the chosen route is a trained model."""
-    _quiet_libraries()
+    from .pipeline import run_workflow
+
     cfg = _load(config, set_)
-
-    def run():
-        from .pipeline import run_workflow
-
-        ts = test_samples if test_samples is not None else cfg.evaluation.max_samples
-        holder = {}
-
-        def go(p):
-            holder["d"] = run_workflow(cfg, p, all_routes=all_routes, validation_samples=validation_samples, test_samples=ts)
-            return holder["d"]
-
-        _run_and_print(go)
-        d = holder["d"]
-        if gate_ and d["chosen"] in ("fine-tune", "hybrid"):
-            from .config import VariantConfig
-            from .gate import run_gate
-
-            variant = next((v for v in cfg.evaluation.variants if v.name == d["chosen_variant"]), None)
-            candidate = variant.adapter if isinstance(variant, VariantConfig) and variant.adapter else None
-            console.print("[bold]>[/] gate: the chosen fine-tune against production (or base)")
-            with console.status("gate") as status:
-                r = run_gate(cfg, candidate, progress=lambda m: status.update(m))
-            _print_gate(r)
-
-    _guard(run)
+    _run_and_print(lambda step, live: run_workflow(cfg, step, all_routes=all_routes, validation_samples=validation_samples,
+                                                   test_samples=test_samples, gate=gate_, live=live))
 
 
 @app.command()
+@_stage
 def demo(
     config: Path = typer.Argument(Path("examples/support-intents/tunewise.yaml"), help="Example project."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """`tunewise run` on the example with every route measured, sized for a CPU: 200 validation and 200 test items, one
     variant of each kind (base, few-shot, fine-tuned), 4 minutes of training."""
-    _quiet_libraries()
     cfg = _load(config, set_)
 
-    def run():
-        from .pipeline import demo as demo_fn
+    from .pipeline import demo as demo_fn
 
-        _run_and_print(lambda p: demo_fn(cfg, p))
-
-    _guard(run)
+    _run_and_print(lambda step, live: demo_fn(cfg, step, live))
 
 
 def _print_gate(r: dict) -> None:
@@ -637,6 +606,7 @@ def _print_gate(r: dict) -> None:
 
 
 @app.command()
+@_stage
 def gate(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
     candidate: Optional[Path] = typer.Option(None, help="Trained output directory to judge (default: <run>/train/model)."),
@@ -646,19 +616,15 @@ def gate(
     """Promotion gate: task metric (paired test), AdvBench refusal, XSTest over-refusal and MMLU forgetting,
     candidate vs the production model (or the base); registers the candidate and promotes it only if it passes.
     Exit code 1 when blocked."""
-    _quiet_libraries()
     cfg = _load(config, set_)
 
-    def run():
-        from .gate import run_gate
+    from .gate import run_gate
 
-        with console.status("gate") as status:
-            r = run_gate(cfg, candidate, force=force, progress=lambda m: status.update(m))
-        _print_gate(r)
-        if r["action"] == "blocked":
-            raise typer.Exit(1)
-
-    _guard(run)
+    with console.status("gate") as status:
+        r = run_gate(cfg, candidate, force=force, progress=lambda m: status.update(m))
+    _print_gate(r)
+    if r["action"] == "blocked":
+        raise typer.Exit(1)
 
 
 def _registry(cfg):
@@ -668,77 +634,70 @@ def _registry(cfg):
 
 
 @models_app.command("list")
+@_stage
 def models_list(config: Path = typer.Argument(..., help="Project config (its output_dir holds the registry).")):
     """Registered models: version, base model, kind, production marker, last gate verdict."""
-    def run():
-        reg = _registry(_load(config, None))
-        t = Table(title=f"registry {reg.path}")
-        for h in ("model", "base model", "kind", "created", "production", "last gate"):
-            t.add_column(h)
-        prods = {}
-        for m in reg.models():
-            if m.name not in prods:
-                p = reg.production(m.name)
-                prods[m.name] = p.id if p else None
-            last = reg.last_gate(m.id)
-            verdict = "-" if last is None else ("pass" if all(c["passed"] for c in last) else "fail: " + ", ".join(c["check"].split(":")[0] for c in last if not c["passed"]))
-            t.add_row(m.ref, m.base_model, "adapter" if m.adapter else "full", time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created)),
-                      "*" if prods[m.name] == m.id else "", verdict)
-        console.print(t)
-
-    _guard(run)
+    reg = _registry(_load(config, None))
+    t = Table(title=f"registry {reg.path}")
+    for h in ("model", "base model", "kind", "created", "production", "last gate"):
+        t.add_column(h)
+    prods = {}
+    for m in reg.models():
+        if m.name not in prods:
+            p = reg.production(m.name)
+            prods[m.name] = p.id if p else None
+        last = reg.last_gate(m.id)
+        verdict = "-" if last is None else ("pass" if all(c["passed"] for c in last) else "fail: " + ", ".join(c["check"].split(":")[0] for c in last if not c["passed"]))
+        t.add_row(m.ref, m.base_model, "adapter" if m.adapter else "full", time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created)),
+                  "*" if prods[m.name] == m.id else "", verdict)
+    console.print(t)
 
 
 @models_app.command("show")
+@_stage
 def models_show(config: Path = typer.Argument(..., help="Project config."),
                 ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME:production.")):
     """One model's record: path, lineage (base model, training run, dataset hashes), evaluations, promotion history."""
-    def run():
-        reg = _registry(_load(config, None))
-        m = reg.get(ref)
-        console.print_json(json.dumps({**m.as_dict(), "evaluations": [{k: e[k] for k in ("suite", "created")} | {"checks": e["metrics"].get("checks")}
-                                                                        for e in reg.evaluations(m.id)],
-                                       "promotions": [p for p in reg.promotions(m.name) if p["ref"] == m.ref]}, default=str))
-
-    _guard(run)
+    reg = _registry(_load(config, None))
+    m = reg.get(ref)
+    console.print_json(json.dumps({**m.as_dict(), "evaluations": [{k: e[k] for k in ("suite", "created")} | {"checks": e["metrics"].get("checks")}
+                                                                    for e in reg.evaluations(m.id)],
+                                   "promotions": [p for p in reg.promotions(m.name) if p["ref"] == m.ref]}, default=str))
 
 
 @models_app.command("promote")
+@_stage
 def models_promote(config: Path = typer.Argument(..., help="Project config."),
                    ref: str = typer.Argument(..., help="NAME:VERSION to make production."),
                    force: bool = typer.Option(False, "--force", help="Promote without a passing gate verdict (recorded as forced).")):
     """Make a registered model production. Needs its last gate verdict to be a pass, or --force."""
-    def run():
-        from .registry import RegistryError
+    from .registry import RegistryError
 
-        reg = _registry(_load(config, None))
-        m = reg.get(ref)
-        checks = reg.last_gate(m.id)
-        passed = checks is not None and all(c["passed"] for c in checks)
-        if not passed and not force:
-            raise RegistryError(f"{m.ref} has {'no gate verdict' if checks is None else 'a failing gate verdict'}; run `tunewise gate` or pass --force")
-        reg.promote(m.id, {"manual": True, "gate_passed": passed}, forced=not passed)
-        console.print(f"production: {m.ref}" + (" (forced)" if not passed else ""))
-
-    _guard(run)
+    reg = _registry(_load(config, None))
+    m = reg.get(ref)
+    checks = reg.last_gate(m.id)
+    passed = checks is not None and all(c["passed"] for c in checks)
+    if not passed and not force:
+        raise RegistryError(f"{m.ref} has {'no gate verdict' if checks is None else 'a failing gate verdict'}; run `tunewise gate` or pass --force")
+    reg.promote(m.id, {"manual": True, "gate_passed": passed}, forced=not passed)
+    console.print(f"production: {m.ref}" + (" (forced)" if not passed else ""))
 
 
 @models_app.command("rollback")
+@_stage
 def models_rollback(config: Path = typer.Argument(..., help="Project config."),
                     name: Optional[str] = typer.Argument(None, help="Model name (default: gate.name or the project).")):
     """Production goes back to the model that was production before the current one."""
-    def run():
-        cfg = _load(config, None)
-        reg = _registry(cfg)
-        n = name or cfg.gate.name or cfg.project
-        before = reg.production(n)
-        m = reg.rollback(n)
-        console.print(f"production: {m.ref} (was {before.ref if before else None})")
-
-    _guard(run)
+    cfg = _load(config, None)
+    reg = _registry(cfg)
+    n = name or cfg.gate.name or cfg.project
+    before = reg.production(n)
+    m = reg.rollback(n)
+    console.print(f"production: {m.ref} (was {before.ref if before else None})")
 
 
 @app.command()
+@_stage
 def serve(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml): its model, registry, knowledge base and `serve` section."),
     host: Optional[str] = typer.Option(None, help="Override serve.host."),
@@ -747,7 +706,6 @@ def serve(
 ):
     """OpenAI-compatible server: /v1/chat/completions (streaming too), /v1/completions, /v1/embeddings, /v1/models, /health.
     `model` picks base, production, NAME:VERSION from the registry, or any of them +kb for RAG with citations."""
-    _quiet_libraries()
     cfg = _load(config, set_)
     import logging
 
@@ -765,6 +723,7 @@ def serve(
 
 
 @app.command()
+@_stage
 def export(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
     ref: str = typer.Argument("production", help="Registry model (NAME:VERSION, NAME:production, production) or a trained output directory."),
@@ -773,24 +732,20 @@ def export(
     adapter: bool = typer.Option(True, help="Write adapter/: the PEFT adapter for vLLM's --enable-lora."),
 ):
     """Export a model for vLLM: the PEFT adapter and/or merged safetensors weights, and the exact `vllm serve` command."""
-    _quiet_libraries()
     cfg = _load(config, None)
 
-    def run():
-        from .serve.export import export_model
+    from .serve.export import export_model
 
-        if Path(ref).is_dir():
-            src, name = Path(ref), Path(ref).name
-        else:
-            reg = _registry(cfg)
-            m = reg.get(f"{cfg.gate.name or cfg.project}:production" if ref == "production" else ref)
-            src, name = Path(m.path), m.ref
-        done = export_model(src, out, name, merge=merge, adapter=adapter)
-        for k, v in done["commands"].items():
-            console.print(f"[bold]{k}:[/] {v}")
-        console.print(f"written: {out}/ (serve.sh, export.json)")
-
-    _guard(run)
+    if Path(ref).is_dir():
+        src, name = Path(ref), Path(ref).name
+    else:
+        reg = _registry(cfg)
+        m = reg.get(f"{cfg.gate.name or cfg.project}:production" if ref == "production" else ref)
+        src, name = Path(m.path), m.ref
+    done = export_model(src, out, name, merge=merge, adapter=adapter)
+    for k, v in done["commands"].items():
+        console.print(f"[bold]{k}:[/] {v}")
+    console.print(f"written: {out}/ (serve.sh, export.json)")
 
 
 def main():  # pragma: no cover

@@ -13,8 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .errors import TunewiseError
 
-class ConfigError(ValueError):
+
+class ConfigError(TunewiseError, ValueError):
     """A config file that cannot be used; the message names the file and the key."""
 
 
@@ -339,6 +341,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"override {item!r}: {p} is not a section")
         node[parts[-1]] = yaml.safe_load(value)
     return raw
+
+
+def replace(cfg: ProjectConfig, section: str, **values) -> ProjectConfig:
+    """A copy of cfg with `values` set in one section. A loaded config is only read: a stage that needs other
+    settings (the validation split, filled-in defaults) works on a copy made here."""
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ProjectConfig:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .errors import TunewiseError
 from .models import Loaded, load_model
 
 
@@ -42,7 +43,7 @@ def _depth(node: dict) -> int:
     return max((1 + _depth(child) for t, child in node.items() if t is not None), default=0)
 
 
-class ChoiceError(ValueError):
+class ChoiceError(TunewiseError, ValueError):
     """A choice list the engine cannot enforce (empty, too large, an empty or non-string choice)."""
 
 

@@ -21,6 +21,7 @@ import json
 import time
 from pathlib import Path
 
+from .errors import TunewiseError
 from .config import ProjectConfig, VariantConfig
 from .engine import model_ref_of
 from .eval import suites
@@ -30,7 +31,7 @@ from .registry import Registry, dir_sha256, registry_path
 from .util import atomic_write_json, sha256_text, write_jsonl
 
 
-class GateError(RuntimeError):
+class GateError(TunewiseError, RuntimeError):
     pass
 
 

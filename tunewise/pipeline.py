@@ -1,7 +1,7 @@
 """`tunewise run`: the seed workflow, stopping as soon as the goal is met, then a decision report.
 
 Routes in the design's order (cheapest first): prompt (the configured base and few-shot variants) ->
-rag (when a knowledge base is configured) -> fine-tune (LoRA with automatic defaults) -> hybrid (ft+rag).
+rag (when a knowledge base is configured) -> fine-tune (training settings from train/defaults.py) -> hybrid (ft+rag).
 Each route's variants are scored on the validation split; the first route whose best variant reaches
 goal.threshold on goal.metric ends the search. The variants tried are then compared on the test split,
 and the decision (lowest first-year cost among routes that met the goal) is written with its evidence.
@@ -12,12 +12,10 @@ fingerprint, training by a key over the training config, data and model. `steps.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
-from pathlib import Path
 
-from .config import ProjectConfig, VariantConfig
+from .config import ProjectConfig, VariantConfig, replace
 from .data.prepare import ensure_prepared
 from .eval.run import EvalError, compare, evaluate, Engines
 from .models import load_tokenizer
@@ -29,11 +27,9 @@ DEFAULT_VARIANTS = {"prompt": [VariantConfig(name="base", kind="base"), VariantC
                     "rag": [VariantConfig(name="rag", kind="rag")], "fine-tune": [VariantConfig(name="fine-tuned", kind="fine-tuned")],
                     "hybrid": [VariantConfig(name="ft+rag", kind="ft+rag")]}
 
-# `tunewise demo` / `make demo`: sized so the whole run fits in ~10 minutes on a 2-core CPU.
-# Sized for `make demo` on a 2-core CPU in under 10 minutes: 200 validation items give the prompt routes
-# a usable estimate (+-0.05), one variant of each kind (the example's extra zero-shot variant is left out).
-# The demo: every route measured (base, few-shot, a fine-tune trained inside the demo), sized so that
-# `make demo` fits in about 10 minutes on a 2-core CPU; the training budget holds (training.max_minutes).
+# The demo: every route measured (base, few-shot, a fine-tune trained inside the demo), sized so that `make demo`
+# fits in about 10 minutes on a 2-core CPU: 200 validation items give the prompt routes a usable estimate (+-0.05);
+# the training budget holds (training.max_minutes).
 DEMO = {"validation_samples": 200, "test_samples": 200, "training": {"max_minutes": 4.0, "eval_samples": 64}}
 
 
@@ -77,9 +73,21 @@ def _value(summary: dict, metric: str) -> float | None:
     return None if m is None else m["mean"]
 
 
+TEST_SAMPLES = 1000  # the final comparison's default sample: +-0.02 on an accuracy near 0.85 (95% CI), minutes not hours
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, validation_samples: int | None = 200,
-                 test_samples: int | None = None) -> dict:
-    """The workflow; returns the decision dict (also written to <run>/run/decision.json and report.html)."""
+                 test_samples: int | None = None, gate: bool = True, live=None) -> dict:
+    """The workflow; returns the decision dict (also written to <run>/run/decision.json and report.html).
+
+    progress(text): one line per step (the plan, each evaluation's measured rate and what the test step will
+    take). live(text): transient updates inside a step (items done, rate, time left). test_samples: None is
+    evaluation.max_samples or TEST_SAMPLES, 0 the whole split. gate: when the chosen route is a trained model,
+    the promotion gate judges it (decision["gate"])."""
     from .advise.decide import advise
     from .train.defaults import auto_training, is_labelled
 
@@ -89,7 +97,9 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
     if goal.threshold is None:
         raise EvalError("goal.threshold is not set: tunewise run needs a target (e.g. goal: {metric: accuracy, threshold: 0.85})")
     if goal.metric not in cfg.evaluation.metrics:
-        cfg.evaluation.metrics = list(cfg.evaluation.metrics) + [goal.metric]
+        cfg = replace(cfg, "evaluation", metrics=[*cfg.evaluation.metrics, goal.metric])
+    if test_samples is None:
+        test_samples = cfg.evaluation.max_samples or TEST_SAMPLES
     out = cfg.run_dir / "run"
     out.mkdir(parents=True, exist_ok=True)
     journal: dict = {"steps": []}
@@ -97,6 +107,9 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
     def step(name: str, **info):
         journal["steps"].append({"step": name, "at_s": round(time.time() - t0, 1), **info})
         atomic_write_json(out / "steps.json", journal)
+
+    def for_split(c: ProjectConfig, split: str, samples: int | None) -> ProjectConfig:
+        return replace(c, "evaluation", split=split, max_samples=samples or None)
 
     tok = load_tokenizer(cfg.model.name)
     progress("preparing data")
@@ -106,13 +119,15 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
     before = advise(cfg, tok)
     step("advise", recommendation=before["recommendation"])
 
-    val_cfg = copy.deepcopy(cfg)
-    val_cfg.evaluation.split = "validation"
-    val_cfg.evaluation.max_samples = validation_samples
-    test_cfg = copy.deepcopy(cfg)
-    test_cfg.evaluation.max_samples = test_samples
-    engines = Engines(val_cfg)
     routes = route_variants(cfg)
+    n_val = min(validation_samples or 10**12, len(prepared.splits["validation"]))
+    n_test = min(test_samples or 10**12, len(prepared.splits[cfg.evaluation.split]))
+    order = " -> ".join(f"{r} ({', '.join(v.name for v in routes[r])})" for r in ROUTE_ORDER if routes[r])
+    progress(f"plan: {order}, {'every route' if all_routes else 'until one meets the goal'}; each variant on {n_val:,} validation "
+             f"items, then the variants tried on {n_test:,} of {len(prepared.splits[cfg.evaluation.split]):,} "
+             f"{cfg.evaluation.split} items (--test-samples)")
+    val_cfg = for_split(cfg, "validation", validation_samples)
+    engines = Engines(val_cfg)
     tried: list[tuple[str, VariantConfig]] = []
     validation: dict[str, dict] = {}
     met_at = None
@@ -122,17 +137,19 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
             step(route, skipped="no knowledge base configured (rag.knowledge_base)")
             continue
         if route == "fine-tune" or (route == "hybrid" and training is None):
-            facts = before["facts"]
-            notes = auto_training(cfg, facts["examples"], facts["mean_tokens"], before["model"]["params"], facts.get("answer_tokens"),
-                                  before["model"].get("layers"), is_labelled(prepared.splits["train"]))
-            val_cfg.training = test_cfg.training = cfg.training
+            facts = before["facts"]  # the training split's size, not the raw file's (advise reads that)
+            cfg, notes = auto_training(cfg, len(prepared.splits["train"]), facts["mean_tokens"], before["model"]["params"], facts.get("answer_tokens"),
+                                       before["model"].get("layers"), is_labelled(prepared.splits["train"]))
+            val_cfg = val_cfg.model_copy(update={"training": cfg.training})
             training = _ensure_trained(cfg, prepared, journal, progress)
             step("train", defaults=notes, steps=training.get("steps"), wall_s=training.get("wall_s"), reused=training.get("reused"))
         for v in routes[route]:
             progress(f"{route}: {v.name} on the validation split")
-            s = evaluate(val_cfg, v, engines, out / "validation", prepared, reuse=True)
+            s = evaluate(val_cfg, v, engines, out / "validation", prepared, reuse=True, progress=live)
             validation[v.name] = s
             tried.append((route, v))
+            if not s.get("reused"):
+                progress(f"  {v.name}: {s['items_per_s']:.2f} items/s; on {n_test:,} test items about {_minutes(n_test / s['items_per_s'])}")
             step(f"validate {v.name}", route=route, value=_value(s, goal.metric), reused=bool(s.get("reused")))
         best = max(_value(validation[v.name], goal.metric) or 0.0 for v in routes[route])
         if best >= goal.threshold and met_at is None:
@@ -141,9 +158,10 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
             if not all_routes:
                 break
 
-    progress("final comparison on the test split")
-    test_cfg.evaluation.variants = [v for _, v in tried]
-    final = compare(test_cfg, out_root=out / "test", progress=lambda name: progress(f"test: {name}"))
+    eta = sum(n_test / validation[v.name]["items_per_s"] for _, v in tried)
+    progress(f"final comparison on the test split: {n_test:,} items x {len(tried)} variants, about {_minutes(eta)} at the validation rates")
+    test_cfg = replace(for_split(cfg, cfg.evaluation.split, test_samples), "evaluation", variants=[v for _, v in tried])
+    final = compare(test_cfg, out_root=out / "test", progress=live)
     step("test compare", variants=[v.name for _, v in tried])
     decision = decide(cfg, before, tried, validation, final, training, met_at)
     decision["wall_s"] = round(time.time() - t0, 1)
@@ -153,6 +171,12 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
 
     decision["report"] = str(decision_report(decision, out / "report.html"))
     decision["compare_report"] = final["report"]
+    if gate and decision["chosen"] in ("fine-tune", "hybrid"):
+        from .gate import run_gate
+
+        variant = next(v for _, v in tried if v.name == decision["chosen_variant"])
+        progress("gate: the chosen fine-tune against production (or the base)")
+        decision["gate"] = run_gate(cfg, cfg.path(variant.adapter) if variant.adapter else None, progress=live)
     atomic_write_json(out / "decision.json", decision)
     return decision
 
@@ -229,14 +253,21 @@ def _why(chosen: dict, beaten: list[dict], goal) -> str:
     return "; ".join(parts) + "."
 
 
-def demo(cfg: ProjectConfig, progress=None) -> dict:
-    """`tunewise run` on the example with every route measured (all_routes), so the decision table holds
-    base, few-shot and the fine-tune; training keys the config or --set gives win over the demo's."""
-    for key, value in DEMO["training"].items():
-        if key not in cfg.training.model_fields_set and not (key == "max_minutes" and cfg.training.max_steps):
-            setattr(cfg.training, key, value)
-    cfg.evaluation.perplexity = False  # its forward pass does not use the engine's prefix cache: minutes on long prompts
-    seen = set()
-    cfg.evaluation.variants = [v for v in cfg.evaluation.variants if not (v.kind in seen or seen.add(v.kind))]
-    return run_workflow(cfg, progress, all_routes=True, validation_samples=DEMO["validation_samples"], test_samples=DEMO["test_samples"])
+def demo_config(cfg: ProjectConfig) -> ProjectConfig:
+    """The example's config as the demo runs it: the demo's training budget and evaluation sizes fill only
+    keys the config (or --set) does not give; one variant of each kind (the example's extra zero-shot variant is
+    left out)."""
+    t = {k: v for k, v in DEMO["training"].items()
+         if k not in cfg.training.model_fields_set and not (k == "max_minutes" and cfg.training.max_steps)}
+    cfg = replace(cfg, "training", **t)
+    if "perplexity" not in cfg.evaluation.model_fields_set:  # its forward pass does not use the engine's prefix cache
+        cfg = replace(cfg, "evaluation", perplexity=False)
+    seen: set[str] = set()
+    return replace(cfg, "evaluation", variants=[v for v in cfg.evaluation.variants if not (v.kind in seen or seen.add(v.kind))])
 
+
+def demo(cfg: ProjectConfig, progress=None, live=None) -> dict:
+    """`tunewise run` on the example with every route measured (all_routes), so the decision table holds
+    base, few-shot and the fine-tune."""
+    return run_workflow(demo_config(cfg), progress, all_routes=True, validation_samples=DEMO["validation_samples"],
+                        test_samples=DEMO["test_samples"], live=live)

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import TunewiseError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (
   hash TEXT PRIMARY KEY, path TEXT, records INTEGER, created REAL NOT NULL);
@@ -42,7 +44,7 @@ CREATE TABLE IF NOT EXISTS promotions (
 """
 
 
-class RegistryError(RuntimeError):
+class RegistryError(TunewiseError, RuntimeError):
     pass
 
 

@@ -86,3 +86,13 @@ def fsync_dir(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def rate_and_eta(done: int, total: int, elapsed_s: float, unit: str = "items") -> str:
+    """', 3.1 items/s, about 2 min left' for a progress line (empty before anything is done)."""
+    if done <= 0 or elapsed_s <= 0:
+        return ""
+    rate = done / elapsed_s
+    left = (total - done) / rate
+    when = f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min"
+    return f", {rate:.2f} {unit}/s, about {when} left" if done < total else f", {rate:.2f} {unit}/s"

@@ -13,10 +13,11 @@ import re
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..errors import TunewiseError
 from .records import BadRecord, Record, validate_messages
 
 
-class FormatError(ValueError):
+class FormatError(TunewiseError, ValueError):
     pass
 
 

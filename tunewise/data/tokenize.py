@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import TunewiseError
+
 IGNORE = -100
 
 
-class TemplateError(ValueError):
+class TemplateError(TunewiseError, ValueError):
     pass
 
 

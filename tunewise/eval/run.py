@@ -13,18 +13,19 @@ import random
 import time
 from pathlib import Path
 
+from ..errors import TunewiseError
 from ..config import ProjectConfig, VariantConfig
 from ..data.prepare import Prepared, ensure_prepared
 from ..data.records import Record
 from ..data.split import sample_records
 from ..engine import Engine, model_ref_of
 from ..models import load_tokenizer
-from ..util import atomic_write_json, sha256_file, sha256_text, write_jsonl
+from ..util import atomic_write_json, rate_and_eta, sha256_file, sha256_text, write_jsonl
 from .metrics import score
 from .stats import bootstrap_ci, paired_test, percentile
 
 
-class EvalError(RuntimeError):
+class EvalError(TunewiseError, RuntimeError):
     pass
 
 
@@ -178,8 +179,12 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
 
     t0 = time.time()
     labels = label_set(cfg, prepared)
+    on_batch = None
+    if progress:
+        def on_batch(done: int, total: int) -> None:
+            progress(f"{variant.name}: {done:,}/{total:,} items" + rate_and_eta(done, total, time.time() - t0))
     outs = eng.generate(convs, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, adapter=adapter, choices=labels,
-                        on_batch=(lambda done, total: progress(f"{variant.name}: {done}/{total} items")) if progress else None)
+                        on_batch=on_batch)
     wall = time.time() - t0 + retrieval_s
     if rag:
         from ..rag.answer import strip_citations

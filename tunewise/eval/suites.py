@@ -19,6 +19,7 @@ import re
 import time
 from pathlib import Path
 
+from ..util import rate_and_eta
 from .stats import bootstrap_ci
 
 DATA = Path(__file__).parent / "suite_data"
@@ -91,7 +92,7 @@ def refusal_suite(engine, adapter: str | None, prompts: list[str], name: str, ma
     convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}] for p in prompts]
     t0 = time.time()
     outs = engine.generate(convs, max_new_tokens=max_new_tokens, batch_size=batch_size, adapter=adapter,
-                           on_batch=(lambda d, t: progress(f"{name}: {d}/{t}")) if progress else None)
+                           on_batch=(lambda d, t: progress(f"{name}: {d}/{t}" + rate_and_eta(d, t, time.time() - t0))) if progress else None)
     flags = [is_refusal(o.text) for o in outs]
     rows = [{"prompt": p, "response": o.text, "refused": f} for p, o, f in zip(prompts, outs, flags)]
     return {"suite": name, "refusal_rate": bootstrap_ci([float(f) for f in flags]).as_dict(), "items": len(rows),

@@ -16,10 +16,12 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import TunewiseError
+
 DEFAULT_EMBEDDING = "bundled:all-minilm-l6-v2"
 
 
-class EmbeddingError(RuntimeError):
+class EmbeddingError(TunewiseError, RuntimeError):
     pass
 
 

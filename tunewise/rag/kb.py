@@ -20,6 +20,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..errors import TunewiseError
+
 TEXT_SUFFIXES = {".md", ".markdown", ".txt", ".text", ".rst"}
 HTML_SUFFIXES = {".html", ".htm"}
 ROW_SUFFIXES = {".json", ".jsonl", ".csv"}
@@ -68,7 +70,7 @@ class BadFile:
     reason: str
 
 
-class KBError(ValueError):
+class KBError(TunewiseError, ValueError):
     pass
 
 

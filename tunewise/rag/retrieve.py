@@ -7,13 +7,11 @@ embeddings.sqlite (the content-hash cache), vectors.sqlite (the embedded store) 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from ..util import atomic_write_json, write_jsonl
 from .embed import Embedder

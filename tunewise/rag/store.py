@@ -17,10 +17,11 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import TunewiseError
 from .kb import Chunk
 
 
-class StoreError(RuntimeError):
+class StoreError(TunewiseError, RuntimeError):
     pass
 
 

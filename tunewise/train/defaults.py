@@ -29,17 +29,22 @@ CLASSIFICATION_MAX_ANSWER_TOKENS = 16  # answers this short (a label) make a clo
 
 
 def auto_training(cfg, examples: int, mean_tokens: float, params: int, answer_tokens: float | None = None,
-                  n_layers: int | None = None, labelled: bool = False) -> list[str]:
-    """Fill the training keys the user did not set; return one note per key (its value and why)."""
+                  n_layers: int | None = None, labelled: bool = False):
+    """The config with the training keys the user did not set filled in (a copy: cfg is not changed), and one
+    note per key (its value and why)."""
     t = cfg.training
     given = t.model_fields_set
+    chosen: dict = {}
     notes = []
+
+    def now(key):
+        return chosen.get(key, getattr(t, key))
 
     def choose(key, value, why):
         if key in given:
             notes.append(f"{key}={getattr(t, key)} (from the config)")
             return
-        setattr(t, key, value)
+        chosen[key] = value
         notes.append(f"{key}={value} ({why})")
 
     closed = (labelled or cfg.use_case.task == "classification") and answer_tokens is not None \
@@ -47,15 +52,16 @@ def auto_training(cfg, examples: int, mean_tokens: float, params: int, answer_to
     if closed and params < 1e9 and n_layers:
         choose("method", "freeze", f"short closed-set answers (~{answer_tokens:.0f} tokens) on a {params / 1e6:.0f}M model: "
                                    "the last layers learn the labels; no backward through the rest")
-    if t.method == "freeze" and n_layers:
+    method = now("method")
+    if method == "freeze" and n_layers:
         choose("trainable_layers", max(1, round(0.2 * n_layers)), f"the last 20% of {n_layers} layers")
-    if t.method in ("lora", "dora"):
-        choose("learning_rate", 1e-3 if params < 5e8 else 2e-4, f"{t.method} on a {params / 1e6:.0f}M-parameter model")
+    if method in ("lora", "dora"):
+        choose("learning_rate", 1e-3 if params < 5e8 else 2e-4, f"{method} on a {params / 1e6:.0f}M-parameter model")
         if "lora" not in given:
             r = 8 if examples < 1000 else 16 if examples < 20_000 else 32
-            t.lora.r, t.lora.alpha = r, 2 * r
+            chosen["lora"] = t.lora.model_copy(update={"r": r, "alpha": 2 * r})
             notes.append(f"lora.r={r}, lora.alpha={2 * r} ({examples:,} examples)")
-    elif t.method == "full":
+    elif method == "full":
         choose("learning_rate", 2e-5 if params < 1e9 else 1e-5, "full fine-tuning")
     else:
         choose("learning_rate", 1e-3, "freeze on a short budget: 1e-3 beat 5e-4 (0.877 vs 0.834 on BANKING77 in 10 min)")
@@ -70,7 +76,7 @@ def auto_training(cfg, examples: int, mean_tokens: float, params: int, answer_to
     hours = cfg.use_case.max_training_hours
     if hours and "max_minutes" not in given:
         choose("max_minutes", round(hours * 60, 2), f"use_case.max_training_hours={hours:g}; planned from the measured step time")
-    return notes
+    return cfg.model_copy(update={"training": t.model_copy(update=chosen)}), notes
 
 
 def is_labelled(records) -> bool:

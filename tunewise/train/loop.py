@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from ..errors import TunewiseError
 from ..config import ProjectConfig
 from ..data.prepare import ensure_prepared
 from ..data.tokenize import IGNORE, batch_order, collate, tokenize_records
@@ -39,7 +39,7 @@ from .layout import make_layout, shared_prefix
 from .methods import apply_method, count_params, decoder_layers, is_adapter
 
 
-class TrainError(RuntimeError):
+class TrainError(TunewiseError, RuntimeError):
     pass
 
 
@@ -266,7 +266,7 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
         from .defaults import auto_training, data_facts
 
         f = data_facts(prepared.splits["train"], train_ex)
-        default_notes = auto_training(cfg, f["examples"], f["mean_tokens"], loaded.model.num_parameters(), f["answer_tokens"],
+        cfg, default_notes = auto_training(cfg, f["examples"], f["mean_tokens"], loaded.model.num_parameters(), f["answer_tokens"],
                                       len(decoder_layers(loaded.model)), f["labelled"])
         t = cfg.training
         if say:
