@@ -115,3 +115,59 @@ def test_models_list_starts_without_torch(tmp_path):
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tunewise.yaml")], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_init_then_prepare_as_is_on_csv_jsonl_and_parquet(tmp_path):
+    """The newcomer's path: `init --data FILE` on each kind of file, then `data prepare` with the config as written."""
+    import csv
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.conftest import banking_rows
+
+    rows = list(csv.DictReader(io.StringIO(banking_rows(60))))
+    (tmp_path / "tickets.csv").write_text(banking_rows(60))
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["text"]},
+                                                                          {"role": "assistant", "content": r["category"]}]}) + "\n"
+                                                 for r in rows))
+    pq.write_table(pa.table({"question": [r["text"] for r in rows], "intent": [r["category"] for r in rows]}), tmp_path / "t.parquet")
+    for i, name in enumerate(("tickets.csv", "chat.jsonl", "t.parquet")):
+        cfg = tmp_path / f"c{i}.yaml"
+        r = runner.invoke(app, ["init", str(cfg), "--data", name])
+        assert r.exit_code == 0, r.output
+        r = runner.invoke(app, ["data", "prepare", str(cfg), "--set", "data.clean.near_dedup=false"])
+        assert r.exit_code == 0, (name, r.output)
+        summary = json.loads((tmp_path / "runs" / "tunewise-project" / "data" / "summary.json").read_text())
+        assert summary["read"]["kept"] == 60 and summary["read"]["quarantined"] == 0, name
+
+
+def test_prepare_that_keeps_nothing_fails_with_a_hint(tmp_path):
+    """A CSV read as chat JSONL: every line is malformed JSON. The prepare writes its quarantine and exits non-zero,
+    saying the file looks like CSV; a file that mostly parses goes on as before."""
+    from tests.conftest import banking_rows
+
+    (tmp_path / "tickets.csv").write_text(banking_rows(30))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'runs'}\ndata: {{format: openai, train: tickets.csv}}\n")
+    r = runner.invoke(app, ["data", "prepare", str(cfg)])
+    assert r.exit_code == 2, r.output
+    out = " ".join(r.output.split())
+    assert "no record was kept" in out and "malformed JSON" in out and "Is data.format right?" in out, out
+    assert "looks like CSV (data.format: csv)" in out, out
+    quarantine = tmp_path / "runs" / "tunewise-project" / "data" / "quarantine.jsonl"
+    assert len(quarantine.read_text().splitlines()) == 31  # the header too: nothing lost
+
+    cfg.write_text(f"output_dir: {tmp_path / 'runs'}\ndata: {{format: csv, train: tickets.csv, columns: {{user: txt, assistant: category}}}}\n")
+    r = runner.invoke(app, ["data", "prepare", str(cfg)])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and "column(s) ['txt'] not found; the file has ['text', 'category']" in out, out  # told before reading
+
+    good = tmp_path / "g.jsonl"
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"question {i} about my card"}, {"role": "assistant", "content": "ok"}]})
+             for i in range(20)]
+    good.write_text("\n".join(lines[:18] + ["{not json", "{\"messages\": 3}"]) + "\n")
+    cfg.write_text(f"output_dir: {tmp_path / 'runs'}\ndata: {{format: openai, train: g.jsonl, clean: {{near_dedup: false}}}}\n")
+    r = runner.invoke(app, ["data", "prepare", str(cfg)])
+    assert r.exit_code == 0, r.output  # 2 of 20 bad: reported and kept aside, the rest goes on

@@ -69,7 +69,7 @@ def test_compare_three_variants_on_tiny_model(tiny_project, tmp_path):
     # The fine-tuned variant really runs the adapter: same outputs as the engine loaded with it.
     from tunewise.engine import Engine
     from tunewise.eval.run import build_prompt as bp
-    from tunewise.data.prepare import load_prepared
+    from tunewise.data.prepared import load_prepared
 
     cfg = load_config(cfg_path)
     from tunewise.data.split import sample_records

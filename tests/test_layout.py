@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tunewise.data.records import Record
-from tunewise.data.tokenize import IGNORE, Tokenized, collate, tokenize_records
+from tunewise.data.tokenize import IGNORE, collate, tokenize_records
 from tunewise.models import load_model
 from tunewise.train.forward import FrozenCache, LayoutLoss
 from tunewise.train.layout import make_layout, shared_prefix
@@ -77,7 +77,6 @@ def test_layout_loss_and_gradients_equal_the_plain_batch(tiny64, share_prefix, p
         p.requires_grad_(True)
     exs = examples(tok)
     ref = plain(model, exs, tok.pad_token_id)
-    g_ref = grads_of(model, ref)
     layout = make_layout(exs, tok.pad_token_id, share_prefix=share_prefix, packing=packing)
     assert layout.n_loss == sum(int((torch.tensor(e.labels[1:]) != IGNORE).sum()) for e in exs)
     if packing:
@@ -121,7 +120,6 @@ def test_cached_frozen_layers_equal_the_full_pass(tiny64, share_prefix):
         p.requires_grad_(True)
     exs = examples(tok)
     ref = plain(model, exs, tok.pad_token_id)
-    g_ref = grads_of(model, ref)
     start = shared_prefix(exs) if share_prefix else 0
     cache = FrozenCache(start)
     fn = LayoutLoss(model, first_trainable=1, cache=cache)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunewise.config import TrainConfig, load_config
+from tunewise.config import load_config
 from tunewise.models import load_model
 from tunewise.train.loop import TokenLoss, TrainError, backward_accumulated, train
 from tunewise.train.methods import apply_method

@@ -36,6 +36,11 @@ def _quiet_libraries() -> None:
     # read by transformers and huggingface_hub when they are imported: no import here (`models list` needs no torch)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported already (a test, a Python caller): tell it directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 def _fail(msg: str, code: int = 2):

@@ -16,7 +16,7 @@ import json
 import time
 
 from .config import ProjectConfig, VariantConfig, replace
-from .data.prepare import ensure_prepared
+from .data.prepared import ensure_prepared
 from .eval.run import EvalError, compare, evaluate, Engines
 from .models import load_tokenizer
 from .util import atomic_write_json, sha256_text

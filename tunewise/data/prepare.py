@@ -18,33 +18,22 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ..config import ProjectConfig
-from ..util import atomic_write_json, read_jsonl, sha256_file
+from ..config import ProjectConfig, detect_format
+from ..errors import TunewiseError
+from ..util import atomic_write_json, sha256_file
 from .formats import read_records
 from .records import BadRecord, Record
+from .prepared import SPLITS, Prepared
 from .split import leaking_groups, rank64, split_positions
 
-SPLITS = ("train", "validation", "test")
 FILES = ("train", "validation", "test")  # file ids in the per-record arrays
 READ_BACK = 2048  # records read back from the spool at a time (near-dedup, perplexity, writing the splits)
-
-
-class Prepared:
-    """Prepared data on disk; `splits` (lists of records) is read from the split files when first used."""
-
-    def __init__(self, dir: Path, summary: dict, splits: dict[str, list[Record]] | None = None, timings: dict | None = None):
-        self.dir, self.summary, self._splits, self.timings = Path(dir), summary, splits, timings or {}
-
-    @property
-    def splits(self) -> dict[str, list[Record]]:
-        if self._splits is None:
-            self._splits = {name: [Record.from_json(r) for r in read_jsonl(self.dir / f"{name}.jsonl")] for name in SPLITS}
-        return self._splits
 
 
 class Quarantine:
@@ -252,28 +241,85 @@ def checkpointed_records(out_dir: Path) -> int | None:
     return None if state is None else int(state["done"])
 
 
+class PrepareError(TunewiseError):
+    """A prepare that kept nothing, or set nearly every record aside for one reason: the config does not fit the
+    data (the wrong data.format or columns). Raised after quarantine.jsonl and the summary are written."""
+
+
+@dataclass
+class _Run:
+    """What the stages of one prepare share: the config, where it writes, the checkpoint and its state, the
+    quarantine, the spool of cleaned records, the per-record arrays, and what each stage found."""
+
+    cfg: ProjectConfig
+    out_dir: Path
+    chunk_size: int
+    say: Callable[[str, int], None]
+    inputs: dict[str, dict]
+    work: Path
+    ckpt: _Checkpoint
+    state: dict
+    cleaner: object
+    bad: Quarantine
+    spool: object
+    timings: dict[str, float] = field(default_factory=dict)
+    clock: float = field(default_factory=time.perf_counter)
+    table: _Columns | None = None
+    col: dict | None = None  # the arrays, once pass 1 is done
+    splits: dict[str, np.ndarray] = field(default_factory=dict)  # positions into the arrays
+    found: dict = field(default_factory=dict)  # the summary's parts, by stage
+
+    @property
+    def fixed(self) -> list[str]:
+        """Evaluation splits given as their own files (never thinned, never re-split)."""
+        return [n for n in self.inputs if n != "train"]
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.clock
+        self.clock = now
+
+    def close(self, finished: bool) -> None:
+        self.spool.close()
+        self.col = None
+        if finished:
+            self.bad.close()
+            shutil.rmtree(self.work, ignore_errors=True)
+        else:  # the checkpoint stays for --resume
+            self.bad.suspend()
+
+
 def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None, chunk_size: int = 20_000,
                  progress: Callable[[str, int], None] | None = None, resume: bool = False) -> Prepared:
     """Prepare the project's data into out_dir (default runs/<project>/data). progress(stage, records done) is
     called as work goes on. Reading and cleaning is checkpointed after every chunk in out_dir/.work; if it is
     interrupted, resume=True goes on from there (with the same inputs, data config and chunk_size; otherwise
-    it starts over), giving the same outputs as an uninterrupted run."""
-    from .clean import Cleaner, quality_arrays, score_dict, select_best
-    from .dedup import Spool, near_dedup, near_leaks
+    it starts over), giving the same outputs as an uninterrupted run. Raises PrepareError (after writing
+    everything) when the data does not fit the config: nothing kept, or nearly all set aside for one reason."""
+    run = _start(cfg, Path(out_dir or cfg.run_dir / "data"), chunk_size, progress or (lambda stage, n: None), resume)
+    finished = False
+    try:
+        _read_and_clean(run)
+        train = _deduplicate(run)
+        _split(run, train)
+        _check_leaks(run)
+        _score_and_select(run)
+        _write_splits(run, tokenizer)
+        finished = True
+    finally:
+        run.close(finished)
+    summary = _summary(run)
+    _check_kept(run, summary)
+    return Prepared(run.out_dir, summary, timings=run.timings)
 
-    out_dir = out_dir or cfg.run_dir / "data"
+
+def _start(cfg: ProjectConfig, out_dir: Path, chunk_size: int, say, resume: bool) -> _Run:
+    """The inputs (paths, hashes) and the checkpoint to go on from (resume) or a fresh work directory."""
+    from .clean import Cleaner
+    from .dedup import Spool
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    c = cfg.data.clean
-    say = progress or (lambda stage, n: None)
-    timings: dict[str, float] = {}
-    clock = [time.perf_counter()]
-
-    def lap(name: str) -> None:
-        now = time.perf_counter()
-        timings[name] = timings.get(name, 0.0) + now - clock[0]
-        clock[0] = now
-
-    cleaner = Cleaner(c)
+    cleaner = Cleaner(cfg.data.clean)
     inputs: dict[str, dict] = {}
     for name in FILES:
         path = cfg.path(getattr(cfg.data, name))
@@ -282,6 +328,7 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
     work = out_dir / ".work"
     ckpt = _Checkpoint(work, _fingerprint(cfg, inputs, chunk_size))
     state = ckpt.load() if resume else None
+    timings: dict[str, float] = {}
     if state is None:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
@@ -298,245 +345,306 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
     bad = Quarantine(out_dir / "quarantine.jsonl", work / "quarantine.jsonl", state.get("quarantine") if resumed else None)
     spool = Spool(work / "records.jsonl",
                   (np.concatenate([a["col_offsets"] for a in chunks]) if chunks else np.zeros(0, np.int64), state["spool_end"]) if resumed else None)
-    finished = False
+    run = _Run(cfg, out_dir, chunk_size, say, inputs, work, ckpt, state, cleaner, bad, spool, timings=timings)
     try:
-        table = _Columns(cfg, cfg.data.split.seed, work / "signatures.u32", keep=resumed)
+        run.table = _Columns(cfg, cfg.data.split.seed, work / "signatures.u32", keep=resumed)
         if resumed:
-            table.restore(chunks, state["names"], state["n"])
-        del chunks
-        read_counts, fixed = state["read_counts"], [n for n in inputs if n != "train"]
-        done = state["done"]
+            run.table.restore(chunks, state["names"], state["n"])
+    except BaseException:
+        run.close(False)
+        raise
+    return run
 
-        def checkpoint(arrays) -> None:
-            state.update(done=done, spool_end=spool.end, names=table.names, n=table.n, quarantine=bad.state(),
-                         cleaner=cleaner.state(), timings=dict(timings))
-            ckpt.save(state, arrays)
 
-        # Pass 1: read, validate, normalise, redact, filter (training file only: evaluation files are never thinned).
-        for fid, name in enumerate(FILES):
-            if name not in inputs or name in state["files_done"]:
-                continue
-            read_counts.setdefault(name, 0)
-            skip = state["position"].get(name, 0)
-            items = itertools.islice(read_records(Path(inputs[name]["path"]), cfg.data.format, cfg.data.columns, cfg.data.system_prompt), skip, None)
-            for chunk, taken in _chunks(items, chunk_size, cfg.data.limit if name == "train" else None, bad, already=read_counts[name]):
-                read_counts[name] += len(chunk)
-                done += len(chunk)
-                lap("read and validate")
-                chunk = cleaner.transform(chunk)
-                lap("normalise and redact")
-                if name == "train":
-                    chunk = [r for r in chunk if cleaner.keep(r, bad)]
-                    lap("filters")
-                table.add(fid, chunk, cleaner.repetition_of)
-                cleaner.repetition_of.clear()
-                offsets_from = len(spool)
-                spool.add(chunk)
-                lap("hashes and spool")
-                state["position"][name] = skip + taken
-                checkpoint({**table.last(), "offsets": np.frombuffer(spool.offsets[offsets_from:], dtype=np.int64)} if chunk else None)
-                lap("checkpoint")
-                say("reading and cleaning", done)
-            state["files_done"].append(name)
-            checkpoint(None)
-        col = table.finish()
-        say("deduplicating", done)
+def _read_and_clean(run: _Run) -> None:
+    """Pass 1: read, validate, normalise, redact, filter (the training file only: evaluation files are never
+    thinned), spool; checkpointed after every chunk."""
+    cfg, state, table, spool, bad, cleaner = run.cfg, run.state, run.table, run.spool, run.bad, run.cleaner
+    read_counts = state["read_counts"]
 
-        # Exact and near duplicates in the training file; the first one is kept.
-        train = np.flatnonzero(col["file"] == 0)
-        if c.dedup and len(train):
-            _, first, inv = np.unique(col["digest"][train], return_index=True, return_inverse=True)
-            dup = np.ones(len(train), dtype=bool)
-            dup[first] = False
-            for t in np.flatnonzero(dup):
-                cleaner.drop("dedup", spool.get(train[t]), f"exact duplicate of {spool.get(train[first[inv[t]]]).source}", bad)
-            train = train[~dup]
-        lap("exact dedup")
-        if c.near_dedup:
-            def on_drop(r: Record, match: Record, sim: float) -> None:
-                conflict = r.label != match.label
-                cleaner.label_conflicts += conflict
-                cleaner.drop("near_dedup", r, f"near-duplicate of {match.source}" + (f" (label {r.label!r} vs {match.label!r})" if conflict else ""), bad)
-                if len(cleaner.clusters) < 50:
-                    cleaner.clusters.append({"kept": match.source, "dropped": r.source, "jaccard": round(sim, 3), "label_conflict": conflict,
-                                             "kept_text": match.prompt_key[:120], "dropped_text": r.prompt_key[:120]})
+    def checkpoint(arrays) -> None:
+        state.update(spool_end=spool.end, names=table.names, n=table.n, quarantine=bad.state(),
+                     cleaner=cleaner.state(), timings=dict(run.timings))
+        run.ckpt.save(state, arrays)
 
-            dropped = near_dedup(train, col["keys"], spool, c.near_dup_threshold, on_drop, min(chunk_size, READ_BACK), col["sigs"])
-            train = train[~np.isin(train, dropped)]
-        lap("near dedup")
-        kept_count = len(train) + sum(int((col["file"] == FILES.index(n)).sum()) for n in fixed)
+    for fid, name in enumerate(FILES):
+        if name not in run.inputs or name in state["files_done"]:
+            continue
+        read_counts.setdefault(name, 0)
+        skip = state["position"].get(name, 0)
+        items = itertools.islice(read_records(Path(run.inputs[name]["path"]), cfg.data.format, cfg.data.columns, cfg.data.system_prompt), skip, None)
+        for chunk, taken in _chunks(items, run.chunk_size, cfg.data.limit if name == "train" else None, bad, already=read_counts[name]):
+            read_counts[name] += len(chunk)
+            state["done"] += len(chunk)
+            run.lap("read and validate")
+            chunk = cleaner.transform(chunk)
+            run.lap("normalise and redact")
+            if name == "train":
+                chunk = [r for r in chunk if cleaner.keep(r, bad)]
+                run.lap("filters")
+            table.add(fid, chunk, cleaner.repetition_of)
+            cleaner.repetition_of.clear()
+            offsets_from = len(spool)
+            spool.add(chunk)
+            run.lap("hashes and spool")
+            state["position"][name] = skip + taken
+            checkpoint({**table.last(), "offsets": np.frombuffer(spool.offsets[offsets_from:], dtype=np.int64)} if chunk else None)
+            run.lap("checkpoint")
+            run.say("reading and cleaning", state["done"])
+        state["files_done"].append(name)
+        checkpoint(None)
+    run.col = table.finish()
 
-        # Split (positions into the arrays), then leakage between the splits.
-        say("splitting and checking leakage", done)
-        s = cfg.data.split
-        names = list(table.names)
-        sp = split_positions(col["group"][train], col["label"][train], names, col["rank"][train],
-                             validation=0.0 if "validation" in fixed else s.validation, test=0.0 if "test" in fixed else s.test,
-                             stratify=s.stratify)
-        splits = {name: train[sp[name]] for name in SPLITS}
-        for name in fixed:
-            splits[name] = np.flatnonzero(col["file"] == FILES.index(name))
 
-        def exact_leaks() -> tuple[list[int], list[dict]]:
-            groups = leaking_groups({n: col["group"][splits[n]] for n in SPLITS})
-            examples = []
-            for g in groups[:20]:
-                where: dict[str, list[str]] = {}
-                prompt = None
-                for n in SPLITS:
-                    for i in splits[n][col["group"][splits[n]] == np.uint64(g)]:
-                        r = spool.get(i)
-                        prompt = prompt if prompt is not None else r.prompt_key[:200]
-                        where.setdefault(n, []).append(r.source)
-                examples.append({"prompt": prompt, "splits": dict(sorted(where.items()))})
-            return groups, examples
+def _deduplicate(run: _Run) -> np.ndarray:
+    """Exact and near duplicates in the training file go to quarantine (the first one is kept); returns the
+    positions of the training records left."""
+    from .dedup import near_dedup
 
-        groups, leak_examples = exact_leaks()
-        exact_train = splits["train"][np.isin(col["group"][splits["train"]], np.array(groups, dtype=np.uint64))]
-        evals = np.concatenate([splits["validation"], splits["test"]])
-        near = near_leaks(splits["train"], evals, col["keys"], spool, c.near_dup_threshold, col["sigs"]) if c.near_dedup else []
-        exact_set = set(exact_train.tolist())
-        near = [(int(splits["train"][t]), e, sim) for t, e, sim in near if int(splits["train"][t]) not in exact_set]
+    c, col, spool, bad, cleaner = run.cfg.data.clean, run.col, run.spool, run.bad, run.cleaner
+    run.say("deduplicating", run.state["done"])
+    train = np.flatnonzero(col["file"] == 0)
+    if c.dedup and len(train):
+        _, first, inv = np.unique(col["digest"][train], return_index=True, return_inverse=True)
+        dup = np.ones(len(train), dtype=bool)
+        dup[first] = False
+        for t in np.flatnonzero(dup):
+            cleaner.drop("dedup", spool.get(train[t]), f"exact duplicate of {spool.get(train[first[inv[t]]]).source}", bad)
+        train = train[~dup]
+    run.lap("exact dedup")
+    if c.near_dedup:
+        def on_drop(r: Record, match: Record, sim: float) -> None:
+            conflict = r.label != match.label
+            cleaner.label_conflicts += conflict
+            cleaner.drop("near_dedup", r, f"near-duplicate of {match.source}" + (f" (label {r.label!r} vs {match.label!r})" if conflict else ""), bad)
+            if len(cleaner.clusters) < 50:
+                cleaner.clusters.append({"kept": match.source, "dropped": r.source, "jaccard": round(sim, 3), "label_conflict": conflict,
+                                         "kept_text": match.prompt_key[:120], "dropped_text": r.prompt_key[:120]})
 
-        def near_info(i: int, e: int, sim: float) -> dict:
-            r = spool.get(i)
-            return {"train": r.source, "split": "validation" if e < len(splits["validation"]) else "test",
-                    "other": spool.get(evals[e]).source, "jaccard": round(sim, 3), "prompt": r.prompt_key[:200]}
+        dropped = near_dedup(train, col["keys"], spool, c.near_dup_threshold, on_drop, min(run.chunk_size, READ_BACK), col["sigs"])
+        train = train[~np.isin(train, dropped)]
+    run.lap("near dedup")
+    run.found["kept"] = len(train) + sum(int((col["file"] == FILES.index(n)).sum()) for n in run.fixed)
+    return train
 
-        near_examples = [near_info(*x) for x in near[:20]]
-        dropped_leaks = 0
-        if c.drop_leaks:
-            why = {i: near_info(i, e, sim) for i, e, sim in near}
-            leaking = exact_set | set(why)
-            keep = np.ones(len(splits["train"]), dtype=bool)
-            for t, i in enumerate(splits["train"].tolist()):
-                if i in leaking:
-                    w = why.get(i)
-                    reason = f"leaks into {w['split']}: near-duplicate (Jaccard {w['jaccard']}) of {w['other']}" if w else "leaks into an evaluation split: same prompt"
-                    bad.append(BadRecord.of(spool.get(i), reason))
-                    keep[t] = False
-                    dropped_leaks += 1
-            splits["train"] = splits["train"][keep]
-            groups, leak_examples = exact_leaks()
-            near, near_examples = [], []
-        lap("split and leakage")
 
-        # Quality score of the training records, and --select.
-        say("scoring", done)
-        tr = splits["train"]
-        labelled = bool(len(tr)) and bool((col["label"][tr] >= 0).any())
-        nll = None
-        if c.perplexity and len(tr):
-            from .perplexity import answer_nll, cache_path
+def _split(run: _Run, train: np.ndarray) -> None:
+    """Split the training records by prompt group (validation/test only where no file gives them)."""
+    col, s, fixed = run.col, run.cfg.data.split, run.fixed
+    run.say("splitting and checking leakage", run.state["done"])
+    sp = split_positions(col["group"][train], col["label"][train], list(run.table.names), col["rank"][train],
+                         validation=0.0 if "validation" in fixed else s.validation, test=0.0 if "test" in fixed else s.test,
+                         stratify=s.stratify)
+    run.splits = {name: train[sp[name]] for name in SPLITS}
+    for name in fixed:
+        run.splits[name] = np.flatnonzero(col["file"] == FILES.index(name))
 
-            lap("quality score")
-            nll = answer_nll(cfg.model.name, (spool.records(tr[a : a + READ_BACK]) for a in range(0, len(tr), READ_BACK)), cfg.data.max_length,
-                             dtype=cfg.model.dtype, progress=lambda n: say("perplexity under the base model", n),
-                             cache=cache_path(out_dir / ".perplexity-cache", cfg.model.name, cfg.data.max_length, cfg.model.dtype))
-            lap("perplexity")
-        q = quality_arrays(col["aw"][tr], col["pw"][tr], col["rep"][tr], col["label"][tr] if labelled else None, col["sigs"], tr,
-                           work_dir=str(work), nll=nll)
-        selected = None
-        if c.select and c.select < len(tr):
-            by_label = c.select_by_label and labelled
-            lab = col["label"][tr]
-            chosen = select_best(q["score"], c.select, lab if by_label else None)  # ties in split order
-            cut = float(q["score"][chosen].min())
-            cuts = {int(x): float(q["score"][chosen & (lab == x)].min()) for x in np.unique(lab[chosen])} if by_label else {}
-            for t in np.flatnonzero(~chosen):
-                where = f"its label's cut {cuts[int(lab[t])]:.3f}" if int(lab[t]) in cuts else ("its label got no place" if by_label else f"the cut {cut:.3f}")
-                bad.append(BadRecord.of(spool.get(tr[t]), f"not selected: quality score {q['score'][t]:.3f} below {where} ({score_dict(q, t)})"))
-            splits["train"] = tr[chosen]
-            q = {k: v[chosen] for k, v in q.items()}
-            selected = {"kept": int(chosen.sum()), "cut": cut, "by_label": by_label}
-        score_values = q["score"]
-        lowest = np.argsort(score_values, kind="stable")[:10]
-        quality = {"selected": selected, "histogram": np.histogram(score_values, bins=10, range=(0, 1))[0].tolist() if len(score_values) else [],
-                   "mean": float(score_values.mean()) if len(score_values) else None,
-                   "lowest": [{"source": spool.get(splits["train"][i]).source, **score_dict(q, i)} for i in lowest]}
-        del q
-        lap("quality score")
 
-        # Pass 2: write the splits from the spool (and count tokens after the chat template).
-        outputs, token_stats = {}, {}
-        written = 0
-        for name in SPLITS:
-            stats = None
-            if tokenizer is not None and len(splits[name]):
-                from .tokenize import TokenStats
+def _exact_leaks(run: _Run) -> tuple[list[int], list[dict]]:
+    """Prompt groups in more than one split, with up to 20 examples (prompt, sources by split)."""
+    col, splits = run.col, run.splits
+    groups = leaking_groups({n: col["group"][splits[n]] for n in SPLITS})
+    examples = []
+    for g in groups[:20]:
+        where: dict[str, list[str]] = {}
+        prompt = None
+        for n in SPLITS:
+            for i in splits[n][col["group"][splits[n]] == np.uint64(g)]:
+                r = run.spool.get(i)
+                prompt = prompt if prompt is not None else r.prompt_key[:200]
+                where.setdefault(n, []).append(r.source)
+        examples.append({"prompt": prompt, "splits": dict(sorted(where.items()))})
+    return groups, examples
 
-                stats = TokenStats()
-            path = out_dir / f"{name}.jsonl"
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.jsonl.")
-            with os.fdopen(fd, "wb") as f:
-                for start in range(0, len(splits[name]), READ_BACK):
-                    lines = [spool.line(i) for i in splits[name][start : start + READ_BACK]]
-                    f.writelines(lines)
-                    if stats is not None:
-                        from .tokenize import tokenize_records
 
-                        tokenize_records(tokenizer, [Record.from_json(json.loads(x)) for x in lines], cfg.data.max_length, stats)
-                    written += len(lines)
-                    say("writing", written)
-            os.replace(tmp, path)
-            outputs[name] = {"records": int(len(splits[name])), "sha256": sha256_file(path)}
-            if stats is not None:
-                token_stats[name] = stats.summary()
-        label_counts = {n: Counter(names[x] for x in col["label"][splits[n]].tolist() if x >= 0) for n in SPLITS}
-        lap("write")
-        finished = True
-    finally:
-        spool.close()
-        col = None
-        if finished:
-            bad.close()
-            shutil.rmtree(work, ignore_errors=True)
-        else:  # the checkpoint stays for --resume
-            bad.suspend()
+def _check_leaks(run: _Run) -> None:
+    """Training prompts equal to (same group) or nearly equal to (MinHash) a validation/test prompt: reported,
+    and with data.clean.drop_leaks set aside."""
+    from .dedup import near_leaks
 
+    c, col, splits, spool = run.cfg.data.clean, run.col, run.splits, run.spool
+    groups, leak_examples = _exact_leaks(run)
+    exact_train = splits["train"][np.isin(col["group"][splits["train"]], np.array(groups, dtype=np.uint64))]
+    evals = np.concatenate([splits["validation"], splits["test"]])
+    near = near_leaks(splits["train"], evals, col["keys"], spool, c.near_dup_threshold, col["sigs"]) if c.near_dedup else []
+    exact_set = set(exact_train.tolist())
+    near = [(int(splits["train"][t]), e, sim) for t, e, sim in near if int(splits["train"][t]) not in exact_set]
+
+    def near_info(i: int, e: int, sim: float) -> dict:
+        r = spool.get(i)
+        return {"train": r.source, "split": "validation" if e < len(splits["validation"]) else "test",
+                "other": spool.get(evals[e]).source, "jaccard": round(sim, 3), "prompt": r.prompt_key[:200]}
+
+    near_examples = [near_info(*x) for x in near[:20]]
+    dropped = 0
+    if c.drop_leaks:
+        why = {i: near_info(i, e, sim) for i, e, sim in near}
+        leaking = exact_set | set(why)
+        keep = np.ones(len(splits["train"]), dtype=bool)
+        for t, i in enumerate(splits["train"].tolist()):
+            if i in leaking:
+                w = why.get(i)
+                reason = f"leaks into {w['split']}: near-duplicate (Jaccard {w['jaccard']}) of {w['other']}" if w else "leaks into an evaluation split: same prompt"
+                run.bad.append(BadRecord.of(spool.get(i), reason))
+                keep[t] = False
+                dropped += 1
+        splits["train"] = splits["train"][keep]
+        groups, leak_examples = _exact_leaks(run)
+        near, near_examples = [], []
+    run.found["leaks"] = {"count": len(groups), "examples": leak_examples, "near_duplicates": len(near),
+                          "near_examples": near_examples, "dropped": dropped}
+    run.lap("split and leakage")
+
+
+def _score_and_select(run: _Run) -> None:
+    """The quality score of the training records (and perplexity under the base model, if asked), and
+    data.clean.select: the best N kept, the rest set aside with their score and the cut."""
+    from .clean import quality_arrays, score_dict, select_best
+
+    cfg, c, col, spool, say = run.cfg, run.cfg.data.clean, run.col, run.spool, run.say
+    say("scoring", run.state["done"])
+    tr = run.splits["train"]
+    labelled = bool(len(tr)) and bool((col["label"][tr] >= 0).any())
+    nll = None
+    if c.perplexity and len(tr):
+        from .perplexity import answer_nll, cache_path
+
+        run.lap("quality score")
+        nll = answer_nll(cfg.model.name, (spool.records(tr[a : a + READ_BACK]) for a in range(0, len(tr), READ_BACK)), cfg.data.max_length,
+                         dtype=cfg.model.dtype, progress=lambda n: say("perplexity under the base model", n),
+                         cache=cache_path(run.out_dir / ".perplexity-cache", cfg.model.name, cfg.data.max_length, cfg.model.dtype))
+        run.lap("perplexity")
+    q = quality_arrays(col["aw"][tr], col["pw"][tr], col["rep"][tr], col["label"][tr] if labelled else None, col["sigs"], tr,
+                       work_dir=str(run.work), nll=nll)
+    selected = None
+    if c.select and c.select < len(tr):
+        by_label = c.select_by_label and labelled
+        lab = col["label"][tr]
+        chosen = select_best(q["score"], c.select, lab if by_label else None)  # ties in split order
+        cut = float(q["score"][chosen].min())
+        cuts = {int(x): float(q["score"][chosen & (lab == x)].min()) for x in np.unique(lab[chosen])} if by_label else {}
+        for t in np.flatnonzero(~chosen):
+            where = f"its label's cut {cuts[int(lab[t])]:.3f}" if int(lab[t]) in cuts else ("its label got no place" if by_label else f"the cut {cut:.3f}")
+            run.bad.append(BadRecord.of(spool.get(tr[t]), f"not selected: quality score {q['score'][t]:.3f} below {where} ({score_dict(q, t)})"))
+        run.splits["train"] = tr[chosen]
+        q = {k: v[chosen] for k, v in q.items()}
+        selected = {"kept": int(chosen.sum()), "cut": cut, "by_label": by_label}
+    scores = q["score"]
+    lowest = np.argsort(scores, kind="stable")[:10]
+    run.found["quality"] = {"selected": selected, "histogram": np.histogram(scores, bins=10, range=(0, 1))[0].tolist() if len(scores) else [],
+                            "mean": float(scores.mean()) if len(scores) else None,
+                            "lowest": [{"source": spool.get(run.splits["train"][i]).source, **score_dict(q, i)} for i in lowest]}
+    run.lap("quality score")
+
+
+def _write_splits(run: _Run, tokenizer) -> None:
+    """Pass 2: write the splits from the spool (atomically), counting tokens after the chat template."""
+    from .tokenize import TokenStats, tokenize_records
+
+    outputs, token_stats, written = {}, {}, 0
+    for name in SPLITS:
+        rows = run.splits[name]
+        stats = TokenStats() if tokenizer is not None and len(rows) else None
+        path = run.out_dir / f"{name}.jsonl"
+        fd, tmp = tempfile.mkstemp(dir=run.out_dir, prefix=f".{name}.jsonl.")
+        with os.fdopen(fd, "wb") as f:
+            for start in range(0, len(rows), READ_BACK):
+                lines = [run.spool.line(i) for i in rows[start : start + READ_BACK]]
+                f.writelines(lines)
+                if stats is not None:
+                    tokenize_records(tokenizer, [Record.from_json(json.loads(x)) for x in lines], run.cfg.data.max_length, stats)
+                written += len(lines)
+                run.say("writing", written)
+        os.replace(tmp, path)
+        outputs[name] = {"records": int(len(rows)), "sha256": sha256_file(path)}
+        if stats is not None:
+            token_stats[name] = stats.summary()
+    names = list(run.table.names)
+    run.found.update(outputs=outputs, tokens=token_stats,
+                     label_counts={n: Counter(names[x] for x in run.col["label"][run.splits[n]].tolist() if x >= 0) for n in SPLITS})
+    run.lap("write")
+
+
+def _summary(run: _Run) -> dict:
+    """summary.json and the HTML data report."""
+    f, bad = run.found, run.bad
     summary = {
-        "inputs": inputs,
-        "outputs": outputs,
-        "read": {"valid": sum(read_counts.values()), "kept": kept_count, "quarantined": bad.count},
-        "cleaning": cleaner.report(),
-        "quality": quality,
+        "inputs": run.inputs,
+        "outputs": f["outputs"],
+        "read": {"valid": sum(run.state["read_counts"].values()), "kept": f["kept"], "quarantined": bad.count},
+        "cleaning": run.cleaner.report(),
+        "quality": f["quality"],
         "quarantine_reasons": dict(bad.reasons.most_common()),
         "quarantine_examples": [str(b) for b in bad.head[:20]],
-        "labels": {name: len(label_counts[name]) for name in SPLITS},
-        "leaks": {"count": len(groups), "examples": leak_examples, "near_duplicates": len(near),
-                  "near_examples": near_examples, "dropped": dropped_leaks},
-        "config": cfg.resolved()["data"],
+        "labels": {name: len(f["label_counts"][name]) for name in SPLITS},
+        "leaks": f["leaks"],
+        "config": run.cfg.resolved()["data"],
     }
-    if token_stats:
-        summary["tokens"] = token_stats
+    if f["tokens"]:
+        summary["tokens"] = f["tokens"]
     from ..report.data_html import data_report
 
-    summary["report"] = str(data_report(out_dir, summary, label_counts, bad.head))
-    atomic_write_json(out_dir / "summary.json", summary)
-    return Prepared(out_dir, summary, timings=timings)
+    summary["report"] = str(data_report(run.out_dir, summary, f["label_counts"], bad.head))
+    atomic_write_json(run.out_dir / "summary.json", summary)
+    return summary
 
 
-def load_prepared(data_dir: Path) -> Prepared | None:
-    if not (data_dir / "summary.json").exists():
-        return None
-    return Prepared(data_dir, json.loads((data_dir / "summary.json").read_text()))
+NEARLY_ALL = 0.9  # one reason setting aside this share of the records read means the config does not fit the data
 
 
-def prepared_is_current(cfg: ProjectConfig, prepared: Prepared) -> bool:
-    """Prepared data is reused only if the inputs and the data config are unchanged."""
-    s = prepared.summary
-    if s.get("config") != cfg.resolved()["data"]:
-        return False
-    for name, info in s.get("inputs", {}).items():
-        p = Path(info["path"])
-        if not p.exists() or sha256_file(p) != info["sha256"]:
-            return False
-    return True
+def _check_kept(run: _Run, summary: dict) -> None:
+    """PrepareError with a hint when nothing was kept, or nearly everything was set aside for one reason (reader
+    errors of one kind count as one reason: "malformed JSON" has several messages)."""
+    kept, reasons = summary["read"]["kept"], summary["quarantine_reasons"]
+    seen = summary["read"]["valid"] + sum(n for r, n in reasons.items() if _is_read_error(r))
+    if not reasons:
+        if kept == 0:
+            raise PrepareError(f"{run.inputs['train']['path']}: no records in the file")
+        return
+    families: Counter = Counter()
+    for r, n in reasons.items():
+        families[next((e for e in READ_ERRORS if r.startswith(e)), r)] += n
+    reason, n = families.most_common(1)[0]
+    if kept and n < NEARLY_ALL * max(seen, 1):
+        return
+    path = Path(run.inputs["train"]["path"])
+    example = next((e for e in summary["quarantine_examples"] if reason in e), "")
+    what = "no record was kept" if not kept else f"{n:,} of {seen:,} records were set aside"
+    raise PrepareError(f"{path}: {what}; {n:,} for one reason: {reason.rstrip(chr(39) + ' ')}" + (f" (e.g. {example[:200]})" if example else "")
+                       + f". {_hint(run.cfg, path, reason)} The records set aside are in {run.out_dir / 'quarantine.jsonl'}.")
 
 
-def ensure_prepared(cfg: ProjectConfig, tokenizer=None) -> Prepared:
-    data_dir = cfg.run_dir / "data"
-    existing = load_prepared(data_dir)
-    if existing is not None and prepared_is_current(cfg, existing):
-        return existing
-    return prepare_data(cfg, data_dir, tokenizer, resume=True)  # a checkpoint of other inputs or config is not used
+READ_ERRORS = ("malformed JSON", "expected a JSON object", "not valid UTF-8", "missing field", "column '", "instruction/input",
+               "conversations", "fewer cells", "N cells")
+
+
+def _is_read_error(reason: str) -> bool:
+    """A reason the reader gave (the record never became a valid one, so `read.valid` does not count it)."""
+    return reason.startswith(READ_ERRORS)
+
+
+def _hint(cfg: ProjectConfig, path: Path, reason: str) -> str:
+    """What to change in the config, told from the file itself."""
+    looks, columns, _ = detect_format(path)
+    if looks is None:
+        first = _first_line(path)
+        looks = "openai" if first.startswith("{") else "csv" if "," in first or "\t" in first else None
+    fmt = cfg.data.format
+    if reason.startswith(("malformed JSON", "expected a JSON object", "missing field", "instruction/input", "conversations")) or \
+            (reason.startswith(("fewer cells", "N cells", "column '")) and looks not in (None, "csv")):
+        if looks and looks != fmt:
+            return f"Is data.format right? It is {fmt}, but the file looks like {looks.upper() if looks == 'csv' else looks} (data.format: {looks})."
+        return f"Is data.format ({fmt}) right for this file? `tunewise init --data {path.name}` tells the format from the file."
+    if reason.startswith("column '") and columns:
+        c = cfg.data.columns
+        return (f"Is data.columns right? It reads user: {c.user}, assistant: {c.assistant}; the file's columns are "
+                f"{', '.join(columns)}.")
+    return "See the data report for the reasons."
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return next((line.strip() for line in f if line.strip()), "")
+    except OSError:
+        return ""

@@ -1,0 +1,55 @@
+"""Prepared data on disk (runs/<project>/data: the split files, quarantine.jsonl, summary.json), and
+`ensure_prepared`: what training, evaluation, RAFT and the workflow call to get it, preparing only when the
+inputs or the data config changed. Preparing itself is data/prepare.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import ProjectConfig
+from ..util import read_jsonl, sha256_file
+from .records import Record
+
+SPLITS = ("train", "validation", "test")
+
+
+class Prepared:
+    """Prepared data on disk; `splits` (lists of records) is read from the split files when first used."""
+
+    def __init__(self, dir: Path, summary: dict, splits: dict[str, list[Record]] | None = None, timings: dict | None = None):
+        self.dir, self.summary, self._splits, self.timings = Path(dir), summary, splits, timings or {}
+
+    @property
+    def splits(self) -> dict[str, list[Record]]:
+        if self._splits is None:
+            self._splits = {name: [Record.from_json(r) for r in read_jsonl(self.dir / f"{name}.jsonl")] for name in SPLITS}
+        return self._splits
+
+
+def load_prepared(data_dir: Path) -> Prepared | None:
+    if not (data_dir / "summary.json").exists():
+        return None
+    return Prepared(data_dir, json.loads((data_dir / "summary.json").read_text()))
+
+
+def prepared_is_current(cfg: ProjectConfig, prepared: Prepared) -> bool:
+    """Prepared data is reused only if the inputs and the data config are unchanged."""
+    s = prepared.summary
+    if s.get("config") != cfg.resolved()["data"]:
+        return False
+    for info in s.get("inputs", {}).values():
+        p = Path(info["path"])
+        if not p.exists() or sha256_file(p) != info["sha256"]:
+            return False
+    return True
+
+
+def ensure_prepared(cfg: ProjectConfig, tokenizer=None) -> Prepared:
+    data_dir = cfg.run_dir / "data"
+    existing = load_prepared(data_dir)
+    if existing is not None and prepared_is_current(cfg, existing):
+        return existing
+    from .prepare import prepare_data
+
+    return prepare_data(cfg, data_dir, tokenizer, resume=True)  # a checkpoint of other inputs or config is not used
