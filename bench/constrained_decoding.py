@@ -32,8 +32,8 @@ def main():
     from tunewise.data.prepared import ensure_prepared
     from tunewise.data.split import sample_records
     from tunewise.engine import Engine
-    from tunewise.eval.metrics import score
-    from tunewise.eval.run import build_prompt, label_set
+    from tunewise.metrics import score
+    from tunewise.eval.evaluate import build_prompt, label_set
     from tunewise.eval.stats import bootstrap_ci
     from tunewise.models import load_tokenizer
 

@@ -41,7 +41,7 @@ def main():
     from tunewise.data.formats import read_records
     from tunewise.data.split import sample_records
     from tunewise.engine import Engine
-    from tunewise.eval.run import build_prompt
+    from tunewise.eval.evaluate import build_prompt
 
     cfg = load_config(ROOT / "examples" / "support-intents" / "tunewise.yaml")
     recs = [r for r in read_records(cfg.path(cfg.data.test), "csv", cfg.data.columns) if hasattr(r, "messages")]

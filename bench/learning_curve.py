@@ -27,7 +27,7 @@ OUT = ROOT / "bench" / "out" / "learning_curve.jsonl"
 
 def point(method: str, epochs: float | None, minutes: float | None, sets: list[str], test_samples: int | None, work: Path) -> dict:
     from tunewise.config import load_config
-    from tunewise.eval.run import evaluate
+    from tunewise.eval.evaluate import evaluate
     from tunewise.train.loop import train
 
     overrides = [f"output_dir={work}", f"training.method={method}", *sets]

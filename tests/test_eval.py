@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from tunewise.cli import app
 from tunewise.config import load_config
 from tunewise.data.records import Record
-from tunewise.eval.run import build_prompt, select_shots
+from tunewise.eval.evaluate import build_prompt, select_shots
 
 from .conftest import BANKING_TRAIN
 
@@ -68,7 +68,7 @@ def test_compare_three_variants_on_tiny_model(tiny_project, tmp_path):
     assert v["shots"]["cost_per_1k_queries_usd"] > v["base"]["cost_per_1k_queries_usd"]
     # The fine-tuned variant really runs the adapter: same outputs as the engine loaded with it.
     from tunewise.engine import Engine
-    from tunewise.eval.run import build_prompt as bp
+    from tunewise.eval.evaluate import build_prompt as bp
     from tunewise.data.prepared import load_prepared
 
     cfg = load_config(cfg_path)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tunewise.eval.metrics import METRICS, normalize_label, score
+from tunewise.metrics import METRICS, normalize_label, score
 from tunewise.eval.stats import bootstrap_ci, paired_test, percentile
 
 

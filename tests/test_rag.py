@@ -278,7 +278,7 @@ def test_data_synth_filters_and_round_trip(kb_project, monkeypatch):
     from typer.testing import CliRunner
 
     from tunewise.cli import app
-    from tunewise.data.synth import ANSWER_SYSTEM
+    from tunewise.rag.synth import ANSWER_SYSTEM
     from tunewise.engine import Completion, Engine
 
     replies = {"International transfers": "Question: How much does an international transfer cost?\nAnswer: 2 euros",
@@ -343,3 +343,37 @@ def test_openai_compatible_embeddings_endpoint(tmp_path):
         assert len(calls) == 1 and e.hits == 1  # served from the cache
     finally:
         srv.shutdown()
+
+
+def test_one_rag_conversation_in_training_evaluation_and_serving(kb_project):
+    """The same record through RAFT training data, the rag evaluation variant and the server's +kb chat: the
+    prompt token ids are identical (one builder, rag.answer.rag_conversation), so ft+rag is served as trained."""
+    from tunewise.config import VariantConfig, load_config
+    from tunewise.data.prepared import ensure_prepared
+    from tunewise.data.tokenize import IGNORE, tokenize_messages
+    from tunewise.eval.evaluate import Engines, conversations
+    from tunewise.models import load_tokenizer
+    from tunewise.rag.raft import raft_records
+    from tunewise.rag.retrieve import build_index
+    from tunewise.serve.app import Models, chat_conversation
+
+    cfg = load_config(kb_project, ["rag.top_k=1"])  # one passage: RAFT's gold-only example shows what retrieval shows
+    build_index(cfg)
+    tok = load_tokenizer(cfg.model.name)
+    rec = ensure_prepared(cfg, tok).splits["test"][0]
+    question = rec.messages[-2]["content"]
+
+    rows, _ = raft_records(cfg, [rec], distractors=0, p_oracle=1.0)
+    ids, labels = tokenize_messages(tok, rows[0]["messages"])
+    trained_on = ids[: next(i for i, x in enumerate(labels) if x != IGNORE)]  # what the model reads before its answer
+
+    evaluated, _ = conversations(cfg, VariantConfig(name="rag", kind="rag"), [rec], [], Engines(cfg), tok)
+    served, ctx = chat_conversation(Models(cfg), [{"role": "system", "content": "client's own"}, {"role": "user", "content": question}],
+                                    True, tok)
+
+    def prompt_ids(conv):
+        return tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+
+    assert ctx.hits[0].chunk.source == rec.meta["gold_sources"][0]
+    assert prompt_ids(evaluated[0]) == prompt_ids(served) == trained_on
+    assert served[0] == {"role": "system", "content": cfg.rag.system_prompt}  # the RAG system prompt, in all three

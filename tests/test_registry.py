@@ -32,6 +32,11 @@ def test_versions_lineage_promote_rollback(tmp_path):
     (tmp_path / "a" / "adapter_model.safetensors").write_text("overwritten by the next training run")
     assert (Path(a.path) / "adapter_model.safetensors").read_text() == "weights-a"
     assert reg.get("bot:1").datasets == {"train": "h1"} and reg.get("bot").ref == "bot:2"
+    c = reg.register("bot", _model_dir(tmp_path, "c", "weights-c"), "base", True,
+                     datasets={"train": {"sha256": "h3", "path": "/data/train.jsonl", "records": 9}})
+    assert reg.get(c.ref).datasets == {"train": "h3"}  # lineage: split -> hash; the file itself in the datasets table
+    assert reg.db.execute("SELECT path, records FROM datasets WHERE hash='h3'").fetchone() == ("/data/train.jsonl", 9)
+    assert reg.db.execute("SELECT path FROM datasets WHERE hash='h1'").fetchone() == (None,)  # not the split's name
 
     assert reg.production("bot") is None
     with pytest.raises(RegistryError, match="no production"):

@@ -149,7 +149,7 @@ def data_synth(
     """Generate question/answer pairs from knowledge-base chunks; keep those the chunk supports and that retrieve their own chunk."""
     cfg = _load(config, set_)
 
-    from .data.synth import synthesize
+    from .rag.synth import synthesize
 
     with console.status("generating") as status:
         rep = synthesize(cfg, out, chunks, per_chunk, k, seed, temperature, endpoint, endpoint_model, raft,
@@ -179,9 +179,7 @@ def _print_data_summary(prepared) -> None:
             console.print("  PII redacted: " + ", ".join(f"{k} {v}" for k, v in sorted(c["pii_found"].items())), highlight=False)
     q = s.get("quality")
     if q and q.get("mean") is not None:
-        from .data.clean import describe_selection
-
-        sel = f"; --select {describe_selection(q['selected'])}" if q.get("selected") else ""
+        sel = f"; --select {q['selected']['text']}" if q.get("selected") else ""
         console.print(f"quality score of training records: mean {q['mean']:.3f}, histogram (0-1, 10 bins) {q['histogram']}{sel}", highlight=False)
     console.print(f"quarantined: {s['read']['quarantined']} (-> {prepared.dir / 'quarantine.jsonl'})")
     if s.get("report"):
@@ -216,7 +214,7 @@ def train(
 
     from .train.loop import train as train_fn
 
-    out = output or cfg.run_dir / "train"
+    out = output or cfg.train_dir
     if fresh and out.exists():
         shutil.rmtree(out)
     r = train_fn(cfg, out, resume=resume, defaults=True, say=console.print)
@@ -294,7 +292,7 @@ def eval_cmd(
     """Score one variant on the evaluation split: per-item JSONL and a summary with 95% CIs, latency, cost."""
     cfg = _load(config, set_)
 
-    from .eval.run import evaluate
+    from .eval.evaluate import evaluate
 
     chosen = next((v for v in cfg.evaluation.variants if v.name == variant), None)
     if chosen is None:
@@ -319,7 +317,7 @@ def compare(
     model, data) is reused, so an interrupted compare goes on where it stopped."""
     cfg = _load(config, set_)
 
-    from .eval.run import compare as compare_fn
+    from .eval.evaluate import compare as compare_fn
 
     with console.status("comparing") as status:
         result = compare_fn(cfg, variants, progress=lambda name: status.update(f"evaluating {name}"), reuse=not rerun)

@@ -30,7 +30,7 @@ class ModelConfig(Section):
         description="Model reference: a hub id, a local directory, or bundled:smollm2-135m-instruct (the default, works offline).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype. auto = float32 on CPU (bf16 is ~400x slower there), bfloat16 on a GPU that supports it."
+        "auto", description="Weights dtype. auto = float32 on CPU (bf16 matmul is far slower there), bfloat16 on a GPU that supports it."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run: auto picks cuda when available.")
 
@@ -69,9 +69,9 @@ class CleanConfig(Section):
     near_dedup: bool = Field(True, description="Drop near-duplicate prompts (MinHash LSH, then exact Jaccard of character 5-grams).")
     near_dup_threshold: float = Field(0.9, gt=0.0, le=1.0, description="Jaccard similarity at which two prompts count as near-duplicates.")
     num_perm: int = Field(128, ge=16, description="MinHash permutations.")
-    perplexity: bool = Field(False, description="Add the answer's perplexity under the base model (model.name) to the quality score: garbled or off-language answers score low. Runs the model over every training record (on this 2-core CPU: 11 records/s on the BANKING77 example, whose system prompt lists the 77 labels).")
+    perplexity: bool = Field(False, description="Add the answer's perplexity under the base model (model.name) to the quality score: garbled or off-language answers score low. Runs the model over every training record (slow on a CPU: see the README).")
     select: int | None = Field(None, gt=0, description="Keep only the N training records with the best quality score (also: data prepare --select N); the rest are set aside with their score.")
-    select_by_label: bool = Field(True, description="With select on labelled data, keep each label's share of the N (largest remainder), the best within each label: a global top N can lose whole labels (61 of 77 BANKING77 intents in bench/selection.py).")
+    select_by_label: bool = Field(True, description="With select on labelled data, keep each label's share of the N (largest remainder), the best within each label: a global top N can lose whole labels.")
     drop_leaks: bool = Field(False, description="Drop training records whose prompt equals or nearly equals a validation/test prompt (also: data prepare --drop-leaks).")
 
 
@@ -188,7 +188,7 @@ class EvalConfig(Section):
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, v: list[str]) -> list[str]:
-        from .eval.metrics import METRICS
+        from .metrics import METRICS
 
         bad = [m for m in v if m not in METRICS]
         if bad:
@@ -298,6 +298,16 @@ class ProjectConfig(Section):
     @property
     def run_dir(self) -> Path:
         return self.path(self.output_dir) / self.project
+
+    @property
+    def train_dir(self) -> Path:
+        """Where `tunewise train` (and the workflow) trains: metrics, checkpoints, model/."""
+        return self.run_dir / "train"
+
+    @property
+    def trained_model(self) -> Path:
+        """The trained model (an adapter or a full model) a fine-tuned variant and the gate use by default."""
+        return self.train_dir / "model"
 
     def resolved(self) -> dict[str, Any]:
         """The config as it was used, paths made absolute: saved beside every artifact."""

@@ -25,7 +25,7 @@ from .errors import TunewiseError
 from .config import ProjectConfig, VariantConfig
 from .engine import model_ref_of
 from .eval import suites
-from .eval.run import Engines, evaluate, load_scores
+from .eval.evaluate import Engines, evaluate, load_scores
 from .eval.stats import paired_test
 from .registry import Registry, dir_sha256, registry_path
 from .util import atomic_write_json, sha256_text, write_jsonl
@@ -72,7 +72,7 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
     metric = g.metric or cfg.goal.metric
     if metric not in cfg.evaluation.metrics:
         raise GateError(f"gate metric {metric!r} is not among evaluation.metrics {cfg.evaluation.metrics}")
-    cand_path = Path(cfg.path(candidate) if candidate else cfg.run_dir / "train" / "model")
+    cand_path = Path(cfg.path(candidate) if candidate else cfg.trained_model)
     if not (cand_path / "tunewise.json").exists() and not (cand_path / "config.json").exists() and not (cand_path / "adapter_config.json").exists():
         raise GateError(f"no trained model at {cand_path} (run `tunewise train` first or pass --candidate)")
     reg = Registry(registry_path(cfg))
@@ -139,7 +139,7 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
 
     base_ref, adapter_dir = model_ref_of(cand_path)
     meta = json.loads((cand_path / "tunewise.json").read_text()) if (cand_path / "tunewise.json").exists() else {}
-    datasets = {k: v["sha256"] for k, v in (task["candidate"].get("data") or {}).items()}
+    datasets = {k: {**v, "path": str(cfg.run_dir / "data" / f"{k}.jsonl")} for k, v in (task["candidate"].get("data") or {}).items()}
     entry = reg.register(name, cand_path, base_model=meta.get("base_model", base_ref), adapter=adapter_dir is not None,
                          run_dir=str(cand_path.parent), datasets=datasets, config=meta.get("config"))
     verdict = {"passed": passed, "forced": force and not passed, "candidate": entry.ref, "reference": ref_label,

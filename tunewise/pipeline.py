@@ -17,7 +17,7 @@ import time
 
 from .config import ProjectConfig, VariantConfig, replace
 from .data.prepared import ensure_prepared
-from .eval.run import EvalError, compare, evaluate, Engines
+from .eval.evaluate import EvalError, compare, evaluate, Engines
 from .models import load_tokenizer
 from .util import atomic_write_json, sha256_text
 
@@ -51,7 +51,7 @@ def _train_key(cfg: ProjectConfig, prepared) -> str:
 def _ensure_trained(cfg: ProjectConfig, prepared, journal: dict, progress) -> dict:
     from .train.loop import train
 
-    train_dir = cfg.run_dir / "train"
+    train_dir = cfg.train_dir
     key = _train_key(cfg, prepared)
     summary_path = train_dir / "train_summary.json"
     key_path = train_dir / "run_key.txt"

@@ -99,15 +99,12 @@ class Registry:
         return _Tx(self.db)
 
     # -- writes (each one transaction) ---------------------------------------------------------------
-    def add_dataset(self, hash_: str, path: str, records: int | None = None) -> None:
-        with self.tx():
-            self.db.execute("INSERT OR IGNORE INTO datasets VALUES (?, ?, ?, ?)", (hash_, path, records, time.time()))
-
     def register(self, name: str, source: str | Path, base_model: str, adapter: bool, run_dir: str | None = None,
                  datasets: dict | None = None, config: dict | None = None) -> ModelEntry:
         """Copy a trained output directory into the registry as the next version of `name` (a later
         training run overwrites its own output, never a registered version). The same content registered
-        again returns the existing version."""
+        again returns the existing version. datasets: split -> content hash, or split -> {"sha256", "path",
+        "records"} (the prepared split files); the model records split -> hash, the datasets table each file."""
         source = Path(source)
         content = dir_sha256(source)
         row = self.db.execute(f"SELECT {_MODEL_COLS} FROM models WHERE name=? AND content=?", (name, content)).fetchone()
@@ -125,12 +122,15 @@ class Registry:
                 if final.exists():  # left by a process killed after the rename, before its commit: not in the database
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-                for role, h in (datasets or {}).items():
-                    self.db.execute("INSERT OR IGNORE INTO datasets VALUES (?, ?, ?, ?)", (h, role, None, time.time()))
+                for d in (datasets or {}).values():
+                    d = d if isinstance(d, dict) else {"sha256": d}
+                    self.db.execute("INSERT OR IGNORE INTO datasets VALUES (?, ?, ?, ?)",
+                                    (d["sha256"], d.get("path"), d.get("records"), time.time()))
                 cur = self.db.execute(
                     "INSERT INTO models (name, version, path, base_model, adapter, run_dir, datasets, config, content, created)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (name, version, str(final), base_model, int(adapter), run_dir, json.dumps(datasets or {}, sort_keys=True),
+                    (name, version, str(final), base_model, int(adapter), run_dir,
+                     json.dumps({k: v["sha256"] if isinstance(v, dict) else v for k, v in (datasets or {}).items()}, sort_keys=True),
                      json.dumps(config, sort_keys=True, default=str) if config is not None else None, content, time.time()))
                 return self._model_by_id(cur.lastrowid)
         finally:

@@ -499,7 +499,7 @@ def _check_leaks(run: _Run) -> None:
 def _score_and_select(run: _Run) -> None:
     """The quality score of the training records (and perplexity under the base model, if asked), and
     data.clean.select: the best N kept, the rest set aside with their score and the cut."""
-    from .clean import quality_arrays, score_dict, select_best
+    from .clean import describe_selection, quality_arrays, score_dict, select_best
 
     cfg, c, col, spool, say = run.cfg, run.cfg.data.clean, run.col, run.spool, run.say
     say("scoring", run.state["done"])
@@ -529,6 +529,7 @@ def _score_and_select(run: _Run) -> None:
         run.splits["train"] = tr[chosen]
         q = {k: v[chosen] for k, v in q.items()}
         selected = {"kept": int(chosen.sum()), "cut": cut, "by_label": by_label}
+        selected["text"] = describe_selection(selected)
     scores = q["score"]
     lowest = np.argsort(scores, kind="stable")[:10]
     run.found["quality"] = {"selected": selected, "histogram": np.histogram(scores, bins=10, range=(0, 1))[0].tolist() if len(scores) else [],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..eval.metrics import normalize_answer
+from ..metrics import normalize_answer
 from .retrieve import Hit, Retriever, fit_budget
 
 _CITE = re.compile(r"\[(\d{1,3})\]")
@@ -42,6 +42,20 @@ def format_context(hits: list[Hit]) -> str:
         title = f" {h.chunk.title}:" if h.chunk.title else ""
         lines.append(f"[{i}]{title} {h.chunk.text}")
     return "\n".join(lines)
+
+
+def rag_conversation(turns: list[dict], context: str, system: str | None) -> list[dict]:
+    """THE conversation a RAG model sees, in training (RAFT data), evaluation (rag, ft+rag) and serving (+kb):
+    the RAG system prompt (it replaces any system turn of the conversation), the turns in order, and the last
+    user turn as `context` (the numbered passages, format_context) then "Question: " and its text. turns:
+    the conversation up to the answer, without it."""
+    conv = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": t["role"], "content": t["content"]} for t in turns if t["role"] != "system"]
+    last = next((t for t in reversed(conv) if t["role"] == "user"), None)
+    if last is None:
+        raise ValueError("a RAG conversation needs a user turn to put the context before")
+    last["content"] = f"{context}\n\nQuestion: {last['content']}"
+    return conv
 
 
 def rag_prompts(retriever: Retriever, questions: list[str], rag_cfg, tokenizer, rank_depth: int = 20) -> list[RagContext]:

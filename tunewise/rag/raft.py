@@ -2,18 +2,18 @@
 Domain Specific RAG"): each training question comes with retrieved context, the gold passage plus
 distractors in random order, and the answer cites the gold passage's number. In a share of examples
 (1 - p_oracle) the gold passage is left out, so the model also learns to answer from what it has learnt
-rather than copy whatever is in front of it. The prompt is built exactly as the rag/ft+rag variants build
-it at evaluation, so training and inference see the same format.
+rather than copy whatever is in front of it. The prompt is answer.rag_conversation, the one builder evaluation
+and the server use too, so training, evaluation and serving see the same format.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from ..data.records import Record
-from .answer import format_context, gold_rank
+from ..util import write_jsonl
+from .answer import format_context, gold_rank, rag_conversation
 from .retrieve import Retriever
 
 
@@ -48,9 +48,8 @@ def raft_records(cfg, records: list[Record], distractors: int = 2, p_oracle: flo
             counts["with_gold"] += 1
         else:
             counts["without_gold"] += 1
-        rows.append({"messages": [{"role": "system", "content": cfg.rag.system_prompt},
-                                  {"role": "user", "content": f"{format_context(shown)}\n\nQuestion: {q}"},
-                                  {"role": "assistant", "content": answer}],
+        prompt = rag_conversation(rec.messages[:-1], format_context(shown), cfg.rag.system_prompt)
+        rows.append({"messages": prompt + [{"role": "assistant", "content": answer}],
                      **{k: v for k, v in (rec.meta or {}).items() if k in ("answers", "gold_sources")}})
     return rows, counts
 
@@ -61,8 +60,5 @@ def write_raft(cfg, out: Path, distractors: int = 2, p_oracle: float = 0.8, seed
 
     prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name))
     rows, counts = raft_records(cfg, prepared.splits["train"], distractors, p_oracle, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(out, rows)
     return counts

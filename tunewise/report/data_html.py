@@ -59,9 +59,7 @@ def data_report(data_dir: Path, summary: dict, label_counts: dict[str, Counter],
         rows.append(["leakage (--drop-leaks)", f"{lk['dropped']} dropped"])
     q = s.get("quality", {})
     if q.get("selected"):
-        from ..data.clean import describe_selection
-
-        rows.append(["--select", describe_selection(q["selected"])])
+        rows.append(["--select", q["selected"]["text"]])
     rows += [[f"split: {n}", s["outputs"][n]["records"]] for n in SPLITS]
     rows.append(["quarantined (all reasons)", read["quarantined"]])
     parts.append("<h2>Counts at every step</h2>" + _table(["step", "records"], rows))

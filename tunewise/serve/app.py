@@ -25,7 +25,7 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -229,8 +229,9 @@ def _choices(req: Sampling) -> tuple[str, ...] | None:
 
 
 def create_app(cfg: ProjectConfig, engine=None) -> FastAPI:
+    """The app: state (config, models, batcher, API keys), middleware (auth, access log, body limit, CORS),
+    error handlers in OpenAI's shape, and the routes (module-level handlers reading app.state)."""
     s = cfg.serve
-    models = Models(cfg, engine)
     batcher = Batcher(s.max_batch, s.batch_wait_ms / 1000, s.queue_size)
 
     @asynccontextmanager
@@ -239,231 +240,257 @@ def create_app(cfg: ProjectConfig, engine=None) -> FastAPI:
         batcher.close()
 
     app = FastAPI(title="tunewise", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.models, app.state.batcher = models, batcher
-    keys = _api_keys(cfg)
+    app.state.cfg, app.state.models, app.state.batcher, app.state.keys = cfg, Models(cfg, engine), batcher, _api_keys(cfg)
     if s.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=s.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
-
-    @app.middleware("http")
-    async def auth_and_log(request: Request, call_next):
-        t0 = time.perf_counter()
-        rid = uuid.uuid4().hex[:12]
-        if keys and request.url.path.startswith("/v1/"):
-            auth = request.headers.get("authorization", "")
-            token = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
-                response = _error(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error", "invalid_api_key")
-                _access(request, response.status_code, t0, rid)
-                return response
-        try:
-            response = await call_next(request)
-        except ApiError as e:
-            response = _error(e.status, e.message, e.type, e.code, e.headers)
-        response.headers["x-request-id"] = rid
-        _access(request, response.status_code, t0, rid)
-        return response
-
+    app.middleware("http")(_auth_and_log)
     app.add_middleware(_BodyLimit, limit=s.max_body_bytes)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_, e: ApiError):
-        return _error(e.status, e.message, e.type, e.code, e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(_, e: RequestValidationError):
-        errs = e.errors()
-        where = ".".join(str(x) for x in errs[0].get("loc", [])[1:]) if errs else ""
-        msg = errs[0].get("msg", "invalid request") if errs else "invalid request"
-        if errs and errs[0].get("type") == "json_invalid":
-            return _error(400, "request body is not valid JSON", "invalid_request_error", "invalid_json")
-        return _error(400, f"{where}: {msg}" if where else msg, "invalid_request_error", "invalid_request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, e: StarletteHTTPException):
-        return _error(e.status_code, str(e.detail), "invalid_request_error", None)
-
-    @app.exception_handler(Exception)
-    async def internal(_, e: Exception):  # never a traceback in a response
-        logging.getLogger("tunewise.serve").exception("internal error")
-        return _error(500, "internal server error", "server_error", None)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "queue": batcher.q.qsize(), "batches": batcher.batches, "rows": batcher.rows}
-
-    @app.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": models.listing()}
-
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, request: Request):
-        entry = models.entry(req.model)
-        rag = req.model.endswith("+kb")
-        if rag and not models.kb_ready():
-            raise ApiError(400, f"model {req.model!r}: no knowledge-base index (configure rag.knowledge_base and run `tunewise kb index`)",
-                           code="no_knowledge_base")
-        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages if m.role != "tool"]
-        ctx_box: dict = {}
-
-        def prepare():
-            eng, adapter = models.engine_for(entry)
-            conv = turns
-            if rag:
-                from ..rag.answer import rag_prompts
-
-                question = next((t["content"] for t in reversed(turns) if t["role"] == "user"), "")
-                ctx = rag_prompts(models.retriever(), [question], cfg.rag, eng.tok)[0]
-                ctx_box["ctx"] = ctx
-                conv = [{"role": "system", "content": cfg.rag.system_prompt}] + [t for t in turns if t["role"] != "system"]
-                for t in reversed(conv):
-                    if t["role"] == "user":
-                        t["content"] = f"{ctx.prompt}\n\nQuestion: {t['content']}"
-                        break
-            return eng, adapter, [conv] * req.n
-
-        def extra(text: str) -> dict:
-            ctx = ctx_box.get("ctx")
-            if ctx is None:
-                return {}
-            return {"citations": ctx.cited(text),
-                    "retrieved": [{"n": i, "source": h.chunk.citation, "chunk": h.chunk.id} for i, h in enumerate(ctx.hits, 1)]}
-
-        return await _respond(req, prepare, "chat.completion", extra, _choices(req))
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        if isinstance(req.prompt, list) and len(req.prompt) != 1:
-            raise ApiError(400, "prompt: one prompt per request (send a list of one, or a string)", code="invalid_request")
-        if req.model.endswith("+kb"):
-            raise ApiError(400, "+kb models are chat models: use /v1/chat/completions", code="invalid_model")
-        entry = models.entry(req.model)
-        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        choices = _choices(req)
-
-        def prepare():
-            eng, adapter = models.engine_for(entry)
-            return eng, adapter, [prompt] * req.n
-
-        return await _respond(req, prepare, "text_completion", lambda _: {}, choices)
-
-    async def _respond(req: Sampling, prepare, kind: str, extra, choices: tuple[str, ...] | None = None):
-        max_tokens = min(req.max_completion_tokens or req.max_tokens or s.default_max_tokens, s.max_tokens_cap)
-        stop = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))[:4]
-        loop = asyncio.get_running_loop()
-        queue_: asyncio.Queue | None = asyncio.Queue() if req.stream else None
-        job = Job(prepare=prepare, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop, group=req.model,
-                  choices=choices)
-        if req.stream:
-            job.on_token = lambda k, ids: loop.call_soon_threadsafe(queue_.put_nowait, (k, list(ids)))
-        try:
-            fut = batcher.submit(job)
-        except QueueFull as e:
-            raise ApiError(429, f"server busy: {e}; retry later", "rate_limit_error", "queue_full", headers={"Retry-After": "1"}) from None
-        rid, created = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
-        afut = asyncio.wrap_future(fut)
-        if not req.stream:
-            try:
-                outs = await asyncio.wait_for(afut, s.request_timeout_s)
-            except asyncio.TimeoutError:
-                job.cancelled = True
-                raise ApiError(504, f"no answer within {s.request_timeout_s:g} s", "timeout_error", "timeout") from None
-            except ApiError:
-                raise
-            except Exception as e:  # noqa: BLE001 - e.g. an adapter that fails to load
-                logging.getLogger("tunewise.serve").exception("generation failed")
-                raise ApiError(500, f"generation failed: {type(e).__name__}", "server_error") from None
-            choices = []
-            for i, o in enumerate(outs):
-                body = {"role": "assistant", "content": o.text} if kind == "chat.completion" else None
-                choices.append({"index": i, "finish_reason": o.finish_reason, "logprobs": None}
-                               | ({"message": body} if body else {"text": o.text}))
-            usage = {"prompt_tokens": outs[0].prompt_tokens * len(outs) if outs else 0,
-                     "completion_tokens": sum(o.completion_tokens for o in outs)}
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-            return {"id": rid, "object": kind, "created": created, "model": req.model, "choices": choices, "usage": usage,
-                    **extra(outs[0].text if outs else "")}
-        return StreamingResponse(_stream(req, job, afut, queue_, rid, created, kind, stop, extra), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-
-    async def _stream(req, job, afut, queue_, rid, created, kind, stop, extra):
-        obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
-        emitted = [""] * req.n
-        hold = max((len(x) for x in stop), default=0)
-        tok = None
-
-        def chunk(i, delta: str | None, finish=None, **more):
-            if kind == "chat.completion":
-                d = {} if delta is None else {"content": delta}
-                if delta == "" and finish is None:
-                    d = {"role": "assistant", "content": ""}
-                c = {"index": i, "delta": d, "finish_reason": finish, "logprobs": None}
-            else:
-                c = {"index": i, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": req.model, "choices": [c], **more}) + "\n\n"
-
-        try:
-            if kind == "chat.completion":
-                for i in range(req.n):
-                    yield chunk(i, "")
-            deadline = time.monotonic() + s.request_timeout_s
-            while not afut.done():
-                try:
-                    k, ids = await asyncio.wait_for(queue_.get(), timeout=max(0.01, min(0.25, deadline - time.monotonic())))
-                except asyncio.TimeoutError:
-                    if time.monotonic() > deadline:
-                        job.cancelled = True
-                        yield "data: " + json.dumps({"error": {"message": "timeout", "type": "timeout_error"}}) + "\n\n"
-                        return
-                    continue
-                if tok is None:
-                    tok = job.prepared[0].tok
-                text = tok.decode(ids, skip_special_tokens=True).lstrip()
-                if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                    continue
-                safe = len(text) - hold
-                if safe > len(emitted[k]) and text.startswith(emitted[k]):
-                    yield chunk(k, text[len(emitted[k]) : safe])
-                    emitted[k] = text[:safe]
-            try:
-                outs = afut.result()
-            except Exception:  # noqa: BLE001
-                yield "data: " + json.dumps({"error": {"message": "generation failed", "type": "server_error"}}) + "\n\n"
-                return
-            for i, o in enumerate(outs):  # the rest, with stop strings cut: exactly the non-streamed text
-                rest = o.text[len(emitted[i]):] if o.text.startswith(emitted[i]) else ""
-                if rest:
-                    yield chunk(i, rest)
-                usage = {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
-                         "total_tokens": o.prompt_tokens + o.completion_tokens}
-                yield chunk(i, None, o.finish_reason, usage=usage, **(extra(o.text) if i == 0 else {}))
-            yield "data: [DONE]\n\n"
-        except asyncio.CancelledError:  # the client went away: stop streaming; the batch it shared goes on
-            job.cancelled = True
-            raise
-
-    @app.post("/v1/embeddings")
-    async def embeddings(req: EmbeddingRequest):
-        texts = [req.input] if isinstance(req.input, str) else req.input
-        if not texts or not all(isinstance(t, str) and t for t in texts):
-            raise ApiError(400, "input: a non-empty string or list of non-empty strings", code="invalid_request")
-        if len(texts) > 2048:
-            raise ApiError(400, "input: at most 2048 strings per request", code="invalid_request")
-
-        def run():
-            e = models.embedder()
-            return e.encode(texts), sum(e.count_tokens(t) for t in texts)
-
-        try:
-            fut = batcher.submit(Call(run))
-        except QueueFull as e:
-            raise ApiError(429, f"server busy: {e}", "rate_limit_error", "queue_full", headers={"Retry-After": "1"}) from None
-        vecs, n_tok = await asyncio.wait_for(asyncio.wrap_future(fut), s.request_timeout_s)
-        return {"object": "list", "model": req.model, "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok},
-                "data": [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vecs)]}
-
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _bad_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal)
+    app.include_router(router)
     return app
+
+
+async def _auth_and_log(request: Request, call_next):
+    t0 = time.perf_counter()
+    rid = uuid.uuid4().hex[:12]
+    keys = request.app.state.keys
+    if keys and request.url.path.startswith("/v1/"):
+        auth = request.headers.get("authorization", "")
+        token = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+            response = _error(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error", "invalid_api_key")
+            _access(request, response.status_code, t0, rid)
+            return response
+    try:
+        response = await call_next(request)
+    except ApiError as e:
+        response = _error(e.status, e.message, e.type, e.code, e.headers)
+    response.headers["x-request-id"] = rid
+    _access(request, response.status_code, t0, rid)
+    return response
+
+
+async def _api_error(_, e: ApiError):
+    return _error(e.status, e.message, e.type, e.code, e.headers)
+
+
+async def _bad_request(_, e: RequestValidationError):
+    errs = e.errors()
+    where = ".".join(str(x) for x in errs[0].get("loc", [])[1:]) if errs else ""
+    msg = errs[0].get("msg", "invalid request") if errs else "invalid request"
+    if errs and errs[0].get("type") == "json_invalid":
+        return _error(400, "request body is not valid JSON", "invalid_request_error", "invalid_json")
+    return _error(400, f"{where}: {msg}" if where else msg, "invalid_request_error", "invalid_request")
+
+
+async def _http_error(_, e: StarletteHTTPException):
+    return _error(e.status_code, str(e.detail), "invalid_request_error", None)
+
+
+async def _internal(_, e: Exception):  # never a traceback in a response
+    logging.getLogger("tunewise.serve").exception("internal error")
+    return _error(500, "internal server error", "server_error", None)
+
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request):
+    b = request.app.state.batcher
+    return {"status": "ok", "queue": b.q.qsize(), "batches": b.batches, "rows": b.rows}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": request.app.state.models.listing()}
+
+
+def chat_turns(req: ChatRequest) -> list[dict]:
+    """The request's messages as engine turns (developer counts as system; tool turns are dropped)."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages if m.role != "tool"]
+
+
+def chat_conversation(models: Models, turns: list[dict], rag: bool, tok):
+    """On the worker thread: the conversation the model answers, and the retrieved context (None without +kb).
+    With +kb it is rag_conversation, as in RAFT training data and the rag/ft+rag evaluation variants."""
+    if not rag:
+        return turns, None
+    from ..rag.answer import rag_conversation, rag_prompts
+
+    cfg = models.cfg
+    question = next((t["content"] for t in reversed(turns) if t["role"] == "user"), "")
+    ctx = rag_prompts(models.retriever(), [question], cfg.rag, tok)[0]
+    return rag_conversation(turns, ctx.prompt, cfg.rag.system_prompt), ctx
+
+
+@router.post("/v1/chat/completions")
+async def chat(req: ChatRequest, request: Request):
+    models = request.app.state.models
+    entry = models.entry(req.model)
+    rag = req.model.endswith("+kb")
+    if rag and not models.kb_ready():
+        raise ApiError(400, f"model {req.model!r}: no knowledge-base index (configure rag.knowledge_base and run `tunewise kb index`)",
+                       code="no_knowledge_base")
+    turns = chat_turns(req)
+    ctx_box: dict = {}
+
+    def prepare():
+        eng, adapter = models.engine_for(entry)
+        conv, ctx_box["ctx"] = chat_conversation(models, turns, rag, eng.tok)
+        return eng, adapter, [conv] * req.n
+
+    def extra(text: str) -> dict:
+        ctx = ctx_box.get("ctx")
+        if ctx is None:
+            return {}
+        return {"citations": ctx.cited(text),
+                "retrieved": [{"n": i, "source": h.chunk.citation, "chunk": h.chunk.id} for i, h in enumerate(ctx.hits, 1)]}
+
+    return await _respond(request, req, prepare, "chat.completion", extra, _choices(req))
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    if isinstance(req.prompt, list) and len(req.prompt) != 1:
+        raise ApiError(400, "prompt: one prompt per request (send a list of one, or a string)", code="invalid_request")
+    if req.model.endswith("+kb"):
+        raise ApiError(400, "+kb models are chat models: use /v1/chat/completions", code="invalid_model")
+    models = request.app.state.models
+    entry = models.entry(req.model)
+    prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+    choices = _choices(req)
+
+    def prepare():
+        eng, adapter = models.engine_for(entry)
+        return eng, adapter, [prompt] * req.n
+
+    return await _respond(request, req, prepare, "text_completion", lambda _: {}, choices)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(req: EmbeddingRequest, request: Request):
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    if not texts or not all(isinstance(t, str) and t for t in texts):
+        raise ApiError(400, "input: a non-empty string or list of non-empty strings", code="invalid_request")
+    if len(texts) > 2048:
+        raise ApiError(400, "input: at most 2048 strings per request", code="invalid_request")
+    models, s = request.app.state.models, request.app.state.cfg.serve
+
+    def run():
+        e = models.embedder()
+        return e.encode(texts), sum(e.count_tokens(t) for t in texts)
+
+    try:
+        fut = request.app.state.batcher.submit(Call(run))
+    except QueueFull as e:
+        raise ApiError(429, f"server busy: {e}", "rate_limit_error", "queue_full", headers={"Retry-After": "1"}) from None
+    vecs, n_tok = await asyncio.wait_for(asyncio.wrap_future(fut), s.request_timeout_s)
+    return {"object": "list", "model": req.model, "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok},
+            "data": [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vecs)]}
+
+
+async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, choices: tuple[str, ...] | None = None):
+    """Queue the generation on the batcher; the whole answer, or a stream of server-sent events."""
+    s = request.app.state.cfg.serve
+    max_tokens = min(req.max_completion_tokens or req.max_tokens or s.default_max_tokens, s.max_tokens_cap)
+    stop = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))[:4]
+    loop = asyncio.get_running_loop()
+    queue_: asyncio.Queue | None = asyncio.Queue() if req.stream else None
+    job = Job(prepare=prepare, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop, group=req.model,
+              choices=choices)
+    if req.stream:
+        job.on_token = lambda k, ids: loop.call_soon_threadsafe(queue_.put_nowait, (k, list(ids)))
+    try:
+        fut = request.app.state.batcher.submit(job)
+    except QueueFull as e:
+        raise ApiError(429, f"server busy: {e}; retry later", "rate_limit_error", "queue_full", headers={"Retry-After": "1"}) from None
+    rid, created = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+    afut = asyncio.wrap_future(fut)
+    if not req.stream:
+        try:
+            outs = await asyncio.wait_for(afut, s.request_timeout_s)
+        except asyncio.TimeoutError:
+            job.cancelled = True
+            raise ApiError(504, f"no answer within {s.request_timeout_s:g} s", "timeout_error", "timeout") from None
+        except ApiError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. an adapter that fails to load
+            logging.getLogger("tunewise.serve").exception("generation failed")
+            raise ApiError(500, f"generation failed: {type(e).__name__}", "server_error") from None
+        choices = []
+        for i, o in enumerate(outs):
+            body = {"role": "assistant", "content": o.text} if kind == "chat.completion" else None
+            choices.append({"index": i, "finish_reason": o.finish_reason, "logprobs": None}
+                           | ({"message": body} if body else {"text": o.text}))
+        usage = {"prompt_tokens": outs[0].prompt_tokens * len(outs) if outs else 0,
+                 "completion_tokens": sum(o.completion_tokens for o in outs)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {"id": rid, "object": kind, "created": created, "model": req.model, "choices": choices, "usage": usage,
+                **extra(outs[0].text if outs else "")}
+    return StreamingResponse(_stream(req, job, afut, queue_, rid, created, kind, stop, extra, s.request_timeout_s), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+async def _stream(req, job, afut, queue_, rid, created, kind, stop, extra, timeout_s: float):
+    obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+    emitted = [""] * req.n
+    hold = max((len(x) for x in stop), default=0)
+    tok = None
+
+    def chunk(i, delta: str | None, finish=None, **more):
+        if kind == "chat.completion":
+            d = {} if delta is None else {"content": delta}
+            if delta == "" and finish is None:
+                d = {"role": "assistant", "content": ""}
+            c = {"index": i, "delta": d, "finish_reason": finish, "logprobs": None}
+        else:
+            c = {"index": i, "text": delta or "", "finish_reason": finish, "logprobs": None}
+        return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": req.model, "choices": [c], **more}) + "\n\n"
+
+    try:
+        if kind == "chat.completion":
+            for i in range(req.n):
+                yield chunk(i, "")
+        deadline = time.monotonic() + timeout_s
+        while not afut.done():
+            try:
+                k, ids = await asyncio.wait_for(queue_.get(), timeout=max(0.01, min(0.25, deadline - time.monotonic())))
+            except asyncio.TimeoutError:
+                if time.monotonic() > deadline:
+                    job.cancelled = True
+                    yield "data: " + json.dumps({"error": {"message": "timeout", "type": "timeout_error"}}) + "\n\n"
+                    return
+                continue
+            if tok is None:
+                tok = job.prepared[0].tok
+            text = tok.decode(ids, skip_special_tokens=True).lstrip()
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            safe = len(text) - hold
+            if safe > len(emitted[k]) and text.startswith(emitted[k]):
+                yield chunk(k, text[len(emitted[k]) : safe])
+                emitted[k] = text[:safe]
+        try:
+            outs = afut.result()
+        except Exception:  # noqa: BLE001
+            yield "data: " + json.dumps({"error": {"message": "generation failed", "type": "server_error"}}) + "\n\n"
+            return
+        for i, o in enumerate(outs):  # the rest, with stop strings cut: exactly the non-streamed text
+            rest = o.text[len(emitted[i]):] if o.text.startswith(emitted[i]) else ""
+            if rest:
+                yield chunk(i, rest)
+            usage = {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
+                     "total_tokens": o.prompt_tokens + o.completion_tokens}
+            yield chunk(i, None, o.finish_reason, usage=usage, **(extra(o.text) if i == 0 else {}))
+        yield "data: [DONE]\n\n"
+    except asyncio.CancelledError:  # the client went away: stop streaming; the batch it shared goes on
+        job.cancelled = True
+        raise
 
 
 def _access(request: Request, status: int, t0: float, rid: str) -> None:

@@ -241,7 +241,7 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
 
     t0 = time.time()
     t = cfg.training
-    out_dir = Path(out_dir or cfg.run_dir / "train")
+    out_dir = Path(out_dir or cfg.train_dir)
     ckpt_root = out_dir / "checkpoints"
     clean_partial(ckpt_root)
     checkpoints = list_checkpoints(ckpt_root)

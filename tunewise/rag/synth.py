@@ -19,6 +19,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.records import Record
+from ..util import write_jsonl
+
 SYNTH_SYSTEM = ("You write exam questions. Read the passage and write one question that the passage answers, "
                 "then its answer as a short phrase copied from the passage. Reply exactly in this form:\n"
                 "Question: <the question>\nAnswer: <the short answer>")
@@ -85,8 +88,8 @@ def _endpoint_generate(url: str, model: str, convs: list[list[dict]], max_tokens
 
 def synthesize(cfg, out: Path, chunks: int = 100, per_chunk: int = 1, k: int = 5, seed: int = 0, temperature: float = 0.7,
                endpoint: str | None = None, endpoint_model: str | None = None, raft: bool = False, progress=None) -> SynthReport:
-    from ..rag.answer import supported
-    from ..rag.retrieve import Retriever
+    from .answer import supported
+    from .retrieve import Retriever
 
     retriever = Retriever(cfg)
     rng = random.Random(seed)
@@ -132,9 +135,6 @@ def synthesize(cfg, out: Path, chunks: int = 100, per_chunk: int = 1, k: int = 5
         rep.supported += 1
         pairs.append((chunk, *pair))
     hits = retriever.search_many([q for _, q, _ in pairs], k=k)
-    rows = []
-    from .records import Record
-
     records = []
     for (chunk, q, a), found in zip(pairs, hits):
         if chunk.id not in {h.chunk.id for h in found}:
@@ -146,14 +146,11 @@ def synthesize(cfg, out: Path, chunks: int = 100, per_chunk: int = 1, k: int = 5
         if len(rep.examples) < 5:
             rep.examples.append({"chunk": chunk.citation, "question": q, "answer": a})
     if raft:
-        from ..rag.raft import raft_records
+        from .raft import raft_records
 
         rows, _ = raft_records(cfg, records, retriever=retriever, seed=seed)
     else:
         rows = [{"messages": r.messages, **r.meta} for r in records]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(out, rows)
     retriever.close()
     return rep

@@ -21,7 +21,7 @@ from ..data.split import sample_records
 from ..engine import Engine, model_ref_of
 from ..models import load_tokenizer
 from ..util import atomic_write_json, rate_and_eta, sha256_file, sha256_text, write_jsonl
-from .metrics import score
+from ..metrics import score
 from .stats import bootstrap_ci, paired_test, percentile
 
 
@@ -71,10 +71,9 @@ def select_shots(train: list[Record], items: list[Record], k: int, selection: st
     return [[train[j] for j in reversed(row)] for row in top]
 
 
-def build_prompt(record: Record, system: str | None, shots: list[Record] | None, context: str | None = None) -> list[dict]:
-    """The conversation up to (not including) the last assistant turn, with system prompt and shots.
-
-    `context` (numbered retrieved passages) goes before the last user turn's question."""
+def build_prompt(record: Record, system: str | None, shots: list[Record] | None) -> list[dict]:
+    """The conversation up to (not including) the last assistant turn, with system prompt and shots (the
+    base and few-shot variants; RAG variants: rag.answer.rag_conversation)."""
     turns = [m for m in record.messages if m["role"] != "system"][:-1]
     own_system = next((m["content"] for m in record.messages if m["role"] == "system"), None)
     msgs = []
@@ -82,10 +81,20 @@ def build_prompt(record: Record, system: str | None, shots: list[Record] | None,
         msgs.append({"role": "system", "content": system or own_system})
     for s in shots or []:
         msgs += [{"role": "user", "content": _user_text(s)}, {"role": "assistant", "content": s.answer}]
-    turns = [{"role": m["role"], "content": m["content"]} for m in turns]
-    if context is not None:
-        turns[-1]["content"] = f"{context}\n\nQuestion: {turns[-1]['content']}"
-    return msgs + turns
+    return msgs + [{"role": m["role"], "content": m["content"]} for m in turns]
+
+
+def conversations(cfg: ProjectConfig, variant: VariantConfig, items: list[Record], train: list[Record], engines: Engines, tok):
+    """The prompts a variant answers, and for RAG variants the retrieved contexts (else None)."""
+    if variant.kind in ("rag", "ft+rag"):
+        from ..rag.answer import rag_conversation, rag_prompts
+
+        system = variant.system_prompt or cfg.rag.system_prompt
+        contexts = rag_prompts(engines.retriever(), [_user_text(r) for r in items], cfg.rag, tok)
+        return [rag_conversation(r.messages[:-1], c.prompt, system) for r, c in zip(items, contexts)], contexts
+    system = variant.system_prompt or cfg.data.system_prompt
+    shots = select_shots(train, items, variant.k, variant.selection) if variant.kind == "few-shot" else [None] * len(items)
+    return [build_prompt(r, system, s) for r, s in zip(items, shots)], None
 
 
 class Engines:
@@ -99,7 +108,7 @@ class Engines:
         cfg = self.cfg
         if variant.kind not in ("fine-tuned", "ft+rag"):
             return self._engine(cfg.model.name), None, cfg.model.name
-        path = cfg.path(variant.adapter) if variant.adapter else cfg.run_dir / "train" / "model"
+        path = cfg.path(variant.adapter) if variant.adapter else cfg.trained_model
         if not Path(path).exists():
             raise EvalError(f"variant {variant.name}: no trained model at {path} (run `tunewise train` or set adapter)")
         base_ref, adapter_dir = model_ref_of(path)
@@ -130,7 +139,7 @@ def fingerprint(cfg: ProjectConfig, variant: VariantConfig, prepared: Prepared) 
     ev.pop("variants")
     trained = None
     if variant.kind in ("fine-tuned", "ft+rag"):
-        path = Path(cfg.path(variant.adapter) if variant.adapter else cfg.run_dir / "train" / "model")
+        path = Path(cfg.path(variant.adapter) if variant.adapter else cfg.trained_model)
         meta = path / "tunewise.json"
         trained = sha256_text(meta.read_text()) if meta.exists() else None
     kb = None
@@ -161,21 +170,12 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     items = sample_records(prepared.splits[ev.split], ev.max_samples)
     if not items:
         raise EvalError(f"the {ev.split} split is empty")
-    shots = select_shots(prepared.splits["train"], items, variant.k, variant.selection) if variant.kind == "few-shot" else [None] * len(items)
     rag = variant.kind in ("rag", "ft+rag")
-    system = variant.system_prompt or (cfg.rag.system_prompt if rag else cfg.data.system_prompt)
     refs = [r.label or r.answer for r in items]
     eng, adapter, model_id = engines.get(variant)
-    contexts = None
     t0 = time.time()
-    if rag:
-        from ..rag.answer import rag_prompts
-
-        contexts = rag_prompts(engines.retriever(), [_user_text(r) for r in items], cfg.rag, eng.tok)
-        convs = [build_prompt(r, system, None, context=c.prompt) for r, c in zip(items, contexts)]
-    else:
-        convs = [build_prompt(r, system, s) for r, s in zip(items, shots)]
-    retrieval_s = time.time() - t0
+    convs, contexts = conversations(cfg, variant, items, prepared.splits["train"], engines, eng.tok)
+    retrieval_s = time.time() - t0 if rag else 0.0
 
     t0 = time.time()
     labels = label_set(cfg, prepared)

@@ -1,0 +1,77 @@
+"""The layering in docs/design.md, checked on the source: no module imports a layer above its own (lazy imports
+inside functions count too). A module may import its own layer and the ones below."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "tunewise"
+
+# lowest first; a module belongs to the longest entry that prefixes its dotted name
+LAYERS = [
+    ("errors", "util", "metrics"),  # leaves: no tunewise imports but each other
+    ("config", "report"),  # the config schema; reports render dicts into HTML
+    ("models", "data", "registry"),  # loading models and tokenizers; data preparation; the registry database
+    ("engine",),  # generation
+    ("rag",),  # knowledge base, retrieval, RAG prompts, RAFT and synthetic data
+    ("train", "eval", "advise"),  # the stages
+    ("gate", "serve"),  # what judges and what serves trained models
+    ("pipeline",),  # the workflow over the stages
+    ("cli",),  # the command line
+]
+
+
+def layer_of(module: str) -> int:
+    best = None
+    for i, names in enumerate(LAYERS):
+        for n in names:
+            if (module == n or module.startswith(n + ".")) and (best is None or len(n) > len(best[1])):
+                best = (i, n)
+    assert best is not None, f"tunewise.{module} is in no layer: add it to LAYERS (and to docs/design.md)"
+    return best[0]
+
+
+def imports(path: Path) -> set[str]:
+    """The tunewise modules a file imports (relative imports resolved), without the 'tunewise.' prefix."""
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    package = list(rel.parts[:-1])  # a module's package; for __init__.py the package itself
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [target] if node.module else [f"{target}.{a.name}" for a in node.names]
+            else:
+                names = [node.module or ""]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        out |= {n.removeprefix("tunewise.") for n in names if n.startswith("tunewise.")}
+    return out
+
+
+def test_no_module_imports_a_layer_above_it():
+    problems = []
+    for path in sorted(ROOT.rglob("*.py")):
+        mod = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        if mod == "__init__":
+            continue
+        own = layer_of(mod)
+        for target in sorted(imports(path)):
+            if layer_of(target) > own:
+                problems.append(f"{mod} (layer {own}) imports {target} (layer {layer_of(target)})")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_check_sees_a_violation(tmp_path):
+    """The checker itself: a relative import from a lower layer to a higher one is found."""
+    p = ROOT / "data" / "records.py"
+    assert "data.records" not in imports(p)  # it does not import itself
+    assert layer_of("data.records") < layer_of("eval.evaluate") and layer_of("rag.answer") > layer_of("data.prepare")
+    probe = ROOT / "data" / "_probe_layers.py"
+    try:
+        probe.write_text("def f():\n    from ..eval.evaluate import evaluate\n")
+        assert "eval.evaluate" in imports(probe)
+    finally:
+        probe.unlink()
