@@ -77,6 +77,7 @@ def test_layout_loss_and_gradients_equal_the_plain_batch(tiny64, share_prefix, p
         p.requires_grad_(True)
     exs = examples(tok)
     ref = plain(model, exs, tok.pad_token_id)
+    g_ref = grads_of(model, ref)
     layout = make_layout(exs, tok.pad_token_id, share_prefix=share_prefix, packing=packing)
     assert layout.n_loss == sum(int((torch.tensor(e.labels[1:]) != IGNORE).sum()) for e in exs)
     if packing:

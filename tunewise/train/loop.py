@@ -231,17 +231,32 @@ def _cache_limit_bytes() -> int:
         return 4 * 2**30
 
 
+class _Session:
+    """What one training run holds between setup, the loop and the end (built by _setup)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
 def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False, on_step=None, progress: bool = True,
           defaults: bool = False, say=None) -> TrainResult:
     """Train as configured. defaults=True first fills the training keys the config does not set from the
     task, the data and the model (train/defaults.py; `tunewise train` does, its notes are printed)."""
+    run = _setup(cfg, Path(out_dir or cfg.train_dir), resume, defaults, say)
+    try:
+        outcome = _loop(run, on_step, progress)
+    finally:
+        run.metrics_file.close()
+    return _finish(run, **outcome)
+
+
+def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say) -> _Session:
+    """Model, method, data, optimiser, schedule and budget; the state to resume from."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from torch.optim.lr_scheduler import LambdaLR
 
     t0 = time.time()
-    t = cfg.training
-    out_dir = Path(out_dir or cfg.train_dir)
     ckpt_root = out_dir / "checkpoints"
     clean_partial(ckpt_root)
     checkpoints = list_checkpoints(ckpt_root)
@@ -250,15 +265,14 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
     if not resume and checkpoints:
         raise TrainError(f"{out_dir} already has checkpoints; pass --resume to continue or --fresh to start over")
 
-    # --- model, method, data -------------------------------------------------------------------
-    set_seed(t.seed)
+    set_seed(cfg.training.seed)
     loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
     tok = loaded.tokenizer
     accelerator = Accelerator(cpu=loaded.device.type == "cpu")
     prepared = ensure_prepared(cfg, tok)
     train_ex, train_stats = tokenize_records(tok, prepared.splits["train"], cfg.data.max_length)
-    val_records = prepared.splits["validation"][: t.eval_samples] if t.eval_samples else prepared.splits["validation"]
-    val_ex, _ = tokenize_records(tok, val_records, cfg.data.max_length)
+    n_val = cfg.training.eval_samples
+    val_ex, _ = tokenize_records(tok, prepared.splits["validation"][:n_val] if n_val else prepared.splits["validation"], cfg.data.max_length)
     if not train_ex:
         raise TrainError("no training examples left after preparation (see the data summary)")
     default_notes: list[str] = []
@@ -267,10 +281,10 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
 
         f = data_facts(prepared.splits["train"], train_ex)
         cfg, default_notes = auto_training(cfg, f["examples"], f["mean_tokens"], loaded.model.num_parameters(), f["answer_tokens"],
-                                      len(decoder_layers(loaded.model)), f["labelled"])
-        t = cfg.training
+                                           len(decoder_layers(loaded.model)), f["labelled"])
         if say:
             say("training settings: " + "; ".join(default_notes))
+    t = cfg.training
 
     set_seed(t.seed)
     model = apply_method(loaded.model, t)
@@ -291,11 +305,8 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
                 eval_every=t.eval_every, has_validation=bool(val_ex))
     scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, plan.total, int(t.warmup_ratio * plan.total), t.scheduler))
     loss_fn, optimizer = accelerator.prepare(loss_module, optimizer)
-    device = accelerator.device
-    batches = Batches(t, tok.pad_token_id, device, layouts, start)
-    val_batches = batches.sorted_batches(val_ex, "v", t.batch_size)
+    batches = Batches(t, tok.pad_token_id, accelerator.device, layouts, start)
 
-    # --- state, resume ------------------------------------------------------------------------
     state = {"position": 0, "best_val": None, "first_val": None, "last_val": None, "bad_evals": 0, "tokens": 0, "planned_total": natural}
     step = 0
     metrics_path = out_dir / "metrics.jsonl"
@@ -310,40 +321,37 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
             rows = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r.get("step", 0) <= step]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(metrics_path, rows)
-    metrics_file = open(metrics_path, "a", encoding="utf-8")
+    meta = {"base_model": cfg.model.name, "base_model_path": loaded.path, "method": t.method, "config": cfg.resolved(),
+            "data": prepared.summary.get("outputs"), "data_inputs": prepared.summary.get("inputs"), "tokens": train_stats.summary()}
+    return _Session(cfg=cfg, t=t, t0=t0, out_dir=out_dir, ckpt_root=ckpt_root, loaded=loaded, tok=tok, accelerator=accelerator,
+                    train_ex=train_ex, train_stats=train_stats, val_ex=val_ex, default_notes=default_notes, model=model,
+                    n_trainable=n_trainable, n_total=n_total, params=params, optimizer=optimizer, scheduler=scheduler, notes=notes,
+                    loss_fn=loss_fn, cache=cache, start=start, n_batches=n_batches, plan=plan, batches=batches,
+                    val_batches=batches.sorted_batches(val_ex, "v", t.batch_size), state=state, step=step, meta=meta,
+                    metrics_file=open(metrics_path, "a", encoding="utf-8"))
 
+
+def _loop(run: _Session, on_step, progress: bool) -> dict:
+    """Optimise until the planned last step, the budget, early stopping or Ctrl-C. Every exit but Ctrl-C is at
+    the end of a step, after that step's validation and checkpoint."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    t, state, plan, accelerator, cache = run.t, run.state, run.plan, run.accelerator, run.cache
     orders: dict[int, list[list[int]]] = {}
-    lengths = [len(e.input_ids) for e in train_ex]
+    lengths = [len(e.input_ids) for e in run.train_ex]
 
     def next_batch():
-        epoch, i = divmod(state["position"], n_batches)
+        epoch, i = divmod(state["position"], run.n_batches)
         if epoch not in orders:
             orders.clear()
             orders[epoch] = batch_order(lengths, t.batch_size, t.seed + epoch, t.group_by_length)
         state["position"] += 1
         idx = orders[epoch][i]
-        return batches.make([train_ex[j] for j in idx], [("t", j) for j in idx])
+        return run.batches.make([run.train_ex[j] for j in idx], [("t", j) for j in idx])
 
-    meta = {
-        "base_model": cfg.model.name,
-        "base_model_path": loaded.path,
-        "method": t.method,
-        "config": cfg.resolved(),
-        "data": prepared.summary.get("outputs"),
-        "data_inputs": prepared.summary.get("inputs"),
-        "tokens": train_stats.summary(),
-    }
-
-    def log(row):
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-
-    def ckpt(at_step, at_state, at_rng):
+    def ckpt(at_step):
         if accelerator.is_main_process:
-            save_checkpoint(ckpt_root, at_step, model, optimizer, scheduler, at_state, at_rng, t.keep_checkpoints)
-
-    # --- the loop -----------------------------------------------------------------------------
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            save_checkpoint(run.ckpt_root, at_step, run.model, run.optimizer, run.scheduler, dict(state), rng_state(), t.keep_checkpoints)
 
     bar = Progress(
         TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -351,6 +359,7 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
         TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
         disable=not (progress and accelerator.is_main_process),
     )
+    step = run.step
     task = bar.add_task("train", total=plan.total, completed=step, loss="-", val="-", tps="-")
     stopped_early = interrupted = out_of_time = False
     last_loss = None
@@ -359,20 +368,17 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
         while step < plan.total:
             if stop.requested:
                 interrupted = True
-                ckpt(step, dict(state), rng_state())
-                break
-            if plan.must_stop(step):
-                out_of_time = True
+                ckpt(step)
                 break
             ts = time.time()
             step_extra = 0.0  # validation and checkpoint time inside this iteration (planned apart)
             micro = [next_batch() for _ in range(t.grad_accum)]
             fresh = cache is not None and not all(cache.has(b[1]) for b in micro)
-            loss_sum, n_loss = backward_accumulated(loss_fn, micro, accelerator)
-            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum, n_loss = backward_accumulated(run.loss_fn, micro, accelerator)
+            grad_norm = accelerator.clip_grad_norm_(run.params, t.max_grad_norm) if t.max_grad_norm else None
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.time() - ts
             if t.max_minutes:  # re-planned every step (arithmetic only): the schedule follows the measured pace
@@ -383,61 +389,74 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
             run_tokens += n_tokens
             run_time += dt
             last_loss = loss_sum / max(n_loss, 1)
-            row = {"step": step, "loss": round(last_loss, 6), "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
-                   "tokens_per_s": round(n_tokens / dt, 1), "epoch": round(state["position"] / n_batches, 4),
-                   "padded_tokens": computed, "rows": n_rows, "elapsed_s": round(time.time() - t0, 3)}
+            row = {"step": step, "loss": round(last_loss, 6), "lr": run.scheduler.get_last_lr()[0], "tokens": state["tokens"],
+                   "tokens_per_s": round(n_tokens / dt, 1), "epoch": round(state["position"] / run.n_batches, 4),
+                   "padded_tokens": computed, "rows": n_rows, "elapsed_s": round(time.time() - run.t0, 3)}
             if grad_norm is not None:
                 row["grad_norm"] = round(float(grad_norm), 6)
             ending = step >= plan.total or plan.must_stop(step)
             out_of_time = out_of_time or (ending and step < plan.total)
-            if val_ex and (step % t.eval_every == 0 or ending):
+            if run.val_ex and (step % t.eval_every == 0 or ending):
                 tv = time.time()
-                val = validation_loss(loss_fn, val_batches)
-                row["val_loss"] = round(val, 6)
-                state["last_val"] = val
-                if state["first_val"] is None:
-                    state["first_val"] = val
-                if state["best_val"] is None or val < state["best_val"]:
-                    state["best_val"], state["bad_evals"] = val, 0
-                    if accelerator.is_main_process:
-                        _save_model(accelerator.unwrap_model(loss_fn).model, tok, out_dir / "model", {**meta, "step": step, "val_loss": val})
-                else:
-                    state["bad_evals"] += 1
-                    if t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience:
-                        stopped_early = True
-                bar.update(task, val=f"{val:.4f}")
+                stopped_early = _validate(run, step, row)
+                bar.update(task, val=f"{state['last_val']:.4f}")
                 tv = time.time() - tv
                 step_extra += tv
                 plan.observe_eval(tv)  # validation and saving the best model
-            log(row)
+            run.metrics_file.write(json.dumps(row) + "\n")
+            run.metrics_file.flush()
             bar.update(task, completed=step, loss=f"{last_loss:.4f}", tps=f"{run_tokens / run_time:.0f}")
             if step % t.save_every == 0 or ending or stopped_early:
                 tc = time.time()
-                ckpt(step, dict(state), rng_state())
+                ckpt(step)
                 tc = time.time() - tc
                 step_extra += tc
                 plan.observe_save(tc)
             if on_step:
-                on_step(step, row, model)
+                on_step(step, row, run.model)
             # a step's cost for planning is the whole iteration (logging, callbacks) but validation and saving
             plan.observe(time.time() - ts - step_extra, fresh)
             if stopped_early or ending:
                 break
-    metrics_file.close()
+    return {"step": step, "last_loss": last_loss, "stopped_early": stopped_early, "interrupted": interrupted,
+            "out_of_time": out_of_time, "tokens_per_s": run_tokens / run_time if run_time else 0.0}
+
+
+def _validate(run: _Session, step: int, row: dict) -> bool:
+    """Validation loss into the row and the state; the best model saved. Returns whether to stop early."""
+    state, t = run.state, run.t
+    val = validation_loss(run.loss_fn, run.val_batches)
+    row["val_loss"] = round(val, 6)
+    state["last_val"] = val
+    if state["first_val"] is None:
+        state["first_val"] = val
+    if state["best_val"] is None or val < state["best_val"]:
+        state["best_val"], state["bad_evals"] = val, 0
+        if run.accelerator.is_main_process:
+            _save_model(run.accelerator.unwrap_model(run.loss_fn).model, run.tok, run.out_dir / "model", {**run.meta, "step": step, "val_loss": val})
+        return False
+    state["bad_evals"] += 1
+    return bool(t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience)
+
+
+def _finish(run: _Session, step: int, last_loss, stopped_early: bool, interrupted: bool, out_of_time: bool, tokens_per_s: float) -> TrainResult:
+    """The model (if no validation saved one), the notes, train_summary.json and the result."""
+    t, state, plan, out_dir = run.t, run.state, run.plan, run.out_dir
     if t.max_minutes and not interrupted and not stopped_early and step < plan.natural:
-        notes.append(f"stopped at step {step} of {plan.natural}: training.max_minutes={t.max_minutes:g} "
-                     f"({'reached' if out_of_time else 'planned to fit'})")
-    if not interrupted and state["best_val"] is None and accelerator.is_main_process:
-        _save_model(accelerator.unwrap_model(loss_fn).model, tok, out_dir / "model", {**meta, "step": step})
+        run.notes.append(f"stopped at step {step} of {plan.natural}: training.max_minutes={t.max_minutes:g} "
+                         f"({'reached' if out_of_time else 'planned to fit'})")
+    if not interrupted and state["best_val"] is None and run.accelerator.is_main_process:
+        _save_model(run.accelerator.unwrap_model(run.loss_fn).model, run.tok, out_dir / "model", {**run.meta, "step": step})
     result = TrainResult(
         out_dir=str(out_dir), model_dir=str(out_dir / "model"), steps=step, total_steps=plan.total,
         train_loss=last_loss, first_val_loss=state["first_val"], best_val_loss=state["best_val"],
         last_val_loss=state["last_val"], stopped_early=stopped_early, interrupted=interrupted,
-        tokens_per_s=run_tokens / run_time if run_time else 0.0, peak_memory_mb=_peak_memory_mb(loaded.device),
-        trainable_params=n_trainable, total_params=n_total, wall_s=time.time() - t0, notes=notes, defaults=default_notes,
+        tokens_per_s=tokens_per_s, peak_memory_mb=_peak_memory_mb(run.loaded.device),
+        trainable_params=run.n_trainable, total_params=run.n_total, wall_s=time.time() - run.t0, notes=run.notes,
+        defaults=run.default_notes,
     )
-    if accelerator.is_main_process:
-        atomic_write_json(out_dir / "train_summary.json", {**asdict(result), "adapter": is_adapter(t), "tokens": train_stats.summary(),
+    if run.accelerator.is_main_process:
+        atomic_write_json(out_dir / "train_summary.json", {**asdict(result), "adapter": is_adapter(t), "tokens": run.train_stats.summary(),
                                                             "budget_s": plan.seconds, "natural_steps": plan.natural,
-                                                            "shared_prefix_tokens": start})
+                                                            "shared_prefix_tokens": run.start})
     return result
