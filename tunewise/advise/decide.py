@@ -1,6 +1,6 @@
 """`tunewise advise`: which route to try, from the use case (rules) and the cost model, before any run.
 
-The rules are the design's (../shared/DESIGN.md, "The problem"), each a small function that adds points
+The rules are the design's (docs/design.md, "The problem"), each a small function that adds points
 and a reason to the routes it favours or rules out; the route with most points is recommended, cost
 breaks ties. Nothing here is measured except the machine's matmul rate: `tunewise run` then measures
 the routes in this order and stops at the first that meets the goal.
