@@ -49,7 +49,7 @@ class SplitConfig(Section):
     stratify: bool = Field(True, description="Keep label proportions in every split (when records carry a label).")
 
 
-DataFormat = Literal["openai", "alpaca", "sharegpt", "csv", "parquet"]
+DataFormat = Literal["openai", "alpaca", "sharegpt", "csv", "parquet", "openai-preference", "trl-preference", "hh-rlhf"]
 
 
 class CleanConfig(Section):
@@ -77,7 +77,7 @@ class CleanConfig(Section):
 
 class DataConfig(Section):
     format: DataFormat = Field(
-        ..., description="Input format, read explicitly: openai (chat JSONL with messages), alpaca, sharegpt, csv, parquet."
+        ..., description="Input format, read explicitly: openai (chat JSONL with messages), alpaca, sharegpt, csv, parquet; preference pairs: openai-preference, trl-preference, hh-rlhf."
     )
     train: Path = Field(..., description="Training file (relative paths are relative to this config file).")
     validation: Path | None = Field(None, description="Optional validation file; otherwise split from train.")
@@ -99,7 +99,17 @@ class LoraConfig(Section):
     )
 
 
+class PreferenceConfig(Section):
+    beta: float = Field(0.1, gt=0, description="DPO: the strength of the reference constraint (higher stays closer); ORPO: the odds-ratio term's weight.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO: the share of pairs assumed mislabelled (conservative DPO); 0 is plain DPO.")
+    sft_weight: float = Field(0.0, ge=0, description="DPO: weight of an extra NLL term on the chosen answer (mean per token); 0: none.")
+
+
 class TrainConfig(Section):
+    objective: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="sft (next-token loss on the answers) | dpo | orpo (preference pairs: data.format openai-preference, trl-preference or hh-rlhf)."
+    )
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     method: Literal["lora", "dora", "full", "freeze"] = Field(
         "lora", description="lora | dora (weight-decomposed LoRA) | full | freeze (train only the last N layers)."
     )
@@ -445,6 +455,11 @@ def detect_format(path: Path) -> tuple[str | None, list[str] | None, str]:
             keys = set(json.loads(first)) if first else set()
         except (OSError, ValueError, TypeError):
             return None, None, f"{path.name} is not readable JSON lines"
+        if {"input", "preferred_output", "non_preferred_output"} <= keys:
+            return "openai-preference", None, "its first record has \"preferred_output\""
+        if {"chosen", "rejected"} <= keys:
+            fmt = "trl-preference" if "prompt" in keys else "hh-rlhf"
+            return fmt, None, f"its first record has \"chosen\" and \"rejected\"{' and a prompt' if 'prompt' in keys else ' (transcripts)'}"
         for key, fmt in (("messages", "openai"), ("conversations", "sharegpt"), ("instruction", "alpaca")):
             if key in keys:
                 return fmt, None, f"its first record has \"{key}\""
@@ -467,7 +482,7 @@ def starter(data_path: str = "data/train.jsonl", fmt: str | None = None, base_di
     if fmt is None:
         fmt, columns_found, why = detect_format(file)
         if fmt is None:
-            notes.append(f"# data.format: could not tell ({why}); set it to one of openai, alpaca, sharegpt, csv, parquet.")
+            notes.append(f"# data.format: could not tell ({why}); set it to one of openai, alpaca, sharegpt, csv, parquet, openai-preference, trl-preference, hh-rlhf.")
             fmt = "openai"
         else:
             notes.append(f"# data.format: {fmt} (from {why}).")

@@ -43,8 +43,10 @@ def normalize_text(text: str) -> str:
 
 
 def _map_contents(r: Record, fn) -> Record:
+    """The record with fn applied to every message's text (and a preference pair's rejected answer)."""
     msgs = [{**m, "content": fn(m["content"])} for m in r.messages]
-    return Record(messages=msgs, source=r.source, label=r.label, meta=r.meta)
+    meta = {**r.meta, "rejected": fn(r.meta["rejected"])} if isinstance(r.meta.get("rejected"), str) else r.meta
+    return Record(messages=msgs, source=r.source, label=r.label, meta=meta)
 
 
 def repetition(text: str, n: int = 3) -> float:

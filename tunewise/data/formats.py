@@ -210,6 +210,7 @@ def read_parquet(path: Path, columns=None, system_prompt: str | None = None, **_
 
 
 def read_records(path: Path, fmt: str, columns=None, system_prompt: str | None = None) -> Iterator[Item]:
+    from . import preference  # noqa: F401 - registers the preference-pair readers
     if fmt not in READERS:
         raise FormatError(f"unknown format {fmt!r}; one of {', '.join(READERS)}")
     if not Path(path).is_file():

@@ -49,13 +49,16 @@ def auto_training(cfg, examples: int, mean_tokens: float, params: int, answer_to
 
     closed = (labelled or cfg.use_case.task == "classification") and answer_tokens is not None \
         and answer_tokens <= CLASSIFICATION_MAX_ANSWER_TOKENS
-    if closed and params < 1e9 and n_layers:
+    if closed and params < 1e9 and n_layers and t.objective == "sft":
         choose("method", "freeze", f"short closed-set answers (~{answer_tokens:.0f} tokens) on a {params / 1e6:.0f}M model: "
                                    "the last layers learn the labels; no backward through the rest")
     method = now("method")
     if method == "freeze" and n_layers:
         choose("trainable_layers", max(1, round(0.2 * n_layers)), f"the last 20% of {n_layers} layers")
-    if method in ("lora", "dora"):
+    if t.objective != "sft":  # preference steps move far with a small rate: DPO's own papers use 5e-7 (full) to 5e-6
+        choose("learning_rate", {"full": 1e-6, "freeze": 1e-5}.get(method, 5e-5),
+               f"{t.objective} with {method}: preference tuning wants a rate far below supervised tuning's")
+    elif method in ("lora", "dora"):
         choose("learning_rate", 1e-3 if params < 5e8 else 2e-4, f"{method} on a {params / 1e6:.0f}M-parameter model")
         if "lora" not in given:
             r = 8 if examples < 1000 else 16 if examples < 20_000 else 32

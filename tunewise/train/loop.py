@@ -116,8 +116,13 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _n_loss(b) -> int:
-    """Loss tokens of a micro-batch: a plain padded batch (dict) or a (Layout, keys) pair."""
-    return b[0].n_loss if isinstance(b, tuple) else int((b["labels"][:, 1:] != IGNORE).sum())
+    """What a micro-batch's summed loss is divided by: loss tokens (a padded batch or a (Layout, keys) pair), or
+    pairs for the preference objectives."""
+    if isinstance(b, tuple):
+        return b[0].n_loss
+    if "ref" in b:  # preference pairs (chosen rows, then rejected): the loss is summed per pair
+        return b["input_ids"].shape[0] // 2
+    return int((b["labels"][:, 1:] != IGNORE).sum())
 
 
 def _loss(loss_fn, b):
@@ -198,6 +203,21 @@ def _stats(b) -> tuple[int, int, int]:
     return int(b["attention_mask"].sum()), b["input_ids"].numel(), len(b["input_ids"])
 
 
+def _preference_pairs(cfg: ProjectConfig, tok, train_records, val_records):
+    """(train pairs, validation pairs) for the preference objectives; None for sft."""
+    t = cfg.training
+    if t.objective == "sft":
+        return None
+    from .preference import tokenize_pairs
+
+    train, dropped = tokenize_pairs(tok, train_records, cfg.data.max_length)
+    if not train:
+        raise TrainError(f"training.objective: {t.objective} needs preference pairs, and the training split has none "
+                         f"(data.format is {cfg.data.format}: use openai-preference, trl-preference or hh-rlhf)"
+                         + (f"; {dropped} pairs do not fit data.max_length={cfg.data.max_length}" if dropped else ""))
+    return train, tokenize_pairs(tok, val_records, cfg.data.max_length)[0]
+
+
 def _loss_module(model, t, train_ex, val_ex, notes: list[str]):
     """LayoutLoss (prefix sharing, packing, frozen cache) where the model allows it, else the plain TokenLoss."""
     if llama_parts(model) is None:
@@ -272,9 +292,11 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
     prepared = ensure_prepared(cfg, tok)
     train_ex, train_stats = tokenize_records(tok, prepared.splits["train"], cfg.data.max_length)
     n_val = cfg.training.eval_samples
-    val_ex, _ = tokenize_records(tok, prepared.splits["validation"][:n_val] if n_val else prepared.splits["validation"], cfg.data.max_length)
+    val_records = prepared.splits["validation"][:n_val] if n_val else prepared.splits["validation"]
+    val_ex, _ = tokenize_records(tok, val_records, cfg.data.max_length)
     if not train_ex:
         raise TrainError("no training examples left after preparation (see the data summary)")
+    pairs = _preference_pairs(cfg, tok, prepared.splits["train"], val_records)
     default_notes: list[str] = []
     if defaults:  # deterministic from the data and config, so a resumed run gets the same settings
         from .defaults import auto_training, data_facts
@@ -293,7 +315,18 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     notes: list[str] = []
-    loss_module, layouts, start, cache = _loss_module(model, t, train_ex, val_ex, notes)
+    if pairs is not None:  # dpo / orpo: pairs replace the examples; the reference is the model as it is now
+        from .preference import PairBatches, PreferenceLoss, reference_logps
+
+        train_ex, val_ex = pairs
+        if t.objective == "dpo":
+            reference_logps(model, train_ex + val_ex, tok.pad_token_id, loaded.device, t.batch_size)
+        p = t.preference
+        loss_module, layouts, start, cache = PreferenceLoss(model, t.objective, p.beta, p.label_smoothing, p.sft_weight), False, 0, None
+        if t.share_prefix or t.packing or (t.method == "freeze" and t.cache_frozen):
+            notes.append(f"share_prefix/packing/cache_frozen: off for objective {t.objective} (pairs run as padded rows)")
+    else:
+        loss_module, layouts, start, cache = _loss_module(model, t, train_ex, val_ex, notes)
     n_batches = math.ceil(len(train_ex) / t.batch_size)
     natural = t.max_steps or max(1, math.ceil(n_batches * t.epochs / t.grad_accum))
     n_layers = len(decoder_layers(model.get_base_model() if hasattr(model, "get_base_model") else model))
@@ -305,7 +338,8 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
                 eval_every=t.eval_every, has_validation=bool(val_ex))
     scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, plan.total, int(t.warmup_ratio * plan.total), t.scheduler))
     loss_fn, optimizer = accelerator.prepare(loss_module, optimizer)
-    batches = Batches(t, tok.pad_token_id, accelerator.device, layouts, start)
+    batches = (PairBatches(tok.pad_token_id, accelerator.device) if pairs is not None
+               else Batches(t, tok.pad_token_id, accelerator.device, layouts, start))
 
     state = {"position": 0, "best_val": None, "first_val": None, "last_val": None, "bad_evals": 0, "tokens": 0, "planned_total": natural}
     step = 0
@@ -321,7 +355,7 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
             rows = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r.get("step", 0) <= step]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(metrics_path, rows)
-    meta = {"base_model": cfg.model.name, "base_model_path": loaded.path, "method": t.method, "config": cfg.resolved(),
+    meta = {"base_model": cfg.model.name, "base_model_path": loaded.path, "method": t.method, "objective": t.objective, "config": cfg.resolved(),
             "data": prepared.summary.get("outputs"), "data_inputs": prepared.summary.get("inputs"), "tokens": train_stats.summary()}
     return _Session(cfg=cfg, t=t, t0=t0, out_dir=out_dir, ckpt_root=ckpt_root, loaded=loaded, tok=tok, accelerator=accelerator,
                     train_ex=train_ex, train_stats=train_stats, val_ex=val_ex, default_notes=default_notes, model=model,
@@ -394,6 +428,10 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
                    "padded_tokens": computed, "rows": n_rows, "elapsed_s": round(time.time() - run.t0, 3)}
             if grad_norm is not None:
                 row["grad_norm"] = round(float(grad_norm), 6)
+            stats = getattr(accelerator.unwrap_model(run.loss_fn), "stats", None)
+            if stats:  # preference objectives: the last micro-batch's margin and accuracy
+                row["reward_margin"] = round(stats["margin_sum"] / max(stats["pairs"], 1), 6)
+                row["pref_accuracy"] = round(stats["correct"] / max(stats["pairs"], 1), 4)
             ending = step >= plan.total or plan.must_stop(step)
             out_of_time = out_of_time or (ending and step < plan.total)
             if run.val_ex and (step % t.eval_every == 0 or ending):
@@ -425,7 +463,15 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
 def _validate(run: _Session, step: int, row: dict) -> bool:
     """Validation loss into the row and the state; the best model saved. Returns whether to stop early."""
     state, t = run.state, run.t
-    val = validation_loss(run.loss_fn, run.val_batches)
+    if t.objective == "sft":
+        val = validation_loss(run.loss_fn, run.val_batches)
+    else:
+        from .preference import preference_validation
+
+        v = preference_validation(run.accelerator.unwrap_model(run.loss_fn), run.val_batches)
+        val = v["loss"]
+        row["val_pref_accuracy"], row["val_reward_margin"] = round(v["accuracy"], 4), round(v["margin"], 6)
+        state["val_pref_accuracy"] = v["accuracy"]
     row["val_loss"] = round(val, 6)
     state["last_val"] = val
     if state["first_val"] is None:
