@@ -178,3 +178,25 @@ def test_tunewise_train_with_objective_dpo(tiny_model, tmp_path):
                                    "data": {"format": "openai", "train": "sft.jsonl"}, "training": {"objective": "dpo", "max_steps": 1}}))
     out = CliRunner().invoke(app, ["train", str(bad)])
     assert out.exit_code == 2 and "training.objective: dpo needs preference pairs" in " ".join(out.output.split()), out.output
+
+
+def test_cleaning_redacts_and_normalises_the_rejected_answer_too():
+    from tunewise.config import CleanConfig
+    from tunewise.data.clean import Cleaner
+    from tunewise.data.records import Record
+
+    c = Cleaner(CleanConfig())
+    r = Record([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], "x:1", meta={"rejected": "mail bob@example.com"})
+    out = c.transform([r])[0]
+    assert out.meta["rejected"] == "mail <EMAIL>" and out.messages == r.messages
+    assert c.report()["steps"]["pii"]["changed"] == 1
+
+
+def test_init_tells_each_preference_format_from_the_file(tmp_path):
+    from tunewise.config import detect_format
+
+    shapes = {"openai-preference": {"input": {"messages": []}, "preferred_output": [], "non_preferred_output": []},
+              "trl-preference": {"prompt": "p", "chosen": "a", "rejected": "b"},
+              "hh-rlhf": {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}}
+    for fmt, row in shapes.items():
+        assert detect_format(_write(tmp_path / f"{fmt}.jsonl", [row]))[0] == fmt

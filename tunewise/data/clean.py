@@ -49,6 +49,15 @@ def _map_contents(r: Record, fn) -> Record:
     return Record(messages=msgs, source=r.source, label=r.label, meta=meta)
 
 
+def _first_change(before: Record, after: Record) -> tuple[str, str] | None:
+    """The first text _map_contents changed (a message, or a pair's rejected answer), before and after."""
+    for m, n in zip(before.messages, after.messages):
+        if m["content"] != n["content"]:
+            return m["content"], n["content"]
+    a, b = before.meta.get("rejected"), after.meta.get("rejected")
+    return (a, b) if a != b else None
+
+
 def repetition(text: str, n: int = 3) -> float:
     """Share of word n-grams that repeat an earlier one (0 = none; a looping answer tends to 1)."""
     words = text.lower().split()
@@ -103,11 +112,11 @@ class Cleaner:
 
     def _normalize(self, r: Record) -> Record:
         out = _map_contents(r, normalize_text)
-        if out.messages != r.messages:
+        changed = _first_change(r, out)
+        if changed is not None:
             s = self.step("normalize")
             s.changed += 1
-            before = next(m["content"] for m, n in zip(r.messages, out.messages) if m["content"] != n["content"])
-            s.note({"source": r.source, "before": before[:200], "after": normalize_text(before)[:200]})
+            s.note({"source": r.source, "before": changed[0][:200], "after": changed[1][:200]})
         return out
 
     def _redact(self, r: Record) -> Record:
@@ -124,8 +133,7 @@ class Cleaner:
             s = self.step("pii")
             s.changed += 1
             self.pii_found.update(found)
-            i = next(i for i, (m, n) in enumerate(zip(r.messages, out.messages)) if m["content"] != n["content"])
-            s.note({"source": r.source, "found": dict(found), "after": out.messages[i]["content"][:200]})
+            s.note({"source": r.source, "found": dict(found), "after": _first_change(r, out)[1][:200]})
         return out
 
     def drop(self, step: str, r: Record, reason: str, bad) -> None:
