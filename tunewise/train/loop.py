@@ -320,6 +320,8 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
 
         train_ex, val_ex = pairs
         if t.objective == "dpo":
+            if say:
+                say(f"dpo: the reference log-probs of {len(train_ex) + len(val_ex):,} pairs, once, from the model before training")
             reference_logps(model, train_ex + val_ex, tok.pad_token_id, loaded.device, t.batch_size)
         p = t.preference
         loss_module, layouts, start, cache = PreferenceLoss(model, t.objective, p.beta, p.label_smoothing, p.sft_weight), False, 0, None

@@ -74,14 +74,23 @@ def pair_batch(pairs: list[Pair], pad_id: int, device) -> dict:
 
 
 def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed log-prob of the labelled tokens and their count."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    if logits.dtype in (torch.bfloat16, torch.float16):  # the softmax in float32 at least
-        logits = logits.float()
+    """Per row: the summed log-prob of the labelled tokens and their count. The output head runs only at the
+    labelled positions (as the SFT loss does): a 49k-vocabulary head over every prompt token is most of the work."""
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    logp = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * keep).sum(-1), keep.sum(-1)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):  # logits are not lm_head(hidden)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][keep]
+    else:
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+    if logits.dtype in (torch.bfloat16, torch.float16):  # the softmax in float32 at least
+        logits = logits.float()
+    tok_logp = torch.gather(logits.log_softmax(-1), 1, targets[keep].unsqueeze(-1)).squeeze(-1)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(keep)[keep]
+    sums = torch.zeros(input_ids.shape[0], dtype=tok_logp.dtype, device=input_ids.device).index_add(0, rows, tok_logp)
+    return sums, keep.sum(-1)
 
 
 class PreferenceLoss(torch.nn.Module):
