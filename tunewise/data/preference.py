@@ -48,13 +48,18 @@ def _answer(side, name: str) -> tuple[list[dict], str] | str:
     return f"{name}: expected a string or a list of messages with role and content"
 
 
+def _missing(path: Path, where: str, obj: dict, keys: tuple[str, ...]) -> BadRecord | None:
+    key = next((k for k in keys if k not in obj), None)
+    return None if key is None else BadRecord(str(path), where, f"missing field '{key}'", obj)
+
+
 @reader("openai-preference")
 @json_reader
 def read_openai_preference(path: Path, where: str, obj: dict, system_prompt: str | None) -> Item:
     """OpenAI preference fine-tuning: {"input": {"messages"}, "preferred_output", "non_preferred_output"}."""
-    for key in ("input", "preferred_output", "non_preferred_output"):
-        if key not in obj:
-            return BadRecord(str(path), where, f"missing field '{key}'", obj)
+    missing = _missing(path, where, obj, ("input", "preferred_output", "non_preferred_output"))
+    if missing:
+        return missing
     msgs = obj["input"].get("messages") if isinstance(obj["input"], dict) else None
     if not isinstance(msgs, list):
         return BadRecord(str(path), where, "input.messages: expected a list of messages", obj)
@@ -72,9 +77,9 @@ def read_openai_preference(path: Path, where: str, obj: dict, system_prompt: str
 @json_reader
 def read_trl_preference(path: Path, where: str, obj: dict, system_prompt: str | None) -> Item:
     """TRL: {"prompt", "chosen", "rejected"}, strings or message lists (conversational)."""
-    for key in ("prompt", "chosen", "rejected"):
-        if key not in obj:
-            return BadRecord(str(path), where, f"missing field '{key}'", obj)
+    missing = _missing(path, where, obj, ("prompt", "chosen", "rejected"))
+    if missing:
+        return missing
     p = obj["prompt"]
     if isinstance(p, str):
         prompt = [{"role": "user", "content": p}]
