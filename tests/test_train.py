@@ -270,3 +270,32 @@ def test_tunewise_train_applies_the_defaults_and_says_why(tiny_project, tmp_path
     assert "training settings: method=freeze" in r.output and "max_steps" not in r.output.split("training settings:")[1].split("\n")[0]
     meta = json.loads((tmp_path / "runs" / "tiny" / "train" / "model" / "tunewise.json").read_text())
     assert meta["config"]["training"]["method"] == "freeze" and meta["config"]["training"]["learning_rate"] == 1e-3
+
+
+def test_qlora_trains_only_the_adapters_on_a_fixed_4bit_base(tiny_project, tmp_path):
+    """method qlora: the base's linear weights are 4-bit NF4 (bitsandbytes) and stay bit-identical, the LoRA
+    adapters move; the saved adapter loads on the unquantised base in the engine."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from tunewise.engine import Engine
+
+    cfg = load_config(tiny_project(method="qlora", max_steps=3, eval_every=3, save_every=3))
+    seen = {}
+
+    def on_step(step, row, model):
+        state = {n: p.detach().clone() for n, p in model.named_parameters()}
+        seen.setdefault("first", state)
+        seen["last"] = state
+        seen["quantized"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+    r = train(cfg, tmp_path / "q", on_step=on_step, progress=False)
+    assert seen["quantized"] > 0 and r.steps == 3
+    first, last = seen["first"], seen["last"]
+    lora = [n for n in last if "lora_" in n]
+    assert lora and any(not torch.equal(first[n], last[n]) for n in lora)  # the adapters train (after step 1 too)
+    base = [n for n in last if "lora_" not in n]
+    assert base and all(torch.equal(first[n], last[n]) for n in base)  # the 4-bit base and the rest stay fixed
+    eng = Engine.load(str(cfg.model.name))
+    eng.add_adapter("q", r.model_dir)  # on the unquantised base
+    assert eng.generate([[{"role": "user", "content": "hi"}]], max_new_tokens=3, adapter="q")[0].completion_tokens > 0

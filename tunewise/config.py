@@ -110,8 +110,8 @@ class TrainConfig(Section):
         "sft", description="sft (next-token loss on the answers) | dpo | orpo (preference pairs: data.format openai-preference, trl-preference or hh-rlhf)."
     )
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
-    method: Literal["lora", "dora", "full", "freeze"] = Field(
-        "lora", description="lora | dora (weight-decomposed LoRA) | full | freeze (train only the last N layers)."
+    method: Literal["lora", "dora", "qlora", "full", "freeze"] = Field(
+        "lora", description="lora | dora (weight-decomposed LoRA) | qlora (LoRA on a 4-bit NF4 base) | full | freeze (train only the last N layers)."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     trainable_layers: int = Field(2, gt=0, description="freeze: how many of the last decoder layers to train.")

@@ -143,17 +143,26 @@ def load_tokenizer(ref: str):
     return tok
 
 
-def load_model(ref: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> Loaded:
+def load_model(ref: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", quantize_4bit: bool = False) -> Loaded:
+    """quantize_4bit: the linear layers' weights in 4-bit NF4 (bitsandbytes; QLoRA), computing in `dtype`."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(ref)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    kw = {}
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kw = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dt,
+                                                        bnb_4bit_use_double_quant=True),
+              "device_map": {"": str(dev)}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
-    except OSError as e:
-        raise ModelError(f"cannot load model {ref!r}: {e}") from None
-    model.to(dev)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **kw)
+    except (OSError, ImportError) as e:
+        raise ModelError(f"cannot load model {ref!r}{' in 4 bits' if quantize_4bit else ''}: {e}") from None
+    if not quantize_4bit:  # a quantised model is placed by device_map and cannot be moved
+        model.to(dev)
     return Loaded(model=model, tokenizer=load_tokenizer(ref), path=path, device=dev, dtype=dt)
 
 

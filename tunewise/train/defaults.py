@@ -58,7 +58,7 @@ def auto_training(cfg, examples: int, mean_tokens: float, params: int, answer_to
     if t.objective != "sft":  # preference steps move far with a small rate: DPO's own papers use 5e-7 (full) to 5e-6
         choose("learning_rate", {"full": 1e-6, "freeze": 1e-5}.get(method, 5e-5),
                f"{t.objective} with {method}: preference tuning wants a rate far below supervised tuning's")
-    elif method in ("lora", "dora"):
+    elif method in ("lora", "dora", "qlora"):
         choose("learning_rate", 1e-3 if params < 5e8 else 2e-4, f"{method} on a {params / 1e6:.0f}M-parameter model")
         if "lora" not in given:
             r = 8 if examples < 1000 else 16 if examples < 20_000 else 32

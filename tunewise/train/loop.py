@@ -286,7 +286,7 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
         raise TrainError(f"{out_dir} already has checkpoints; pass --resume to continue or --fresh to start over")
 
     set_seed(cfg.training.seed)
-    loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
+    loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, quantize_4bit=cfg.training.method == "qlora")
     tok = loaded.tokenizer
     accelerator = Accelerator(cpu=loaded.device.type == "cpu")
     prepared = ensure_prepared(cfg, tok)

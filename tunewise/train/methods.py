@@ -47,6 +47,16 @@ def dora(model, cfg: TrainConfig):
     return _peft(model, cfg, use_dora=True)
 
 
+@method("qlora")
+def qlora(model, cfg: TrainConfig):
+    """LoRA on a base loaded in 4-bit NF4 (the loop loads it so for this method): the 4-bit weights stay fixed,
+    the adapters train in the compute dtype; the adapter loads on the unquantised base too."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return _peft(model, cfg, use_dora=False)
+
+
 @method("full")
 def full(model, cfg: TrainConfig):
     for p in model.parameters():
@@ -88,7 +98,7 @@ def apply_method(model, cfg: TrainConfig):
 
 
 def is_adapter(cfg: TrainConfig) -> bool:
-    return cfg.method in ("lora", "dora")
+    return cfg.method in ("lora", "dora", "qlora")
 
 
 def count_params(model) -> tuple[int, int]:
