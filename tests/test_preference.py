@@ -200,3 +200,18 @@ def test_init_tells_each_preference_format_from_the_file(tmp_path):
               "hh-rlhf": {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}}
     for fmt, row in shapes.items():
         assert detect_format(_write(tmp_path / f"{fmt}.jsonl", [row]))[0] == fmt
+
+
+def test_openai_preference_outputs_with_earlier_messages_are_not_dropped(tmp_path):
+    """A preferred/non-preferred output of several messages: the ones before the answer join the prompt when both
+    sides agree on them, and the pair is set aside when they do not (nothing is silently dropped)."""
+    base = {"input": {"messages": [{"role": "user", "content": "Hi?"}]}}
+    agree = {**base, "preferred_output": [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Name?"},
+                                          {"role": "assistant", "content": "Bot."}],
+             "non_preferred_output": [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Name?"},
+                                      {"role": "assistant", "content": "No."}]}
+    differ = {**agree, "non_preferred_output": [{"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Name?"},
+                                                {"role": "assistant", "content": "No."}]}
+    got = list(read_records(_write(tmp_path / "o.jsonl", [agree, differ]), "openai-preference"))
+    assert [m["content"] for m in got[0].messages] == ["Hi?", "Hello", "Name?", "Bot."] and got[0].meta["rejected"] == "No."
+    assert got[1].reason == "preferred_output and non_preferred_output differ before their last message"

@@ -48,6 +48,18 @@ def _answer(side, name: str) -> tuple[list[dict], str] | str:
     return f"{name}: expected a string or a list of messages with role and content"
 
 
+def _pair_of_sides(path: Path, where: str, obj: dict, prompt: list[dict], good: str, bad: str, system_prompt) -> Item:
+    """The pair from two sides given as strings or message lists: messages before each side's answer must be the
+    same (they join the prompt); otherwise, or if a side is malformed, the reason."""
+    chosen, rejected = _answer(obj[good], good), _answer(obj[bad], bad)
+    for got in (chosen, rejected):
+        if isinstance(got, str):
+            return BadRecord(str(path), where, got, obj)
+    if chosen[0] != rejected[0]:
+        return BadRecord(str(path), where, f"{good} and {bad} differ before their last message", obj)
+    return _pair(path, where, prompt + chosen[0], chosen[1], rejected[1], obj, system_prompt)
+
+
 def _missing(path: Path, where: str, obj: dict, keys: tuple[str, ...]) -> BadRecord | None:
     key = next((k for k in keys if k not in obj), None)
     return None if key is None else BadRecord(str(path), where, f"missing field '{key}'", obj)
@@ -64,13 +76,7 @@ def read_openai_preference(path: Path, where: str, obj: dict, system_prompt: str
     if not isinstance(msgs, list):
         return BadRecord(str(path), where, "input.messages: expected a list of messages", obj)
     prompt = [{k: v for k, v in m.items() if k in ("role", "content")} if isinstance(m, dict) else m for m in msgs]
-    sides = []
-    for key in ("preferred_output", "non_preferred_output"):
-        got = _answer(obj[key], key)
-        if isinstance(got, str):
-            return BadRecord(str(path), where, got, obj)
-        sides.append(got[1])
-    return _pair(path, where, prompt, sides[0], sides[1], obj, system_prompt)
+    return _pair_of_sides(path, where, obj, prompt, "preferred_output", "non_preferred_output", system_prompt)
 
 
 @reader("trl-preference")
@@ -87,13 +93,7 @@ def read_trl_preference(path: Path, where: str, obj: dict, system_prompt: str | 
         prompt = [{"role": m.get("role"), "content": m.get("content")} for m in p]
     else:
         return BadRecord(str(path), where, "prompt: expected a string or a list of messages", obj)
-    chosen, rejected = _answer(obj["chosen"], "chosen"), _answer(obj["rejected"], "rejected")
-    for got in (chosen, rejected):
-        if isinstance(got, str):
-            return BadRecord(str(path), where, got, obj)
-    if chosen[0] != rejected[0]:
-        return BadRecord(str(path), where, "chosen and rejected differ before their last message", obj)
-    return _pair(path, where, prompt + chosen[0], chosen[1], rejected[1], obj, system_prompt)
+    return _pair_of_sides(path, where, obj, prompt, "chosen", "rejected", system_prompt)
 
 
 def _hh_turns(text: str) -> list[dict] | None:
