@@ -215,3 +215,78 @@ def test_openai_preference_outputs_with_earlier_messages_are_not_dropped(tmp_pat
     got = list(read_records(_write(tmp_path / "o.jsonl", [agree, differ]), "openai-preference"))
     assert [m["content"] for m in got[0].messages] == ["Hi?", "Hello", "Name?", "Bot."] and got[0].meta["rejected"] == "No."
     assert got[1].reason == "preferred_output and non_preferred_output differ before their last message"
+
+
+def test_trl_kto_reader_keeps_labelled_completions_and_says_why_bad_ones_are_set_aside(tmp_path):
+    path = _write(tmp_path / "kto.jsonl", [
+        {"prompt": "2+2?", "completion": "4", "label": True},
+        {"prompt": [{"role": "user", "content": "Name?"}], "completion": [{"role": "assistant", "content": "No"}], "label": False},
+        {"prompt": "x", "completion": "y", "label": "yes"},
+        {"prompt": "x", "completion": " ", "label": True},
+        {"prompt": "x", "label": True},
+    ])
+    got = list(read_records(path, "trl-kto"))
+    assert [m["content"] for m in got[0].messages] == ["2+2?", "4"] and got[0].meta == {"desirable": True}
+    assert got[1].meta == {"desirable": False} and got[1].messages[-1]["content"] == "No"
+    assert got[2].reason == "label: expected true or false, got 'yes'" and got[2].where == "line 3"
+    assert got[3].reason == "completion: empty answer" and got[4].reason == "missing field 'completion'"
+
+
+def test_kto_loss_equals_a_direct_computation(tiny_model):
+    from tunewise.data.records import Record
+    from tunewise.models import load_model
+    from tunewise.train.preference import PreferenceLoss, pair_batch, tokenize_unpaired
+
+    loaded = load_model(str(tiny_model))
+    model, tok = loaded.model.double(), loaded.tokenizer
+    model.eval()
+    recs = [Record([{"role": "user", "content": q}, {"role": "assistant", "content": a}], f"k:{i}", meta={"desirable": d})
+            for i, (q, a, d) in enumerate([("Is the sky blue?", "Yes, on a clear day.", True), ("Say hi", "Whatever", False),
+                                           ("Two plus two?", "Four.", True)])]
+    recs.append(Record([{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}], "k:3",
+                       meta={"rejected": "Rome."}))  # a pair counts as one desirable and one undesirable example
+    ex = tokenize_unpaired(tok, recs, 64)[0]
+    assert [e.desirable for e in ex] == [True, False, True, True, False]
+    refs = [(-3.0, -20.0), (-10.0, -2.0), (-0.5, -7.0), (-4.0, -9.0), (-6.0, -30.0)]
+    for e, r in zip(ex, refs):
+        e.ref = r
+    beta, wd, wu = 0.2, 1.0, 1.5
+    loss_fn = PreferenceLoss(model, "kto", beta, desirable_weight=wd, undesirable_weight=wu)
+    got = loss_fn(**pair_batch(ex, tok.pad_token_id, "cpu")).item()
+    logr = [_direct_logp(model, e.chosen.input_ids, e.chosen.labels)[0] - r[0] for e, r in zip(ex, refs)]
+    kl = [_direct_logp(model, e.rejected.input_ids, e.rejected.labels)[0] - r[1] for e, r in zip(ex, refs)]
+    z = max(0.0, sum(kl) / len(kl))
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    want = sum(wd * (1 - sig(beta * (r - z))) if e.desirable else wu * (1 - sig(beta * (z - r))) for e, r in zip(ex, logr))
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
+    assert loss_fn.stats["kl"] == pytest.approx(z) and loss_fn.stats["correct"] == sum((r > 0) == e.desirable for e, r in zip(ex, logr))
+    # each example's KL row is its own prompt with the next example's completion
+    assert ex[0].rejected.input_ids != ex[0].chosen.input_ids and tok.decode(ex[0].rejected.input_ids).endswith(tok.decode(ex[1].chosen.input_ids[-4:]))
+
+
+def test_tunewise_init_and_train_with_unpaired_feedback(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+    from tunewise.config import load_config
+
+    from .test_train import assert_trained_exactly, initial_state, run_and_capture
+
+    rows = [{"prompt": f"Question {i}: is {i} even?", "completion": "yes" if (i % 2 == 0) == (i % 3 != 0) else "no", "label": i % 3 != 0}
+            for i in range(40)]
+    _write(tmp_path / "feedback.jsonl", rows)
+    out = CliRunner().invoke(app, ["init", str(tmp_path / "tunewise.yaml"), "--data", "feedback.jsonl"])
+    assert out.exit_code == 0, out.output
+    written = yaml.safe_load((tmp_path / "tunewise.yaml").read_text())
+    assert written["data"]["format"] == "trl-kto" and written["training"] == {"objective": "kto"}
+    written.update(output_dir=str(tmp_path / "runs"), model={"name": str(tiny_model)})
+    written["data"].update(split={"validation": 0.2, "test": 0.0}, max_length=64, clean={"near_dedup": False})
+    written["training"].update(method="lora", max_steps=4, batch_size=4, eval_every=2, save_every=2, learning_rate=1e-2)
+    (tmp_path / "tunewise.yaml").write_text(yaml.safe_dump(written))
+    cfg = load_config(tmp_path / "tunewise.yaml")
+    before = initial_state(cfg)
+    r, after = run_and_capture(cfg, tmp_path / "t")
+    assert_trained_exactly(before, after)
+    metrics = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert all("kl" in m and "pref_accuracy" in m for m in metrics) and "val_pref_accuracy" in metrics[-1]
+    assert json.loads((tmp_path / "t" / "model" / "tunewise.json").read_text())["objective"] == "kto"

@@ -77,7 +77,7 @@ def _stage(fn):
 def init(
     path: Path = typer.Argument(Path("tunewise.yaml"), help="Where to write the starter config."),
     data: str = typer.Option("data/train.jsonl", help="Training file to put in the config."),
-    format: Optional[str] = typer.Option(None, help="Its format: openai, alpaca, sharegpt, csv, parquet (default: told from the file)."),
+    format: Optional[str] = typer.Option(None, help="Its format: openai, alpaca, sharegpt, csv, parquet, openai-preference, trl-preference, hh-rlhf, trl-kto (default: told from the file)."),
     force: bool = typer.Option(False, help="Overwrite an existing file."),
 ):
     """Write a commented starter tunewise.yaml: the data file, its format and columns as found in it; every

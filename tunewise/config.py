@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -49,7 +49,7 @@ class SplitConfig(Section):
     stratify: bool = Field(True, description="Keep label proportions in every split (when records carry a label).")
 
 
-DataFormat = Literal["openai", "alpaca", "sharegpt", "csv", "parquet", "openai-preference", "trl-preference", "hh-rlhf"]
+DataFormat = Literal["openai", "alpaca", "sharegpt", "csv", "parquet", "openai-preference", "trl-preference", "hh-rlhf", "trl-kto"]
 
 
 class CleanConfig(Section):
@@ -77,7 +77,7 @@ class CleanConfig(Section):
 
 class DataConfig(Section):
     format: DataFormat = Field(
-        ..., description="Input format, read explicitly: openai (chat JSONL with messages), alpaca, sharegpt, csv, parquet; preference pairs: openai-preference, trl-preference, hh-rlhf."
+        ..., description="Input format, read explicitly: openai (chat JSONL with messages), alpaca, sharegpt, csv, parquet; preference pairs: openai-preference, trl-preference, hh-rlhf; unpaired feedback (KTO): trl-kto."
     )
     train: Path = Field(..., description="Training file (relative paths are relative to this config file).")
     validation: Path | None = Field(None, description="Optional validation file; otherwise split from train.")
@@ -103,11 +103,13 @@ class PreferenceConfig(Section):
     beta: float = Field(0.1, gt=0, description="DPO: the strength of the reference constraint (higher stays closer); ORPO: the odds-ratio term's weight.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO: the share of pairs assumed mislabelled (conservative DPO); 0 is plain DPO.")
     sft_weight: float = Field(0.0, ge=0, description="DPO: weight of an extra NLL term on the chosen answer (mean per token); 0: none.")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the desirable (thumbs-up) examples' loss.")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the undesirable examples' loss (raise it when they are rarer, so weight x count is about even).")
 
 
 class TrainConfig(Section):
-    objective: Literal["sft", "dpo", "orpo"] = Field(
-        "sft", description="sft (next-token loss on the answers) | dpo | orpo (preference pairs: data.format openai-preference, trl-preference or hh-rlhf)."
+    objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
+        "sft", description="sft (next-token loss on the answers) | dpo | orpo (preference pairs: data.format openai-preference, trl-preference or hh-rlhf) | kto (unpaired feedback: trl-kto, or pairs split into a desirable and an undesirable answer)."
     )
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     method: Literal["lora", "dora", "qlora", "full", "freeze"] = Field(
@@ -428,6 +430,9 @@ TARGET_COLUMNS = ("label", "category", "intent", "class", "labels", "answer", "o
 LABEL_COLUMNS = ("label", "category", "intent", "class", "labels")
 
 
+OBJECTIVE_OF_FORMAT = {"openai-preference": "dpo", "trl-preference": "dpo", "hh-rlhf": "dpo", "trl-kto": "kto"}
+
+
 def detect_format(path: Path) -> tuple[str | None, list[str] | None, str]:
     """(format, column names or None, how it was told) for a training file, from its extension and, for
     JSON lines, the keys of its first record. (None, None, why) when the file cannot tell."""
@@ -457,6 +462,8 @@ def detect_format(path: Path) -> tuple[str | None, list[str] | None, str]:
             return None, None, f"{path.name} is not readable JSON lines"
         if {"input", "preferred_output", "non_preferred_output"} <= keys:
             return "openai-preference", None, "its first record has \"preferred_output\""
+        if {"prompt", "completion", "label"} <= keys:
+            return "trl-kto", None, "its first record has \"completion\" and a \"label\" (unpaired feedback)"
         if {"chosen", "rejected"} <= keys:
             fmt = "trl-preference" if "prompt" in keys else "hh-rlhf"
             return fmt, None, f"its first record has \"chosen\" and \"rejected\"{' and a prompt' if 'prompt' in keys else ' (transcripts)'}"
@@ -482,7 +489,7 @@ def starter(data_path: str = "data/train.jsonl", fmt: str | None = None, base_di
     if fmt is None:
         fmt, columns_found, why = detect_format(file)
         if fmt is None:
-            notes.append(f"# data.format: could not tell ({why}); set it to one of openai, alpaca, sharegpt, csv, parquet, openai-preference, trl-preference, hh-rlhf.")
+            notes.append(f"# data.format: could not tell ({why}); set it to one of {', '.join(get_args(DataFormat))}.")
             fmt = "openai"
         else:
             notes.append(f"# data.format: {fmt} (from {why}).")
@@ -504,7 +511,12 @@ def starter(data_path: str = "data/train.jsonl", fmt: str | None = None, base_di
         else:
             notes.append(f"# data.columns: could not tell which column is the user turn and which the answer "
                          f"(header: {', '.join(columns_found) or 'empty'}); set data.columns.user and data.columns.assistant.")
-    cfg = ProjectConfig.model_validate({"data": data})
+    raw: dict = {"data": data}
+    objective = OBJECTIVE_OF_FORMAT.get(fmt)
+    if objective:  # training on the chosen answers alone (sft) would waste the file's rejected side
+        raw["training"], chosen["training"] = {"objective": objective}, {"objective": None}
+        notes.append(f"# training.objective: {objective} (the file holds {'unpaired feedback' if fmt == 'trl-kto' else 'preference pairs'}).")
+    cfg = ProjectConfig.model_validate(raw)
     values = cfg.model_dump(mode="json")
     header = ["# tunewise project config. Every key is optional unless marked; unknown keys are errors.",
               "# Keys written commented out show their defaults: a default stays a default (tunewise run picks",

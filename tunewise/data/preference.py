@@ -1,4 +1,6 @@
-"""Readers of preference pairs (DPO, ORPO): a prompt, the answer preferred and the answer rejected.
+"""Readers of preference data: pairs (DPO, ORPO) and unpaired feedback (KTO).
+
+A pair is a prompt, the answer preferred and the answer rejected.
 
 Each pair becomes one Record: `messages` is the prompt and the chosen answer (so cleaning, dedup, splitting
 and leakage work on it as on any conversation), `meta["rejected"]` the rejected answer's text. Three shapes,
@@ -11,7 +13,11 @@ each its own data.format:
   whose shared turns are the prompt.
 
 A pair whose chosen equals its rejected, with an empty side, or whose two transcripts differ before the last
-answer is quarantined with the reason."""
+answer is quarantined with the reason.
+
+Unpaired feedback (`trl-kto`, TRL's unpaired preference format): {"prompt", "completion", "label"}, the prompt and
+completion strings or message lists, the label a boolean (true: a desirable answer, a thumbs-up). The record is the
+prompt and the completion, `meta["desirable"]` the label."""
 
 from __future__ import annotations
 
@@ -119,6 +125,35 @@ def read_hh_rlhf(path: Path, where: str, obj: dict, system_prompt: str | None) -
     if chosen[:-1] != rejected[:-1]:
         return BadRecord(str(path), where, "chosen and rejected differ before the last Assistant turn", obj)
     return _pair(path, where, chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], obj, system_prompt)
+
+
+@reader("trl-kto")
+@json_reader
+def read_trl_kto(path: Path, where: str, obj: dict, system_prompt: str | None) -> Item:
+    """TRL unpaired preference (KTO): {"prompt", "completion", "label": true|false}."""
+    missing = _missing(path, where, obj, ("prompt", "completion", "label"))
+    if missing:
+        return missing
+    if not isinstance(obj["label"], bool):
+        return BadRecord(str(path), where, f"label: expected true or false, got {obj['label']!r}", obj)
+    p = obj["prompt"]
+    if isinstance(p, str):
+        prompt = [{"role": "user", "content": p}]
+    elif isinstance(p, list) and all(isinstance(m, dict) for m in p):
+        prompt = [{"role": m.get("role"), "content": m.get("content")} for m in p]
+    else:
+        return BadRecord(str(path), where, "prompt: expected a string or a list of messages", obj)
+    got = _answer(obj["completion"], "completion")
+    if isinstance(got, str):
+        return BadRecord(str(path), where, got, obj)
+    if not got[1].strip():
+        return BadRecord(str(path), where, "completion: empty answer", obj)
+    return _finish(path, where, prompt + got[0] + [{"role": "assistant", "content": got[1]}], None, {"desirable": obj["label"]}, obj,
+                   system_prompt)
+
+
+def is_unpaired(r: Record) -> bool:
+    return isinstance(r.meta, dict) and isinstance(r.meta.get("desirable"), bool)
 
 
 def rejected_messages(r: Record) -> list[dict]:

@@ -208,14 +208,17 @@ def _preference_pairs(cfg: ProjectConfig, tok, train_records, val_records):
     t = cfg.training
     if t.objective == "sft":
         return None
-    from .preference import tokenize_pairs
+    from .preference import tokenize_pairs, tokenize_unpaired
 
-    train, dropped = tokenize_pairs(tok, train_records, cfg.data.max_length)
+    fn = tokenize_unpaired if t.objective == "kto" else tokenize_pairs
+    train, dropped = fn(tok, train_records, cfg.data.max_length)
     if not train:
-        raise TrainError(f"training.objective: {t.objective} needs preference pairs, and the training split has none "
-                         f"(data.format is {cfg.data.format}: use openai-preference, trl-preference or hh-rlhf)"
-                         + (f"; {dropped} pairs do not fit data.max_length={cfg.data.max_length}" if dropped else ""))
-    return train, tokenize_pairs(tok, val_records, cfg.data.max_length)[0]
+        wanted = ("unpaired feedback or preference pairs, and the training split has neither (use trl-kto, openai-preference, "
+                  "trl-preference or hh-rlhf" if t.objective == "kto" else
+                  "preference pairs, and the training split has none (use openai-preference, trl-preference or hh-rlhf")
+        raise TrainError(f"training.objective: {t.objective} needs {wanted}; data.format is {cfg.data.format})"
+                         + (f"; {dropped} do not fit data.max_length={cfg.data.max_length}" if dropped else ""))
+    return train, fn(tok, val_records, cfg.data.max_length)[0]
 
 
 def _loss_module(model, t, train_ex, val_ex, notes: list[str]):
@@ -315,16 +318,18 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     notes: list[str] = []
-    if pairs is not None:  # dpo / orpo: pairs replace the examples; the reference is the model as it is now
-        from .preference import PairBatches, PreferenceLoss, reference_logps
+    if pairs is not None:  # dpo / orpo / kto: pairs replace the examples; the reference is the model as it is now
+        from .preference import REFERENCE, PairBatches, PreferenceLoss, reference_logps
 
         train_ex, val_ex = pairs
-        if t.objective == "dpo":
+        if t.objective in REFERENCE:
             if say:
-                say(f"dpo: the reference log-probs of {len(train_ex) + len(val_ex):,} pairs, once, from the model before training")
+                say(f"{t.objective}: the reference log-probs of {len(train_ex) + len(val_ex):,} {'pairs' if t.objective == 'dpo' else 'examples'}, "
+                    "once, from the model before training")
             reference_logps(model, train_ex + val_ex, tok.pad_token_id, loaded.device, t.batch_size)
         p = t.preference
-        loss_module, layouts, start, cache = PreferenceLoss(model, t.objective, p.beta, p.label_smoothing, p.sft_weight), False, 0, None
+        loss_module = PreferenceLoss(model, t.objective, p.beta, p.label_smoothing, p.sft_weight, p.desirable_weight, p.undesirable_weight)
+        layouts, start, cache = False, 0, None
         if t.share_prefix or t.packing or (t.method == "freeze" and t.cache_frozen):
             notes.append(f"share_prefix/packing/cache_frozen: off for objective {t.objective} (pairs run as padded rows)")
     else:
@@ -434,6 +439,8 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
             if stats:  # preference objectives: the last micro-batch's margin and accuracy
                 row["reward_margin"] = round(stats["margin_sum"] / max(stats["pairs"], 1), 6)
                 row["pref_accuracy"] = round(stats["correct"] / max(stats["pairs"], 1), 4)
+                if "kl" in stats:
+                    row["kl"] = round(stats["kl"], 6)
             ending = step >= plan.total or plan.must_stop(step)
             out_of_time = out_of_time or (ending and step < plan.total)
             if run.val_ex and (step % t.eval_every == 0 or ending):

@@ -1,4 +1,4 @@
-"""Preference objectives in our loop: DPO (Rafailov et al. 2023) and ORPO (Hong et al. 2024).
+"""Preference objectives in our loop: DPO (Rafailov et al. 2023), ORPO (Hong et al. 2024) and KTO (Ethayarajh et al. 2024).
 
 A micro-batch holds B pairs as 2B rows (the chosen conversations, then the rejected ones), right-padded;
 only the last answer's tokens carry labels. The loss module returns the *sum* of per-pair losses, and the
@@ -12,8 +12,15 @@ loop divides by the pairs of the whole step (`_n_loss`), as it divides token los
 - ORPO: NLL of the chosen answer (mean over its tokens) - beta * log sigmoid(log odds(c) - log odds(r)), odds
   from the mean token log-prob; no reference model.
 
+- KTO: unpaired examples, each desirable or not. A micro-batch holds B examples as 2B rows: the examples, then
+  each prompt with another example's completion (the next one in the data, fixed at tokenisation as TRL does),
+  whose reference log-ratio estimates the KL term z = max(0, mean(log pi - log ref)) (detached, no gradient).
+  Loss: w_d (1 - sigmoid(beta (r - z))) for a desirable example, w_u (1 - sigmoid(beta (z - r))) for an undesirable
+  one, r = log pi(y|x) - log ref(y|x). The reference is as for DPO (precomputed once, for both kinds of row).
+
 Metrics per step and on validation: the reward margin (DPO: beta times the log-ratio difference; ORPO: the
-log-odds difference) and the preference accuracy (the share of pairs whose margin is positive).
+log-odds difference; KTO: the reward beta r, negated for undesirable examples) and the preference accuracy (the
+share of pairs whose margin is positive; KTO: of examples whose reward has the label's sign).
 """
 
 from __future__ import annotations
@@ -23,17 +30,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data.preference import is_pair, rejected_messages
+from ..data.preference import is_pair, is_unpaired, rejected_messages
 from ..data.tokenize import IGNORE, Tokenized, collate, tokenize_many, truncate
 
-OBJECTIVES = ("dpo", "orpo")
+OBJECTIVES = ("dpo", "orpo", "kto")
+REFERENCE = ("dpo", "kto")  # the objectives that compare with the model before training
 
 
 @dataclass
 class Pair:
+    """Two rows trained together: chosen and rejected (DPO, ORPO), or (KTO) an example and its KL row."""
+
     chosen: Tokenized
     rejected: Tokenized
-    ref: tuple[float, float] | None = None  # the reference's log-probs of chosen and rejected (DPO)
+    ref: tuple[float, float] | None = None  # the reference's log-probs of both rows (DPO, KTO)
+    desirable: bool | None = None  # KTO: the example's label
 
     @property
     def input_ids(self) -> list[int]:  # what batch_order sorts by: the longer side
@@ -62,14 +73,40 @@ def tokenize_pairs(tok, records, max_length: int) -> tuple[list[Pair], int]:
     return pairs, dropped
 
 
+def tokenize_unpaired(tok, records, max_length: int) -> tuple[list[Pair], int]:
+    """KTO examples from unpaired records (meta["desirable"]) and from pairs (the chosen answer desirable, the
+    rejected one not), each with its KL row: its prompt and the next example's completion. Returns (examples, dropped)."""
+    items = []  # (messages, desirable, source)
+    for r in records:
+        if is_unpaired(r):
+            items.append((r.messages, r.meta["desirable"], r.source))
+        elif is_pair(r):
+            items += [(r.messages, True, r.source), (rejected_messages(r), False, r.source)]
+    n = len(items)
+    convs = [_last_answer_only(m) for m, _, _ in items]
+    convs += [_last_answer_only(items[i][0][:-1] + [items[(i + 1) % n][0][-1]]) for i in range(n)]
+    enc = tokenize_many(tok, convs, [s for _, _, s in items] * 2)
+    out, dropped = [], 0
+    for i, (_, desirable, source) in enumerate(items):
+        x, kl = truncate(*enc[i], max_length), truncate(*enc[n + i], max_length)
+        if x is None or kl is None:
+            dropped += 1
+            continue
+        out.append(Pair(Tokenized(*x, source), Tokenized(*kl, source), desirable=desirable))
+    return out, dropped
+
+
 def pair_batch(pairs: list[Pair], pad_id: int, device) -> dict:
-    """2B right-padded rows (chosen first) and, for DPO, the reference log-probs in the same order."""
+    """2B right-padded rows (chosen first) and, for DPO and KTO, the reference log-probs in the same order;
+    for KTO the labels as `desirable`."""
     b = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     b = {k: v.to(device) for k, v in b.items()}
     if all(p.ref is not None for p in pairs):
         b["ref"] = torch.tensor([p.ref[0] for p in pairs] + [p.ref[1] for p in pairs], dtype=torch.float64, device=device)
     else:
         b["ref"] = torch.zeros(2 * len(pairs), dtype=torch.float64, device=device)
+    if pairs and pairs[0].desirable is not None:
+        b["desirable"] = torch.tensor([p.desirable for p in pairs], dtype=torch.bool, device=device)
     return b
 
 
@@ -94,18 +131,22 @@ def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tens
 
 
 class PreferenceLoss(torch.nn.Module):
-    """Summed per-pair DPO or ORPO loss of a micro-batch; `stats` keeps the last call's margins."""
+    """Summed per-pair (KTO: per-example) loss of a micro-batch; `stats` keeps the last call's margins."""
 
-    def __init__(self, model, objective: str, beta: float, label_smoothing: float = 0.0, sft_weight: float = 0.0):
+    def __init__(self, model, objective: str, beta: float, label_smoothing: float = 0.0, sft_weight: float = 0.0,
+                 desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective {objective!r}: one of {', '.join(OBJECTIVES)}")
         self.model, self.objective, self.beta, self.smoothing, self.sft_weight = model, objective, beta, label_smoothing, sft_weight
+        self.weights = (desirable_weight, undesirable_weight)
         self.stats: dict = {}
 
-    def forward(self, input_ids, attention_mask, labels, ref):
-        logps, counts = sequence_logps(self.model, input_ids, attention_mask, labels)
+    def forward(self, input_ids, attention_mask, labels, ref, desirable=None):
         b = input_ids.shape[0] // 2
+        if self.objective == "kto":
+            return self._kto(input_ids, attention_mask, labels, ref, desirable)
+        logps, counts = sequence_logps(self.model, input_ids, attention_mask, labels)
         pc, pr = logps[:b], logps[b:]
         if self.objective == "dpo":
             margin = self.beta * ((pc - ref[:b].to(pc.dtype)) - (pr - ref[b:].to(pr.dtype)))
@@ -117,6 +158,19 @@ class PreferenceLoss(torch.nn.Module):
             margin = (mc - mr) - (torch.log1p(-torch.exp(mc).clamp(max=1 - 1e-6)) - torch.log1p(-torch.exp(mr).clamp(max=1 - 1e-6)))
             losses = -mc - self.beta * F.logsigmoid(margin)
         self.stats = {"pairs": b, "correct": int((margin > 0).sum()), "margin_sum": float(margin.detach().sum())}
+        return losses.sum()
+
+    def _kto(self, input_ids, attention_mask, labels, ref, desirable):
+        b = input_ids.shape[0] // 2
+        logps, _ = sequence_logps(self.model, input_ids[:b], attention_mask[:b], labels[:b])
+        with torch.no_grad():  # the KL rows only estimate z, which carries no gradient
+            kl_logps, _ = sequence_logps(self.model, input_ids[b:], attention_mask[b:], labels[b:])
+        r = logps - ref[:b].to(logps.dtype)
+        z = (kl_logps - ref[b:].to(kl_logps.dtype)).mean().clamp(min=0)
+        wd, wu = self.weights
+        losses = torch.where(desirable, wd * (1 - torch.sigmoid(self.beta * (r - z))), wu * (1 - torch.sigmoid(self.beta * (z - r))))
+        margin = torch.where(desirable, self.beta * r, -self.beta * r).detach()
+        self.stats = {"pairs": b, "correct": int((margin > 0).sum()), "margin_sum": float(margin.sum()), "kl": float(z)}
         return losses.sum()
 
 
