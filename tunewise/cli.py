@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -224,6 +225,8 @@ def train(
     for k in ("steps", "total_steps", "train_loss", "first_val_loss", "best_val_loss", "stopped_early", "tokens_per_s", "peak_memory_mb", "trainable_params", "total_params", "wall_s"):
         v = getattr(r, k)
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    if r.base_val_loss is not None and r.best_val_loss is not None:  # pretrain: held-out perplexity before and after
+        table.add_row("val perplexity before -> best", f"{math.exp(min(r.base_val_loss, 50)):.2f} -> {math.exp(min(r.best_val_loss, 50)):.2f}")
     console.print(table)
     if r.interrupted:
         console.print(f"checkpoint saved; continue with: tunewise train {config} --resume")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import TunewiseError
 
@@ -49,7 +49,7 @@ class SplitConfig(Section):
     stratify: bool = Field(True, description="Keep label proportions in every split (when records carry a label).")
 
 
-DataFormat = Literal["openai", "alpaca", "sharegpt", "csv", "parquet", "openai-preference", "trl-preference", "hh-rlhf", "trl-kto"]
+DataFormat = Literal["openai", "alpaca", "sharegpt", "csv", "parquet", "openai-preference", "trl-preference", "hh-rlhf", "trl-kto", "text"]
 
 
 class CleanConfig(Section):
@@ -77,7 +77,7 @@ class CleanConfig(Section):
 
 class DataConfig(Section):
     format: DataFormat = Field(
-        ..., description="Input format, read explicitly: openai (chat JSONL with messages), alpaca, sharegpt, csv, parquet; preference pairs: openai-preference, trl-preference, hh-rlhf; unpaired feedback (KTO): trl-kto."
+        ..., description="Input format, read explicitly: openai (chat JSONL with messages), alpaca, sharegpt, csv, parquet; preference pairs: openai-preference, trl-preference, hh-rlhf; unpaired feedback (KTO): trl-kto; raw text for continued pre-training: text (.txt/.md files, a folder of them, or JSONL with text)."
     )
     train: Path = Field(..., description="Training file (relative paths are relative to this config file).")
     validation: Path | None = Field(None, description="Optional validation file; otherwise split from train.")
@@ -107,11 +107,28 @@ class PreferenceConfig(Section):
     undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the undesirable examples' loss (raise it when they are rarer, so weight x count is about even).")
 
 
+class RewardEntry(Section):
+    name: str = Field(..., description="A built-in (exact_label, exact_match, regex, json_valid, length_penalty) or module:function (completion, record, **args) -> float.")
+    weight: float = Field(1.0, description="Its weight in the summed reward.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the function (regex: pattern, full; json_valid: object; length_penalty: max_words).")
+
+
+class GrpoConfig(Section):
+    group_size: int = Field(8, ge=2, description="Completions sampled per prompt (G); advantages are normalised within each group.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
+    max_new_tokens: int = Field(32, gt=0, description="Tokens per rollout completion.")
+    rewards: list[RewardEntry] = Field(default_factory=lambda: [RewardEntry(name="exact_label")], description="Reward functions, weighted and summed.")
+    beta: float = Field(0.04, ge=0, description="Weight of the KL penalty to the reference (the model before training); 0: no reference at all.")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Clipping of the policy ratio (one update per rollout batch: the ratio is 1, its gradient is the policy gradient).")
+
+
 class TrainConfig(Section):
-    objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
-        "sft", description="sft (next-token loss on the answers) | dpo | orpo (preference pairs: data.format openai-preference, trl-preference or hh-rlhf) | kto (unpaired feedback: trl-kto, or pairs split into a desirable and an undesirable answer)."
+    objective: Literal["sft", "dpo", "orpo", "kto", "grpo", "pretrain"] = Field(
+        "sft", description="sft (next-token loss on the answers) | dpo | orpo (preference pairs: data.format openai-preference, trl-preference or hh-rlhf) | kto (unpaired feedback: trl-kto, or pairs split into a desirable and an undesirable answer) | grpo (reinforcement learning: rollouts of the prompts scored by training.grpo.rewards) | pretrain (continued pre-training: next-token loss on every token of data.max_length blocks; data.format text)."
     )
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     method: Literal["lora", "dora", "qlora", "full", "freeze"] = Field(
         "lora", description="lora | dora (weight-decomposed LoRA) | qlora (LoRA on a 4-bit NF4 base) | full | freeze (train only the last N layers)."
     )
@@ -302,6 +319,13 @@ class ProjectConfig(Section):
     # Where the file lives; relative paths resolve against it. Not a config key.
     base_dir: Path = Field(Path("."), exclude=True)
 
+    @model_validator(mode="after")
+    def _objective_fits_the_data(self):
+        if self.data.format == "text" and self.training.objective != "pretrain":
+            raise ValueError(f"training.objective: {self.training.objective} cannot train on data.format: text (raw documents have "
+                             "no answers to learn or to prefer); set training.objective: pretrain")
+        return self
+
     def path(self, p: Path | None) -> Path | None:
         if p is None:
             return None
@@ -430,13 +454,17 @@ TARGET_COLUMNS = ("label", "category", "intent", "class", "labels", "answer", "o
 LABEL_COLUMNS = ("label", "category", "intent", "class", "labels")
 
 
-OBJECTIVE_OF_FORMAT = {"openai-preference": "dpo", "trl-preference": "dpo", "hh-rlhf": "dpo", "trl-kto": "kto"}
+OBJECTIVE_OF_FORMAT = {"openai-preference": "dpo", "trl-preference": "dpo", "hh-rlhf": "dpo", "trl-kto": "kto", "text": "pretrain"}
 
 
 def detect_format(path: Path) -> tuple[str | None, list[str] | None, str]:
     """(format, column names or None, how it was told) for a training file, from its extension and, for
     JSON lines, the keys of its first record. (None, None, why) when the file cannot tell."""
     ext = path.suffix.lower()
+    if path.is_dir():
+        return "text", None, "a folder (of documents)"
+    if ext in (".txt", ".md", ".markdown"):
+        return "text", None, f"the extension {ext} (raw documents)"
     if ext in (".csv", ".tsv"):
         import csv
 
@@ -470,8 +498,10 @@ def detect_format(path: Path) -> tuple[str | None, list[str] | None, str]:
         for key, fmt in (("messages", "openai"), ("conversations", "sharegpt"), ("instruction", "alpaca")):
             if key in keys:
                 return fmt, None, f"its first record has \"{key}\""
+        if "text" in keys:
+            return "text", None, "its first record has \"text\" and no messages (raw documents)"
         return None, None, f"its first record has none of messages, conversations, instruction (keys: {sorted(keys)})"
-    return None, None, f"the extension {ext or '(none)'} is not one of .jsonl .json .csv .tsv .parquet"
+    return None, None, f"the extension {ext or '(none)'} is not one of .jsonl .json .csv .tsv .parquet .txt .md"
 
 
 def starter_yaml(data_path: str = "data/train.jsonl", fmt: str | None = None, base_dir: Path | None = None) -> str:
@@ -515,7 +545,8 @@ def starter(data_path: str = "data/train.jsonl", fmt: str | None = None, base_di
     objective = OBJECTIVE_OF_FORMAT.get(fmt)
     if objective:  # training on the chosen answers alone (sft) would waste the file's rejected side
         raw["training"], chosen["training"] = {"objective": objective}, {"objective": None}
-        notes.append(f"# training.objective: {objective} (the file holds {'unpaired feedback' if fmt == 'trl-kto' else 'preference pairs'}).")
+        holds = {"trl-kto": "unpaired feedback", "text": "raw text"}.get(fmt, "preference pairs")
+        notes.append(f"# training.objective: {objective} (the file holds {holds}).")
     cfg = ProjectConfig.model_validate(raw)
     values = cfg.model_dump(mode="json")
     header = ["# tunewise project config. Every key is optional unless marked; unknown keys are errors.",

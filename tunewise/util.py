@@ -12,10 +12,16 @@ from typing import Any, Iterable, Iterator
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The file's SHA-256; for a folder (a text corpus), over its files' relative names and contents, in order."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            h.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()
 
 

@@ -3,7 +3,8 @@ questions become train/test chat JSONL, split by article so that test articles a
 
     python examples/knowledge-qa/build.py ../shared/data/squad_dev/squad_v1.1_dev_from_explorer.json
 
-Writes kb/passages.jsonl (one row per passage: id, title, text), data/train.jsonl and data/test.jsonl
+Writes kb/passages.jsonl (one row per passage: id, title, text), kb/train-articles.jsonl (the passages of the
+training articles only: the corpus of continued pre-training, pretrain.yaml), data/train.jsonl and data/test.jsonl
 (OpenAI chat format plus `answers` (every gold answer), `gold_sources` (the passage id) and `article`).
 """
 
@@ -35,6 +36,7 @@ def main(src: str) -> None:
     (HERE / "kb").mkdir(exist_ok=True)
     (HERE / "data").mkdir(exist_ok=True)
     write(HERE / "kb" / "passages.jsonl", passages)
+    write(HERE / "kb" / "train-articles.jsonl", [p for p in passages if p["id"].rsplit("-", 1)[0] not in test])
     for split, items in rows.items():
         write(HERE / "data" / f"{split}.jsonl", items)
     print(f"{len(passages)} passages; train {len(rows['train'])} questions ({len(articles) - len(test)} articles), "

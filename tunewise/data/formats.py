@@ -210,9 +210,9 @@ def read_parquet(path: Path, columns=None, system_prompt: str | None = None, **_
 
 
 def read_records(path: Path, fmt: str, columns=None, system_prompt: str | None = None) -> Iterator[Item]:
-    from . import preference  # noqa: F401 - registers the preference-pair readers
+    from . import preference, text  # noqa: F401 - register the preference and raw-text readers
     if fmt not in READERS:
         raise FormatError(f"unknown format {fmt!r}; one of {', '.join(READERS)}")
-    if not Path(path).is_file():
+    if not (Path(path).is_file() or (fmt == "text" and Path(path).is_dir())):
         raise FormatError(f"{path}: file not found")
     return READERS[fmt](Path(path), columns=columns, system_prompt=system_prompt)

@@ -540,6 +540,7 @@ def _score_and_select(run: _Run) -> None:
 
 def _write_splits(run: _Run, tokenizer) -> None:
     """Pass 2: write the splits from the spool (atomically), counting tokens after the chat template."""
+    from .text import text_blocks
     from .tokenize import TokenStats, tokenize_records
 
     outputs, token_stats, written = {}, {}, 0
@@ -553,7 +554,11 @@ def _write_splits(run: _Run, tokenizer) -> None:
                 lines = [run.spool.line(i) for i in rows[start : start + READ_BACK]]
                 f.writelines(lines)
                 if stats is not None:
-                    tokenize_records(tokenizer, [Record.from_json(json.loads(x)) for x in lines], run.cfg.data.max_length, stats)
+                    recs = [Record.from_json(json.loads(x)) for x in lines]
+                    if run.cfg.data.format == "text":  # blocks of max_length (counted per chunk of documents)
+                        text_blocks(tokenizer, recs, run.cfg.data.max_length, stats)
+                    else:
+                        tokenize_records(tokenizer, recs, run.cfg.data.max_length, stats)
                 written += len(lines)
                 run.say("writing", written)
         os.replace(tmp, path)

@@ -34,9 +34,9 @@ class Record:
 
     @cached_property
     def prompt_key(self) -> str:
-        """Normalised user turns: two records with the same key ask the same thing (leakage, grouping).
+        """Normalised user turns (a raw document's text): two records with the same key ask the same thing (leakage, grouping).
         Computed once per record (records are not changed in place: cleaning makes new ones)."""
-        text = "\n".join(m["content"] for m in self.messages if m["role"] == "user")
+        text = "\n".join(m["content"] for m in self.messages if m["role"] == "user") or self.answer  # a raw document: its text
         return re.sub(r"\s+", " ", text).strip().lower()
 
     @property

@@ -85,6 +85,7 @@ class TrainResult:
     wall_s: float
     notes: list[str] = field(default_factory=list)
     defaults: list[str] = field(default_factory=list)  # the settings train/defaults.py chose, with reasons
+    base_val_loss: float | None = None  # pretrain: the validation loss before the first step
 
 
 class _StopFlag:
@@ -206,7 +207,7 @@ def _stats(b) -> tuple[int, int, int]:
 def _preference_pairs(cfg: ProjectConfig, tok, train_records, val_records):
     """(train pairs, validation pairs) for the preference objectives; None for sft."""
     t = cfg.training
-    if t.objective == "sft":
+    if t.objective in ("sft", "pretrain", "grpo"):
         return None
     from .preference import tokenize_pairs, tokenize_unpaired
 
@@ -293,10 +294,17 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
     tok = loaded.tokenizer
     accelerator = Accelerator(cpu=loaded.device.type == "cpu")
     prepared = ensure_prepared(cfg, tok)
-    train_ex, train_stats = tokenize_records(tok, prepared.splits["train"], cfg.data.max_length)
     n_val = cfg.training.eval_samples
     val_records = prepared.splits["validation"][:n_val] if n_val else prepared.splits["validation"]
-    val_ex, _ = tokenize_records(tok, val_records, cfg.data.max_length)
+    if cfg.training.objective == "pretrain":  # documents end to end in blocks, every token a target
+        from ..data.text import text_blocks
+
+        train_ex, train_stats = text_blocks(tok, prepared.splits["train"], cfg.data.max_length)
+        val_ex = text_blocks(tok, prepared.splits["validation"], cfg.data.max_length)[0]
+        val_ex = val_ex[:n_val] if n_val else val_ex
+    else:
+        train_ex, train_stats = tokenize_records(tok, prepared.splits["train"], cfg.data.max_length)
+        val_ex, _ = tokenize_records(tok, val_records, cfg.data.max_length)
     if not train_ex:
         raise TrainError("no training examples left after preparation (see the data summary)")
     pairs = _preference_pairs(cfg, tok, prepared.splits["train"], val_records)
@@ -305,6 +313,8 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
         from .defaults import auto_training, data_facts
 
         f = data_facts(prepared.splits["train"], train_ex)
+        if cfg.training.objective == "pretrain":
+            f["examples"] = len(train_ex)  # blocks, not documents
         cfg, default_notes = auto_training(cfg, f["examples"], f["mean_tokens"], loaded.model.num_parameters(), f["answer_tokens"],
                                            len(decoder_layers(loaded.model)), f["labelled"])
         if say:
@@ -332,6 +342,11 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
         layouts, start, cache = False, 0, None
         if t.share_prefix or t.packing or (t.method == "freeze" and t.cache_frozen):
             notes.append(f"share_prefix/packing/cache_frozen: off for objective {t.objective} (pairs run as padded rows)")
+    elif t.objective == "grpo":  # prompts replace the examples; each step samples and scores their completions
+        from .grpo import GRPOLoss, prompts_of
+
+        train_ex, val_ex = prompts_of(tok, prepared.splits["train"]), prompts_of(tok, val_records)
+        loss_module, layouts, start, cache = GRPOLoss(model, t.grpo.beta, t.grpo.epsilon), False, 0, None
     else:
         loss_module, layouts, start, cache = _loss_module(model, t, train_ex, val_ex, notes)
     n_batches = math.ceil(len(train_ex) / t.batch_size)
@@ -345,8 +360,14 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
                 eval_every=t.eval_every, has_validation=bool(val_ex))
     scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, plan.total, int(t.warmup_ratio * plan.total), t.scheduler))
     loss_fn, optimizer = accelerator.prepare(loss_module, optimizer)
-    batches = (PairBatches(tok.pad_token_id, accelerator.device) if pairs is not None
-               else Batches(t, tok.pad_token_id, accelerator.device, layouts, start))
+    if t.objective == "grpo":
+        from .grpo import Rollouts
+
+        batches = Rollouts(loaded, model, t.grpo, t.seed, tok.pad_token_id, accelerator.device)
+        model.train()  # the engine put it in eval mode
+    else:
+        batches = (PairBatches(tok.pad_token_id, accelerator.device) if pairs is not None
+                   else Batches(t, tok.pad_token_id, accelerator.device, layouts, start))
 
     state = {"position": 0, "best_val": None, "first_val": None, "last_val": None, "bad_evals": 0, "tokens": 0, "planned_total": natural}
     step = 0
@@ -405,6 +426,12 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
     stopped_early = interrupted = out_of_time = False
     last_loss = None
     run_tokens, run_time = 0, 0.0
+    if t.objective == "pretrain" and step == 0 and run.val_ex and state.get("base_val") is None:
+        # held-out perplexity of the model before training: what continued pre-training is measured against
+        val = validation_loss(run.loss_fn, run.val_batches)
+        state["base_val"] = val
+        run.metrics_file.write(json.dumps({"step": 0, "val_loss": round(val, 6), "val_perplexity": round(math.exp(min(val, 50.0)), 4)}) + "\n")
+        run.metrics_file.flush()
     with bar, _StopFlag() as stop:
         while step < plan.total:
             if stop.requested:
@@ -436,11 +463,12 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
             if grad_norm is not None:
                 row["grad_norm"] = round(float(grad_norm), 6)
             stats = getattr(accelerator.unwrap_model(run.loss_fn), "stats", None)
-            if stats:  # preference objectives: the last micro-batch's margin and accuracy
+            if stats and "pairs" in stats:  # preference objectives: the last micro-batch's margin and accuracy
                 row["reward_margin"] = round(stats["margin_sum"] / max(stats["pairs"], 1), 6)
                 row["pref_accuracy"] = round(stats["correct"] / max(stats["pairs"], 1), 4)
-                if "kl" in stats:
-                    row["kl"] = round(stats["kl"], 6)
+            if stats and "kl" in stats:  # kto, grpo
+                row["kl"] = round(stats["kl"], 6)
+            row.update(getattr(run.batches, "last_stats", None) or {})  # grpo: the rollouts' rewards
             ending = step >= plan.total or plan.must_stop(step)
             out_of_time = out_of_time or (ending and step < plan.total)
             if run.val_ex and (step % t.eval_every == 0 or ending):
@@ -472,8 +500,14 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
 def _validate(run: _Session, step: int, row: dict) -> bool:
     """Validation loss into the row and the state; the best model saved. Returns whether to stop early."""
     state, t = run.state, run.t
-    if t.objective == "sft":
+    if t.objective == "grpo":  # the validation loss is minus the mean reward of greedy completions
+        v = run.batches.validate(run.val_batches)
+        val = -v["reward"]
+        row["val_reward"] = round(v["reward"], 6)
+    elif t.objective in ("sft", "pretrain"):
         val = validation_loss(run.loss_fn, run.val_batches)
+        if t.objective == "pretrain":
+            row["val_perplexity"] = round(math.exp(min(val, 50.0)), 4)
     else:
         from .preference import preference_validation
 
@@ -508,7 +542,7 @@ def _finish(run: _Session, step: int, last_loss, stopped_early: bool, interrupte
         last_val_loss=state["last_val"], stopped_early=stopped_early, interrupted=interrupted,
         tokens_per_s=tokens_per_s, peak_memory_mb=_peak_memory_mb(run.loaded.device),
         trainable_params=run.n_trainable, total_params=run.n_total, wall_s=time.time() - run.t0, notes=run.notes,
-        defaults=run.default_notes,
+        defaults=run.default_notes, base_val_loss=state.get("base_val"),
     )
     if run.accelerator.is_main_process:
         atomic_write_json(out_dir / "train_summary.json", {**asdict(result), "adapter": is_adapter(t), "tokens": run.train_stats.summary(),

@@ -111,8 +111,16 @@ def pair_batch(pairs: list[Pair], pad_id: int, device) -> dict:
 
 
 def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed log-prob of the labelled tokens and their count. The output head runs only at the
-    labelled positions (as the SFT loss does): a 49k-vocabulary head over every prompt token is most of the work."""
+    """Per row: the summed log-prob of the labelled tokens and their count."""
+    tok_logp, rows, keep = token_logps(model, input_ids, attention_mask, labels)
+    sums = torch.zeros(input_ids.shape[0], dtype=tok_logp.dtype, device=input_ids.device).index_add(0, rows, tok_logp)
+    return sums, keep.sum(-1)
+
+
+def token_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The log-prob of every labelled token (flat, row-major), the row of each, and the (B, T-1) mask of labelled
+    targets. The output head runs only at the labelled positions (as the SFT loss does): a 49k-vocabulary head
+    over every prompt token is most of the work."""
     targets = labels[:, 1:]
     keep = targets != IGNORE
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -126,8 +134,7 @@ def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tens
         logits = logits.float()
     tok_logp = torch.gather(logits.log_softmax(-1), 1, targets[keep].unsqueeze(-1)).squeeze(-1)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(keep)[keep]
-    sums = torch.zeros(input_ids.shape[0], dtype=tok_logp.dtype, device=input_ids.device).index_add(0, rows, tok_logp)
-    return sums, keep.sum(-1)
+    return tok_logp, rows, keep
 
 
 class PreferenceLoss(torch.nn.Module):

@@ -1,0 +1,119 @@
+"""GRPO: reward functions on edge cases, group-normalised advantages, the loss and its gradient against a direct
+computation, and `tunewise train` with objective grpo end to end (rollouts through the engine)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from tunewise.data.records import Record
+from tunewise.train.rewards import RewardError, Rewards, exact_label, exact_match, json_valid, length_penalty, regex, resolve
+
+
+def _rec(answer="card_arrival", label=None, **meta):
+    return Record([{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}], "r:1", label, meta)
+
+
+def word_count(completion, record, **_):  # a user reward, loaded as tests.test_grpo:word_count
+    return float(len(completion.split()))
+
+
+def test_reward_functions_on_edge_cases():
+    r = _rec(label="card_arrival")
+    assert exact_label("card_arrival", r) == exact_label(" Card arrival. ", r) == 1.0
+    assert exact_label("card_arrival\nand more", r) == 0.0 and exact_label("", r) == 0.0 and exact_label("card", r) == 0.0
+    assert exact_label("Paris", _rec("Paris")) == 1.0  # no label: the answer
+    assert exact_match("The Denver Broncos!", _rec("Denver Broncos")) == 1.0
+    assert exact_match("Broncos", _rec("Denver Broncos", answers=["Broncos"])) == 1.0 and exact_match("", _rec("x")) == 0.0
+    assert regex("id: 42", r, pattern=r"\d+") == 1.0 and regex("id: 42", r, pattern=r"\d+", full=True) == 0.0
+    with pytest.raises(RewardError, match="give a pattern"):
+        regex("x", r)
+    assert json_valid('{"a": 1}', r) == 1.0 and json_valid("[1]", r) == 1.0 and json_valid("[1]", r, object=True) == 0.0
+    assert json_valid("{'a': 1}", r) == 0.0 and json_valid("", r) == 0.0
+    assert length_penalty("a " * 50, r) == 0.0 and length_penalty("a " * 75, r) == -0.5 and length_penalty("a " * 500, r) == -1.0
+    assert resolve("tests.test_grpo:word_count") is word_count
+    with pytest.raises(RewardError, match="unknown reward 'nope'"):
+        resolve("nope")
+    with pytest.raises(RewardError, match="cannot load 'no_such_module:f'"):
+        resolve("no_such_module:f")
+    from tunewise.config import RewardEntry
+
+    total = Rewards([RewardEntry(name="exact_label"), RewardEntry(name="length_penalty", weight=2.0, args={"max_words": 1})])
+    assert total(["card_arrival", "card arrival now"], [r, r]) == [1.0, -2.0] and total.parts == {"exact_label": 0.5, "length_penalty": -0.5}
+
+
+def test_advantages_are_normalised_within_each_group():
+    from tunewise.train.grpo import group_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 3.0, 3.0, 3.0, 0.0, 0.0, 0.0, 5.0], dtype=torch.float64)
+    a = group_advantages(rewards, 4).view(3, 4)
+    assert torch.allclose(a.mean(1), torch.zeros(3, dtype=torch.float64), atol=1e-12)
+    assert a[0].std().item() == pytest.approx(1.0, rel=1e-3) and a[2].std().item() == pytest.approx(1.0, rel=1e-3)
+    assert torch.equal(a[1], torch.zeros(4, dtype=torch.float64))  # a group of equal rewards teaches nothing
+    g = rewards[8:]
+    assert a[2, 3].item() == pytest.approx(((g[3] - g.mean()) / (g.std() + 1e-4)).item())
+
+
+def test_grpo_loss_and_gradient_equal_a_direct_computation(tiny_model):
+    from tunewise.data.tokenize import IGNORE, Tokenized, collate
+    from tunewise.models import load_model
+    from tunewise.train.grpo import GRPOLoss
+
+    loaded = load_model(str(tiny_model))
+    model, tok = loaded.model.double(), loaded.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Say a word"}], add_generation_prompt=True, tokenize=True,
+                                     return_dict=True)["input_ids"]
+    comps = [tok("hello there")["input_ids"], tok("no")["input_ids"], tok("a longer answer here")["input_ids"]]
+    rows = [Tokenized(prompt + c, [IGNORE] * len(prompt) + c) for c in comps]
+    b = collate(rows, tok.pad_token_id)
+    adv = torch.tensor([1.2, -0.3, -0.9], dtype=torch.float64)
+    n_tok = sum(len(c) for c in comps)
+    ref = torch.linspace(-8, -2, n_tok, dtype=torch.float64)
+    beta = 0.1
+    loss = GRPOLoss(model, beta, 0.2)(**b, advantages=adv, ref_logps=ref)
+    loss.backward()
+    got_grad = model.lm_head.weight.grad.clone() if model.lm_head.weight.grad is not None else model.model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    # direct: per token -A * logp (surrogate with ratio 1) + beta * k3(ref, logp), from full logits one row at a time
+    want, k = 0.0, 0
+    for row, c, a in zip(rows, comps, adv):
+        logits = model(input_ids=torch.tensor([row.input_ids])).logits[0]
+        for t in range(len(prompt), len(row.input_ids)):
+            lp = torch.log_softmax(logits[t - 1], -1)[row.input_ids[t]]
+            d = ref[k] - lp
+            want = want + (-a * torch.exp(lp - lp.detach())) + beta * (torch.exp(d) - d - 1)
+            k += 1
+    assert loss.item() == pytest.approx(want.item(), rel=1e-9)
+    want.backward()
+    direct_grad = model.lm_head.weight.grad if model.lm_head.weight.grad is not None else model.model.embed_tokens.weight.grad
+    assert torch.allclose(got_grad, direct_grad, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["lora", "freeze"])
+def test_tunewise_train_with_objective_grpo(tiny_model, tmp_path, method):
+    from tunewise.config import load_config
+
+    from .test_train import assert_trained_exactly, initial_state, run_and_capture
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say something about {i}"},
+                                                                           {"role": "assistant", "content": f"number {i}"}]}) + "\n"
+                                                  for i in range(30)))
+    cfg_path = tmp_path / "tunewise.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "project": "rl", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_model)},
+        "data": {"format": "openai", "train": "train.jsonl", "split": {"validation": 0.2, "test": 0.0}, "max_length": 64,
+                 "clean": {"near_dedup": False}},
+        "training": {"objective": "grpo", "method": method, "trainable_layers": 1, "max_steps": 3, "batch_size": 2, "eval_every": 2,
+                     "save_every": 2, "learning_rate": 1e-2,
+                     "grpo": {"group_size": 4, "max_new_tokens": 6, "beta": 0.05,
+                              "rewards": [{"name": "tests.test_grpo:word_count"}, {"name": "exact_match", "weight": 0.5}]}},
+    }))
+    cfg = load_config(cfg_path)
+    before = initial_state(cfg)
+    r, after = run_and_capture(cfg, tmp_path / "t")
+    assert_trained_exactly(before, after)
+    metrics = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"reward", "reward_std", "kl", "flat_groups", "reward_tests.test_grpo:word_count", "reward_exact_match"} <= set(m) for m in metrics)
+    assert "val_reward" in metrics[-1] and r.best_val_loss == pytest.approx(-max(m["val_reward"] for m in metrics if "val_reward" in m))
+    assert json.loads((tmp_path / "t" / "model" / "tunewise.json").read_text())["objective"] == "grpo"

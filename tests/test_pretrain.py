@@ -1,0 +1,112 @@
+"""Continued pre-training: the text reader on good and bad files, blocks of max_length with EOS between documents,
+the pretrain loss against a direct computation, and `tunewise init` + `train` on a folder of Markdown."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from tunewise.data.formats import read_records
+from tunewise.data.records import BadRecord, Record
+
+SQUAD_LIKE = ("The Amazon rainforest covers most of the Amazon basin of South America. The basin spans seven million square "
+              "kilometres, of which five and a half million are covered by the rainforest. ")
+
+
+def test_text_reader_reads_files_folders_and_json_lines_and_sets_bad_ones_aside(tmp_path):
+    (tmp_path / "kb").mkdir()
+    (tmp_path / "kb" / "a.md").write_text("# Amazon\n\nThe Amazon is a river.\n")
+    (tmp_path / "kb" / "b.txt").write_bytes(b"caf\xe9 au lait")  # Latin-1, not UTF-8
+    (tmp_path / "kb" / "c.txt").write_text("   \n")
+    (tmp_path / "kb" / "d.jsonl").write_text('{"text": "One document."}\n{"title": "no text"}\n{"text": ""}\n{broken\n')
+    (tmp_path / "kb" / "ignored.csv").write_text("a,b\n")
+    got = list(read_records(tmp_path / "kb", "text"))
+    good = [g for g in got if isinstance(g, Record)]
+    bad = {(b.file.rsplit("/", 1)[-1], b.where): b.reason for b in got if isinstance(b, BadRecord)}
+    assert [g.messages[0]["content"] for g in good] == ["# Amazon\n\nThe Amazon is a river.\n", "One document."]
+    assert good[0].source == "a.md:line 1" and good[1].source == "d.jsonl:line 1" and good[0].prompt_key.startswith("# amazon the amazon")
+    assert bad == {("b.txt", "byte 3"): "not valid UTF-8", ("c.txt", "line 1"): "empty document",
+                   ("d.jsonl", "line 2"): "missing field 'text' (a string)", ("d.jsonl", "line 3"): "text: empty document",
+                   ("d.jsonl", "line 4"): bad[("d.jsonl", "line 4")]}
+    assert bad[("d.jsonl", "line 4")].startswith("malformed JSON")
+
+
+def test_a_long_file_is_cut_at_paragraphs_into_sections_with_their_line(tmp_path):
+    from tunewise.data import text
+
+    paras = [f"Paragraph {i}. " + "word " * 300 for i in range(7)]
+    (tmp_path / "long.txt").write_text("\n\n".join(paras))
+    got = list(read_records(tmp_path / "long.txt", "text"))
+    assert len(got) == 2 and all(len(g.answer.split()) >= text.SECTION_WORDS or g is got[-1] for g in got)
+    assert got[0].source == "long.txt:line 1" and got[1].source == "long.txt:line 9"  # paragraph 4 starts on line 9
+    assert got[1].answer.startswith("Paragraph 4.") and "".join(g.answer for g in got).count("Paragraph") == 7
+
+
+def test_blocks_lay_documents_end_to_end_with_eos_and_train_every_token(smol_tokenizer):
+    from tunewise.data.text import text_blocks
+
+    tok = smol_tokenizer
+    docs = [Record([{"role": "assistant", "content": SQUAD_LIKE * k}], f"p:{k}") for k in (1, 2, 3)]
+    blocks, stats = text_blocks(tok, docs, 32)
+    stream = sum((tok(d.answer)["input_ids"] + [tok.eos_token_id] for d in docs), [])
+    assert [x for b in blocks for x in b.input_ids] == stream  # nothing lost, nothing added but EOS
+    assert all(len(b.input_ids) == 32 for b in blocks[:-1]) and 2 <= len(blocks[-1].input_ids) <= 32
+    assert all(b.labels == b.input_ids for b in blocks) and stats.examples == len(blocks)
+    assert blocks[0].source == "p:1" and blocks[-1].source == "p:3"
+
+
+def test_pretrain_loss_is_the_next_token_loss_on_every_token(tiny_model):
+    from tunewise.data.text import text_blocks
+    from tunewise.data.tokenize import collate
+    from tunewise.models import load_model
+    from tunewise.train.loop import TokenLoss
+
+    loaded = load_model(str(tiny_model))
+    model, tok = loaded.model.double(), loaded.tokenizer
+    model.eval()
+    blocks, _ = text_blocks(tok, [Record([{"role": "assistant", "content": SQUAD_LIKE}], "p:0")], 16)
+    got = TokenLoss(model)(**collate(blocks, tok.pad_token_id)).item()
+    want = 0.0
+    for b in blocks:
+        logits = model(input_ids=torch.tensor([b.input_ids])).logits[0]
+        want -= sum(torch.log_softmax(logits[t - 1], -1)[b.input_ids[t]].item() for t in range(1, len(b.input_ids)))
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_objective_and_format_must_agree(tmp_path):
+    from tunewise.config import ConfigError, load_config
+
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"data": {"format": "text", "train": "kb"}}))
+    with pytest.raises(ConfigError, match="training.objective: sft cannot train on data.format: text"):
+        load_config(tmp_path / "t.yaml")
+
+
+def test_tunewise_init_and_train_pretrain_on_a_folder(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+    from tunewise.config import load_config
+
+    from .test_train import assert_trained_exactly, initial_state, run_and_capture
+
+    (tmp_path / "docs").mkdir()
+    for i in range(30):
+        (tmp_path / "docs" / f"doc{i:02d}.md").write_text(f"# Note {i}\n\n" + SQUAD_LIKE * (1 + i % 3) + f"Fact number {i} is {i * 7}.\n")
+    out = CliRunner().invoke(app, ["init", str(tmp_path / "tunewise.yaml"), "--data", "docs"])
+    assert out.exit_code == 0, out.output
+    written = yaml.safe_load((tmp_path / "tunewise.yaml").read_text())
+    assert written["data"] == {"format": "text", "train": "docs"} and written["training"] == {"objective": "pretrain"}
+    written.update(output_dir=str(tmp_path / "runs"), model={"name": str(tiny_model)})
+    written["data"].update(split={"validation": 0.2, "test": 0.0}, max_length=48)
+    written["training"].update(method="full", max_steps=4, batch_size=4, eval_every=2, save_every=2, learning_rate=1e-3)
+    (tmp_path / "tunewise.yaml").write_text(yaml.safe_dump(written))
+    cfg = load_config(tmp_path / "tunewise.yaml")
+    before = initial_state(cfg)
+    r, after = run_and_capture(cfg, tmp_path / "t")
+    assert_trained_exactly(before, after)
+    metrics = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["step"] == 0 and metrics[0]["val_perplexity"] == pytest.approx(math.exp(r.base_val_loss), rel=1e-3)
+    assert metrics[-1]["val_perplexity"] < metrics[0]["val_perplexity"]  # a random model learns these repeated sentences fast
+    assert json.loads((tmp_path / "t" / "model" / "tunewise.json").read_text())["objective"] == "pretrain"

@@ -1,0 +1,152 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath) in our loop: reinforcement learning with programmatic rewards.
+
+Each optimizer step takes `training.batch_size` prompts of the training split and samples
+`training.grpo.group_size` (G) completions of each through our engine (the policy as it is now, its KV
+cache and shared-prefix pass), at the configured temperature and top-p. The rewards (train/rewards.py) score
+every completion; a completion's advantage is its reward normalised within its group,
+A = (r - mean(group)) / (std(group) + 1e-4), so only the differences between a prompt's samples teach.
+
+Loss per completion token: -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta KL, where rho is the policy
+ratio and KL the k3 estimator exp(ref - logp) - (ref - logp) - 1 against the reference (the model before
+training: the base with the adapter disabled for adapter methods, a frozen copy for full and freeze; none when
+beta is 0). One update per rollout batch (TRL's default num_iterations=1), so rho is 1 and its gradient the
+policy gradient; the loop sums token losses and divides by the completion tokens of the step (as for SFT).
+
+Metrics per step: the mean reward and its spread, each reward's mean, the share of groups whose rewards are
+all equal (no signal), the completion length and the KL. Validation: the mean reward of greedy completions
+of held-out prompts (its negative is the validation loss that early stopping and the best model follow).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..data.records import Record
+from ..data.tokenize import IGNORE, Tokenized, collate
+from ..models import Loaded
+from .preference import token_logps
+from .rewards import Rewards
+
+
+@dataclass
+class Prompt:
+    input_ids: list[int]  # the prompt as the engine renders it (what batch_order sorts by)
+    record: Record
+
+
+def prompts_of(tok, records: list[Record]) -> list[Prompt]:
+    """Each record's conversation up to its last answer, as a rollout prompt (the record keeps the reference)."""
+    out = []
+    for r in records:
+        ids = tok.apply_chat_template(r.messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        out.append(Prompt(list(ids), r))
+    return out
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(r - group mean) / (group std + 1e-4), the std unbiased as TRL's."""
+    g = rewards.view(-1, group_size)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).view(-1)
+
+
+class GRPOLoss(torch.nn.Module):
+    """Summed clipped policy-gradient loss (plus beta KL) over the completion tokens of a rollout batch."""
+
+    def __init__(self, model, beta: float, epsilon: float):
+        super().__init__()
+        self.model, self.beta, self.epsilon = model, beta, epsilon
+        self.stats: dict = {}
+
+    def forward(self, input_ids, attention_mask, labels, advantages, ref_logps):
+        logp, rows, _ = token_logps(self.model, input_ids, attention_mask, labels)
+        adv = advantages[rows].to(logp.dtype)
+        ratio = torch.exp(logp - logp.detach())
+        per = -torch.min(ratio * adv, ratio.clamp(1 - self.epsilon, 1 + self.epsilon) * adv)
+        kl = None
+        if self.beta:
+            d = ref_logps.to(logp.dtype) - logp
+            kl = torch.exp(d) - d - 1
+            per = per + self.beta * kl
+        self.stats = {"kl": float(kl.detach().mean()) if kl is not None else 0.0}
+        return per.sum()
+
+
+class Rollouts:
+    """The loop's batches for GRPO: `make` samples, scores and lays out one step's rollouts."""
+
+    def __init__(self, loaded: Loaded, model, g, seed: int, pad_id: int, device):
+        from ..engine import Engine
+
+        self.model, self.g, self.seed, self.pad_id, self.device = model, g, seed, pad_id, device
+        self.tok = loaded.tokenizer
+        self.engine = Engine(Loaded(model, loaded.tokenizer, loaded.path, loaded.device, loaded.dtype), pack=False)
+        self.rewards = Rewards(g.rewards)
+        self.adapter = hasattr(model, "disable_adapter")
+        # the reference: the base with the adapter disabled, or a frozen copy of the model before training
+        self.ref = None if (not g.beta or self.adapter) else copy.deepcopy(model).eval().requires_grad_(False)
+        self.calls = 0
+        self.last_stats: dict = {}
+
+    def _end_id(self) -> int:
+        eos = self.engine._eos_ids()
+        return self.tok.eos_token_id if self.tok.eos_token_id in eos else min(eos)
+
+    def _sample(self, prompts: list[Prompt], temperature: float, n: int, seed: int) -> tuple[list[str], list[list[int]], list[str]]:
+        convs = [p.record.messages[:-1] for p in prompts for _ in range(n)]
+        ids: dict[int, list[int]] = {}
+        was = self.model.training
+        outs = self.engine.generate(convs, max_new_tokens=self.g.max_new_tokens, temperature=temperature, top_p=self.g.top_p,
+                                    batch_size=len(convs), seed=seed, on_token=lambda i, t: ids.__setitem__(i, t))
+        self.model.train(was)
+        return [o.text for o in outs], [list(ids.get(i, [])) for i in range(len(convs))], [o.finish_reason for o in outs]
+
+    def make(self, prompts: list[Prompt], keys=None) -> dict:
+        self.calls += 1
+        seed = self.seed * 1_000_003 + sum(k[1] for k in keys or []) + self.calls
+        texts, comp, finish = self._sample(prompts, self.g.temperature, self.g.group_size, seed)
+        records = [p.record for p in prompts for _ in range(self.g.group_size)]
+        rewards = torch.tensor(self.rewards(texts, records), dtype=torch.float64)
+        end = self._end_id()
+        rows = []
+        for k, (c, f) in enumerate(zip(comp, finish)):
+            c = c + [end] if f == "stop" else c
+            p = prompts[k // self.g.group_size].input_ids
+            rows.append(Tokenized(p + c, [IGNORE] * len(p) + c))
+        b = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
+        b["advantages"] = group_advantages(rewards, self.g.group_size).to(self.device)
+        b["ref_logps"] = self._reference(b)
+        groups = rewards.view(-1, self.g.group_size)
+        self.last_stats = {"reward": round(float(rewards.mean()), 6), "reward_std": round(float(rewards.std()), 6),
+                           "flat_groups": round(float((groups.std(1) == 0).float().mean()), 4),
+                           "completion_tokens": round(sum(map(len, comp)) / len(comp), 2),
+                           **{f"reward_{n}": round(v, 6) for n, v in self.rewards.parts.items()}}
+        return b
+
+    @torch.no_grad()
+    def _reference(self, b: dict) -> torch.Tensor:
+        if not self.g.beta:
+            return torch.zeros(int((b["labels"][:, 1:] != IGNORE).sum()), device=self.device)
+        if self.ref is not None:
+            return token_logps(self.ref, b["input_ids"], b["attention_mask"], b["labels"])[0]
+        was = self.model.training
+        self.model.eval()
+        with self.model.disable_adapter():
+            out = token_logps(self.model, b["input_ids"], b["attention_mask"], b["labels"])[0]
+        self.model.train(was)
+        return out
+
+    def sorted_batches(self, prompts: list[Prompt], tag: str, batch_size: int) -> list[list[Prompt]]:
+        """Validation prompts as they are (validate() decodes them); nothing is generated here."""
+        return [prompts] if prompts else []
+
+    def validate(self, batches: list[list[Prompt]]) -> dict:
+        """The mean reward of greedy completions of the validation prompts."""
+        prompts = [p for b in batches for p in b]
+        if not prompts:
+            return {"reward": 0.0, "n": 0}
+        texts, _, _ = self._sample(prompts, 0.0, 1, self.seed)
+        got = self.rewards(texts, [p.record for p in prompts])
+        return {"reward": sum(got) / len(got), "n": len(got)}

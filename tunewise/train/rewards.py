@@ -1,0 +1,94 @@
+"""Reward functions for GRPO (`training.grpo.rewards`): built-ins by name, or a user's `module:function`.
+
+Every function takes (completion: str, record: Record, **args) and returns a float; `args` come from the
+config entry. The built-ins:
+
+- `exact_label`: 1 when the completion is the record's label (or its answer when it has none) as the accuracy
+  metric compares them (case, surrounding punctuation, spaces/underscores), and nothing else (one line), else 0;
+- `exact_match`: 1 when the normalised completion (case, punctuation, articles, spaces: SQuAD's rule) equals
+  the normalised reference answer or any of `meta["answers"]`, else 0;
+- `regex`: 1 when `pattern` is found in the completion (`full: true`: the whole completion matches), else 0;
+- `json_valid`: 1 when the completion parses as JSON (`object: true`: a JSON object), else 0;
+- `length_penalty`: 0 up to `max_words` words (default 50), then falling linearly to -1 at twice that.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from typing import Callable
+
+from ..errors import TunewiseError
+from ..metrics import normalize_answer, normalize_label
+
+Reward = Callable[..., float]
+
+
+class RewardError(TunewiseError, ValueError):
+    pass
+
+
+def exact_label(completion: str, record, **_) -> float:
+    want = record.label if record.label is not None else record.answer
+    return float("\n" not in completion.strip() and normalize_label(completion) == normalize_label(str(want)))
+
+
+def exact_match(completion: str, record, **_) -> float:
+    refs = [record.answer] + list((record.meta or {}).get("answers") or [])
+    got = normalize_answer(completion)
+    return float(any(got == normalize_answer(str(r)) for r in refs))
+
+
+def regex(completion: str, record, pattern: str = "", full: bool = False, **_) -> float:
+    if not pattern:
+        raise RewardError("regex reward: give a pattern (training.grpo.rewards: {name: regex, pattern: ...})")
+    return float(bool((re.fullmatch if full else re.search)(pattern, completion.strip() if full else completion)))
+
+
+def json_valid(completion: str, record, object: bool = False, **_) -> float:  # noqa: A002 - the config's word
+    try:
+        value = json.loads(completion)
+    except ValueError:
+        return 0.0
+    return float(isinstance(value, dict) or not object)
+
+
+def length_penalty(completion: str, record, max_words: int = 50, **_) -> float:
+    over = len(completion.split()) - max_words
+    return -min(1.0, over / max_words) if over > 0 else 0.0
+
+
+BUILT_IN: dict[str, Reward] = {f.__name__: f for f in (exact_label, exact_match, regex, json_valid, length_penalty)}
+
+
+def resolve(name: str, where: str = "training.grpo.rewards") -> Reward:
+    """The reward function a config names: a built-in or `module:function` (importable from the project)."""
+    if name in BUILT_IN:
+        return BUILT_IN[name]
+    if ":" not in name:
+        raise RewardError(f"{where}: unknown reward {name!r}; one of {', '.join(BUILT_IN)}, or module:function")
+    module, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise RewardError(f"{where}: cannot load {name!r}: {e}") from None
+    if not callable(fn):
+        raise RewardError(f"{where}: {name!r} is not a function")
+    return fn
+
+
+class Rewards:
+    """The configured rewards, weighted and summed; `parts` keeps each one's mean of the last call."""
+
+    def __init__(self, entries):
+        self.entries = [(e.name, resolve(e.name, f"training.grpo.rewards[{i}]"), e.weight, dict(e.args)) for i, e in enumerate(entries)]
+        self.parts: dict[str, float] = {}
+
+    def __call__(self, completions: list[str], records: list) -> list[float]:
+        total = [0.0] * len(completions)
+        for name, fn, weight, args in self.entries:
+            got = [float(fn(c, r, **args)) for c, r in zip(completions, records)]
+            self.parts[name] = sum(got) / max(len(got), 1)
+            total = [t + weight * g for t, g in zip(total, got)]
+        return total
