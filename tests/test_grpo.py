@@ -114,6 +114,7 @@ def test_tunewise_train_with_objective_grpo(tiny_model, tmp_path, method):
     r, after = run_and_capture(cfg, tmp_path / "t")
     assert_trained_exactly(before, after)
     metrics = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
-    assert all({"reward", "reward_std", "kl", "flat_groups", "reward_tests.test_grpo:word_count", "reward_exact_match"} <= set(m) for m in metrics)
-    assert "val_reward" in metrics[-1] and r.best_val_loss == pytest.approx(-max(m["val_reward"] for m in metrics if "val_reward" in m))
+    assert metrics[0]["step"] == 0 and metrics[0]["val_reward"] == pytest.approx(-r.base_val_loss)  # the model before training
+    assert all({"reward", "reward_std", "kl", "flat_groups", "reward_tests.test_grpo:word_count", "reward_exact_match"} <= set(m) for m in metrics[1:])
+    assert "val_reward" in metrics[-1] and r.best_val_loss == pytest.approx(-max(m["val_reward"] for m in metrics[1:] if "val_reward" in m))
     assert json.loads((tmp_path / "t" / "model" / "tunewise.json").read_text())["objective"] == "grpo"

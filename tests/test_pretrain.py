@@ -110,3 +110,30 @@ def test_tunewise_init_and_train_pretrain_on_a_folder(tiny_model, tmp_path):
     assert metrics[0]["step"] == 0 and metrics[0]["val_perplexity"] == pytest.approx(math.exp(r.base_val_loss), rel=1e-3)
     assert metrics[-1]["val_perplexity"] < metrics[0]["val_perplexity"]  # a random model learns these repeated sentences fast
     assert json.loads((tmp_path / "t" / "model" / "tunewise.json").read_text())["objective"] == "pretrain"
+
+
+def test_compare_on_held_out_text_reports_perplexity_with_cis(tiny_model, tmp_path):
+    """`tunewise compare` on a text project: each variant's held-out perplexity (with a CI) and the paired test on
+    the per-token NLL, no generation; equal to exp of the direct NLL."""
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": SQUAD_LIKE + f"Fact {i}."}) + "\n" for i in range(20)))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_model)},
+        "data": {"format": "text", "train": "docs.jsonl", "split": {"validation": 0.2, "test": 0.2}, "max_length": 32,
+                 "clean": {"near_dedup": False}},
+        "training": {"objective": "pretrain", "method": "full", "max_steps": 2, "batch_size": 4, "learning_rate": 1e-3},
+        "evaluation": {"variants": [{"name": "base", "kind": "base"}, {"name": "fine-tuned", "kind": "fine-tuned"}]}}))
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", str(tmp_path / "t.yaml")]).exit_code == 0
+    out = runner.invoke(app, ["compare", str(tmp_path / "t.yaml")])
+    assert out.exit_code == 0, out.output
+    result = json.loads((tmp_path / "runs" / "tunewise-project" / "eval" / "compare.json").read_text())
+    base, ft = result["variants"]["base"], result["variants"]["fine-tuned"]
+    assert base["documents"] >= 1 and base["reference_perplexity"]["ci95"][0] <= base["reference_perplexity"]["mean"]
+    assert "nll_per_token" in result["paired_vs_reference"]["fine-tuned"]
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "tunewise-project" / "eval" / "base" / "items.jsonl").read_text().splitlines()]
+    assert base["reference_perplexity"]["mean"] == pytest.approx(math.exp(sum(r["nll"] for r in rows) / sum(r["tokens"] for r in rows)))
+    assert "nll_per_token" in out.output and ft["reference_perplexity"]["mean"] != base["reference_perplexity"]["mean"]

@@ -225,8 +225,11 @@ def train(
     for k in ("steps", "total_steps", "train_loss", "first_val_loss", "best_val_loss", "stopped_early", "tokens_per_s", "peak_memory_mb", "trainable_params", "total_params", "wall_s"):
         v = getattr(r, k)
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    if r.base_val_loss is not None and r.best_val_loss is not None:  # pretrain: held-out perplexity before and after
-        table.add_row("val perplexity before -> best", f"{math.exp(min(r.base_val_loss, 50)):.2f} -> {math.exp(min(r.best_val_loss, 50)):.2f}")
+    if r.base_val_loss is not None and r.best_val_loss is not None:  # pretrain: held-out perplexity; grpo: reward
+        if cfg.training.objective == "grpo":
+            table.add_row("val reward before -> best", f"{-r.base_val_loss:.4f} -> {-r.best_val_loss:.4f}")
+        else:
+            table.add_row("val perplexity before -> best", f"{math.exp(min(r.base_val_loss, 50)):.2f} -> {math.exp(min(r.best_val_loss, 50)):.2f}")
     console.print(table)
     if r.interrupted:
         console.print(f"checkpoint saved; continue with: tunewise train {config} --resume")
@@ -329,11 +332,10 @@ def compare(
     console.print(f"[bold]report:[/] {result['report']}")
 
 
-EXTRA_METRICS = ("hallucination", "recall@5", "mrr", "citation_precision")  # RAG/grounding, where a variant has them
-
-
 def _print_compare(result: dict, cfg) -> None:
-    metrics = list(cfg.evaluation.metrics) + [m for m in EXTRA_METRICS if any(m in s["metrics"] for s in result["variants"].values())]
+    from .metrics import reported_metrics
+
+    metrics = reported_metrics(cfg, result["variants"].values())
     ref = result["reference_variant"]
     first = next(iter(result["variants"].values()))
     table = Table(title=f"{cfg.project}: {first['split']} split, {first['items']} items (95% bootstrap CIs; p: paired test vs {ref})")
@@ -357,7 +359,7 @@ def _print_compare(result: dict, cfg) -> None:
         lat, ppl = s["latency_s"], s.get("reference_perplexity")
         if s.get("reused"):
             name += " (saved)"
-        table.add_row(name, *cells, f"{ppl['mean']:.2f}" if ppl else "-", f"{lat['p50']:.2f}/{lat['p95']:.2f}", f"{s['items_per_s']:.2f}",
+        table.add_row(name, *cells, f"{ppl['mean']:.2f} [{ppl['ci95'][0]:.2f}, {ppl['ci95'][1]:.2f}]" if ppl else "-", f"{lat['p50']:.2f}/{lat['p95']:.2f}", f"{s['items_per_s']:.2f}",
                       f"{s['prompt_tokens_mean']:.0f}", f"{s['cost_per_1k_queries_usd']:.4f}")
     console.print(table)
 

@@ -413,6 +413,29 @@ class Engine:
         return out
 
     @torch.no_grad()
+    def text_nll(self, blocks: list[list[int]], batch_size: int = 8, adapter: str | None = None) -> list[tuple[float, int]]:
+        """Negative log-likelihood of raw token blocks (continued pre-training's held-out text): (summed NLL, targets),
+        every token after the first a target."""
+        import torch.nn.functional as F
+
+        out: list[tuple[float, int]] = []
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        dev = self.loaded.device
+        with self._adapter_ctx(adapter):
+            for k in range(0, len(blocks), batch_size):
+                chunk = blocks[k : k + batch_size]
+                width = max(len(b) for b in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, b in enumerate(chunk):  # right padding: the padded positions are never targets
+                    ids[row, : len(b)], mask[row, : len(b)] = torch.tensor(b), 1
+                logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, :-1].float()
+                targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(dev)
+                nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none").sum(dim=1)
+                out += [(float(nll[row]), len(b) - 1) for row, b in enumerate(chunk)]
+        return out
+
+    @torch.no_grad()
     def choice_logprobs(self, conversations: list[list[dict]], choices: list[str], batch_size: int = 16,
                         adapter: str | None = None) -> list[list[float]]:
         """Log-probability of each choice (one token each, e.g. "A".."D") as the first token of the reply:

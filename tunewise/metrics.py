@@ -10,6 +10,17 @@ import string
 from typing import Callable
 
 METRICS: dict[str, Callable[[list[str], list[str]], list[float]]] = {}
+# measured beside evaluation.metrics where a variant has them: the objective's own (grpo's reward, the preference
+# accuracy of held-out pairs) and RAG/grounding
+EXTRA_METRICS = ("reward", "pref_accuracy", "hallucination", "recall@5", "mrr", "citation_precision")
+
+
+def reported_metrics(cfg, summaries) -> list[str]:
+    """The metric columns of a comparison: held-out text has its per-token NLL only; otherwise evaluation.metrics
+    and the extra ones some variant has."""
+    if cfg.data.format == "text":
+        return ["nll_per_token"]
+    return list(cfg.evaluation.metrics) + [m for m in EXTRA_METRICS if any(m in s["metrics"] for s in summaries)]
 
 
 def metric(name: str):

@@ -21,7 +21,7 @@ from ..data.split import sample_records
 from ..engine import Engine, model_ref_of
 from ..models import load_tokenizer
 from ..util import atomic_write_json, rate_and_eta, sha256_file, sha256_text, write_jsonl
-from ..metrics import score
+from ..metrics import reported_metrics, score
 from .stats import bootstrap_ci, paired_test, percentile
 
 
@@ -173,6 +173,8 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     rag = variant.kind in ("rag", "ft+rag")
     refs = [r.label or r.answer for r in items]
     eng, adapter, model_id = engines.get(variant)
+    if cfg.data.format == "text":  # held-out documents: their perplexity, nothing to generate
+        return _evaluate_text(cfg, variant, eng, adapter, model_id, items, out_dir, fp, prepared)
     t0 = time.time()
     convs, contexts = conversations(cfg, variant, items, prepared.splits["train"], engines, eng.tok)
     retrieval_s = time.time() - t0 if rag else 0.0
@@ -196,6 +198,7 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     extra = _grounding_metrics(items, preds, [o.text for o in outs], contexts, _gold_text_lookup(cfg, engines))
 
     nll = eng.reference_nll(convs, refs, batch_size=ev.batch_size, adapter=adapter) if ev.perplexity else None
+    extra |= _objective_metrics(cfg, eng, adapter, items, convs, preds)
 
     rows = []
     for i, (r, c, o) in enumerate(zip(items, convs, outs)):
@@ -234,6 +237,45 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
         "fingerprint": fp,
         "config": cfg.resolved(),
     }
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _objective_metrics(cfg: ProjectConfig, eng: Engine, adapter, items: list[Record], convs, preds: list[str]) -> dict[str, list]:
+    """What the training objective optimises, measured on the evaluation items: `reward` (grpo: the configured
+    rewards of each answer) and `pref_accuracy` (items that are preference pairs: 1 where the variant gives the
+    chosen answer a higher log-likelihood than the rejected one)."""
+    from ..data.preference import is_pair
+
+    out: dict[str, list] = {}
+    if cfg.training.objective == "grpo":
+        from ..train.rewards import Rewards
+
+        out["reward"] = Rewards(cfg.training.grpo.rewards)(preds, items)
+    if items and all(is_pair(r) for r in items):
+        chosen = eng.reference_nll(convs, [r.answer for r in items], batch_size=cfg.evaluation.batch_size, adapter=adapter)
+        rejected = eng.reference_nll(convs, [r.meta["rejected"] for r in items], batch_size=cfg.evaluation.batch_size, adapter=adapter)
+        out["pref_accuracy"] = [float(c[0] < r[0]) for c, r in zip(chosen, rejected)]
+    return out
+
+
+def _evaluate_text(cfg: ProjectConfig, variant: VariantConfig, eng: Engine, adapter, model_id: str, items: list[Record], out_dir: Path,
+                   fp: str, prepared: Prepared) -> dict:
+    """Perplexity of held-out documents (data.format text) in data.max_length blocks, with a bootstrap CI over blocks."""
+    from ..data.text import text_blocks
+
+    t0 = time.time()
+    blocks, _ = text_blocks(eng.tok, items, cfg.data.max_length)
+    nll = eng.text_nll([b.input_ids for b in blocks], batch_size=cfg.evaluation.batch_size, adapter=adapter)
+    wall = time.time() - t0
+    per_token = [x / max(n, 1) for x, n in nll]
+    write_jsonl(out_dir / "items.jsonl", [{"i": i, "source": b.source, "scores": {"nll_per_token": round(pt, 6)}, "nll": round(x, 5), "tokens": n}
+                                          for i, (b, (x, n), pt) in enumerate(zip(blocks, nll, per_token))])
+    summary = {"variant": variant.model_dump(mode="json"), "model": model_id, "split": cfg.evaluation.split, "items": len(blocks),
+               "documents": len(items), "metrics": {"nll_per_token": bootstrap_ci(per_token).as_dict()}, "reference_perplexity": _perplexity(nll),
+               "latency_s": {"p50": 0.0, "p95": 0.0}, "items_per_s": len(blocks) / max(wall, 1e-9), "prompt_tokens_mean": 0.0,
+               "completion_tokens_mean": 0.0, "cost_per_1k_queries_usd": 0.0, "wall_s": wall, "data": prepared.summary.get("outputs"),
+               "config_sha256": sha256_text(json.dumps(cfg.resolved(), sort_keys=True)), "fingerprint": fp, "config": cfg.resolved()}
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -330,14 +372,14 @@ def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path |
         summaries[v.name] = evaluate(cfg, v, engines, out_root, prepared, reuse=reuse, progress=progress)
     first = variants[0].name
     paired = {}
+    metrics = ["nll_per_token"] if cfg.data.format == "text" else list(cfg.evaluation.metrics)  # the paired tests
     for v in variants[1:]:
         paired[v.name] = {m: paired_test(load_scores(cfg, first, m, out_root), load_scores(cfg, v.name, m, out_root)).as_dict()
-                          for m in cfg.evaluation.metrics}
+                          for m in metrics}
     result = {"reference_variant": first, "variants": summaries, "paired_vs_reference": paired}
     eval_dir = out_root or cfg.run_dir / "eval"
     atomic_write_json(eval_dir / "compare.json", result)
     from ..report.html import compare_report
 
-    extra = [m for m in ("hallucination", "recall@5", "mrr", "citation_precision") if any(m in s["metrics"] for s in summaries.values())]
-    result["report"] = str(compare_report(result, eval_dir, list(cfg.evaluation.metrics) + extra))
+    result["report"] = str(compare_report(result, eval_dir, reported_metrics(cfg, summaries.values())))
     return result

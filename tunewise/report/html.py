@@ -76,12 +76,16 @@ def compare_report(result: dict, eval_dir: Path, metrics: list[str], out: Path |
                        f"{s['prompt_tokens_mean']:.0f}", f"{s['cost_per_1k_queries_usd']:.4f}"])
     parts.append("<h2>Side by side</h2>" + _table(["variant", *metrics, "reference perplexity", "latency p50/p95 s", "items/s", "prompt tokens", "$ / 1k queries"], rows))
 
-    curves = {}
-    for n, s in variants.items():
-        mfile = Path(s["model"]).parent / "metrics.jsonl"
-        if s["variant"]["kind"] == "fine-tuned" and mfile.exists():
-            curves[n] = [(r["step"], r["loss"]) for r in map(json.loads, mfile.read_text().splitlines())]
-    parts.append("<h2>Training loss</h2>" + _curves(curves))
+    logs = {n: [json.loads(x) for x in (Path(s["model"]).parent / "metrics.jsonl").read_text().splitlines()]
+            for n, s in variants.items() if s["variant"]["kind"] == "fine-tuned" and (Path(s["model"]).parent / "metrics.jsonl").exists()}
+    titles = {"loss": "Training loss", "reward": "Rollout reward (grpo, mean per step)", "val_reward": "Validation reward (grpo, greedy)",
+              "val_perplexity": "Validation perplexity (pretrain; step 0 is the model before training)",
+              "val_pref_accuracy": "Validation preference accuracy"}
+    for key, title in titles.items():
+        curves = {n: [(r["step"], r[key]) for r in rows if key in r] for n, rows in logs.items()}
+        curves = {n: c for n, c in curves.items() if c}
+        if key == "loss" or curves:
+            parts.append(f"<h2>{title}</h2>" + _curves(curves))
 
     confusions = Counter((r["reference"], r["output"]) for n in names for r in items[n] if not r["scores"].get("accuracy", 1.0))
     if "accuracy" in metrics and confusions:
@@ -89,9 +93,12 @@ def compare_report(result: dict, eval_dir: Path, metrics: list[str], out: Path |
                      + _table(["reference", "output", "count"], [[a, b, c] for (a, b), c in confusions.most_common(15)]))
 
     key = metrics[0]
-    disagree = [i for i in range(len(items[names[0]])) if len({items[n][i]["scores"][key] for n in names}) > 1]
-    parts.append(f"<h2>Items where variants disagree on {html.escape(key)} ({len(disagree)})</h2>"
-                 + _table(["input", "reference", *names], [[items[names[0]][i]["input"], items[names[0]][i]["reference"],
+    if not items[names[0]] or "output" not in items[names[0]][0]:  # held-out text: blocks, no answers to set side by side
+        key = None
+    disagree = [] if key is None else [i for i in range(len(items[names[0]])) if len({items[n][i]["scores"][key] for n in names}) > 1]
+    if key is not None:
+        parts.append(f"<h2>Items where variants disagree on {html.escape(key)} ({len(disagree)})</h2>"
+                     + _table(["input", "reference", *names], [[items[names[0]][i]["input"], items[names[0]][i]["reference"],
                                                            *[items[n][i]["output"] for n in names]] for i in disagree[:40]]))
     parts.append("<h2>Lineage</h2>" + _table(
         ["variant", "model", "config sha256", "train data sha256", "test data sha256"],

@@ -85,7 +85,7 @@ class TrainResult:
     wall_s: float
     notes: list[str] = field(default_factory=list)
     defaults: list[str] = field(default_factory=list)  # the settings train/defaults.py chose, with reasons
-    base_val_loss: float | None = None  # pretrain: the validation loss before the first step
+    base_val_loss: float | None = None  # pretrain, grpo: the validation loss before the first step
 
 
 class _StopFlag:
@@ -426,12 +426,8 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
     stopped_early = interrupted = out_of_time = False
     last_loss = None
     run_tokens, run_time = 0, 0.0
-    if t.objective == "pretrain" and step == 0 and run.val_ex and state.get("base_val") is None:
-        # held-out perplexity of the model before training: what continued pre-training is measured against
-        val = validation_loss(run.loss_fn, run.val_batches)
-        state["base_val"] = val
-        run.metrics_file.write(json.dumps({"step": 0, "val_loss": round(val, 6), "val_perplexity": round(math.exp(min(val, 50.0)), 4)}) + "\n")
-        run.metrics_file.flush()
+    if t.objective in ("pretrain", "grpo") and step == 0 and run.val_ex and state.get("base_val") is None:
+        _base_validation(run)
     with bar, _StopFlag() as stop:
         while step < plan.total:
             if stop.requested:
@@ -495,6 +491,19 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
                 break
     return {"step": step, "last_loss": last_loss, "stopped_early": stopped_early, "interrupted": interrupted,
             "out_of_time": out_of_time, "tokens_per_s": run_tokens / run_time if run_time else 0.0}
+
+
+def _base_validation(run: _Session) -> None:
+    """The model before training on the validation split, as step 0 of metrics.jsonl: what continued pre-training
+    (held-out perplexity) and GRPO (the reward of greedy completions) are measured against."""
+    if run.t.objective == "grpo":
+        reward = run.batches.validate(run.val_batches)["reward"]
+        run.state["base_val"], row = -reward, {"step": 0, "val_loss": round(-reward, 6), "val_reward": round(reward, 6)}
+    else:
+        val = validation_loss(run.loss_fn, run.val_batches)
+        run.state["base_val"], row = val, {"step": 0, "val_loss": round(val, 6), "val_perplexity": round(math.exp(min(val, 50.0)), 4)}
+    run.metrics_file.write(json.dumps(row) + "\n")
+    run.metrics_file.flush()
 
 
 def _validate(run: _Session, step: int, row: dict) -> bool:
