@@ -283,3 +283,63 @@ def test_constraints_that_cannot_be_enforced_are_a_400_naming_the_field(server, 
     err = r.json()["error"]
     assert err["code"] == "unsupported_structured_output" and err["message"].startswith(field), err
     assert _post(server, "/v1/chat/completions", {"model": "base", "messages": msgs, "max_tokens": 2}).status_code == 200
+
+
+def _rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_every_answer_is_logged_redacted_and_feedback_is_checked(server):
+    """The production log: one line per answered request (streamed too), PII redacted before it is written, with the
+    model version; POST /v1/feedback takes that id and refuses bad ids, ratings and corrections with a clear 4xx."""
+    cfg, h = server["cfg"], {"Authorization": "Bearer sk-test"}
+    log_dir = cfg.serve_log_dir
+    secret = "alice.smith@example.com"
+    msgs = [{"role": "user", "content": f"My email is {secret}, where is my card?"}]
+    r = httpx.post(server["url"] + "/v1/chat/completions", headers=h, json={"model": "production", "messages": msgs, "max_tokens": 6}).json()
+    c = _client(server)
+    streamed = [ch for ch in c.chat.completions.create(model="base", messages=msgs, max_tokens=4, stream=True)]
+    rows = {x["id"]: x for x in _rows(log_dir / "requests.jsonl")}
+    got = rows[r["id"]]
+    assert got["input"][0]["content"] == "My email is <EMAIL>, where is my card?" and got["model_version"] == "bot:1"
+    assert got["outputs"] == [r["choices"][0]["message"]["content"]] and got["completion_tokens"] == r["usage"]["completion_tokens"]
+    assert streamed[0].id in rows and rows[streamed[0].id]["model_version"] == str(server["tiny"])
+    assert secret not in (log_dir / "requests.jsonl").read_text()
+
+    def fb(**body):
+        return httpx.post(server["url"] + "/v1/feedback", headers=h, json=body)
+
+    ok = fb(id=r["id"], rating=-1, correction=f"Card arrives in 3 days; we wrote to {secret}")
+    assert ok.status_code == 200 and ok.json()["status"] == "recorded"
+    assert _rows(log_dir / "feedback.jsonl")[-1] == {**_rows(log_dir / "feedback.jsonl")[-1], "id": r["id"], "rating": -1,
+                                                     "correction": "Card arrives in 3 days; we wrote to <EMAIL>"}
+    assert secret not in (log_dir / "feedback.jsonl").read_text()
+    bad = {"unknown id": (fb(id="chatcmpl-nope", rating=1), 404, "no logged response has this id"),
+           "rating": (fb(id=r["id"], rating=5), 400, "rating: 5 is not -1 (bad), 0 (neutral) or 1 (good)"),
+           "too long": (fb(id=r["id"], rating=1, correction="x" * 9000), 400, "correction: 9,000 characters; at most 8,000"),
+           "empty": (fb(id=r["id"], rating=1, correction="  "), 400, "correction: empty"),
+           "missing": (fb(rating=1), 400, "id: Field required"),
+           "extra field": (fb(id=r["id"], rating=1, stars=3), 400, "stars")}
+    for name, (resp, status, text) in bad.items():
+        assert resp.status_code == status and text in resp.json()["error"]["message"], (name, resp.text)
+
+
+def test_log_rotates_by_size_and_readers_skip_a_torn_line(tmp_path):
+    from types import SimpleNamespace
+
+    from tunewise.serve.log import RequestLog
+
+    plog = RequestLog(tmp_path, max_bytes=600, fsync=False)
+    out = [SimpleNamespace(text="answer", finish_reason="stop", prompt_tokens=5, completion_tokens=1)]
+    for i in range(10):
+        plog.log_request(f"id-{i}", "base", "m", "chat.completion", [{"role": "user", "content": f"question {i}"}], out, 0.01)
+    files = plog.requests.files()
+    assert len(files) > 2 and files[-1].name == "requests.jsonl" and files[0].name == "requests.1.jsonl"
+    assert all(f.stat().st_size <= 600 for f in files)
+    with open(files[-1], "ab") as f:
+        f.write(b'{"id": "torn", "inp')  # a crash mid-write
+    assert [r["id"] for r in plog.requests.rows()] == [f"id-{i}" for i in range(10)]
+    again = RequestLog(tmp_path, max_bytes=10_000)
+    assert again.known("id-3")  # a restarted server still knows the ids
+    again.log_request("id-after", "base", "m", "chat.completion", "raw prompt", out, 0.01)  # the torn line does not swallow it
+    assert [r["id"] for r in again.requests.rows()][-2:] == ["id-9", "id-after"]

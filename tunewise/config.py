@@ -299,6 +299,11 @@ class ServeConfig(Section):
     queue_size: int = Field(256, gt=0, description="Waiting requests at most; more get 429 with Retry-After.")
     request_timeout_s: float = Field(120.0, gt=0, description="A request waiting longer gets 504.")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (empty: CORS off).")
+    log_requests: bool = Field(True, description="Append every answered request (PII-redacted) to the production log, for feedback, `tunewise data harvest` and monitoring.")
+    log_dir: Path | None = Field(None, description="Where the production log lives (default: <run>/serve-log).")
+    log_max_bytes: int = Field(64 * 2**20, gt=0, description="A log file larger than this is rotated (requests.<n>.jsonl).")
+    log_fsync: bool = Field(True, description="fsync each log line before the response is sent (no answered request lost to a crash; off: flushed to the OS only).")
+    max_correction_chars: int = Field(8000, gt=0, description="Longest corrected answer POST /v1/feedback accepts.")
 
 
 class ProjectConfig(Section):
@@ -339,6 +344,11 @@ class ProjectConfig(Section):
     def train_dir(self) -> Path:
         """Where `tunewise train` (and the workflow) trains: metrics, checkpoints, model/."""
         return self.run_dir / "train"
+
+    @property
+    def serve_log_dir(self) -> Path:
+        """The production log of `tunewise serve` (requests and feedback)."""
+        return self.path(self.serve.log_dir) if self.serve.log_dir else self.run_dir / "serve-log"
 
     @property
     def trained_model(self) -> Path:

@@ -241,6 +241,11 @@ def create_app(cfg: ProjectConfig, engine=None) -> FastAPI:
 
     app = FastAPI(title="tunewise", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.cfg, app.state.models, app.state.batcher, app.state.keys = cfg, Models(cfg, engine), batcher, _api_keys(cfg)
+    app.state.log = None
+    if s.log_requests:
+        from .log import RequestLog
+
+        app.state.log = RequestLog(cfg.serve_log_dir, s.log_max_bytes, s.log_fsync, tuple(cfg.data.clean.pii_types))
     if s.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -352,7 +357,7 @@ async def chat(req: ChatRequest, request: Request):
         return {"citations": ctx.cited(text),
                 "retrieved": [{"n": i, "source": h.chunk.citation, "chunk": h.chunk.id} for i, h in enumerate(ctx.hits, 1)]}
 
-    return await _respond(request, req, prepare, "chat.completion", extra, _choices(req))
+    return await _respond(request, req, prepare, "chat.completion", extra, _choices(req), logged=(turns, _version(models, entry)))
 
 
 @router.post("/v1/completions")
@@ -370,7 +375,40 @@ async def completions(req: CompletionRequest, request: Request):
         eng, adapter = models.engine_for(entry)
         return eng, adapter, [prompt] * req.n
 
-    return await _respond(request, req, prepare, "text_completion", lambda _: {}, choices)
+    return await _respond(request, req, prepare, "text_completion", lambda _: {}, choices, logged=(prompt, _version(models, entry)))
+
+
+def _version(models: Models, entry) -> str:
+    """What answered: the registry's name:version, or the base model's reference."""
+    return f"{entry.name}:{entry.version}" if entry is not None else models.cfg.model.name
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(..., min_length=1, max_length=64, description="The id of the response rated (its `id` field).")
+    rating: int = Field(..., description="-1 (bad), 0 (neutral) or 1 (good).")
+    correction: str | None = Field(None, description="The answer that should have been given.")
+    comment: str | None = Field(None, max_length=2000)
+
+
+@router.post("/v1/feedback")
+async def feedback(req: FeedbackRequest, request: Request):
+    """A rating and an optional corrected answer for a logged response."""
+    plog, s = request.app.state.log, request.app.state.cfg.serve
+    if plog is None:
+        raise ApiError(400, "feedback needs the request log: serve.log_requests is false", code="log_disabled")
+    if req.rating not in (-1, 0, 1):
+        raise ApiError(400, f"rating: {req.rating} is not -1 (bad), 0 (neutral) or 1 (good)", code="invalid_rating")
+    if req.correction is not None and not req.correction.strip():
+        raise ApiError(400, "correction: empty; leave it out or give the answer that should have been given", code="invalid_correction")
+    if req.correction is not None and len(req.correction) > s.max_correction_chars:
+        raise ApiError(400, f"correction: {len(req.correction):,} characters; at most {s.max_correction_chars:,} (serve.max_correction_chars)",
+                       code="correction_too_long")
+    if not plog.known(req.id):
+        raise ApiError(404, f"id {req.id!r}: no logged response has this id (use the `id` of a chat or completion response)",
+                       code="unknown_id")
+    await asyncio.to_thread(plog.log_feedback, req.id, req.rating, req.correction, req.comment)
+    return {"object": "feedback", "id": req.id, "status": "recorded"}
 
 
 @router.post("/v1/embeddings")
@@ -395,8 +433,9 @@ async def embeddings(req: EmbeddingRequest, request: Request):
             "data": [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vecs)]}
 
 
-async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, choices: tuple[str, ...] | None = None):
-    """Queue the generation on the batcher; the whole answer, or a stream of server-sent events."""
+async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, choices: tuple[str, ...] | None = None, logged=None):
+    """Queue the generation on the batcher; the whole answer, or a stream of server-sent events. `logged` (the
+    request's input and the model version) goes to the production log with the answers."""
     s = request.app.state.cfg.serve
     max_tokens = min(req.max_completion_tokens or req.max_tokens or s.default_max_tokens, s.max_tokens_cap)
     stop = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))[:4]
@@ -412,6 +451,13 @@ async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, c
         raise ApiError(429, f"server busy: {e}; retry later", "rate_limit_error", "queue_full", headers={"Retry-After": "1"}) from None
     rid, created = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
     afut = asyncio.wrap_future(fut)
+    t0 = time.perf_counter()
+    plog = request.app.state.log
+
+    def write_log(outs) -> None:  # before the response goes out, so an id the client holds is always in the log
+        if plog is not None and logged is not None:
+            plog.log_request(rid, req.model, logged[1], kind, logged[0], outs, time.perf_counter() - t0)
+
     if not req.stream:
         try:
             outs = await asyncio.wait_for(afut, s.request_timeout_s)
@@ -431,12 +477,14 @@ async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, c
         usage = {"prompt_tokens": outs[0].prompt_tokens * len(outs) if outs else 0,
                  "completion_tokens": sum(o.completion_tokens for o in outs)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        await asyncio.to_thread(write_log, outs)
         return {"id": rid, "object": kind, "created": created, "model": req.model, "choices": choices, "usage": usage,
                 **extra(outs[0].text if outs else "")}
-    return StreamingResponse(_stream(req, job, afut, queue_, rid, created, kind, stop, extra, s.request_timeout_s), media_type="text/event-stream",
+    return StreamingResponse(_stream(req, job, afut, queue_, rid, created, kind, stop, extra, s.request_timeout_s, write_log),
+                             media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
-async def _stream(req, job, afut, queue_, rid, created, kind, stop, extra, timeout_s: float):
+async def _stream(req, job, afut, queue_, rid, created, kind, stop, extra, timeout_s: float, write_log=None):
     obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
     emitted = [""] * req.n
     hold = max((len(x) for x in stop), default=0)
@@ -480,6 +528,8 @@ async def _stream(req, job, afut, queue_, rid, created, kind, stop, extra, timeo
         except Exception:  # noqa: BLE001
             yield "data: " + json.dumps({"error": {"message": "generation failed", "type": "server_error"}}) + "\n\n"
             return
+        if write_log:
+            await asyncio.to_thread(write_log, outs)
         for i, o in enumerate(outs):  # the rest, with stop strings cut: exactly the non-streamed text
             rest = o.text[len(emitted[i]):] if o.text.startswith(emitted[i]) else ""
             if rest:
