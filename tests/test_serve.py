@@ -327,7 +327,7 @@ def test_every_answer_is_logged_redacted_and_feedback_is_checked(server):
 def test_log_rotates_by_size_and_readers_skip_a_torn_line(tmp_path):
     from types import SimpleNamespace
 
-    from tunewise.serve.log import RequestLog
+    from tunewise.data.prodlog import RequestLog
 
     plog = RequestLog(tmp_path, max_bytes=600, fsync=False)
     out = [SimpleNamespace(text="answer", finish_reason="stop", prompt_tokens=5, completion_tokens=1)]

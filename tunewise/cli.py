@@ -163,6 +163,30 @@ def data_synth(
         console.print(f"  e.g. [{e['chunk']}] Q: {e['question']}  A: {e['answer']}", highlight=False)
 
 
+@data_app.command("harvest")
+@_stage
+def data_harvest(
+    config: Path = typer.Argument(..., help="Project config (its serve log: serve.log_dir, default <run>/serve-log)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: <run>/harvest)."),
+    log_dir: Optional[Path] = typer.Option(None, help="Read this serve log instead of the project's."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Turn the production log and its feedback into training data: SFT records (corrected and well-rated answers),
+    preference pairs (correction over answer) and KTO examples, with provenance, cleaned and deduplicated."""
+    cfg = _load(config, set_)
+
+    from .data.harvest import harvest
+
+    r = harvest(cfg, out, log_dir)
+    console.print(f"{r['requests']:,} logged responses, {r['with_feedback']:,} with feedback ({r['neutral']} neutral, "
+                  f"{r['raw_prompt_skipped']} raw-prompt completions skipped)", highlight=False)
+    for name, fmt in (("sft", "openai"), ("preference", "openai-preference"), ("kto", "trl-kto")):
+        console.print(f"  {name}: {r['written'][name]:,} records -> {Path(r['out']) / (name + '.jsonl')} (data.format: {fmt})", highlight=False)
+    console.print(f"set aside: {r['set_aside']:,} (-> {Path(r['out']) / 'quarantine.jsonl'})", highlight=False)
+    for reason, n in r["reasons"].items():
+        console.print(f"  {n:>6}  {reason}", highlight=False)
+
+
 def _print_data_summary(prepared) -> None:
     s = prepared.summary
     table = Table(title=f"prepared data -> {prepared.dir}")

@@ -243,7 +243,7 @@ def create_app(cfg: ProjectConfig, engine=None) -> FastAPI:
     app.state.cfg, app.state.models, app.state.batcher, app.state.keys = cfg, Models(cfg, engine), batcher, _api_keys(cfg)
     app.state.log = None
     if s.log_requests:
-        from .log import RequestLog
+        from ..data.prodlog import RequestLog
 
         app.state.log = RequestLog(cfg.serve_log_dir, s.log_max_bytes, s.log_fsync, tuple(cfg.data.clean.pii_types))
     if s.cors_origins:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from ..data.pii import redact
+from .pii import redact
 
 _ROTATED = re.compile(r"^(requests|feedback)\.(\d+)\.jsonl$")
 
