@@ -14,9 +14,9 @@ LAYERS = [
     ("engine",),  # generation
     ("rag",),  # knowledge base, retrieval, RAG prompts, RAFT and synthetic data
     ("train", "eval", "advise"),  # the stages
-    ("gate", "serve"),  # what judges and what serves trained models
+    ("gate", "serve", "tune"),  # what judges and what serves trained models; the search over training runs
     ("pipeline",),  # the workflow over the stages
-    ("cli",),  # the command line
+    ("cli", "__main__"),  # the command line
 ]
 
 

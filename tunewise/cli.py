@@ -584,6 +584,35 @@ def _run_and_print(fn) -> None:
         _print_gate(d["gate"])
 
 
+@app.command()
+@_stage
+def tune(
+    config: Path = typer.Argument(..., help="Project config; tune.space says what to search."),
+    trials: Optional[int] = typer.Option(None, help="Trials to finish over all workers (default: tune.trials)."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: tune.storage, else <run>/tune/study.db)."),
+    workers: int = typer.Option(1, help="Processes on this machine working on the study (each gets its share of the CPU threads)."),
+    worker_rank: int = typer.Option(0, hidden=True, help="Set by --workers for the processes it starts."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Search hyperparameters with Optuna: each trial trains through the loop and its budget, is scored on the
+    validation split and can be pruned early; an interrupted study resumes. Writes best.yaml and a report."""
+    from .tune import run_tune
+
+    r = run_tune(config, set_ or [], trials, storage, workers, worker_rank, say=lambda m: console.print(m, highlight=False))
+    if r is None:
+        return
+    b = r["best"]
+    ci = f" [{b['ci95'][0]:.4f}, {b['ci95'][1]:.4f}]" if b.get("ci95") else ""
+    done = sum(t["state"] == "COMPLETE" for t in r["trials"])
+    console.print(f"best of {done} completed trials ({sum(t['state'] == 'PRUNED' for t in r['trials'])} pruned): trial {b['number']}, "
+                  f"{r['objective']} {b['value']:.4f}{ci}", highlight=False)
+    if r["importances"]:
+        console.print("importance: " + ", ".join(f"{k} {v:.2f}" for k, v in r["importances"].items()), highlight=False)
+    console.print(f"apply: {r['set']}", highlight=False)
+    console.print(f"best: {r['best_yaml']}")
+    console.print(f"[bold]report:[/] {r['report']}")
+
+
 @app.command("run")
 @_stage
 def run_cmd(

@@ -306,6 +306,39 @@ class ServeConfig(Section):
     max_correction_chars: int = Field(8000, gt=0, description="Longest corrected answer POST /v1/feedback accepts.")
 
 
+class TuneParam(Section):
+    type: Literal["float", "int", "categorical"] = Field(..., description="float | int | categorical.")
+    low: float | None = Field(None, description="float/int: the lower bound.")
+    high: float | None = Field(None, description="float/int: the upper bound.")
+    log: bool = Field(False, description="float/int: sample on a log scale (learning rates).")
+    choices: list[Any] | None = Field(None, description="categorical: the values to choose from.")
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.type == "categorical" and not self.choices:
+            raise ValueError("categorical: give choices")
+        if self.type != "categorical" and (self.low is None or self.high is None or self.low > self.high):
+            raise ValueError(f"{self.type}: give low <= high")
+        return self
+
+
+def _default_space() -> dict:
+    return {"training.learning_rate": TuneParam(type="float", low=1e-4, high=3e-3, log=True),
+            "training.trainable_layers": TuneParam(type="int", low=2, high=12),
+            "training.lora.r": TuneParam(type="categorical", choices=[8, 16, 32])}
+
+
+class TuneConfig(Section):
+    space: dict[str, TuneParam] = Field(default_factory=_default_space, description="What `tunewise tune` searches: config paths (as --set takes them) -> a range or choices. Default: the learning rate (1e-4..3e-3, log), trainable_layers (2..12, freeze) and lora.r (8/16/32).")
+    trials: int = Field(8, gt=0, description="Trials to finish (completed or pruned), over all workers.")
+    objective: Literal["metric", "val_loss"] = Field("metric", description="metric: goal.metric of the trained model on the validation split (higher is better, except for *loss/*perplexity/hallucination metrics); val_loss: the best validation loss.")
+    eval_samples: int = Field(300, gt=0, description="Validation items each trial's metric is measured on.")
+    trial_minutes: float | None = Field(None, gt=0, description="Each trial's training budget (training.max_minutes); null: the config's.")
+    pruner: Literal["median", "hyperband", "none"] = Field("median", description="Stops a trial whose validation loss is worse than the median of earlier trials at the same step (median), or Hyperband's successive halving.")
+    storage: str | None = Field(None, description="Optuna storage URL (postgresql+psycopg://... to share a study between machines); null: a SQLite file in <run>/tune.")
+    seed: int = Field(42, description="Seed of the sampler (TPE).")
+
+
 class ProjectConfig(Section):
     project: str = Field("tunewise-project", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Project name.")
     output_dir: Path = Field(Path("runs"), description="Where runs are written (relative to this config file).")
@@ -320,6 +353,7 @@ class ProjectConfig(Section):
     prices: PricesConfig = Field(default_factory=PricesConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     # Where the file lives; relative paths resolve against it. Not a config key.
     base_dir: Path = Field(Path("."), exclude=True)

@@ -32,7 +32,7 @@ def _bars(title: str, rows: list[tuple[str, float, float, float]]) -> str:
     return "".join(out) + "</svg>"
 
 
-def _curves(series: dict[str, list[tuple[int, float]]]) -> str:
+def _curves(series: dict[str, list[tuple[int, float]]], x_label: str = "step") -> str:
     w, h, pad = 560, 220, 40
     pts = [p for s in series.values() for p in s]
     if not pts:
@@ -43,7 +43,7 @@ def _curves(series: dict[str, list[tuple[int, float]]]) -> str:
     out = [f'<svg width="{w}" height="{h}" role="img" aria-label="training loss">',
            f'<line x1="{pad}" y1="{h - pad}" x2="{w - 10}" y2="{h - pad}" stroke="#888"/>',
            f'<line x1="{pad}" y1="10" x2="{pad}" y2="{h - pad}" stroke="#888"/>',
-           f'<text x="{pad}" y="{h - 12}" font-size="12">step (max {x_max})</text>',
+           f'<text x="{pad}" y="{h - 12}" font-size="12">{html.escape(x_label)} (max {x_max})</text>',
            f'<text x="2" y="14" font-size="12">{y_max:.2f}</text><text x="2" y="{h - pad}" font-size="12">{y_min:.2f}</text>']
     for i, (name, s) in enumerate(series.items()):
         poly = " ".join(f"{pad + x / x_max * (w - pad - 10):.1f},{10 + (y_max - y) / span * (h - pad - 10):.1f}" for x, y in s)
@@ -109,4 +109,35 @@ def compare_report(result: dict, eval_dir: Path, metrics: list[str], out: Path |
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}th{background:#f3f3f3}svg{display:block;margin:1em 0}")
     out = out or eval_dir / "report.html"
     atomic_write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>tunewise compare</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    return out
+
+
+def tune_report(result: dict, out: Path) -> Path:
+    """`tunewise tune`'s report: the optimisation history, parameter importances and the trials."""
+    trials = result["trials"]
+    done = [t for t in trials if t["state"] == "COMPLETE"]
+    best_so_far, best = [], None
+    for t in sorted(done, key=lambda t: t["number"]):
+        better = best is None or (t["value"] < best if result["direction"] == "minimize" else t["value"] > best)
+        best = t["value"] if better else best
+        best_so_far.append((t["number"], best))
+    b = result["best"]
+    ci = f" [{b['ci95'][0]:.4f}, {b['ci95'][1]:.4f}]" if b.get("ci95") else ""
+    parts = [f"<h1>tunewise tune: {html.escape(result['study'])}</h1>",
+             f"<p>{len(done)} trials completed of {len(trials)} ({sum(t['state'] == 'PRUNED' for t in trials)} pruned); objective: "
+             f"{html.escape(result['objective'])} ({result['direction']}). Best: trial {b['number']}, {b['value']:.4f}{ci}.</p>",
+             f"<p>Apply: <code>{html.escape(result['set'])}</code> (or merge <code>{html.escape(result['best_yaml'])}</code>).</p>",
+             "<h2>Optimisation history (x: trial, y: objective)</h2>",
+             _curves({"trial": [(t["number"], t["value"]) for t in sorted(done, key=lambda t: t["number"])], "best so far": best_so_far}, "trial")]
+    if result["importances"]:
+        parts.append("<h2>Parameter importances</h2>" + _bars("importance", [(k, v, v, v) for k, v in result["importances"].items()]))
+    names = sorted({k for t in trials for k in t["params"]})
+    rank = sorted(trials, key=lambda t: (t["state"] != "COMPLETE", (t["value"] or 0) * (1 if result["direction"] == "minimize" else -1)))
+    rows = [[t["number"], t["state"].lower(), "-" if t["value"] is None else f"{t['value']:.4f}",
+             f"[{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]" if t.get("ci95") else "-", *(t["params"].get(k, "-") for k in names),
+             t.get("steps", "-"), t.get("best_val_loss") if t.get("best_val_loss") is not None else "-", t.get("wall_s", "-")] for t in rank]
+    parts.append("<h2>Trials, best first</h2>" + _table(["trial", "state", "value", "95% CI", *names, "steps", "best val loss", "s"], rows))
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}th{background:#f3f3f3}svg{display:block;margin:1em 0}")
+    atomic_write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>tunewise tune</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
     return out
