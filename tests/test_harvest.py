@@ -63,3 +63,34 @@ def test_harvest_turns_feedback_into_three_datasets(tmp_path):
     assert "a later response with the same prompt and answer was harvested" in report["reasons"]
     assert "+44 20 7946 0958" not in "".join(p.read_text() for p in h.iterdir())
     assert "sft: 3 records" in " ".join(out.output.split())
+
+
+def test_data_include_adds_a_harvest_to_the_training_records(tmp_path, smol_tokenizer):
+    """data.include: more training files in their own format, read after data.train, cleaned, deduplicated and split
+    with it; a change to an included file makes the prepared data stale."""
+    from tunewise.config import load_config
+    from tunewise.data.prepare import prepare_data
+    from tunewise.data.prepared import load_prepared, prepared_is_current
+
+    rows = [f"question number {i} about cards,label_{i % 3}" for i in range(30)]
+    (tmp_path / "train.csv").write_text("text,category\n" + "\n".join(rows) + "\n")
+    extra = [{"messages": [{"role": "user", "content": f"harvested question {i} about a transfer"},
+                           {"role": "assistant", "content": "label_1"}], "label": "label_1", "request_id": f"r{i}"} for i in range(5)]
+    extra.append({"messages": [{"role": "user", "content": "question number 3 about cards"}, {"role": "assistant", "content": "label_0"}]})
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in extra))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "runs"),
+        "data": {"format": "csv", "train": "train.csv", "columns": {"user": "text", "assistant": "category", "label": "category"},
+                 "split": {"validation": 0.2}, "include": [{"format": "openai", "path": "sft.jsonl"}],
+                 "clean": {"near_dedup": False}}}))
+    cfg = load_config(tmp_path / "t.yaml")
+    p = prepare_data(cfg, tmp_path / "out", smol_tokenizer)
+    everything = [r for split in p.splits.values() for r in split]
+    harvested = [r for r in everything if r.source.startswith("sft.jsonl")]
+    assert len(harvested) == 5 and all(r.meta["request_id"].startswith("r") for r in harvested)
+    assert p.summary["read"]["valid"] == 36 and "include-0" in p.summary["inputs"]
+    q = [json.loads(x) for x in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
+    assert len(q) == 1 and q[0]["file"].endswith("sft.jsonl")  # the duplicate of a data.train record
+    assert prepared_is_current(cfg, load_prepared(tmp_path / "out"))
+    (tmp_path / "sft.jsonl").write_text((tmp_path / "sft.jsonl").read_text() + json.dumps(extra[0] | {"request_id": "new"}) + "\n")
+    assert not prepared_is_current(cfg, load_prepared(tmp_path / "out"))

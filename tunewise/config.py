@@ -75,6 +75,12 @@ class CleanConfig(Section):
     drop_leaks: bool = Field(False, description="Drop training records whose prompt equals or nearly equals a validation/test prompt (also: data prepare --drop-leaks).")
 
 
+class IncludeConfig(Section):
+    format: DataFormat = Field(..., description="Its format (as data.format).")
+    path: Path = Field(..., description="The file (relative paths are relative to this config file).")
+    columns: ColumnMap = Field(default_factory=ColumnMap, description="Column mapping for csv/parquet.")
+
+
 class DataConfig(Section):
     format: DataFormat = Field(
         ..., description="Input format, read explicitly: openai (chat JSONL with messages), alpaca, sharegpt, csv, parquet; preference pairs: openai-preference, trl-preference, hh-rlhf; unpaired feedback (KTO): trl-kto; raw text for continued pre-training: text (.txt/.md files, a folder of them, or JSONL with text)."
@@ -88,6 +94,7 @@ class DataConfig(Section):
     clean: CleanConfig = Field(default_factory=CleanConfig)
     max_length: int = Field(512, gt=8, description="Maximum tokens per example after the chat template.")
     limit: int | None = Field(None, gt=0, description="Use only the first N training records (quick runs).")
+    include: list["IncludeConfig"] = Field(default_factory=list, description="More training files, each with its own format (e.g. what `tunewise data harvest` wrote): read after data.train, cleaned, deduplicated and split with it.")
 
 
 class LoraConfig(Section):
@@ -396,6 +403,8 @@ class ProjectConfig(Section):
         for k in ("validation", "test"):
             if d["data"][k]:
                 d["data"][k] = str(self.path(getattr(self.data, k)))
+        for i, inc in enumerate(self.data.include):
+            d["data"]["include"][i]["path"] = str(self.path(inc.path))
         d["output_dir"] = str(self.path(self.output_dir))
         d["rag"]["knowledge_base"] = [str(self.path(p)) for p in self.rag.knowledge_base]
         if d["rag"]["postgres_url"]:  # never write a password into artifacts
@@ -461,6 +470,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Project
         p = cfg.path(getattr(cfg.data, key))
         if p is not None and not p.exists():
             raise ConfigError(f"{path}: data.{key}: file not found: {p}")
+    for i, inc in enumerate(cfg.data.include):
+        if not cfg.path(inc.path).exists():
+            raise ConfigError(f"{path}: data.include[{i}].path: file not found: {cfg.path(inc.path)}")
     return cfg
 
 

@@ -272,7 +272,7 @@ class _Run:
     @property
     def fixed(self) -> list[str]:
         """Evaluation splits given as their own files (never thinned, never re-split)."""
-        return [n for n in self.inputs if n != "train"]
+        return [n for n in self.inputs if n in ("validation", "test")]
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
@@ -325,6 +325,8 @@ def _start(cfg: ProjectConfig, out_dir: Path, chunk_size: int, say, resume: bool
         path = cfg.path(getattr(cfg.data, name))
         if path is not None:
             inputs[name] = {"path": str(path), "sha256": sha256_file(path)}
+    for i, inc in enumerate(cfg.data.include):  # more training files (data.include), read right after data.train
+        inputs[f"include-{i}"] = {"path": str(cfg.path(inc.path)), "sha256": sha256_file(cfg.path(inc.path)), "format": inc.format}
     work = out_dir / ".work"
     ckpt = _Checkpoint(work, _fingerprint(cfg, inputs, chunk_size))
     state = ckpt.load() if resume else None
@@ -367,19 +369,22 @@ def _read_and_clean(run: _Run) -> None:
                      cleaner=cleaner.state(), timings=dict(run.timings))
         run.ckpt.save(state, arrays)
 
-    for fid, name in enumerate(FILES):
+    sources = [(0, "train", cfg.data.format, cfg.data.columns)]
+    sources += [(0, f"include-{i}", inc.format, inc.columns) for i, inc in enumerate(cfg.data.include)]  # training records too
+    sources += [(FILES.index(n), n, cfg.data.format, cfg.data.columns) for n in FILES[1:]]
+    for fid, name, fmt, columns in sources:
         if name not in run.inputs or name in state["files_done"]:
             continue
         read_counts.setdefault(name, 0)
         skip = state["position"].get(name, 0)
-        items = itertools.islice(read_records(Path(run.inputs[name]["path"]), cfg.data.format, cfg.data.columns, cfg.data.system_prompt), skip, None)
+        items = itertools.islice(read_records(Path(run.inputs[name]["path"]), fmt, columns, cfg.data.system_prompt), skip, None)
         for chunk, taken in _chunks(items, run.chunk_size, cfg.data.limit if name == "train" else None, bad, already=read_counts[name]):
             read_counts[name] += len(chunk)
             state["done"] += len(chunk)
             run.lap("read and validate")
             chunk = cleaner.transform(chunk)
             run.lap("normalise and redact")
-            if name == "train":
+            if fid == 0:  # training records (data.train and data.include)
                 chunk = [r for r in chunk if cleaner.keep(r, bad)]
                 run.lap("filters")
             table.add(fid, chunk, cleaner.repetition_of)
