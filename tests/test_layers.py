@@ -14,8 +14,8 @@ LAYERS = [
     ("engine",),  # generation
     ("rag",),  # knowledge base, retrieval, RAG prompts, RAFT and synthetic data
     ("train", "eval", "advise"),  # the stages
-    ("gate", "serve", "tune"),  # what judges and what serves trained models; the search over training runs
-    ("pipeline",),  # the workflow over the stages
+    ("gate", "serve", "tune", "monitor"),  # what judges and serves trained models; the search over runs; production vs training
+    ("pipeline", "retrain"),  # the workflows over the stages
     ("cli", "__main__"),  # the command line
 ]
 

@@ -613,6 +613,60 @@ def tune(
     console.print(f"[bold]report:[/] {r['report']}")
 
 
+@app.command()
+@_stage
+def monitor(
+    config: Path = typer.Argument(..., help="Project config (its serve log and training data)."),
+    log_dir: Optional[Path] = typer.Option(None, help="Read this serve log instead of the project's."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Production queries against the training data: embedding drift (MMD, p-value), queries far from every training
+    example (clustered), answered labels, abstention, latency and errors. Exits 3 when a monitor threshold is crossed."""
+    cfg = _load(config, set_)
+
+    from .monitor import run_monitor
+
+    with console.status("monitoring"):
+        r = run_monitor(cfg, log_dir)
+    console.print(f"{r['queries']:,} logged queries of {r['requests']:,} requests", highlight=False)
+    if "drift" not in r:
+        console.print(r["verdict"])
+        return
+    d, f, s = r["drift"], r["far"], r["service"]
+    console.print(f"drift: MMD^2 {d['mmd2']:.5f}, p = {d['p_value']:.4f} ({d['production']:,} vs {d['training']:,} training queries)", highlight=False)
+    console.print(f"far from the training data: {f['count']:,} ({f['share']:.1%}) in {len(f['clusters'])} clusters", highlight=False)
+    for c in f["clusters"][:5]:
+        console.print(f"  {c['size']:>5}  e.g. {c['examples'][0]!r}", highlight=False)
+    if "labels" in r:
+        console.print(f"labels: total variation {r['labels']['total_variation']:.3f} from training, {r['labels']['unknown_share']:.1%} unknown", highlight=False)
+    console.print(f"abstention {s['abstention_rate']:.1%}, errors {s['error_rate']:.1%}, latency p50 {s['latency_p50_s']:.2f} s, "
+                  f"p95 {s['latency_p95_s']:.2f} s", highlight=False)
+    console.print(f"[bold]report:[/] {r['report']}")
+    for a in r["alerts"]:
+        console.print(f"[red]alert:[/] {a}", highlight=False)
+    if r["alerts"]:
+        raise typer.Exit(3)
+
+
+@app.command()
+@_stage
+def retrain(
+    config: Path = typer.Argument(..., help="Project config (data.include can name a harvest)."),
+    when: str = typer.Option("data-changed", help="data-changed (the data key differs from the last re-training's, or the "
+                                                  "production model's), drift (the monitor alerts) or always."),
+    start: str = typer.Option("production", help="production (continue from the production model) or base (fresh)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Re-train when the data changed (or drift, or always): prepare, train, gate against production, promote or keep;
+    journaled in the registry, idempotent, resumable after a kill."""
+    cfg = _load(config, set_)
+
+    from .retrain import retrain as retrain_fn
+
+    r = retrain_fn(cfg, when, start, say=lambda m: console.print(m, highlight=False))
+    console.print(f"re-training: {r['action']} (journal #{r['journal']['id']})", highlight=False)
+
+
 @app.command("run")
 @_stage
 def run_cmd(

@@ -161,6 +161,7 @@ class TrainConfig(Section):
     share_prefix: bool = Field(True, description="Run the tokens every example of a batch starts with (system prompt, template head) once per batch; exact.")
     packing: bool = Field(False, description="Lay a batch's examples end to end in rows, positions restarting per example, attention only within one; no padding, exact.")
     cache_frozen: bool = Field(True, description="freeze: compute the hidden states entering the first trainable layer once per example and reuse them every epoch; exact.")
+    init_from: Path | None = Field(None, description="A trained adapter directory whose weights the new adapter starts from (same method, rank and targets): continued tuning, e.g. by `tunewise retrain`. A full model is given as model.name instead.")
     max_minutes: float | None = Field(None, gt=0, description="Wall-clock budget for training: steps are planned to fit, re-planned from the measured step time; the learning rate still decays to the last step.")
     seed: int = Field(42, description="Seed for init, shuffling and dropout; the same seed gives the same run.")
 
@@ -346,6 +347,21 @@ class TuneConfig(Section):
     seed: int = Field(42, description="Seed of the sampler (TPE).")
 
 
+class MonitorConfig(Section):
+    window: int = Field(2000, gt=0, description="The most recent logged requests compared with the training data.")
+    min_queries: int = Field(50, gt=0, description="Fewer logged requests than this: no verdict (too few to tell).")
+    samples: int = Field(2000, gt=0, description="Training queries sampled (seeded) as the reference.")
+    permutations: int = Field(500, gt=10, description="Permutations of the drift test (its p-value's resolution is 1/(permutations+1)).")
+    alert_p_value: float = Field(0.01, gt=0, lt=1, description="Alert when the drift test's p-value is below this.")
+    far_quantile: float = Field(0.01, gt=0, lt=0.5, description="A query is far from the training data when its nearest training query is less similar than this quantile of training queries' own nearest-neighbour similarity.")
+    max_far_share: float = Field(0.05, ge=0, le=1, description="Alert when more than this share of queries is far from every training query.")
+    cluster_similarity: float = Field(0.6, gt=0, lt=1, description="Far queries at least this similar (cosine) to a cluster's first query join it.")
+    max_label_shift: float = Field(0.1, ge=0, le=1, description="Alert when the total-variation distance between answered labels and training labels exceeds this and a sample of the training distribution of the same size is that far with p < alert_p_value.")
+    max_abstention: float = Field(0.2, ge=0, le=1, description="Alert when more answers than this abstain (\"I don't know\", empty).")
+    max_error_rate: float = Field(0.02, ge=0, le=1, description="Alert when more requests than this failed (timeouts, generation errors).")
+    max_p95_latency_s: float | None = Field(None, gt=0, description="Alert when the 95th-percentile latency exceeds this (null: no latency alert).")
+
+
 class ProjectConfig(Section):
     project: str = Field("tunewise-project", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Project name.")
     output_dir: Path = Field(Path("runs"), description="Where runs are written (relative to this config file).")
@@ -361,6 +377,7 @@ class ProjectConfig(Section):
     gate: GateConfig = Field(default_factory=GateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     # Where the file lives; relative paths resolve against it. Not a config key.
     base_dir: Path = Field(Path("."), exclude=True)

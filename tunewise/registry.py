@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS promotions (
   id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, model_id INTEGER REFERENCES models(id),
   action TEXT NOT NULL CHECK (action IN ('promote', 'rollback', 'blocked')),
   forced INTEGER NOT NULL DEFAULT 0, verdict TEXT, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS retrains (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, trigger TEXT NOT NULL, data_key TEXT NOT NULL,
+  state TEXT NOT NULL CHECK (state IN ('started', 'trained', 'done', 'skipped')), decision TEXT, run_dir TEXT,
+  details TEXT, created REAL NOT NULL, updated REAL NOT NULL);
 """
 
 
@@ -231,6 +235,29 @@ class Registry:
                                " LEFT JOIN models m ON m.id = p.model_id WHERE p.name=? ORDER BY p.id", (name,))
         return [{"id": i, "action": a, "forced": bool(f), "verdict": json.loads(v) if v else None, "created": c, "ref": f"{name}:{ver}"}
                 for i, a, f, v, c, ver in rows]
+
+    def journal(self, name: str, trigger: str, data_key: str, state: str, decision: str | None = None, run_dir: str | None = None,
+                details: dict | None = None) -> int:
+        """A new entry in the re-training journal (what `tunewise retrain` decided and did)."""
+        now = time.time()
+        with self.tx():
+            cur = self.db.execute("INSERT INTO retrains (name, trigger, data_key, state, decision, run_dir, details, created, updated)"
+                                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                  (name, trigger, data_key, state, decision, run_dir, json.dumps(details or {}), now, now))
+        return int(cur.lastrowid)
+
+    def journal_update(self, entry_id: int, state: str, decision: str | None = None, details: dict | None = None) -> None:
+        with self.tx():
+            old = self.db.execute("SELECT details FROM retrains WHERE id=?", (entry_id,)).fetchone()
+            merged = {**json.loads(old[0] or "{}"), **(details or {})}
+            self.db.execute("UPDATE retrains SET state=?, decision=COALESCE(?, decision), details=?, updated=? WHERE id=?",
+                            (state, decision, json.dumps(merged), time.time(), entry_id))
+
+    def retrains(self, name: str) -> list[dict]:
+        rows = self.db.execute("SELECT id, trigger, data_key, state, decision, run_dir, details, created, updated FROM retrains"
+                               " WHERE name=? ORDER BY id", (name,))
+        return [{"id": i, "trigger": t, "data_key": k, "state": st, "decision": d, "run_dir": r, "details": json.loads(x or "{}"),
+                 "created": c, "updated": u} for i, t, k, st, d, r, x, c, u in rows]
 
     def check(self) -> list[str]:
         """Integrity problems (empty list: consistent)."""

@@ -29,7 +29,7 @@ from ..errors import TunewiseError
 from ..util import atomic_write_json, sha256_file
 from .formats import read_records
 from .records import BadRecord, Record
-from .prepared import SPLITS, Prepared
+from .prepared import SPLITS, Prepared, inputs_of
 from .split import leaking_groups, rank64, split_positions
 
 FILES = ("train", "validation", "test")  # file ids in the per-record arrays
@@ -320,13 +320,7 @@ def _start(cfg: ProjectConfig, out_dir: Path, chunk_size: int, say, resume: bool
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cleaner = Cleaner(cfg.data.clean)
-    inputs: dict[str, dict] = {}
-    for name in FILES:
-        path = cfg.path(getattr(cfg.data, name))
-        if path is not None:
-            inputs[name] = {"path": str(path), "sha256": sha256_file(path)}
-    for i, inc in enumerate(cfg.data.include):  # more training files (data.include), read right after data.train
-        inputs[f"include-{i}"] = {"path": str(cfg.path(inc.path)), "sha256": sha256_file(cfg.path(inc.path)), "format": inc.format}
+    inputs = inputs_of(cfg)  # train, validation, test and data.include (read right after data.train)
     work = out_dir / ".work"
     ckpt = _Checkpoint(work, _fingerprint(cfg, inputs, chunk_size))
     state = ckpt.load() if resume else None

@@ -27,6 +27,26 @@ class Prepared:
         return self._splits
 
 
+def inputs_of(cfg: ProjectConfig) -> dict[str, dict]:
+    """The files preparation reads, with their hashes: train, validation, test, then data.include (include-N)."""
+    inputs: dict[str, dict] = {}
+    for name in SPLITS:
+        path = cfg.path(getattr(cfg.data, name))
+        if path is not None:
+            inputs[name] = {"path": str(path), "sha256": sha256_file(path)}
+    for i, inc in enumerate(cfg.data.include):
+        inputs[f"include-{i}"] = {"path": str(cfg.path(inc.path)), "sha256": sha256_file(cfg.path(inc.path)), "format": inc.format}
+    return inputs
+
+
+def data_key(inputs: dict[str, dict], data_config: dict) -> str:
+    """What a model was trained on, as one hash: its input files' contents and the data config (paths aside)."""
+    import hashlib
+
+    conf = {k: v for k, v in data_config.items() if k not in ("train", "validation", "test", "include")}
+    return hashlib.sha256(json.dumps({"inputs": {n: v["sha256"] for n, v in inputs.items()}, "data": conf}, sort_keys=True).encode()).hexdigest()
+
+
 def load_prepared(data_dir: Path) -> Prepared | None:
     if not (data_dir / "summary.json").exists():
         return None

@@ -100,6 +100,11 @@ class RequestLog:
                               **(extra or {})})
         self._ids.add(rid)
 
+    def log_error(self, rid: str, model: str, version: str, kind: str, error: str, latency_s: float) -> None:
+        """A request that got no answer (timeout, generation failure): counted by the monitor's error rate."""
+        self.requests.append({"id": rid, "ts": round(time.time(), 3), "model": model, "model_version": version, "kind": kind,
+                              "error": error, "latency_ms": round(latency_s * 1000, 1)})
+
     def known(self, rid: str) -> bool:
         return rid in self._ids
 

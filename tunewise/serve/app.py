@@ -458,16 +458,22 @@ async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, c
         if plog is not None and logged is not None:
             plog.log_request(rid, req.model, logged[1], kind, logged[0], outs, time.perf_counter() - t0)
 
+    def write_error(error: str) -> None:
+        if plog is not None and logged is not None:
+            plog.log_error(rid, req.model, logged[1], kind, error, time.perf_counter() - t0)
+
     if not req.stream:
         try:
             outs = await asyncio.wait_for(afut, s.request_timeout_s)
         except asyncio.TimeoutError:
             job.cancelled = True
+            await asyncio.to_thread(write_error, "timeout")
             raise ApiError(504, f"no answer within {s.request_timeout_s:g} s", "timeout_error", "timeout") from None
         except ApiError:
             raise
         except Exception as e:  # noqa: BLE001 - e.g. an adapter that fails to load
             logging.getLogger("tunewise.serve").exception("generation failed")
+            await asyncio.to_thread(write_error, f"generation failed: {type(e).__name__}")
             raise ApiError(500, f"generation failed: {type(e).__name__}", "server_error") from None
         choices = []
         for i, o in enumerate(outs):

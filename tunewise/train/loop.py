@@ -248,6 +248,25 @@ def _loss_module(model, t, train_ex, val_ex, notes: list[str]):
     return LayoutLoss(model, first, cache), True, start, cache
 
 
+def _init_adapter(model, path: Path) -> None:
+    """The adapter weights of a trained output directory, into the fresh adapter (training.init_from)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.exists():
+        raise TrainError(f"training.init_from: {path} holds no adapter (adapter_model.safetensors); a full model goes in model.name")
+    if not hasattr(model, "peft_config"):
+        raise TrainError("training.init_from: an adapter, but training.method trains no adapter (use lora, dora or qlora)")
+    try:
+        result = set_peft_model_state_dict(model, load_file(str(weights)))
+    except RuntimeError as e:  # a size mismatch: another rank
+        raise TrainError(f"training.init_from: the adapter at {path} does not fit this one (rank differs): {str(e).splitlines()[0]}") from None
+    if getattr(result, "unexpected_keys", None):
+        raise TrainError(f"training.init_from: the adapter at {path} does not fit this one (targets or method differ: "
+                         f"{len(result.unexpected_keys)} of its tensors have no place here)")
+
+
 def _cache_limit_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
@@ -323,6 +342,8 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
 
     set_seed(t.seed)
     model = apply_method(loaded.model, t)
+    if t.init_from:
+        _init_adapter(model, cfg.path(t.init_from))
     model.train()
     n_trainable, n_total = count_params(model)
     params = [p for p in model.parameters() if p.requires_grad]
