@@ -27,7 +27,7 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name: str = Field(
         "bundled:smollm2-135m-instruct",
-        description="Model reference: a hub id, a local directory, or bundled:smollm2-135m-instruct (the default, works offline).",
+        description="Model reference: a hub id, a local directory (relative paths are relative to this config file), or bundled:smollm2-135m-instruct (the default, works offline).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype. auto = float32 on CPU (bf16 matmul is far slower there), bfloat16 on a GPU that supports it."
@@ -483,6 +483,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Project
     except ValidationError as e:
         raise ConfigError(_format_errors(e, str(path))) from None
     cfg.base_dir = path.resolve().parent
+    name = cfg.model.name  # a local model directory, like the data files, is relative to this config file
+    if not name.startswith(("bundled:", "/", "~")) and (name.startswith(".") or (cfg.base_dir / name).is_dir()):
+        cfg.model.name = str((cfg.base_dir / name).resolve())
     for key in ("train", "validation", "test"):
         p = cfg.path(getattr(cfg.data, key))
         if p is not None and not p.exists():
