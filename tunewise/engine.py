@@ -90,6 +90,49 @@ class LabelTrie:
         return self._only[key]
 
 
+GRAMMAR_KINDS = ("json", "json_schema", "regex", "ebnf")
+
+
+class Grammar:
+    """A grammar decoding is restricted to, through xgrammar: any JSON ("json"), a JSON schema, a regex or an EBNF
+    grammar (`kind`, `source`). Compiled once per engine and grammar; each row steps its own matcher, and at every
+    step the tokens the grammar does not allow are masked out of the logits."""
+
+    def __init__(self, engine: "Engine", kind: str, source: str = ""):
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            raise ChoiceError(f"{kind}: constrained decoding to a grammar needs xgrammar (pip install --no-deps xgrammar apache-tvm-ffi)") from None
+        if kind not in GRAMMAR_KINDS:
+            raise ChoiceError(f"grammar kind {kind!r}: one of {', '.join(GRAMMAR_KINDS)}")
+        self.xgr, self.kind = xgr, kind
+        compiler = engine._grammar_compiler()
+        try:
+            if kind == "json":
+                self.compiled = compiler.compile_builtin_json_grammar()
+            elif kind == "json_schema":
+                self.compiled = compiler.compile_json_schema(source, any_whitespace=False)
+            elif kind == "regex":
+                self.compiled = compiler.compile_regex(source)
+            else:
+                self.compiled = compiler.compile_grammar(source)
+        except (RuntimeError, ValueError) as e:
+            raise ChoiceError(f"{kind}: cannot be compiled: {str(e).splitlines()[0][:300]}") from None
+        self.vocab = engine._vocab_size()
+
+    def matchers(self, rows: int) -> list:
+        return [self.xgr.GrammarMatcher(self.compiled) for _ in range(rows)]
+
+    def mask(self, logits: torch.Tensor, matchers: list, alive: list[int]) -> torch.Tensor:
+        bm = self.xgr.allocate_token_bitmask(len(alive), self.vocab)
+        for j, row in enumerate(alive):
+            if not matchers[row].is_terminated():
+                matchers[row].fill_next_token_bitmask(bm, j)
+        logits = logits.float().contiguous()
+        self.xgr.apply_token_bitmask_inplace(logits, bm.to(logits.device), vocab_size=self.vocab)
+        return logits
+
+
 @dataclass
 class Completion:
     text: str
@@ -204,12 +247,16 @@ class Engine:
         on_batch=None,
         on_token=None,
         choices: list[str] | LabelTrie | None = None,
+        grammar: "Grammar | tuple[str, str] | None" = None,
     ) -> list[Completion]:
         """Generate one reply per conversation. adapter=None uses the base model (adapters disabled).
         on_batch(done, total) is called after every batch (progress display); on_token(i, token_ids) after
         every token conversation i gets (streaming: token_ids is its reply so far). choices restricts
-        every reply to one of the given strings (ChoiceError when the list cannot be enforced)."""
+        every reply to one of the given strings (ChoiceError when the list cannot be enforced); grammar, a Grammar or
+        (kind, source), to what a JSON schema, a regex or a grammar allows."""
         trie = choices if isinstance(choices, LabelTrie) or choices is None else LabelTrie(self.tok, choices)
+        if grammar is not None and not isinstance(grammar, Grammar):
+            grammar = self.grammar(*grammar)
         prompts = self._prompts(conversations)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[Completion | None] = [None] * len(prompts)
@@ -219,7 +266,7 @@ class Engine:
             for k in range(0, len(order), batch_size):
                 idx = order[k : k + batch_size]
                 tok_cb = (lambda row, ids, idx=idx: on_token(idx[row], ids)) if on_token else None
-                outs = self._decode_batch([prompts[i] for i in idx], max_new_tokens, temperature, top_p, stop, gen, tok_cb, trie)
+                outs = self._decode_batch([prompts[i] for i in idx], max_new_tokens, temperature, top_p, stop, gen, tok_cb, trie, grammar)
                 for i, out in zip(idx, outs):
                     results[i] = out
                 if on_batch:
@@ -228,7 +275,7 @@ class Engine:
 
     def _decode_batch(self, batch: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                       stop: list[str] | None, gen: torch.Generator, on_token=None,
-                      trie: LabelTrie | None = None) -> list[Completion]:
+                      trie: LabelTrie | None = None, grammar: Grammar | None = None) -> list[Completion]:
         """One batch through our own decode loop.
 
         Rows are laid out as [shared prefix][left padding][own suffix]: the attention mask hides the padding
@@ -283,11 +330,14 @@ class Engine:
         latency = [0.0] * rows
         eos = self._eos_ids()
         nodes = [trie.root] * rows if trie else None
+        matchers = grammar.matchers(rows) if grammar else None
         if trie and not eos:
             raise ChoiceError("choices: the model has no end-of-turn token to end a constrained answer with")
         for step in range(max_new_tokens):
             if trie:
                 logits = self._restrict(logits, [nodes[row] for row in alive], sorted(eos))
+            elif matchers:
+                logits = grammar.mask(logits, matchers, alive)
             tokens = self._pick(logits, temperature, top_p, gen)
             for j, row in enumerate(alive):
                 if finished[row]:
@@ -303,7 +353,12 @@ class Engine:
                         finished[row], finish[row] = True, "stop"
                         latency[row] = time.time() - t0
                         continue
+                if matchers:  # the grammar follows every token; a complete answer ends the row
+                    matchers[row].accept_token(t)
                 if t in eos:
+                    finished[row], finish[row] = True, "stop"
+                elif matchers and matchers[row].is_terminated():
+                    out_ids[row].append(t)
                     finished[row], finish[row] = True, "stop"
                 else:
                     out_ids[row].append(t)
@@ -357,6 +412,25 @@ class Engine:
             sorted_p[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(-1, sorted_i, sorted_p)
         return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+    def grammar(self, kind: str, source: str = "") -> Grammar:
+        """The compiled grammar, cached by (kind, source)."""
+        cache = self.__dict__.setdefault("_grammars", {})
+        if (kind, source) not in cache:
+            cache[(kind, source)] = Grammar(self, kind, source)
+        return cache[(kind, source)]
+
+    def _grammar_compiler(self):
+        if getattr(self, "_compiler", None) is None:
+            import xgrammar as xgr
+
+            info = xgr.TokenizerInfo.from_huggingface(self.tok, vocab_size=self._vocab_size(), stop_token_ids=sorted(self._eos_ids()))
+            self._compiler = xgr.GrammarCompiler(info)
+        return self._compiler
+
+    def _vocab_size(self) -> int:
+        cfg = self.model.config
+        return getattr(cfg, "vocab_size", None) or cfg.get_text_config().vocab_size
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ProjectConfig
+from ..engine import ChoiceError
 from .batcher import Batcher, Call, Job, QueueFull
 
 log = logging.getLogger("tunewise.access")
@@ -215,17 +216,20 @@ class _BodyLimit:
         return await self.app(scope, limited, send)
 
 
-def _choices(req: Sampling) -> tuple[str, ...] | None:
-    """The closed answer set the request asks for (structured_outputs.choice, guided_choice, an enum
-    json_schema); a constraint this server cannot enforce is a 400 naming the field."""
-    from ..engine import ChoiceError
-    from .structured import request_choices
+def _choices(req: Sampling) -> tuple[str, tuple] | None:
+    """(field, constraint) the request asks for: ("choices", answers) for a closed set (structured_outputs.choice,
+    guided_choice, a finite json_schema), or a grammar (a free-form schema, json_object, a regex, EBNF); a
+    constraint this server cannot enforce is a 400 naming the field."""
+    from .structured import request_constraint
 
     try:
-        choices = request_choices(req.model_extra or {})
+        got = request_constraint(req.model_extra or {})
     except ChoiceError as e:
         raise ApiError(400, str(e), code="unsupported_structured_output") from None
-    return tuple(choices) if choices else None
+    if got is None:
+        return None
+    field, (kind, value) = got
+    return field, (kind, tuple(value) if kind == "choices" else value)
 
 
 def create_app(cfg: ProjectConfig, engine=None) -> FastAPI:
@@ -433,7 +437,7 @@ async def embeddings(req: EmbeddingRequest, request: Request):
             "data": [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vecs)]}
 
 
-async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, choices: tuple[str, ...] | None = None, logged=None):
+async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, choices: tuple | None = None, logged=None):
     """Queue the generation on the batcher; the whole answer, or a stream of server-sent events. `logged` (the
     request's input and the model version) goes to the production log with the answers."""
     s = request.app.state.cfg.serve
@@ -441,8 +445,9 @@ async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, c
     stop = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))[:4]
     loop = asyncio.get_running_loop()
     queue_: asyncio.Queue | None = asyncio.Queue() if req.stream else None
+    field, (ckind, cvalue) = choices if choices else (None, (None, None))
     job = Job(prepare=prepare, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop, group=req.model,
-              choices=choices)
+              choices=cvalue if ckind == "choices" else None, grammar=(ckind, cvalue) if ckind not in (None, "choices") else None)
     if req.stream:
         job.on_token = lambda k, ids: loop.call_soon_threadsafe(queue_.put_nowait, (k, list(ids)))
     try:
@@ -471,6 +476,8 @@ async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, c
             raise ApiError(504, f"no answer within {s.request_timeout_s:g} s", "timeout_error", "timeout") from None
         except ApiError:
             raise
+        except ChoiceError as e:  # a grammar that does not compile
+            raise ApiError(400, f"{field}: {e}", code="unsupported_structured_output") from None
         except Exception as e:  # noqa: BLE001 - e.g. an adapter that fails to load
             logging.getLogger("tunewise.serve").exception("generation failed")
             await asyncio.to_thread(write_error, f"generation failed: {type(e).__name__}")

@@ -32,6 +32,7 @@ class Job:
     stop: tuple[str, ...]
     group: str  # the model name as requested: jobs of one group can share a batch
     choices: tuple[str, ...] | None = None  # the closed answer set decoding is restricted to (None: free)
+    grammar: tuple[str, str] | None = None  # or the grammar: (json | json_schema | regex | ebnf, source)
     on_token: Callable[[int, list[int]], None] | None = None
     future: Future = field(default_factory=Future)
     cancelled: bool = False
@@ -39,7 +40,7 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        return (self.group, self.max_tokens, self.temperature, self.top_p, self.stop, self.choices)
+        return (self.group, self.max_tokens, self.temperature, self.top_p, self.stop, self.choices, self.grammar)
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Batcher:
         try:
             outs = engine.generate(prompts, max_new_tokens=first.max_tokens, temperature=first.temperature, top_p=first.top_p,
                                    stop=list(first.stop) or None, batch_size=len(prompts), adapter=adapter, on_token=on_token,
-                                   choices=list(first.choices) if first.choices else None)
+                                   choices=list(first.choices) if first.choices else None, grammar=first.grammar)
         except BaseException as e:  # noqa: BLE001
             for j in jobs:
                 j.future.set_exception(e)

@@ -1,4 +1,5 @@
-"""Structured output a request asks for, as the closed answer set the engine decodes into.
+"""Structured output a request asks for: a closed answer set (decoded through the label trie) or a grammar
+(decoded through xgrammar: engine.Grammar).
 
 The shapes clients send:
 - vLLM: `structured_outputs: {"choice": [...]}` and its older `guided_choice: [...]`;
@@ -7,8 +8,10 @@ The shapes clients send:
   properties are all such (all required, no extra properties). The answer is then the JSON text of one
   of those values (`"card_arrival"`, `{"intent": "card_arrival"}`), exactly as json.dumps writes it.
 
-What cannot be enforced this way (free-form strings, numbers, arrays, regexes, grammars, json_object
-mode) is a 400 that names the field, never silently ignored.
+Everything else goes to a grammar: a JSON schema with free-form values (`response_format` json_schema,
+`structured_outputs.json`, `guided_json`), any JSON (`response_format: {"type": "json_object"}`), a regex
+(`structured_outputs.regex`, `guided_regex`) or an EBNF grammar (`structured_outputs.grammar`, `guided_grammar`).
+A constraint that is malformed or cannot be compiled is a 400 that names the field, never silently ignored.
 """
 
 from __future__ import annotations
@@ -19,49 +22,84 @@ from typing import Any
 
 from ..engine import MAX_CHOICES, ChoiceError, check_choices
 
-def request_choices(extra: dict[str, Any]) -> list[str] | None:
-    """The answers a request restricts decoding to (None: free decoding). Raises ChoiceError naming the field."""
-    found: list[tuple[str, list[str]]] = []
+Constraint = tuple[str, Any]  # ("choices", [answers]) or ("json" | "json_schema" | "regex" | "ebnf", source)
+SO_KEYS = {"choice": "choices", "json": "json_schema", "regex": "regex", "grammar": "ebnf"}
+GUIDED_KEYS = {"guided_choice": "choices", "guided_json": "json_schema", "guided_regex": "regex", "guided_grammar": "ebnf"}
+
+
+def request_constraint(extra: dict[str, Any]) -> tuple[str, Constraint] | None:
+    """(the field it came from, the constraint) a request restricts decoding to; None: free decoding. A JSON schema
+    with finitely many values becomes a choice list (the trie is exact and faster). Raises ChoiceError naming the field."""
+    found: list[tuple[str, Constraint]] = []
     so = extra.get("structured_outputs")
     if so is not None:
         if not isinstance(so, dict):
-            raise ChoiceError("structured_outputs: expected an object such as {\"choice\": [...]}")
-        for key in so:
-            if key != "choice" and so[key] not in (None, False):
-                raise ChoiceError(f"structured_outputs.{key}: not supported by this server (only structured_outputs.choice)")
-        if so.get("choice") is not None:
-            found.append(("structured_outputs.choice", check_choices(so["choice"], "structured_outputs.choice")))
-    for key in ("guided_json", "guided_regex", "guided_grammar", "guided_decoding_backend"):
+            raise ChoiceError("structured_outputs: expected an object such as {\"choice\": [...]} or {\"json\": {schema}}")
+        for key, value in so.items():
+            if value in (None, False):
+                continue
+            if key not in SO_KEYS:
+                raise ChoiceError(f"structured_outputs.{key}: not supported by this server (choice, json, regex, grammar)")
+            found.append((f"structured_outputs.{key}", _constraint(SO_KEYS[key], value, f"structured_outputs.{key}")))
+    for key, kind in GUIDED_KEYS.items():
         if extra.get(key) is not None:
-            raise ChoiceError(f"{key}: not supported by this server (only guided_choice and structured_outputs.choice)")
-    if extra.get("guided_choice") is not None:
-        found.append(("guided_choice", check_choices(extra["guided_choice"], "guided_choice")))
+            found.append((key, _constraint(kind, extra[key], key)))
     rf = extra.get("response_format")
     if rf is not None:
-        choices = _response_format(rf)
-        if choices is not None:
-            found.append(("response_format", choices))
+        c = _response_format(rf)
+        if c is not None:
+            found.append(("response_format", c))
     if len(found) > 1:
         raise ChoiceError(f"{found[0][0]} and {found[1][0]}: give one constraint per request")
-    return found[0][1] if found else None
+    return found[0] if found else None
 
 
-def _response_format(rf: Any) -> list[str] | None:
+def request_choices(extra: dict[str, Any]) -> list[str] | None:
+    """The closed answer set a request asks for (None: free decoding or a grammar)."""
+    got = request_constraint(extra)
+    return got[1][1] if got and got[1][0] == "choices" else None
+
+
+def _constraint(kind: str, value: Any, where: str) -> Constraint:
+    if kind == "choices":
+        return ("choices", check_choices(value, where))
+    if kind == "json_schema":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ChoiceError(f"{where}: not valid JSON") from None
+        if not isinstance(value, dict):
+            raise ChoiceError(f"{where}: expected a JSON schema object")
+        return _schema(value, where)
+    if not isinstance(value, str) or not value.strip():
+        raise ChoiceError(f"{where}: expected a non-empty string ({'a regular expression' if kind == 'regex' else 'an EBNF grammar'})")
+    return (kind, value)
+
+
+def _schema(schema: dict, where: str) -> Constraint:
+    """Finitely many values: a choice list; otherwise the schema as a grammar."""
+    try:
+        values = _values(schema, where)
+    except ChoiceError:
+        return ("json_schema", json.dumps(schema))
+    return ("choices", check_choices([json.dumps(v, ensure_ascii=False) for v in values], where))
+
+
+def _response_format(rf: Any) -> Constraint | None:
     if not isinstance(rf, dict) or "type" not in rf:
-        raise ChoiceError("response_format: expected an object with a type (text or json_schema)")
+        raise ChoiceError("response_format: expected an object with a type (text, json_object or json_schema)")
     kind = rf["type"]
     if kind == "text":
         return None
     if kind == "json_object":
-        raise ChoiceError("response_format.type: json_object cannot be enforced by this server; send a json_schema "
-                          "with an enum (or use structured_outputs.choice)")
+        return ("json", "")
     if kind != "json_schema":
-        raise ChoiceError(f"response_format.type: {kind!r} is not one of text, json_schema")
+        raise ChoiceError(f"response_format.type: {kind!r} is not one of text, json_object, json_schema")
     spec = rf.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise ChoiceError("response_format.json_schema.schema: expected a JSON schema object")
-    values = _values(spec["schema"], "response_format.json_schema.schema")
-    return check_choices([json.dumps(v, ensure_ascii=False) for v in values], "response_format.json_schema.schema")
+    return _schema(spec["schema"], "response_format.json_schema.schema")
 
 
 def _values(schema: dict, where: str) -> list:
