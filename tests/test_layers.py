@@ -16,7 +16,7 @@ LAYERS = [
     ("train", "eval", "advise"),  # the stages
     ("gate", "serve", "tune", "monitor"),  # what judges and serves trained models; the search over runs; production vs training
     ("pipeline", "retrain"),  # the workflows over the stages
-    ("cli", "__main__"),  # the command line
+    ("cli", "__main__", "ui"),  # the command line and the web dashboard
 ]
 
 

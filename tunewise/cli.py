@@ -667,6 +667,33 @@ def retrain(
     console.print(f"re-training: {r['action']} (journal #{r['journal']['id']})", highlight=False)
 
 
+@app.command()
+@_stage
+def ui(
+    configs: list[Path] = typer.Argument(..., help="Project configs to show."),
+    workspace: Optional[Path] = typer.Option(None, help="Where the job list and logs live (default: <first project's output_dir>/.ui)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (anything but loopback needs a token)."),
+    port: int = typer.Option(8765),
+    token: Optional[str] = typer.Option(None, help="Access token (default: TUNEWISE_UI_TOKEN; generated when bound beyond loopback)."),
+):
+    """A local web dashboard: projects, live training curves, reports, the registry (promote, rollback) and background jobs."""
+    import secrets
+
+    import uvicorn
+
+    from .ui.app import LOOPBACK, create_ui
+
+    token = token or os.environ.get("TUNEWISE_UI_TOKEN")
+    if host not in LOOPBACK and not token:
+        token = secrets.token_urlsafe(18)
+    first = _load(configs[0], None)
+    ws = workspace or (first.path(first.output_dir) / ".ui")
+    app_ = create_ui(configs, ws, token)
+    url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
+    console.print(f"tunewise ui: {url}  (workspace {ws}; Ctrl-C stops)", highlight=False)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 @app.command("run")
 @_stage
 def run_cmd(

@@ -1,0 +1,119 @@
+"""`tunewise ui` through its HTTP interface: pages, the live metrics stream, jobs that run and stop as processes
+and survive a restart of the UI, registry promote (refused without a passing verdict) and rollback, and the
+guards: token, cross-site requests, CSRF, names that are not in the lists, a config that stops validating."""
+
+import json
+import re
+import time
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from tunewise.config import load_config
+from tunewise.registry import Registry, registry_path
+from tunewise.ui.app import create_ui
+
+
+def _csrf(page: str) -> str:
+    return re.search(r'name="csrf" content="([^"]+)"', page).group(1)
+
+
+def _wait(client, jid, states=("done", "failed", "stopped", "lost"), timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/api/jobs/{jid}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {jid} still {job['state']}")
+
+
+@pytest.fixture
+def ui(tiny_project, tmp_path):
+    path = tiny_project(max_steps=4, eval_every=2, save_every=2)
+    app = create_ui([path], tmp_path / "ws")
+    return TestClient(app), path, app
+
+
+def test_pages_jobs_and_the_live_stream(ui, tmp_path):
+    client, path, app = ui
+    assert "tiny" in client.get("/").text
+    page = client.get("/p/0").text
+    csrf = _csrf(page)
+    r = client.post("/p/0/jobs", data={"command": "train", "csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303
+    jid = r.headers["location"].rsplit("/", 1)[1]
+    job = _wait(client, jid)
+    assert job["state"] == "done" and job["rc"] == 0, client.get(f"/jobs/{jid}").text
+    assert 'href="/p/0/run/train"' in client.get("/p/0").text
+    events = client.get("/p/0/run/train/events?once=1").text
+    rows = [json.loads(x[6:]) for x in events.splitlines() if x.startswith("data: {") and '"step"' in x]
+    metrics = [json.loads(x) for x in (load_config(path).train_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == metrics and "event: end" in events
+    assert "EventSource" in client.get("/p/0/run/train").text and "data" in client.get("/p/0").text
+    assert client.get("/p/0/report/data").status_code == 200  # the data report the training's preparation wrote
+    # the job list survives a restart of the UI
+    again = TestClient(create_ui([path], tmp_path / "ws"))
+    assert again.get(f"/api/jobs/{jid}").json()["state"] == "done" and jid in again.get("/jobs").text
+
+
+def test_a_running_training_job_stops_with_a_checkpoint(tiny_project, tmp_path):
+    path = tiny_project(max_steps=400, eval_every=1000, save_every=3)
+    client = TestClient(create_ui([path], tmp_path / "ws"))
+    csrf = _csrf(client.get("/p/0").text)
+    jid = client.post("/p/0/jobs", data={"command": "train", "csrf": csrf}, follow_redirects=False).headers["location"].rsplit("/", 1)[1]
+    ckpts = load_config(path).train_dir / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (ckpts.exists() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
+        time.sleep(0.3)
+    assert "stop job" in client.get("/p/0/run/train").text
+    client.post(f"/jobs/{jid}/stop", data={"csrf": csrf})
+    job = _wait(client, jid)
+    assert job["state"] == "stopped" and job["rc"] == 130, client.get(f"/jobs/{jid}").text
+    assert "--resume" in client.get(f"/jobs/{jid}").text  # the log says how to go on
+
+
+def test_registry_promote_needs_a_passing_verdict_or_a_reason(ui, tiny_model, tmp_path):
+    client, path, _ = ui
+    cfg = load_config(path)
+    reg = Registry(registry_path(cfg))
+    import shutil
+
+    dirs = []
+    for k in (1, 2):  # two different models (the registry keeps one version per content)
+        d = shutil.copytree(tiny_model, tmp_path / f"m{k}")
+        (d / "note.txt").write_text(f"model {k}")
+        dirs.append(d)
+    a = reg.register("tiny", str(dirs[0]), str(tiny_model), adapter=False)
+    b = reg.register("tiny", str(dirs[1]), str(tiny_model), adapter=False)
+    reg.promote(a.id, {"passed": True})
+    reg.close()
+    csrf = _csrf(client.get("/p/0/registry").text)
+    refused = client.post("/p/0/registry/promote", data={"csrf": csrf, "version": str(b.version)})
+    assert refused.status_code == 409 and "refused: tiny:2 cannot be promoted: it was never gated" in refused.text, re.findall(r"<p class=\"bad\">(.*?)</p>", refused.text)
+    forced = client.post("/p/0/registry/promote", data={"csrf": csrf, "version": "2", "force": "1", "reason": "hotfix approved by Ana"})
+    assert forced.status_code == 200 and "hotfix approved by Ana" in forced.text and "tiny:2 <b" in forced.text
+    back = client.post("/p/0/registry/rollback", data={"csrf": csrf})
+    assert back.status_code == 200 and "production: <b>tiny:1</b>" in back.text
+
+
+def test_guards(tiny_project, tmp_path):
+    path = tiny_project()
+    app = create_ui([path], tmp_path / "ws", token="s3cret")
+    client = TestClient(app)
+    assert client.get("/").status_code == 401 and client.get("/?token=wrong").status_code == 401
+    assert client.get("/?token=s3cret").status_code == 200 and client.get("/p/0").status_code == 200  # the cookie keeps it
+    csrf = _csrf(client.get("/p/0").text)
+    cross = client.post("/p/0/jobs", data={"command": "train", "csrf": csrf}, headers={"origin": "http://evil.example"})
+    assert cross.status_code == 403 and "cross-site" in cross.text
+    assert client.post("/p/0/jobs", data={"command": "train", "csrf": "forged"}).status_code == 403
+    assert client.post("/p/0/jobs", data={"command": "rm -rf", "csrf": csrf}).status_code == 400
+    assert client.get("/p/0/run/..%2F..%2Fetc").status_code == 404 and client.get("/p/0/report/passwd").status_code == 404
+    assert client.get("/p/7").status_code == 404
+    raw = yaml.safe_load(path.read_text())
+    raw["training"]["method"] = "nope"
+    path.write_text(yaml.safe_dump(raw))  # the config stops validating after the UI started
+    bad = client.post("/p/0/jobs", data={"command": "train", "csrf": csrf})
+    assert bad.status_code == 400 and "the config does not validate" in bad.text and "training.method" in bad.text
+    assert client.get("/").status_code == 200  # and the UI goes on

@@ -1,0 +1,364 @@
+"""`tunewise ui`: a local web dashboard over projects, their runs, reports, registry and jobs.
+
+Server-rendered pages with no external script or stylesheet (it works with no internet): projects and their
+training runs; a training run's loss, validation loss, learning rate and tokens/s drawn live from
+`metrics.jsonl` through server-sent events, with a stop button for the job that runs it; the reports the
+stages write (data, compare, gate, decision, tune, monitor); the registry with its gate verdicts, promote (only
+with a passing verdict, or forced with a reason that is recorded) and rollback; background jobs (prepare, train,
+compare, gate, run, tune, monitor, harvest, retrain) that survive a restart of the UI.
+
+Security: bound to anything but loopback it needs a token (`--token` or TUNEWISE_UI_TOKEN; sent once as
+`?token=`, then kept in an HttpOnly cookie); every state-changing request carries the page's CSRF token and, when
+the browser sends an Origin, the same origin; the browser never sends a path, only names the UI lists
+(project index, run name, report kind), so nothing outside the projects' run directories is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import html
+import json
+import secrets
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Form, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
+
+from ..config import ConfigError, ProjectConfig, load_config
+from .jobs import COMMANDS, Jobs
+
+REPORTS = {"data": "data/report.html", "compare": "eval/report.html", "gate": "gate/gate.html", "decision": "run/report.html",
+           "tune": "tune/report.html", "monitor": "monitor/report.html"}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+STYLE = ("body{font-family:system-ui,sans-serif;margin:1.5em 2em;max-width:1150px;color:#222}a{color:#1f5fa8}"
+         "table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}"
+         "th{background:#f3f3f3}nav a{margin-right:1em}.bad{color:#b00020}.ok{color:#0a7d32}button{margin:2px}"
+         "pre{background:#f6f6f6;padding:.6em;max-height:24em;overflow:auto}svg{border:1px solid #ddd;background:#fff}")
+
+
+class UiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class Project:
+    def __init__(self, path: Path):
+        self.path = Path(path).resolve()
+        self.cfg: ProjectConfig = load_config(self.path)
+
+    def runs(self) -> dict[str, Path]:
+        """Training runs by name: train, retrain-NNNN, tune-trial-N (each a directory with metrics.jsonl)."""
+        rd = self.cfg.run_dir
+        out = {}
+        if (self.cfg.train_dir / "metrics.jsonl").exists():
+            out["train"] = self.cfg.train_dir
+        for d in sorted((rd / "retrain").glob("*/train")):
+            out[f"retrain-{d.parent.name}"] = d
+        for d in sorted((rd / "tune").glob("trial-*"), key=lambda p: int(p.name.split("-")[1])):
+            out[f"tune-{d.name}"] = d
+        return out
+
+    def reports(self) -> dict[str, Path]:
+        return {k: self.cfg.run_dir / v for k, v in REPORTS.items() if (self.cfg.run_dir / v).exists()}
+
+
+def _page(title: str, body: str, csrf: str | None = None) -> HTMLResponse:
+    nav = '<nav><a href="/">projects</a><a href="/jobs">jobs</a></nav>'
+    meta = f'<meta name="csrf" content="{csrf}">' if csrf else ""
+    return HTMLResponse(f"<!doctype html><html><head><meta charset='utf-8'>{meta}<title>{html.escape(title)} - tunewise</title>"
+                        f"<style>{STYLE}</style></head><body>{nav}<h1>{html.escape(title)}</h1>{body}</body></html>")
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    """Cells are HTML already (escape what comes from data before)."""
+    return ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows) + "</tbody></table>")
+
+
+def _form(action: str, csrf: str, fields: str, label: str) -> str:
+    return (f'<form method="post" action="{html.escape(action)}" style="display:inline"><input type="hidden" name="csrf" value="{csrf}">'
+            f"{fields}<button type=submit>{html.escape(label)}</button></form>")
+
+
+def create_ui(configs: list[Path], workspace: Path, token: str | None = None) -> FastAPI:
+    app = FastAPI(title="tunewise ui", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.projects = [Project(c) for c in configs]
+    app.state.jobs = Jobs(workspace)
+    app.state.token = token
+    app.state.csrf = secrets.token_urlsafe(24)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        tok = request.app.state.token
+        if tok:
+            given = request.query_params.get("token") or request.cookies.get("tunewise_ui") or \
+                request.headers.get("authorization", "").removeprefix("Bearer ")
+            if not given or not hmac.compare_digest(given.encode(), tok.encode()):
+                return PlainTextResponse("401: a token is needed (open the URL tunewise ui printed, with ?token=...)", status_code=401)
+        if request.method == "POST":
+            origin = request.headers.get("origin")
+            if origin and origin.split("://", 1)[-1] != request.headers.get("host", ""):
+                return PlainTextResponse(f"403: cross-site request from {origin} refused", status_code=403)
+        response = await call_next(request)
+        if tok and request.query_params.get("token"):
+            response.set_cookie("tunewise_ui", tok, httponly=True, samesite="strict")
+        return response
+
+    @app.exception_handler(UiError)
+    async def ui_error(request: Request, e: UiError):
+        return HTMLResponse(_page("error", f'<p class="bad">{html.escape(e.message)}</p><p><a href="javascript:history.back()">back</a></p>').body,
+                            status_code=e.status)
+
+    def project(pid: int) -> Project:
+        ps = app.state.projects
+        if not 0 <= pid < len(ps):
+            raise UiError(404, f"no project {pid}; the UI was started with {len(ps)}")
+        return ps[pid]
+
+    async def check_csrf(request: Request) -> dict:
+        form = dict(await request.form())
+        if not hmac.compare_digest(str(form.get("csrf", "")).encode(), app.state.csrf.encode()):
+            raise UiError(403, "the form's CSRF token is missing or wrong (reload the page and try again)")
+        return form
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        rows = []
+        for i, p in enumerate(app.state.projects):
+            reports = " ".join(f'<a href="/p/{i}/report/{k}">{k}</a>' for k in p.reports())
+            rows.append([f'<a href="/p/{i}">{html.escape(p.cfg.project)}</a>', html.escape(str(p.path)), str(len(p.runs())), reports or "-"])
+        return _page("projects", _table(["project", "config", "training runs", "reports"], rows))
+
+    @app.get("/p/{pid}", response_class=HTMLResponse)
+    async def project_page(pid: int):
+        p, csrf = project(pid), app.state.csrf
+        runs = []
+        for name, d in p.runs().items():
+            rows = _metrics(d)
+            last = next((r for r in reversed(rows) if "loss" in r), {})
+            val = next((r for r in reversed(rows) if "val_loss" in r), {})
+            runs.append([f'<a href="/p/{pid}/run/{name}">{name}</a>', str(last.get("step", "-")), f"{last.get('loss', float('nan')):.4f}" if last else "-",
+                         f"{val['val_loss']:.4f}" if val else "-"])
+        jobs = [j for j in app.state.jobs.refresh() if j["project"] == p.cfg.project]
+        options = "".join(f"<option>{c}</option>" for c in COMMANDS)
+        start = _form(f"/p/{pid}/jobs", csrf, f'<select name="command">{options}</select> ', "start job")
+        body = (f"<p>config: {html.escape(str(p.path))}; runs in {html.escape(str(p.cfg.run_dir))}</p>"
+                f"<h2>Training runs</h2>{_table(['run', 'step', 'loss', 'val loss'], runs) if runs else '<p>none yet</p>'}"
+                "<h2>Reports</h2><p>" + (" ".join(f'<a href="/p/{pid}/report/{k}">{k}</a>' for k in p.reports()) or "none yet") + "</p>"
+                f'<h2>Registry</h2><p><a href="/p/{pid}/registry">models, gate verdicts, promote and rollback</a></p>'
+                f"<h2>Jobs</h2><p>{start}</p>{_jobs_table(jobs, csrf)}")
+        return _page(p.cfg.project, body, csrf)
+
+    @app.get("/p/{pid}/run/{name}", response_class=HTMLResponse)
+    async def run_page(pid: int, name: str):
+        p = project(pid)
+        if name not in p.runs():
+            raise UiError(404, f"no training run {name!r} in {p.cfg.project} (runs: {', '.join(p.runs()) or 'none'})")
+        running = [j for j in app.state.jobs.refresh() if j["project"] == p.cfg.project and j["state"] == "running" and j["command"] in ("train", "resume")]
+        stop = "".join(_form(f"/jobs/{j['id']}/stop", app.state.csrf, "", f"stop job {j['id']} (checkpoints)") for j in running)
+        body = (f"<p>{stop}</p><p id=status>connecting...</p>"
+                + "".join(f'<h3>{t}</h3><svg id="{k}" width="640" height="200"></svg>' for k, t in
+                          (("loss", "loss (training: line, validation: dots)"), ("lr", "learning rate"), ("tokens_per_s", "tokens/s")))
+                + f"<script>{LIVE_JS % json.dumps(f'/p/{pid}/run/{name}/events')}</script>")
+        return _page(f"{p.cfg.project}: {name}", body, app.state.csrf)
+
+    @app.get("/p/{pid}/run/{name}/events")
+    async def run_events(pid: int, name: str, request: Request, once: bool = False):
+        p = project(pid)
+        runs = p.runs()
+        if name not in runs:
+            raise UiError(404, f"no training run {name!r}")
+        path = runs[name] / "metrics.jsonl"
+
+        async def stream():
+            sent = 0
+            summary = runs[name] / "train_summary.json"
+            while True:
+                rows = _metrics(runs[name])
+                for r in rows[sent:]:
+                    yield f"data: {json.dumps(r)}\n\n"
+                sent = len(rows)
+                done = summary.exists() and summary.stat().st_mtime >= (path.stat().st_mtime if path.exists() else 0)
+                if once or done:
+                    yield f"event: end\ndata: {json.dumps({'rows': sent, 'finished': done})}\n\n"
+                    return
+                if await request.is_disconnected():
+                    return
+                yield ": heartbeat\n\n"
+                await asyncio.sleep(1.0)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/p/{pid}/report/{kind}")
+    async def report(pid: int, kind: str):
+        p = project(pid)
+        if kind not in REPORTS:
+            raise UiError(404, f"no report kind {kind!r}; one of {', '.join(REPORTS)}")
+        path = p.reports().get(kind)
+        if path is None:
+            raise UiError(404, f"{p.cfg.project} has no {kind} report yet (run the stage that writes it)")
+        return FileResponse(path, media_type="text/html")
+
+    @app.get("/p/{pid}/registry", response_class=HTMLResponse)
+    async def registry_page(pid: int):
+        from ..registry import Registry, registry_path
+
+        p, csrf = project(pid), app.state.csrf
+        name = p.cfg.gate.name or p.cfg.project
+        reg = Registry(registry_path(p.cfg))
+        try:
+            prod = reg.production(name)
+            rows = []
+            for m in reg.models(name):
+                checks = reg.last_gate(m.id)
+                verdict = "not gated" if checks is None else ("passed" if all(c["passed"] for c in checks) else
+                                                             "failed: " + "; ".join(c["check"] for c in checks if not c["passed"]))
+                actions = _form(f"/p/{pid}/registry/promote", csrf, f'<input type=hidden name=version value="{m.version}">'
+                                f'<input name=reason placeholder="reason to force" size=18> <label><input type=checkbox name=force value=1>force</label> ',
+                                "promote")
+                rows.append([html.escape(m.ref) + (' <b class="ok">production</b>' if prod and prod.id == m.id else ""),
+                             html.escape(m.base_model), "adapter" if m.adapter else "full", html.escape(verdict),
+                             time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created)), actions])
+            history = [[html.escape(h["ref"]), h["action"] + (" (forced)" if h["forced"] else ""),
+                        html.escape(str((h["verdict"] or {}).get("reason") or "; ".join((h["verdict"] or {}).get("reasons", [])) or "-")),
+                        time.strftime("%Y-%m-%d %H:%M", time.localtime(h["created"]))] for h in reg.promotions(name)]
+            retrains = [[str(r["id"]), r["trigger"], r["state"], html.escape(str(r["decision"] or "-")), html.escape(str(r["details"].get("reason", "")))]
+                        for r in reg.retrains(name)]
+        finally:
+            reg.close()
+        body = (f"<p>production: <b>{html.escape(prod.ref) if prod else 'none (the base model)'}</b> "
+                + _form(f"/p/{pid}/registry/rollback", csrf, "", "rollback") + "</p>"
+                + _table(["model", "base", "kind", "last gate verdict", "registered", ""], rows)
+                + "<h2>Promotions</h2>" + _table(["model", "action", "reason", "when"], history)
+                + "<h2>Re-training journal</h2>" + _table(["#", "trigger", "state", "decision", "why"], retrains))
+        return _page(f"registry: {name}", body, csrf)
+
+    @app.post("/p/{pid}/registry/promote")
+    async def promote(pid: int, request: Request):
+        from ..registry import Registry, RegistryError, registry_path
+
+        form = await check_csrf(request)
+        p = project(pid)
+        name = p.cfg.gate.name or p.cfg.project
+        reg = Registry(registry_path(p.cfg))
+        try:
+            try:
+                entry = reg.get(f"{name}:{int(form.get('version', 0))}")
+            except (RegistryError, ValueError) as e:
+                raise UiError(404, str(e)) from None
+            checks = reg.last_gate(entry.id)
+            passed = checks is not None and all(c["passed"] for c in checks)
+            force, reason = form.get("force") == "1", str(form.get("reason", "")).strip()
+            if not passed and not (force and reason):
+                why = "it was never gated" if checks is None else "its last gate verdict failed (" + "; ".join(c["check"] for c in checks if not c["passed"]) + ")"
+                raise UiError(409, f"refused: {entry.ref} cannot be promoted: {why}. Run the gate, or tick force and give a reason (it is recorded).")
+            reg.promote(entry.id, {"passed": passed, "reason": reason or None, "by": "tunewise ui"}, forced=not passed)
+        finally:
+            reg.close()
+        return RedirectResponse(f"/p/{pid}/registry", status_code=303)
+
+    @app.post("/p/{pid}/registry/rollback")
+    async def rollback(pid: int, request: Request):
+        from ..registry import Registry, RegistryError, registry_path
+
+        await check_csrf(request)
+        p = project(pid)
+        reg = Registry(registry_path(p.cfg))
+        try:
+            reg.rollback(p.cfg.gate.name or p.cfg.project)
+        except RegistryError as e:
+            raise UiError(409, f"refused: {e}") from None
+        finally:
+            reg.close()
+        return RedirectResponse(f"/p/{pid}/registry", status_code=303)
+
+    @app.post("/p/{pid}/jobs")
+    async def start_job(pid: int, request: Request):
+        form = await check_csrf(request)
+        p = project(pid)
+        command = str(form.get("command", ""))
+        if command not in COMMANDS:
+            raise UiError(400, f"command {command!r}: one of {', '.join(COMMANDS)}")
+        try:
+            load_config(p.path)  # the config may have changed since the UI started: a bad one is refused here
+        except ConfigError as e:
+            raise UiError(400, f"the config does not validate, no job started: {e}") from None
+        job = app.state.jobs.start(p.cfg.project, p.path, command)
+        return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
+
+    @app.get("/jobs", response_class=HTMLResponse)
+    async def jobs_page():
+        return _page("jobs", _jobs_table(app.state.jobs.refresh(), app.state.csrf), app.state.csrf)
+
+    @app.get("/jobs/{jid}", response_class=HTMLResponse)
+    async def job_page(jid: str):
+        job = app.state.jobs.get(jid)
+        if job is None:
+            raise UiError(404, f"no job {jid}")
+        stop = _form(f"/jobs/{jid}/stop", app.state.csrf, "", "stop") if job["state"] == "running" else ""
+        body = (f"<p>{html.escape(' '.join(job['argv'][2:]))}: <b>{job['state']}</b>"
+                + (f" (exit {job['rc']})" if job["rc"] is not None else "") + f" {stop}</p><pre>{html.escape(app.state.jobs.log_tail(jid))}</pre>"
+                + ("<script>setTimeout(()=>location.reload(),2000)</script>" if job["state"] in ("running", "stopping") else ""))
+        return _page(f"job {jid}", body, app.state.csrf)
+
+    @app.get("/api/jobs/{jid}")
+    async def job_json(jid: str):
+        job = app.state.jobs.get(jid)
+        if job is None:
+            raise UiError(404, f"no job {jid}")
+        return JSONResponse(job)
+
+    @app.post("/jobs/{jid}/stop")
+    async def stop_job(jid: str, request: Request):
+        await check_csrf(request)
+        try:
+            app.state.jobs.stop(jid)
+        except KeyError:
+            raise UiError(404, f"no job {jid}") from None
+        return RedirectResponse(f"/jobs/{jid}", status_code=303)
+
+    return app
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line being written
+            break
+    return out
+
+
+def _jobs_table(jobs: list[dict], csrf: str) -> str:
+    if not jobs:
+        return "<p>no jobs</p>"
+    rows = [[f'<a href="/jobs/{j["id"]}">{j["id"]}</a>', html.escape(j["project"]), j["command"], j["state"] + (f" ({j['rc']})" if j["rc"] is not None else ""),
+             time.strftime("%H:%M:%S", time.localtime(j["started"])),
+             _form(f"/jobs/{j['id']}/stop", csrf, "", "stop") if j["state"] == "running" else ""] for j in reversed(jobs)]
+    return _table(["job", "project", "command", "state", "started", ""], rows)
+
+
+LIVE_JS = """
+const rows=[];const src=new EventSource(%s);const st=document.getElementById('status');
+function draw(id,keys){const svg=document.getElementById(id);const W=640,H=200,P=40;
+ const pts=keys.map(k=>rows.filter(r=>r[k]!==undefined).map(r=>[r.step,r[k]]));const all=pts.flat();
+ if(!all.length){return;}const xs=all.map(p=>p[0]),ys=all.map(p=>p[1]);const x0=Math.min(...xs),x1=Math.max(...xs)||1,y0=Math.min(...ys),y1=Math.max(...ys);
+ const sx=x=>P+(x-x0)/((x1-x0)||1)*(W-P-10),sy=y=>10+(y1-y)/((y1-y0)||1)*(H-P-10);
+ let s=`<text x="2" y="14" font-size="11">${y1.toPrecision(3)}</text><text x="2" y="${H-P}" font-size="11">${y0.toPrecision(3)}</text>`+
+  `<text x="${P}" y="${H-8}" font-size="11">step ${x0} - ${x1}</text>`;
+ const colors=['#1f77b4','#d62728'];
+ pts.forEach((p,i)=>{if(i==0){s+=`<polyline fill="none" stroke="${colors[i]}" stroke-width="2" points="${p.map(q=>sx(q[0])+','+sy(q[1])).join(' ')}"/>`;}
+  else{p.forEach(q=>{s+=`<circle cx="${sx(q[0])}" cy="${sy(q[1])}" r="3" fill="${colors[i]}"/>`;});}});
+ svg.innerHTML=s;}
+src.onmessage=e=>{rows.push(JSON.parse(e.data));const last=rows[rows.length-1];
+ st.textContent=`${rows.length} rows; step ${last.step}`+(last.loss!==undefined?`, loss ${last.loss}`:'');
+ draw('loss',['loss','val_loss']);draw('lr',['lr']);draw('tokens_per_s',['tokens_per_s']);};
+src.addEventListener('end',e=>{st.textContent+=' (finished)';src.close();});
+"""
