@@ -1,6 +1,7 @@
 """`tunewise ui` in a real browser: Playwright driving Debian's chromium. Open a project, start a tiny-model training
 from the page, watch its curve gain points while it runs, stop it; try to promote a model that was never gated and
-see it refused; roll back with nothing to roll back to. Screenshots of the pages go to docs/screenshots/."""
+see it refused; roll back with nothing to roll back to. Screenshots of the pages go to the test's directory, or to
+$TUNEWISE_SHOTS (docs/screenshots/ holds those the README links: TUNEWISE_SHOTS=docs/screenshots)."""
 
 import socket
 import threading
@@ -11,7 +12,6 @@ import pytest
 
 from tunewise.report.screenshot import find_chromium
 
-SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 
 
 def _port() -> int:
@@ -46,12 +46,15 @@ def ui_url(tiny_project, tiny_model, tmp_path):
     t.join(timeout=10)
 
 
-def test_the_dashboard_in_chromium(ui_url):
+def test_the_dashboard_in_chromium(ui_url, tmp_path):
     exe = find_chromium()
     if exe is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
     from playwright.sync_api import sync_playwright
 
+    import os
+
+    SHOTS = Path(os.environ.get("TUNEWISE_SHOTS") or tmp_path / "shots")
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
