@@ -231,8 +231,11 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete earlier checkpoints of this run and start over."),
     output: Optional[Path] = typer.Option(None, help="Run directory (default: <output_dir>/<project>/train)."),
+    processes: int = typer.Option(1, help="Data-parallel processes on this machine (torchrun; gloo on CPU, NCCL on GPUs)."),
 ):
     """Fine-tune (LoRA by default) with validation, early stopping and checkpoints. Ctrl-C checkpoints; --resume continues."""
+    if processes > 1 and "WORLD_SIZE" not in os.environ:  # start N copies of this command under torchrun
+        raise typer.Exit(_launch(config, set_, fresh, output, processes))
     cfg = _load(config, set_)
 
     import shutil
@@ -261,6 +264,30 @@ def train(
     for note in r.notes:
         console.print(f"note: {note}")
     console.print(f"model: {r.model_dir}")
+
+
+def _launch(config: Path, set_, fresh: bool, output, processes: int) -> int:
+    """What must happen once happens here, before the processes start: --fresh, and the data preparation (N processes
+    preparing one directory would race). Then torchrun starts N copies of the command without --processes/--fresh."""
+    import shutil
+    import subprocess
+
+    from .data.prepared import ensure_prepared
+    from .models import load_tokenizer
+
+    cfg = _load(config, set_)
+    out = output or cfg.train_dir
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    ensure_prepared(cfg, load_tokenizer(cfg.model.name))
+    args = list(sys.argv[1:])
+    for flag in ("--processes", "--fresh"):
+        if any(a == flag or a.startswith(flag + "=") for a in args):
+            i = next(k for k, a in enumerate(args) if a == flag or a.startswith(flag + "="))
+            del args[i : i + (2 if args[i] == "--processes" else 1)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m", "tunewise", *args]
+    console.print(f"launching {processes} processes: {' '.join(cmd[2:])}", highlight=False)
+    return subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes))})
 
 
 @app.command()

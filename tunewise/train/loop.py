@@ -133,6 +133,7 @@ def _loss(loss_fn, b):
 @torch.no_grad()
 def validation_loss(loss_fn, batches) -> float:
     """Mean token loss over micro-batches (plain dicts or (Layout, keys) pairs)."""
+    loss_fn = getattr(loss_fn, "module", loss_fn)  # under DDP: the wrapped module (no gradient sync needed here)
     loss_fn.model.eval()
     total, count = 0.0, 0
     for b in batches:
@@ -403,7 +404,9 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
         if metrics_path.exists():
             rows = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r.get("step", 0) <= step]
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(metrics_path, rows)
+    main = accelerator.is_main_process  # only the main process writes metrics, checkpoints and models
+    if main:
+        write_jsonl(metrics_path, rows)
     meta = {"base_model": cfg.model.name, "base_model_path": loaded.path, "method": t.method, "objective": t.objective, "config": cfg.resolved(),
             "data": prepared.summary.get("outputs"), "data_inputs": prepared.summary.get("inputs"), "tokens": train_stats.summary()}
     return _Session(cfg=cfg, t=t, t0=t0, out_dir=out_dir, ckpt_root=ckpt_root, loaded=loaded, tok=tok, accelerator=accelerator,
@@ -411,7 +414,7 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
                     n_trainable=n_trainable, n_total=n_total, params=params, optimizer=optimizer, scheduler=scheduler, notes=notes,
                     loss_fn=loss_fn, cache=cache, start=start, n_batches=n_batches, plan=plan, batches=batches,
                     val_batches=batches.sorted_batches(val_ex, "v", t.batch_size), state=state, step=step, meta=meta,
-                    metrics_file=open(metrics_path, "a", encoding="utf-8"))
+                    metrics_file=open(metrics_path, "a", encoding="utf-8") if main else open(os.devnull, "w"))
 
 
 def _loop(run: _Session, on_step, progress: bool) -> dict:
@@ -430,6 +433,8 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
             orders[epoch] = batch_order(lengths, t.batch_size, t.seed + epoch, t.group_by_length)
         state["position"] += 1
         idx = orders[epoch][i]
+        if accelerator.num_processes > 1:  # data parallel: each process takes its share of the global batch
+            idx = idx[accelerator.process_index :: accelerator.num_processes]
         return run.batches.make([run.train_ex[j] for j in idx], [("t", j) for j in idx])
 
     def ckpt(at_step):
@@ -467,9 +472,15 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
             step += 1
             dt = time.time() - ts
             if t.max_minutes:  # re-planned every step (arithmetic only): the schedule follows the measured pace
-                state["planned_total"] = plan.replan(step)
+                plan.replan(step)
+                plan.total = int(_agree(accelerator, plan.total)[0])  # every process follows the main one's plan (and LR)
+                state["planned_total"] = plan.total
                 bar.update(task, total=plan.total)
             n_tokens, computed, n_rows = (sum(x) for x in zip(*map(_stats, micro)))
+            if accelerator.num_processes > 1:  # the step's loss and tokens over all processes
+                loss_sum, n_loss, n_tokens = accelerator.reduce(torch.tensor([loss_sum, float(n_loss), float(n_tokens)],
+                                                                             device=accelerator.device), "sum").tolist()
+                n_loss, n_tokens = int(n_loss), int(n_tokens)
             state["tokens"] += n_tokens
             run_tokens += n_tokens
             run_time += dt
@@ -487,6 +498,8 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
                 row["kl"] = round(stats["kl"], 6)
             row.update(getattr(run.batches, "last_stats", None) or {})  # grpo: the rollouts' rewards
             ending = step >= plan.total or plan.must_stop(step)
+            ending_f, stop_f = _agree(accelerator, ending, stop.requested)  # decided once, by the main process
+            ending, stop.requested = bool(ending_f), bool(stop_f)
             out_of_time = out_of_time or (ending and step < plan.total)
             if run.val_ex and (step % t.eval_every == 0 or ending):
                 tv = time.time()
@@ -512,6 +525,16 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
                 break
     return {"step": step, "last_loss": last_loss, "stopped_early": stopped_early, "interrupted": interrupted,
             "out_of_time": out_of_time, "tokens_per_s": run_tokens / run_time if run_time else 0.0}
+
+
+def _agree(accelerator, *values) -> tuple[float, ...]:
+    """The main process's values on every process (one process: the values): a budget, a stop or a plan that
+    differed between processes would leave one waiting for the others."""
+    if accelerator.num_processes == 1:
+        return tuple(float(v) for v in values)
+    from accelerate.utils import broadcast
+
+    return tuple(broadcast(torch.tensor([float(v) for v in values], dtype=torch.float64, device=accelerator.device), from_process=0).tolist())
 
 
 def _base_validation(run: _Session) -> None:

@@ -1,0 +1,74 @@
+"""Data parallelism on CPU (torchrun, gloo): `tunewise train --processes 2` with batch B split in two gives the
+same loss curve and the same trained weights as one process with batch B (LoRA and full, with gradient
+accumulation); after kill -9 of the whole launch, --resume with 2 processes ends where an uninterrupted run does."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from .conftest import banking_rows
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def _config(tmp_path, tiny_model, name, **training):
+    (tmp_path / "train.csv").write_text(banking_rows(160))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "project": name, "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_model)},
+        "data": {"format": "csv", "train": "train.csv", "columns": {"user": "text", "assistant": "category", "label": "category"},
+                 "split": {"validation": 0.1, "test": 0.1, "seed": 1}, "max_length": 64, "clean": {"near_dedup": False}},
+        "training": {"batch_size": 4, "grad_accum": 2, "max_steps": 3, "eval_every": 1000, "save_every": 1000, "learning_rate": 1e-2,
+                     "eval_samples": 8, "seed": 7, **training}}))
+    return path
+
+
+def _train(path, processes=1, *extra):
+    cmd = [sys.executable, "-m", "tunewise", "train", str(path), *extra] + (["--processes", str(processes)] if processes > 1 else [])
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def _result(tmp_path, name):
+    run = tmp_path / "runs" / name / "train"
+    model = run / "model"
+    weights = load_file(str(model / ("adapter_model.safetensors" if (model / "adapter_model.safetensors").exists() else "model.safetensors")))
+    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    return weights, losses
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_processes_train_exactly_like_one(tiny_model, tmp_path, method):
+    one, two = _config(tmp_path, tiny_model, "one", method=method), _config(tmp_path, tiny_model, "two", method=method)
+    _train(one)
+    _train(two, 2)
+    (w1, l1), (w2, l2) = _result(tmp_path, "one"), _result(tmp_path, "two")
+    assert set(w1) == set(w2) and len(l1) == len(l2) == 3
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5  # float32 sums in another order
+    assert l1 == pytest.approx(l2, rel=1e-5)
+
+
+def test_resume_with_two_processes_after_kill_9(tiny_model, tmp_path):
+    ref = _config(tmp_path, tiny_model, "ref", method="lora", max_steps=40, save_every=4)
+    _train(ref, 2)
+    cut = _config(tmp_path, tiny_model, "cut", method="lora", max_steps=40, save_every=4)
+    proc = subprocess.Popen([sys.executable, "-m", "tunewise", "train", str(cut), "--processes", "2"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpts = tmp_path / "runs" / "cut" / "train" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts.exists() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher, torchrun and both workers
+    proc.wait()
+    metrics = (tmp_path / "runs" / "cut" / "train" / "metrics.jsonl").read_text().splitlines()
+    assert 1 <= len(metrics) < 40, "the kill came too late to test a resume"
+    _train(cut, 2, "--resume")
+    (w1, l1), (w2, l2) = _result(tmp_path, "ref"), _result(tmp_path, "cut")
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5 and l1 == pytest.approx(l2, rel=1e-5) and len(l2) == 40
