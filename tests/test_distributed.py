@@ -72,3 +72,23 @@ def test_resume_with_two_processes_after_kill_9(tiny_model, tmp_path):
     _train(cut, 2, "--resume")
     (w1, l1), (w2, l2) = _result(tmp_path, "ref"), _result(tmp_path, "cut")
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5 and l1 == pytest.approx(l2, rel=1e-5) and len(l2) == 40
+
+
+def test_eval_with_two_processes_gives_the_items_of_one(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+
+    path = _config(tmp_path, tiny_model, "ev")
+    raw = yaml.safe_load(path.read_text())
+    raw["evaluation"] = {"max_new_tokens": 6, "max_samples": 24, "variants": [{"name": "base", "kind": "base"}]}
+    path.write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+    items = {}
+    for n in (1, 2):
+        out = runner.invoke(app, ["eval", str(path), "-v", "base", "--processes", str(n)])
+        assert out.exit_code == 0, out.output
+        rows = [json.loads(x) for x in (tmp_path / "runs" / "ev" / "eval" / "base" / "items.jsonl").read_text().splitlines()]
+        items[n] = [{k: v for k, v in r.items() if k != "latency_s"} for r in rows]
+        assert json.loads((tmp_path / "runs" / "ev" / "eval" / "base" / "summary.json").read_text())["processes"] == n
+    assert len(items[1]) == 16 and items[1] == items[2]  # the whole test split (16 of the 160 rows)

@@ -345,9 +345,10 @@ def eval_cmd(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
     variant: str = typer.Option("fine-tuned", "--variant", "-v", help="A name from evaluation.variants."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    processes: Optional[int] = typer.Option(None, help="Processes generating the answers (default: evaluation.processes)."),
 ):
     """Score one variant on the evaluation split: per-item JSONL and a summary with 95% CIs, latency, cost."""
-    cfg = _load(config, set_)
+    cfg = _load(config, (set_ or []) + ([f"evaluation.processes={processes}"] if processes else []))
 
     from .eval.evaluate import evaluate
 
@@ -367,12 +368,13 @@ def compare(
     variants: Optional[list[str]] = typer.Option(None, "--variant", "-v", help="Variants to compare (default: all configured)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     rerun: bool = typer.Option(False, "--rerun", help="Evaluate every variant again, even where a saved result still matches."),
+    processes: Optional[int] = typer.Option(None, help="Processes generating the answers (default: evaluation.processes)."),
 ):
     """Evaluate variants on the same items; side-by-side table with CIs and paired tests against the first.
 
     A variant whose saved result has the same fingerprint (variant, evaluation settings, model, trained
     model, data) is reused, so an interrupted compare goes on where it stopped."""
-    cfg = _load(config, set_)
+    cfg = _load(config, (set_ or []) + ([f"evaluation.processes={processes}"] if processes else []))
 
     from .eval.evaluate import compare as compare_fn
 

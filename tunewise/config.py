@@ -212,6 +212,7 @@ class EvalConfig(Section):
     split: Literal["validation", "test"] = Field("test", description="Split to evaluate on.")
     max_samples: int | None = Field(None, gt=0, description="Evaluate on a seeded sample of N examples (null: all).")
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per answer.")
+    processes: int = Field(1, gt=0, description="Processes generating the answers, each with its share of the items and of the CPU threads (also: --processes); the items' results are those of one process.")
     constrain: Literal["auto", "labels", "none"] = Field(
         "auto", description="labels: every answer is one of the training data's labels (decoding through a token trie over the label set); "
                             "none: free decoding; auto: labels when use_case.task is classification and the data has labels.")

@@ -137,6 +137,7 @@ def fingerprint(cfg: ProjectConfig, variant: VariantConfig, prepared: Prepared) 
     trained model's record, which changes with every training run), the system prompt and the data."""
     ev = cfg.evaluation.model_dump(mode="json")
     ev.pop("variants")
+    ev.pop("processes")  # how many processes generate does not change the results
     trained = None
     if variant.kind in ("fine-tuned", "ft+rag"):
         path = Path(cfg.path(variant.adapter) if variant.adapter else cfg.trained_model)
@@ -185,8 +186,11 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     if progress:
         def on_batch(done: int, total: int) -> None:
             progress(f"{variant.name}: {done:,}/{total:,} items" + rate_and_eta(done, total, time.time() - t0))
-    outs = eng.generate(convs, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, adapter=adapter, choices=labels,
-                        on_batch=on_batch)
+    if ev.processes > 1:
+        outs = generate_sharded(cfg, variant, convs, labels, ev.processes, progress)
+    else:
+        outs = eng.generate(convs, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, adapter=adapter, choices=labels,
+                            on_batch=on_batch)
     wall = time.time() - t0 + retrieval_s
     if rag:
         from ..rag.answer import strip_citations
@@ -227,6 +231,7 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
         "reference_perplexity": _perplexity(nll),
         "latency_s": {"p50": percentile([o.latency_s for o in outs], 50), "p95": percentile([o.latency_s for o in outs], 95)},
         "items_per_s": n / wall,
+        "processes": ev.processes,
         "generated_tokens_per_s": sum(o.completion_tokens for o in outs) / wall,
         "prompt_tokens_mean": prompt_tokens,
         "completion_tokens_mean": completion_tokens,
@@ -239,6 +244,43 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     }
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def generate_sharded(cfg: ProjectConfig, variant: VariantConfig, convs: list, labels, processes: int, progress=None) -> list:
+    """The answers from `processes` worker processes (python -m tunewise.eval.shard), each loading the variant's model
+    and generating every N-th item, with its share of the CPU threads; gathered back in the items' order."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from ..engine import Completion
+
+    work = Path(tempfile.mkdtemp(prefix="tunewise-shards-"))
+    ev = cfg.evaluation
+    jobs = []
+    threads = max(1, (os.cpu_count() or 2) // processes)
+    for k in range(processes):
+        spec = {"config": cfg.resolved(), "base_dir": str(cfg.base_dir), "variant": variant.model_dump(mode="json"),
+                "conversations": convs[k::processes], "labels": labels,
+                "generate": {"max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size}}
+        (work / f"in-{k}.json").write_text(json.dumps(spec))
+        jobs.append(subprocess.Popen([sys.executable, "-m", "tunewise.eval.shard", str(work / f"in-{k}.json"), str(work / f"out-{k}.json")],
+                                     env={**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+                                     stderr=subprocess.PIPE, text=True))
+    if progress:
+        progress(f"{variant.name}: {len(convs):,} items in {processes} processes")
+    outs: list = [None] * len(convs)
+    for k, p in enumerate(jobs):
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise EvalError(f"evaluation process {k} of {processes} failed (exit {p.returncode}): {err.strip().splitlines()[-1] if err.strip() else ''}")
+        for j, o in enumerate(json.loads((work / f"out-{k}.json").read_text())):
+            outs[k + j * processes] = Completion(**o)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return outs
 
 
 def _objective_metrics(cfg: ProjectConfig, eng: Engine, adapter, items: list[Record], convs, preds: list[str]) -> dict[str, list]:
