@@ -53,7 +53,10 @@ def _study(cfg: ProjectConfig, url: str, rank: int = 0):
     import optuna
     from optuna.storages import RDBStorage, RetryFailedTrialCallback
 
+    import warnings
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the heartbeat
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
               "hyperband": optuna.pruners.HyperbandPruner(), "none": optuna.pruners.NopPruner()}[cfg.tune.pruner]
     storage = RDBStorage(url, heartbeat_interval=30, grace_period=120, failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
