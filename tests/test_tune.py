@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from tunewise.cli import app
 
 SPACE = {"training.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-         "training.lora.r": {"type": "categorical", "choices": [4, 8]}}
+         "training.lora.r": {"type": "categorical", "choices": [8, 16]}}
 
 
 def _project(tiny_project, tmp_path, **tune):
@@ -30,13 +30,16 @@ def test_tune_runs_trials_writes_the_best_overlay_and_resumes(tiny_project, tmp_
     tune_dir = tmp_path / "runs" / "tiny" / "tune"
     result = json.loads((tune_dir / "trials.json").read_text())
     assert [t["state"] for t in result["trials"]] == ["COMPLETE"] * 3
+    defaults = result["trials"][0]  # what train/defaults.py picks (the config's lr 1e-3; rank 8 below 1,000 examples), first
+    assert defaults.get("is_defaults") and defaults["params"] == {"training.learning_rate": 1e-3, "training.lora.r": 8}
     best = min(result["trials"], key=lambda t: t["value"])
     assert result["best"]["number"] == best["number"] and best["value"] == pytest.approx(best["best_val_loss"])
     overlay = yaml.safe_load((tune_dir / "best.yaml").read_text())
+    assert ("the defaults" in (tune_dir / "best.yaml").read_text()) == bool(best.get("is_defaults"))
     assert overlay == {"training": {"learning_rate": best["params"]["training.learning_rate"], "lora": {"r": best["params"]["training.lora.r"]}}}
-    assert "apply: --set training.learning_rate=" in out.output and (tune_dir / "report.html").read_text().count("<svg") >= 1
-    # each trial's values count as set: the defaults did not override them
-    assert any("learning_rate=" in d and "(from the config)" in d for d in best["defaults"])
+    assert "apply: " in out.output and (tune_dir / "report.html").read_text().count("<svg") >= 1
+    # each sampled trial's values count as set: the defaults did not override them
+    assert any("learning_rate=" in d and "(from the config)" in d for d in result["trials"][1]["defaults"])
     again = runner.invoke(app, ["tune", str(path), "--trials", "4"])  # resumes the study: one more trial, not four
     assert again.exit_code == 0, again.output
     assert len(json.loads((tune_dir / "trials.json").read_text())["trials"]) == 4 and "3 of 4 trials finished" in again.output

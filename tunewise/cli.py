@@ -633,8 +633,11 @@ def tune(
     b = r["best"]
     ci = f" [{b['ci95'][0]:.4f}, {b['ci95'][1]:.4f}]" if b.get("ci95") else ""
     done = sum(t["state"] == "COMPLETE" for t in r["trials"])
-    console.print(f"best of {done} completed trials ({sum(t['state'] == 'PRUNED' for t in r['trials'])} pruned): trial {b['number']}, "
+    who = f"the defaults (trial {b['number']})" if b.get("is_defaults") else f"trial {b['number']}"
+    console.print(f"best of {done} completed trials ({sum(t['state'] == 'PRUNED' for t in r['trials'])} pruned): {who}, "
                   f"{r['objective']} {b['value']:.4f}{ci}", highlight=False)
+    if r.get("defaults") and not b.get("is_defaults"):
+        console.print(f"the defaults scored {r['defaults']['value']:.4f}", highlight=False)
     if r["importances"]:
         console.print("importance: " + ", ".join(f"{k} {v:.2f}" for k, v in r["importances"].items()), highlight=False)
     console.print(f"apply: {r['set']}", highlight=False)

@@ -346,6 +346,7 @@ class TuneConfig(Section):
     pruner: Literal["median", "hyperband", "none"] = Field("median", description="Stops a trial whose validation loss is worse than the median of earlier trials at the same step (median), or Hyperband's successive halving.")
     storage: str | None = Field(None, description="Optuna storage URL (postgresql+psycopg://... to share a study between machines); null: a SQLite file in <run>/tune.")
     seed: int = Field(42, description="Seed of the sampler (TPE).")
+    start_from_defaults: bool = Field(True, description="Train and score what train/defaults.py picks first, as the study's first trial (when its values lie in the space): the best can then only match or beat the defaults. It counts as one of tune.trials.")
 
 
 class MonitorConfig(Section):

@@ -6,7 +6,8 @@ train/defaults.py fills only the rest), trains through the loop and its budget (
 `training.max_minutes`), and is scored by `goal.metric` on the validation split (`tune.eval_samples` items,
 through the evaluation stage, with a bootstrap CI) or by its best validation loss. Each validation loss is
 reported to the pruner (median or Hyperband), which stops a trial that falls behind the earlier trials at the
-same step. The study lives in Optuna's storage: a SQLite file in `<run>/tune/` by default, so an interrupted
+same step. The first trial is what train/defaults.py picks (`tune.start_from_defaults`), so the best can only match
+or beat the defaults. The study lives in Optuna's storage: a SQLite file in `<run>/tune/` by default, so an interrupted
 study resumes (a trial whose process died is retried once, by its heartbeat), or a PostgreSQL URL that workers
 on several machines share. `--workers N` starts N-1 more processes on this machine, each with its share of the
 CPU threads. Outputs: `best.yaml` (the best values as a config overlay, with the `--set` line that applies
@@ -91,11 +92,73 @@ def _suggest(trial, space) -> dict:
     return out
 
 
-def _objective(config_path: Path, overrides: list[str], say):
-    import optuna
-
+def _train_and_score(cfg: ProjectConfig, out: Path, name: str, on_step=None) -> tuple[float, dict]:
+    """Train through the loop (defaults fill what the config does not set) and score on validation: (value, attributes)."""
     from .eval.evaluate import evaluate
     from .train.loop import train
+
+    t0 = time.time()
+    r = train(cfg, out, defaults=True, progress=False, on_step=on_step)
+    attrs = {"steps": r.steps, "best_val_loss": r.best_val_loss, "train_s": round(r.wall_s, 1), "defaults": r.defaults}
+    if cfg.tune.objective == "val_loss":
+        if r.best_val_loss is None:
+            raise TuneError("tune.objective: val_loss, but the trial has no validation split")
+        value = r.best_val_loss
+    else:
+        ev = replace(cfg, "evaluation", split="validation", max_samples=cfg.tune.eval_samples, perplexity=False)
+        s = evaluate(ev, VariantConfig(name=name, kind="fine-tuned", adapter=out / "model"), out_root=cfg.run_dir / "tune" / "eval")
+        if cfg.goal.metric not in s["metrics"]:
+            raise TuneError(f"goal.metric: {cfg.goal.metric} is not measured (evaluation.metrics has {', '.join(s['metrics'])})")
+        m = s["metrics"][cfg.goal.metric]
+        value = m["mean"]
+        attrs["ci95"] = m["ci95"]
+    attrs["wall_s"] = round(time.time() - t0, 1)
+    return value, attrs
+
+
+def _distribution(p):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if p.type == "categorical":
+        return CategoricalDistribution(p.choices)
+    if p.type == "int":
+        return IntDistribution(int(p.low), int(p.high), log=p.log)
+    return FloatDistribution(p.low, p.high, log=p.log)
+
+
+def defaults_trial(config_path: Path, overrides: list[str], study, say) -> dict:
+    """The settings train/defaults.py picks, trained and scored like a trial; added to the study as its first trial
+    when every searched key's value lies in the space (so TPE starts from them and the best can only match or beat
+    them), else recorded apart as the baseline. Returns what was found."""
+    import optuna
+
+    cfg = load_config(config_path, overrides + ([f"training.max_minutes={load_config(config_path, overrides).tune.trial_minutes}"]
+                                                if load_config(config_path, overrides).tune.trial_minutes else []))
+    out = cfg.run_dir / "tune" / "defaults"
+    if out.exists():
+        shutil.rmtree(out)
+    say("trial defaults: the settings train/defaults.py picks")
+    value, attrs = _train_and_score(cfg, out, "defaults")
+    used = json.loads((out / "model" / "tunewise.json").read_text())["config"]
+    params, dists = {}, {}
+    for key, p in cfg.tune.space.items():
+        node = used
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        dist = _distribution(p)
+        if node is not None and dist._contains(dist.to_internal_repr(node)):
+            params[key], dists[key] = node, dist
+    say(f"trial defaults: {cfg.tune.objective if cfg.tune.objective == 'val_loss' else cfg.goal.metric} = {value:.4f} "
+        f"({attrs['steps']} steps; {', '.join(f'{k}={v}' for k, v in params.items())})")
+    found = {"value": value, "params": params, **attrs}
+    if len(params) == len(cfg.tune.space):
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value, user_attrs={**attrs, "is_defaults": True}))
+    study.set_user_attr("defaults", found)
+    return found
+
+
+def _objective(config_path: Path, overrides: list[str], say):
+    import optuna
 
     def objective(trial) -> float:
         base = load_config(config_path, overrides)
@@ -116,28 +179,11 @@ def _objective(config_path: Path, overrides: list[str], say):
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"validation loss {row['val_loss']:.4f} at step {step}")
 
-        t0 = time.time()
-        r = train(cfg, out, defaults=True, progress=False, on_step=on_step)
-        trial.set_user_attr("steps", r.steps)
-        trial.set_user_attr("best_val_loss", r.best_val_loss)
-        trial.set_user_attr("train_s", round(r.wall_s, 1))
-        trial.set_user_attr("defaults", r.defaults)
-        if cfg.tune.objective == "val_loss":
-            if r.best_val_loss is None:
-                raise TuneError("tune.objective: val_loss, but the trial has no validation split")
-            value = r.best_val_loss
-        else:
-            ev = replace(cfg, "evaluation", split="validation", max_samples=cfg.tune.eval_samples, perplexity=False)
-            s = evaluate(ev, VariantConfig(name=f"trial-{trial.number}", kind="fine-tuned", adapter=out / "model"),
-                         out_root=cfg.run_dir / "tune" / "eval")
-            if cfg.goal.metric not in s["metrics"]:
-                raise TuneError(f"goal.metric: {cfg.goal.metric} is not measured (evaluation.metrics has {', '.join(s['metrics'])})")
-            m = s["metrics"][cfg.goal.metric]
-            value = m["mean"]
-            trial.set_user_attr("ci95", m["ci95"])
-        trial.set_user_attr("wall_s", round(time.time() - t0, 1))
+        value, attrs = _train_and_score(cfg, out, f"trial-{trial.number}", on_step)
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
         say(f"trial {trial.number}: {cfg.tune.objective if cfg.tune.objective == 'val_loss' else cfg.goal.metric} = {value:.4f} "
-            f"({r.steps} steps, {time.time() - t0:.0f} s)")
+            f"({attrs['steps']} steps, {attrs['wall_s']:.0f} s)")
         return value
 
     return objective
@@ -168,6 +214,8 @@ def run_tune(config_path: Path, overrides: list[str] | None = None, trials: int 
 
         torch.set_num_threads(threads)
     done = (TrialState.COMPLETE, TrialState.PRUNED)
+    if worker_rank == 0 and cfg.tune.start_from_defaults and "defaults" not in study.user_attrs:
+        defaults_trial(config_path, overrides, study, say)
     finished = len(study.get_trials(deepcopy=False, states=done))
     if finished < n:
         say(f"study {cfg.project} ({url}): {finished} of {n} trials finished; running")
@@ -202,7 +250,10 @@ def write_outputs(cfg: ProjectConfig, study) -> dict:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     sets = " ".join(f"--set {k}={v}" for k, v in best.params.items())
-    header = (f"# tunewise tune: the best of {len(complete)} completed trials ({len(study.trials)} in all): trial {best.number}, "
+    if best.user_attrs.get("is_defaults"):
+        sets = "(nothing: the settings train/defaults.py picks won)"
+    header = (f"# tunewise tune: the best of {len(complete)} completed trials ({len(study.trials)} in all): "
+              f"{'the defaults (trial ' + str(best.number) + ')' if best.user_attrs.get('is_defaults') else 'trial ' + str(best.number)}, "
               f"{metric} {best.value:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "") + ".\n"
               f"# Apply: merge these keys into your tunewise.yaml, or add to a command: {sets}\n")
     (out / "best.yaml").write_text(header + yaml.safe_dump(overlay, sort_keys=False))
@@ -213,7 +264,8 @@ def write_outputs(cfg: ProjectConfig, study) -> dict:
     except (RuntimeError, ValueError, ImportError):
         importances = {}
     result = {"study": cfg.project, "direction": study.direction.name.lower(), "objective": metric, "best": {
-        "number": best.number, "value": best.value, "ci95": ci, "params": best.params}, "importances": importances,
+        "number": best.number, "value": best.value, "ci95": ci, "params": best.params, "is_defaults": bool(best.user_attrs.get("is_defaults"))},
+        "defaults": study.user_attrs.get("defaults"), "importances": importances,
         "trials": trials, "best_yaml": str(out / "best.yaml"), "set": sets}
     (out / "trials.json").write_text(json.dumps(result, indent=1, default=str))
     from .report.html import tune_report

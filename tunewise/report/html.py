@@ -133,7 +133,7 @@ def tune_report(result: dict, out: Path) -> Path:
         parts.append("<h2>Parameter importances</h2>" + _bars("importance", [(k, v, v, v) for k, v in result["importances"].items()]))
     names = sorted({k for t in trials for k in t["params"]})
     rank = sorted(trials, key=lambda t: (t["state"] != "COMPLETE", (t["value"] or 0) * (1 if result["direction"] == "minimize" else -1)))
-    rows = [[t["number"], t["state"].lower(), "-" if t["value"] is None else f"{t['value']:.4f}",
+    rows = [[f"{t['number']} (defaults)" if t.get("is_defaults") else t["number"], t["state"].lower(), "-" if t["value"] is None else f"{t['value']:.4f}",
              f"[{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]" if t.get("ci95") else "-", *(t["params"].get(k, "-") for k in names),
              t.get("steps", "-"), t.get("best_val_loss") if t.get("best_val_loss") is not None else "-", t.get("wall_s", "-")] for t in rank]
     parts.append("<h2>Trials, best first</h2>" + _table(["trial", "state", "value", "95% CI", *names, "steps", "best val loss", "s"], rows))
