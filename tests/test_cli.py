@@ -32,8 +32,10 @@ def test_init_tells_format_and_columns_from_the_file_and_sets_nothing_else(tmp_p
     assert load_config(tmp_path / "b.yaml").data.format == "sharegpt"
     r = runner.invoke(app, ["init", str(tmp_path / "c.yaml"), "--data", "odd.csv"])
     assert r.exit_code == 0 and "could not tell which column" in r.output
-    r = runner.invoke(app, ["init", str(tmp_path / "d.yaml"), "--data", "notes.txt"])
+    r = runner.invoke(app, ["init", str(tmp_path / "d.yaml"), "--data", "notes.xml"])
     assert r.exit_code == 0 and "data.format: could not tell" in r.output
+    r = runner.invoke(app, ["init", str(tmp_path / "e.yaml"), "--data", "notes.txt"])  # raw text: continued pre-training
+    assert r.exit_code == 0 and "data.format: text" in r.output and "training.objective: pretrain" in r.output
 
 
 def test_bad_config_fails_before_work_naming_the_key(tmp_path):
