@@ -268,6 +268,33 @@ def _init_adapter(model, path: Path) -> None:
                          f"{len(result.unexpected_keys)} of its tensors have no place here)")
 
 
+def _objective_setup(t, model, tok, device, pairs, train_ex, val_ex, train_records, val_records, notes: list[str], say):
+    """The objective's loss module and what it trains on: (loss module, layouts?, shared prefix, frozen cache, train, val).
+    Pairs (dpo, orpo, kto) and prompts (grpo) replace the tokenized examples; the reference is the model as it is now."""
+    if pairs is not None:  # dpo / orpo / kto: pairs replace the examples; the reference is the model as it is now
+        from .preference import REFERENCE, PreferenceLoss, reference_logps
+
+        train_ex, val_ex = pairs
+        if t.objective in REFERENCE:
+            if say:
+                say(f"{t.objective}: the reference log-probs of {len(train_ex) + len(val_ex):,} {'pairs' if t.objective == 'dpo' else 'examples'}, "
+                    "once, from the model before training")
+            reference_logps(model, train_ex + val_ex, tok.pad_token_id, device, t.batch_size)
+        p = t.preference
+        loss_module = PreferenceLoss(model, t.objective, p.beta, p.label_smoothing, p.sft_weight, p.desirable_weight, p.undesirable_weight)
+        layouts, start, cache = False, 0, None
+        if t.share_prefix or t.packing or (t.method == "freeze" and t.cache_frozen):
+            notes.append(f"share_prefix/packing/cache_frozen: off for objective {t.objective} (pairs run as padded rows)")
+    elif t.objective == "grpo":  # prompts replace the examples; each step samples and scores their completions
+        from .grpo import GRPOLoss, prompts_of
+
+        train_ex, val_ex = prompts_of(tok, train_records), prompts_of(tok, val_records)
+        loss_module, layouts, start, cache = GRPOLoss(model, t.grpo.beta, t.grpo.epsilon), False, 0, None
+    else:
+        loss_module, layouts, start, cache = _loss_module(model, t, train_ex, val_ex, notes)
+    return loss_module, layouts, start, cache, train_ex, val_ex
+
+
 def _cache_limit_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
@@ -350,27 +377,8 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     notes: list[str] = []
-    if pairs is not None:  # dpo / orpo / kto: pairs replace the examples; the reference is the model as it is now
-        from .preference import REFERENCE, PairBatches, PreferenceLoss, reference_logps
-
-        train_ex, val_ex = pairs
-        if t.objective in REFERENCE:
-            if say:
-                say(f"{t.objective}: the reference log-probs of {len(train_ex) + len(val_ex):,} {'pairs' if t.objective == 'dpo' else 'examples'}, "
-                    "once, from the model before training")
-            reference_logps(model, train_ex + val_ex, tok.pad_token_id, loaded.device, t.batch_size)
-        p = t.preference
-        loss_module = PreferenceLoss(model, t.objective, p.beta, p.label_smoothing, p.sft_weight, p.desirable_weight, p.undesirable_weight)
-        layouts, start, cache = False, 0, None
-        if t.share_prefix or t.packing or (t.method == "freeze" and t.cache_frozen):
-            notes.append(f"share_prefix/packing/cache_frozen: off for objective {t.objective} (pairs run as padded rows)")
-    elif t.objective == "grpo":  # prompts replace the examples; each step samples and scores their completions
-        from .grpo import GRPOLoss, prompts_of
-
-        train_ex, val_ex = prompts_of(tok, prepared.splits["train"]), prompts_of(tok, val_records)
-        loss_module, layouts, start, cache = GRPOLoss(model, t.grpo.beta, t.grpo.epsilon), False, 0, None
-    else:
-        loss_module, layouts, start, cache = _loss_module(model, t, train_ex, val_ex, notes)
+    loss_module, layouts, start, cache, train_ex, val_ex = _objective_setup(t, model, tok, loaded.device, pairs, train_ex, val_ex,
+                                                                            prepared.splits["train"], val_records, notes, say)
     n_batches = math.ceil(len(train_ex) / t.batch_size)
     natural = t.max_steps or max(1, math.ceil(n_batches * t.epochs / t.grad_accum))
     n_layers = len(decoder_layers(model.get_base_model() if hasattr(model, "get_base_model") else model))
@@ -388,6 +396,8 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
         batches = Rollouts(loaded, model, t.grpo, t.seed, tok.pad_token_id, accelerator.device)
         model.train()  # the engine put it in eval mode
     else:
+        from .preference import PairBatches
+
         batches = (PairBatches(tok.pad_token_id, accelerator.device) if pairs is not None
                    else Batches(t, tok.pad_token_id, accelerator.device, layouts, start))
 
@@ -490,13 +500,7 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
                    "padded_tokens": computed, "rows": n_rows, "elapsed_s": round(time.time() - run.t0, 3)}
             if grad_norm is not None:
                 row["grad_norm"] = round(float(grad_norm), 6)
-            stats = getattr(accelerator.unwrap_model(run.loss_fn), "stats", None)
-            if stats and "pairs" in stats:  # preference objectives: the last micro-batch's margin and accuracy
-                row["reward_margin"] = round(stats["margin_sum"] / max(stats["pairs"], 1), 6)
-                row["pref_accuracy"] = round(stats["correct"] / max(stats["pairs"], 1), 4)
-            if stats and "kl" in stats:  # kto, grpo
-                row["kl"] = round(stats["kl"], 6)
-            row.update(getattr(run.batches, "last_stats", None) or {})  # grpo: the rollouts' rewards
+            _objective_stats(run, row)
             ending = step >= plan.total or plan.must_stop(step)
             ending_f, stop_f = _agree(accelerator, ending, stop.requested)  # decided once, by the main process
             ending, stop.requested = bool(ending_f), bool(stop_f)
@@ -525,6 +529,18 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
                 break
     return {"step": step, "last_loss": last_loss, "stopped_early": stopped_early, "interrupted": interrupted,
             "out_of_time": out_of_time, "tokens_per_s": run_tokens / run_time if run_time else 0.0}
+
+
+def _objective_stats(run: _Session, row: dict) -> None:
+    """The objective's own numbers of the step into its metrics row: preference margin and accuracy (the last
+    micro-batch), KL (kto, grpo), the rollouts' rewards (grpo)."""
+    stats = getattr(run.accelerator.unwrap_model(run.loss_fn), "stats", None)
+    if stats and "pairs" in stats:
+        row["reward_margin"] = round(stats["margin_sum"] / max(stats["pairs"], 1), 6)
+        row["pref_accuracy"] = round(stats["correct"] / max(stats["pairs"], 1), 4)
+    if stats and "kl" in stats:
+        row["kl"] = round(stats["kl"], 6)
+    row.update(getattr(run.batches, "last_stats", None) or {})
 
 
 def _agree(accelerator, *values) -> tuple[float, ...]:
