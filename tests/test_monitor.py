@@ -8,7 +8,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 from typer.testing import CliRunner
 
 from tunewise.cli import app

@@ -265,28 +265,14 @@ def test_kto_loss_equals_a_direct_computation(tiny_model):
 
 
 def test_tunewise_init_and_train_with_unpaired_feedback(tiny_model, tmp_path):
-    from typer.testing import CliRunner
-
-    from tunewise.cli import app
-    from tunewise.config import load_config
-
-    from .test_train import assert_trained_exactly, initial_state, run_and_capture
+    from .test_train import init_and_train
 
     rows = [{"prompt": f"Question {i}: is {i} even?", "completion": "yes" if (i % 2 == 0) == (i % 3 != 0) else "no", "label": i % 3 != 0}
             for i in range(40)]
     _write(tmp_path / "feedback.jsonl", rows)
-    out = CliRunner().invoke(app, ["init", str(tmp_path / "tunewise.yaml"), "--data", "feedback.jsonl"])
-    assert out.exit_code == 0, out.output
-    written = yaml.safe_load((tmp_path / "tunewise.yaml").read_text())
+    written, r, metrics = init_and_train(tmp_path, "feedback.jsonl", tiny_model,
+                                         {"split": {"validation": 0.2, "test": 0.0}, "max_length": 64, "clean": {"near_dedup": False}},
+                                         {"method": "lora", "max_steps": 4, "batch_size": 4, "eval_every": 2, "save_every": 2, "learning_rate": 1e-2})
     assert written["data"]["format"] == "trl-kto" and written["training"] == {"objective": "kto"}
-    written.update(output_dir=str(tmp_path / "runs"), model={"name": str(tiny_model)})
-    written["data"].update(split={"validation": 0.2, "test": 0.0}, max_length=64, clean={"near_dedup": False})
-    written["training"].update(method="lora", max_steps=4, batch_size=4, eval_every=2, save_every=2, learning_rate=1e-2)
-    (tmp_path / "tunewise.yaml").write_text(yaml.safe_dump(written))
-    cfg = load_config(tmp_path / "tunewise.yaml")
-    before = initial_state(cfg)
-    r, after = run_and_capture(cfg, tmp_path / "t")
-    assert_trained_exactly(before, after)
-    metrics = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert all("kl" in m and "pref_accuracy" in m for m in metrics) and "val_pref_accuracy" in metrics[-1]
     assert json.loads((tmp_path / "t" / "model" / "tunewise.json").read_text())["objective"] == "kto"

@@ -84,29 +84,14 @@ def test_objective_and_format_must_agree(tmp_path):
 
 
 def test_tunewise_init_and_train_pretrain_on_a_folder(tiny_model, tmp_path):
-    from typer.testing import CliRunner
-
-    from tunewise.cli import app
-    from tunewise.config import load_config
-
-    from .test_train import assert_trained_exactly, initial_state, run_and_capture
+    from .test_train import init_and_train
 
     (tmp_path / "docs").mkdir()
     for i in range(30):
         (tmp_path / "docs" / f"doc{i:02d}.md").write_text(f"# Note {i}\n\n" + SQUAD_LIKE * (1 + i % 3) + f"Fact number {i} is {i * 7}.\n")
-    out = CliRunner().invoke(app, ["init", str(tmp_path / "tunewise.yaml"), "--data", "docs"])
-    assert out.exit_code == 0, out.output
-    written = yaml.safe_load((tmp_path / "tunewise.yaml").read_text())
+    written, r, metrics = init_and_train(tmp_path, "docs", tiny_model, {"split": {"validation": 0.2, "test": 0.0}, "max_length": 48},
+                                         {"method": "full", "max_steps": 4, "batch_size": 4, "eval_every": 2, "save_every": 2, "learning_rate": 1e-3})
     assert written["data"] == {"format": "text", "train": "docs"} and written["training"] == {"objective": "pretrain"}
-    written.update(output_dir=str(tmp_path / "runs"), model={"name": str(tiny_model)})
-    written["data"].update(split={"validation": 0.2, "test": 0.0}, max_length=48)
-    written["training"].update(method="full", max_steps=4, batch_size=4, eval_every=2, save_every=2, learning_rate=1e-3)
-    (tmp_path / "tunewise.yaml").write_text(yaml.safe_dump(written))
-    cfg = load_config(tmp_path / "tunewise.yaml")
-    before = initial_state(cfg)
-    r, after = run_and_capture(cfg, tmp_path / "t")
-    assert_trained_exactly(before, after)
-    metrics = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["step"] == 0 and metrics[0]["val_perplexity"] == pytest.approx(math.exp(r.base_val_loss), rel=1e-3)
     assert metrics[-1]["val_perplexity"] < metrics[0]["val_perplexity"]  # a random model learns these repeated sentences fast
     assert json.loads((tmp_path / "t" / "model" / "tunewise.json").read_text())["objective"] == "pretrain"

@@ -52,6 +52,28 @@ def run_and_capture(cfg, out_dir, **kw):
     return result, final
 
 
+def init_and_train(tmp_path, data: str, tiny_model, data_settings: dict, training: dict):
+    """`tunewise init --data DATA` as a user runs it, then training with a few settings added to what init wrote (on
+    the tiny model), checking that exactly the trainable parameters moved. Returns (what init wrote, result, metrics)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+
+    out = CliRunner().invoke(app, ["init", str(tmp_path / "tunewise.yaml"), "--data", data])
+    assert out.exit_code == 0, out.output
+    written = yaml.safe_load((tmp_path / "tunewise.yaml").read_text())
+    cfg_raw = {**written, "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_model)},
+               "data": {**written["data"], **data_settings}, "training": {**written.get("training", {}), **training}}
+    (tmp_path / "tunewise.yaml").write_text(yaml.safe_dump(cfg_raw))
+    cfg = load_config(tmp_path / "tunewise.yaml")
+    before = initial_state(cfg)
+    r, after = run_and_capture(cfg, tmp_path / "t")
+    assert_trained_exactly(before, after)
+    metrics = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    return written, r, metrics
+
+
 @pytest.mark.parametrize(
     "method,expect_trainable",
     [

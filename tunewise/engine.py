@@ -200,6 +200,8 @@ class Engine:
         self.model = loaded.model
         self.tok = loaded.tokenizer
         self.adapters: list[str] = []
+        self._grammars: dict[tuple[str, str], Grammar] = {}  # compiled once per (kind, source)
+        self._compiler = None  # xgrammar's, built on the first grammar
         self.model.eval()
         if pack:
             pack_linears(self.model)
@@ -415,13 +417,12 @@ class Engine:
 
     def grammar(self, kind: str, source: str = "") -> Grammar:
         """The compiled grammar, cached by (kind, source)."""
-        cache = self.__dict__.setdefault("_grammars", {})
-        if (kind, source) not in cache:
-            cache[(kind, source)] = Grammar(self, kind, source)
-        return cache[(kind, source)]
+        if (kind, source) not in self._grammars:
+            self._grammars[(kind, source)] = Grammar(self, kind, source)
+        return self._grammars[(kind, source)]
 
     def _grammar_compiler(self):
-        if getattr(self, "_compiler", None) is None:
+        if self._compiler is None:
             import xgrammar as xgr
 
             info = xgr.TokenizerInfo.from_huggingface(self.tok, vocab_size=self._vocab_size(), stop_token_ids=sorted(self._eos_ids()))

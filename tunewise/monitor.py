@@ -17,7 +17,6 @@ CI can alert. Writes `<run>/monitor/monitor.json` and `report.html`.
 from __future__ import annotations
 
 import html
-import json
 from collections import Counter
 from pathlib import Path
 

@@ -68,10 +68,8 @@ def retrain(cfg: ProjectConfig, when: str = "data-changed", start: str = "produc
         open_rows = [r for r in reg.retrains(name) if r["state"] in ("started", "trained")]
         row = open_rows[-1] if open_rows and open_rows[-1]["data_key"] == key else None
         if row is None:
-            why = _trigger(cfg, reg, name, key, when)
+            why, reason = _trigger(cfg, reg, name, key, when)
             if why is None:
-                ref_key, ref = _reference_key(reg, name)
-                reason = (f"nothing new: the data is that of {ref}" if when == "data-changed" else "no drift alert from the monitor")
                 reg.journal(name, when, key, "skipped", "nothing to do", details={"reason": reason})
                 say(reason)
                 return {"action": "nothing to do", "reason": reason, "journal": reg.retrains(name)[-1]}
@@ -104,14 +102,14 @@ def retrain(cfg: ProjectConfig, when: str = "data-changed", start: str = "produc
         reg.close()
 
 
-def _trigger(cfg: ProjectConfig, reg: Registry, name: str, key: str, when: str) -> str | None:
-    """Why to re-train now, or None."""
+def _trigger(cfg: ProjectConfig, reg: Registry, name: str, key: str, when: str) -> tuple[str | None, str | None]:
+    """(why to re-train now, None) or (None, why not)."""
     if when == "always":
-        return "--when always"
+        return "--when always", None
     if when == "drift":
         from .monitor import run_monitor
 
         m = run_monitor(cfg)
-        return f"the monitor's alerts: {'; '.join(m['alerts'])}" if m["alerts"] else None
+        return (f"the monitor's alerts: {'; '.join(m['alerts'])}", None) if m["alerts"] else (None, "no drift alert from the monitor")
     ref_key, ref = _reference_key(reg, name)
-    return None if ref_key == key else f"the data changed since {ref}"
+    return (None, f"nothing new: the data is that of {ref}") if ref_key == key else (f"the data changed since {ref}", None)

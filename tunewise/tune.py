@@ -126,14 +126,21 @@ def _distribution(p):
     return FloatDistribution(p.low, p.high, log=p.log)
 
 
+def _trial_config(config_path: Path, overrides: list[str], params: dict) -> ProjectConfig:
+    """A trial's config: the user's, the trial's values as overrides (so they count as set), tune.trial_minutes as
+    the training budget."""
+    minutes = load_config(config_path, overrides).tune.trial_minutes
+    extra = [f"{k}={json.dumps(v)}" for k, v in params.items()] + ([f"training.max_minutes={minutes}"] if minutes else [])
+    return load_config(config_path, overrides + extra)
+
+
 def defaults_trial(config_path: Path, overrides: list[str], study, say) -> dict:
     """The settings train/defaults.py picks, trained and scored like a trial; added to the study as its first trial
     when every searched key's value lies in the space (so TPE starts from them and the best can only match or beat
     them), else recorded apart as the baseline. Returns what was found."""
     import optuna
 
-    cfg = load_config(config_path, overrides + ([f"training.max_minutes={load_config(config_path, overrides).tune.trial_minutes}"]
-                                                if load_config(config_path, overrides).tune.trial_minutes else []))
+    cfg = _trial_config(config_path, overrides, {})
     out = cfg.run_dir / "tune" / "defaults"
     if out.exists():
         shutil.rmtree(out)
@@ -161,11 +168,8 @@ def _objective(config_path: Path, overrides: list[str], say):
     import optuna
 
     def objective(trial) -> float:
-        base = load_config(config_path, overrides)
-        t = base.tune
-        params = _suggest(trial, t.space)
-        extra = [f"{k}={json.dumps(v)}" for k, v in params.items()] + ([f"training.max_minutes={t.trial_minutes}"] if t.trial_minutes else [])
-        cfg = load_config(config_path, overrides + extra)
+        params = _suggest(trial, load_config(config_path, overrides).tune.space)
+        cfg = _trial_config(config_path, overrides, params)
         out = cfg.run_dir / "tune" / f"trial-{trial.number}"
         if out.exists():  # a retried trial starts over
             shutil.rmtree(out)

@@ -17,7 +17,6 @@ learn from and are counted apart. Outputs, each in a format `data.format` reads:
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -69,16 +68,16 @@ def harvest(cfg: ProjectConfig, out_dir: Path | None = None, log_dir: Path | Non
         good = correction or (answer if rating == 1 else None)
         why = validate_messages(prompt + [{"role": "assistant", "content": good or answer or "-"}])
         if why:
-            bad.append(BadRecord(source, "", f"not a trainable conversation: {why}", req))
+            bad.append(BadRecord(str(plog.requests.path), f"id {req['id']}", f"not a trainable conversation: {why}", req))
             continue
         if good:
             sft[source] = Record(prompt + [{"role": "assistant", "content": good}], source, good if labelled else None, meta)
             kto[source + "#good"] = Record(prompt + [{"role": "assistant", "content": good}], source, None, {**meta, "desirable": True})
-        if correction and answer.strip() and correction.strip() != answer.strip():
+        corrected = bool(correction and answer.strip() and correction.strip() != answer.strip())  # the model's answer was wrong
+        if corrected:
             pairs[source] = Record(prompt + [{"role": "assistant", "content": correction}], source, None, {**meta, "rejected": answer})
-        if rating == -1 or (correction and answer.strip() and correction.strip() != answer.strip()):
-            if answer.strip():
-                kto[source + "#bad"] = Record(prompt + [{"role": "assistant", "content": answer}], source, None, {**meta, "desirable": False})
+        if (rating == -1 or corrected) and answer.strip():
+            kto[source + "#bad"] = Record(prompt + [{"role": "assistant", "content": answer}], source, None, {**meta, "desirable": False})
         if rating == 0 and not correction:
             counts["neutral"] += 1
     existing = _existing_prompts(cfg)

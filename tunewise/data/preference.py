@@ -66,6 +66,15 @@ def _pair_of_sides(path: Path, where: str, obj: dict, prompt: list[dict], good: 
     return _pair(path, where, prompt + chosen[0], chosen[1], rejected[1], obj, system_prompt)
 
 
+def _prompt(p) -> list[dict] | None:
+    """TRL's prompt, a string (one user turn) or a list of messages, as messages; None when it is neither."""
+    if isinstance(p, str):
+        return [{"role": "user", "content": p}]
+    if isinstance(p, list) and all(isinstance(m, dict) for m in p):
+        return [{"role": m.get("role"), "content": m.get("content")} for m in p]
+    return None
+
+
 def _missing(path: Path, where: str, obj: dict, keys: tuple[str, ...]) -> BadRecord | None:
     key = next((k for k in keys if k not in obj), None)
     return None if key is None else BadRecord(str(path), where, f"missing field '{key}'", obj)
@@ -92,12 +101,8 @@ def read_trl_preference(path: Path, where: str, obj: dict, system_prompt: str | 
     missing = _missing(path, where, obj, ("prompt", "chosen", "rejected"))
     if missing:
         return missing
-    p = obj["prompt"]
-    if isinstance(p, str):
-        prompt = [{"role": "user", "content": p}]
-    elif isinstance(p, list) and all(isinstance(m, dict) for m in p):
-        prompt = [{"role": m.get("role"), "content": m.get("content")} for m in p]
-    else:
+    prompt = _prompt(obj["prompt"])
+    if prompt is None:
         return BadRecord(str(path), where, "prompt: expected a string or a list of messages", obj)
     return _pair_of_sides(path, where, obj, prompt, "chosen", "rejected", system_prompt)
 
@@ -136,12 +141,8 @@ def read_trl_kto(path: Path, where: str, obj: dict, system_prompt: str | None) -
         return missing
     if not isinstance(obj["label"], bool):
         return BadRecord(str(path), where, f"label: expected true or false, got {obj['label']!r}", obj)
-    p = obj["prompt"]
-    if isinstance(p, str):
-        prompt = [{"role": "user", "content": p}]
-    elif isinstance(p, list) and all(isinstance(m, dict) for m in p):
-        prompt = [{"role": m.get("role"), "content": m.get("content")} for m in p]
-    else:
+    prompt = _prompt(obj["prompt"])
+    if prompt is None:
         return BadRecord(str(path), where, "prompt: expected a string or a list of messages", obj)
     got = _answer(obj["completion"], "completion")
     if isinstance(got, str):

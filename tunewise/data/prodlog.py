@@ -82,7 +82,7 @@ class RequestLog:
         self.requests = LogFile(directory, "requests", max_bytes, fsync)
         self.feedback = LogFile(directory, "feedback", max_bytes, fsync)
         self.types = tuple(pii_types) if pii_types else None
-        self._ids = {r.get("id") for r in self.requests.rows()}
+        self._ids: set | None = None  # answered requests' ids, read on the first known(): readers of the log never need them
 
     def _redact(self, text: str) -> str:
         return redact(text, self.types)[0] if self.types else redact(text)[0]
@@ -98,7 +98,8 @@ class RequestLog:
                               "prompt_tokens": outs[0].prompt_tokens if outs else 0,
                               "completion_tokens": sum(o.completion_tokens for o in outs), "latency_ms": round(latency_s * 1000, 1),
                               **(extra or {})})
-        self._ids.add(rid)
+        if self._ids is not None:
+            self._ids.add(rid)
 
     def log_error(self, rid: str, model: str, version: str, kind: str, error: str, latency_s: float) -> None:
         """A request that got no answer (timeout, generation failure): counted by the monitor's error rate."""
@@ -106,6 +107,9 @@ class RequestLog:
                               "error": error, "latency_ms": round(latency_s * 1000, 1)})
 
     def known(self, rid: str) -> bool:
+        """Whether an answered request has this id (a failed one has nothing to rate)."""
+        if self._ids is None:
+            self._ids = {r.get("id") for r in self.requests.rows() if "error" not in r}
         return rid in self._ids
 
     def log_feedback(self, rid: str, rating: int, correction: str | None, comment: str | None = None) -> None:

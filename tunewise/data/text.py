@@ -34,7 +34,7 @@ def is_text(r: Record) -> bool:
 
 
 def _doc(path: Path, where: str, text: str) -> Record:
-    return Record([{"role": "assistant", "content": text}], f"{path.name}:{where}", meta={"text": True})
+    return Record([{"role": "assistant", "content": text}], f"{path.name}:{where}")
 
 
 def _sections(text: str) -> Iterator[tuple[int, str]]:

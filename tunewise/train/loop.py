@@ -133,7 +133,6 @@ def _loss(loss_fn, b):
 @torch.no_grad()
 def validation_loss(loss_fn, batches) -> float:
     """Mean token loss over micro-batches (plain dicts or (Layout, keys) pairs)."""
-    loss_fn = getattr(loss_fn, "module", loss_fn)  # under DDP: the wrapped module (no gradient sync needed here)
     loss_fn.model.eval()
     total, count = 0.0, 0
     for b in batches:
@@ -422,7 +421,7 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
     return _Session(cfg=cfg, t=t, t0=t0, out_dir=out_dir, ckpt_root=ckpt_root, loaded=loaded, tok=tok, accelerator=accelerator,
                     train_ex=train_ex, train_stats=train_stats, val_ex=val_ex, default_notes=default_notes, model=model,
                     n_trainable=n_trainable, n_total=n_total, params=params, optimizer=optimizer, scheduler=scheduler, notes=notes,
-                    loss_fn=loss_fn, cache=cache, start=start, n_batches=n_batches, plan=plan, batches=batches,
+                    loss_fn=loss_fn, loss_module=loss_module, cache=cache, start=start, n_batches=n_batches, plan=plan, batches=batches,
                     val_batches=batches.sorted_batches(val_ex, "v", t.batch_size), state=state, step=step, meta=meta,
                     metrics_file=open(metrics_path, "a", encoding="utf-8") if main else open(os.devnull, "w"))
 
@@ -534,7 +533,7 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
 def _objective_stats(run: _Session, row: dict) -> None:
     """The objective's own numbers of the step into its metrics row: preference margin and accuracy (the last
     micro-batch), KL (kto, grpo), the rollouts' rewards (grpo)."""
-    stats = getattr(run.accelerator.unwrap_model(run.loss_fn), "stats", None)
+    stats = getattr(run.loss_module, "stats", None)
     if stats and "pairs" in stats:
         row["reward_margin"] = round(stats["margin_sum"] / max(stats["pairs"], 1), 6)
         row["pref_accuracy"] = round(stats["correct"] / max(stats["pairs"], 1), 4)
@@ -560,7 +559,7 @@ def _base_validation(run: _Session) -> None:
         reward = run.batches.validate(run.val_batches)["reward"]
         run.state["base_val"], row = -reward, {"step": 0, "val_loss": round(-reward, 6), "val_reward": round(reward, 6)}
     else:
-        val = validation_loss(run.loss_fn, run.val_batches)
+        val = validation_loss(run.loss_module, run.val_batches)
         run.state["base_val"], row = val, {"step": 0, "val_loss": round(val, 6), "val_perplexity": round(math.exp(min(val, 50.0)), 4)}
     run.metrics_file.write(json.dumps(row) + "\n")
     run.metrics_file.flush()
@@ -574,13 +573,13 @@ def _validate(run: _Session, step: int, row: dict) -> bool:
         val = -v["reward"]
         row["val_reward"] = round(v["reward"], 6)
     elif t.objective in ("sft", "pretrain"):
-        val = validation_loss(run.loss_fn, run.val_batches)
+        val = validation_loss(run.loss_module, run.val_batches)
         if t.objective == "pretrain":
             row["val_perplexity"] = round(math.exp(min(val, 50.0)), 4)
     else:
         from .preference import preference_validation
 
-        v = preference_validation(run.accelerator.unwrap_model(run.loss_fn), run.val_batches)
+        v = preference_validation(run.loss_module, run.val_batches)
         val = v["loss"]
         row["val_pref_accuracy"], row["val_reward_margin"] = round(v["accuracy"], 4), round(v["margin"], 6)
         state["val_pref_accuracy"] = v["accuracy"]
@@ -591,7 +590,7 @@ def _validate(run: _Session, step: int, row: dict) -> bool:
     if state["best_val"] is None or val < state["best_val"]:
         state["best_val"], state["bad_evals"] = val, 0
         if run.accelerator.is_main_process:
-            _save_model(run.accelerator.unwrap_model(run.loss_fn).model, run.tok, run.out_dir / "model", {**run.meta, "step": step, "val_loss": val})
+            _save_model(run.loss_module.model, run.tok, run.out_dir / "model", {**run.meta, "step": step, "val_loss": val})
         return False
     state["bad_evals"] += 1
     return bool(t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience)
@@ -604,7 +603,7 @@ def _finish(run: _Session, step: int, last_loss, stopped_early: bool, interrupte
         run.notes.append(f"stopped at step {step} of {plan.natural}: training.max_minutes={t.max_minutes:g} "
                          f"({'reached' if out_of_time else 'planned to fit'})")
     if not interrupted and state["best_val"] is None and run.accelerator.is_main_process:
-        _save_model(run.accelerator.unwrap_model(run.loss_fn).model, run.tok, out_dir / "model", {**run.meta, "step": step})
+        _save_model(run.loss_module.model, run.tok, out_dir / "model", {**run.meta, "step": step})
     result = TrainResult(
         out_dir=str(out_dir), model_dir=str(out_dir / "model"), steps=step, total_steps=plan.total,
         train_loss=last_loss, first_val_loss=state["first_val"], best_val_loss=state["best_val"],
