@@ -45,7 +45,9 @@ def _quiet_libraries() -> None:
 
 
 def _fail(msg: str, code: int = 2):
-    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)  # a message's own brackets ("tunewise[wandb]") are text
     raise typer.Exit(code)
 
 
@@ -350,13 +352,16 @@ def eval_cmd(
     """Score one variant on the evaluation split: per-item JSONL and a summary with 95% CIs, latency, cost."""
     cfg = _load(config, (set_ or []) + ([f"evaluation.processes={processes}"] if processes else []))
 
-    from .eval.evaluate import evaluate
+    from .eval.evaluate import evaluate, track_evaluation
+    from .tracking import require
 
     chosen = next((v for v in cfg.evaluation.variants if v.name == variant), None)
     if chosen is None:
         _fail(f"unknown variant {variant!r}; configured: {[v.name for v in cfg.evaluation.variants]}")
+    require(cfg.tracking)
     with console.status(f"evaluating {variant}") as status:
         s = evaluate(cfg, chosen, progress=lambda msg: status.update(f"evaluating {msg}"))
+    track_evaluation(cfg, "eval", {variant: s}, files=[cfg.run_dir / "eval" / variant / "summary.json"])
     _print_compare({"variants": {variant: s}, "paired_vs_reference": {}, "reference_variant": variant}, cfg)
     console.print(f"items: {cfg.run_dir / 'eval' / variant / 'items.jsonl'}")
 

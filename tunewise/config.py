@@ -380,6 +380,10 @@ class ProjectConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    tracking: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers that get each stage's parameters, per-step metrics, evaluation summaries and "
+        "artifacts: mlflow (MLFLOW_TRACKING_URI, else a local store in the run directory), tensorboard (event files in the run "
+        "directory), wandb (offline unless WANDB_MODE or WANDB_API_KEY). Each is an optional extra: pip install 'tunewise[mlflow]'.")
 
     # Where the file lives; relative paths resolve against it. Not a config key.
     base_dir: Path = Field(Path("."), exclude=True)

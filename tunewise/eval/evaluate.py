@@ -401,6 +401,9 @@ def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path |
             reuse: bool = True) -> dict:
     """Evaluate the variants on the same items (reusing results whose fingerprint still matches), then
     paired tests against the first, compare.json and the HTML report."""
+    from ..tracking import require
+
+    require(cfg.tracking)
     variants = [v for v in cfg.evaluation.variants if not names or v.name in names]
     missing = set(names or []) - {v.name for v in variants}
     if missing:
@@ -424,4 +427,35 @@ def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path |
     from ..report.html import compare_report
 
     result["report"] = str(compare_report(result, eval_dir, reported_metrics(cfg, summaries.values())))
+    track_evaluation(cfg, "compare", summaries, paired, [eval_dir / "compare.json", Path(result["report"])])
     return result
+
+
+def track_evaluation(cfg: ProjectConfig, stage: str, summaries: dict, paired: dict | None = None, files=()) -> None:
+    """The evaluation summaries (each metric's mean and CI per variant, latency, cost, paired p-values) and the
+    report to the project's trackers, as one run of the stage."""
+    from ..tracking import Tracker
+
+    tracker = Tracker(cfg, stage)
+    if not tracker:
+        return
+    tracker.params({"evaluation": {k: v for k, v in cfg.evaluation.model_dump(mode="json").items() if k != "variants"},
+                    "variants": {s_name: s.get("model") for s_name, s in summaries.items()}})
+    values = {}
+    for name, s in summaries.items():
+        for metric, m in (s.get("metrics") or {}).items():
+            values[f"{name}.{metric}"] = m["mean"]
+            if m.get("ci95"):
+                values[f"{name}.{metric}.ci_low"], values[f"{name}.{metric}.ci_high"] = m["ci95"]
+        for key, v in (("latency_p50_s", (s.get("latency_s") or {}).get("p50")), ("items_per_s", s.get("items_per_s")),
+                       ("cost_per_1k_queries_usd", s.get("cost_per_1k_queries_usd")), ("items", s.get("items"))):
+            if v is not None:
+                values[f"{name}.{key}"] = v
+    for name, tests in (paired or {}).items():
+        for metric, test in tests.items():
+            if test.get("p_value") is not None:
+                values[f"{name}.{metric}.p_vs_reference"] = test["p_value"]
+    tracker.metrics(values, 0)
+    for f in files:
+        tracker.artifact(Path(f))
+    tracker.close()

@@ -312,12 +312,43 @@ def train(cfg: ProjectConfig, out_dir: Path | None = None, resume: bool = False,
           defaults: bool = False, say=None) -> TrainResult:
     """Train as configured. defaults=True first fills the training keys the config does not set from the
     task, the data and the model (train/defaults.py; `tunewise train` does, its notes are printed)."""
+    from ..tracking import require
+
+    require(cfg.tracking)  # a configured tracker that is not installed fails before the model loads
     run = _setup(cfg, Path(out_dir or cfg.train_dir), resume, defaults, say)
+    run.tracker = _tracker(run, resume)
+    status = "failed"
     try:
         outcome = _loop(run, on_step, progress)
+        result = _finish(run, **outcome)
+        status = "stopped" if result.interrupted else "finished"
+        return result
     finally:
         run.metrics_file.close()
-    return _finish(run, **outcome)
+        run.tracker.close(status)
+
+
+def _tracker(run: _Session, resume: bool):
+    """The project's trackers for this run (main process only): the training settings as parameters; a resumed
+    run continues the tracker runs it started (their ids in tracking.json)."""
+    from ..tracking import Tracker
+
+    state_file = run.out_dir / "tracking.json"
+    if not resume:
+        state_file.unlink(missing_ok=True)
+    tracker = Tracker(run.cfg, "train", state_file, enabled=run.accelerator.is_main_process)
+    tracker.params({"model": {"name": run.cfg.model.name}, "training": run.t.model_dump(mode="json"),
+                    "data": {"train_sha256": ((run.meta.get("data") or {}).get("train") or {}).get("sha256"),
+                             "train_examples": len(run.train_ex), "validation_examples": len(run.val_ex)},
+                    "defaults": "; ".join(run.default_notes)})
+    return tracker
+
+
+def _emit(run: _Session, row: dict) -> None:
+    """One row of metrics.jsonl (main process; other processes write to /dev/null), also sent to the trackers."""
+    run.metrics_file.write(json.dumps(row) + "\n")
+    run.metrics_file.flush()
+    run.tracker.metrics(row, row["step"])
 
 
 def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say) -> _Session:
@@ -511,8 +542,7 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
                 tv = time.time() - tv
                 step_extra += tv
                 plan.observe_eval(tv)  # validation and saving the best model
-            run.metrics_file.write(json.dumps(row) + "\n")
-            run.metrics_file.flush()
+            _emit(run, row)
             bar.update(task, completed=step, loss=f"{last_loss:.4f}", tps=f"{run_tokens / run_time:.0f}")
             if step % t.save_every == 0 or ending or stopped_early:
                 tc = time.time()
@@ -561,8 +591,7 @@ def _base_validation(run: _Session) -> None:
     else:
         val = validation_loss(run.loss_module, run.val_batches)
         run.state["base_val"], row = val, {"step": 0, "val_loss": round(val, 6), "val_perplexity": round(math.exp(min(val, 50.0)), 4)}
-    run.metrics_file.write(json.dumps(row) + "\n")
-    run.metrics_file.flush()
+    _emit(run, row)
 
 
 def _validate(run: _Session, step: int, row: dict) -> bool:
@@ -616,4 +645,9 @@ def _finish(run: _Session, step: int, last_loss, stopped_early: bool, interrupte
         atomic_write_json(out_dir / "train_summary.json", {**asdict(result), "adapter": is_adapter(t), "tokens": run.train_stats.summary(),
                                                             "budget_s": plan.seconds, "natural_steps": plan.natural,
                                                             "shared_prefix_tokens": run.start})
+        run.tracker.metrics({f"final_{k}": v for k, v in asdict(result).items() if k in ("best_val_loss", "tokens_per_s", "wall_s", "peak_memory_mb")}, step)
+        run.tracker.artifact(out_dir / "train_summary.json")
+        run.tracker.artifact(out_dir / "metrics.jsonl")
+        if is_adapter(t) and not interrupted:  # the adapter (megabytes); a full model stays on disk, its path in the summary
+            run.tracker.artifact(out_dir / "model", "adapter")
     return result
