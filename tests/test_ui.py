@@ -117,3 +117,57 @@ def test_guards(tiny_project, tmp_path):
     bad = client.post("/p/0/jobs", data={"command": "train", "csrf": csrf})
     assert bad.status_code == 400 and "the config does not validate" in bad.text and "training.method" in bad.text
     assert client.get("/").status_code == 200  # and the UI goes on
+
+
+def test_data_compare_decision_pages_and_the_playground_api(tiny_project, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app as cli
+
+    path = tiny_project(max_steps=2, eval_every=2, save_every=2)
+    r = CliRunner().invoke(cli, ["run", str(path), "--set", "goal.threshold=1.01", "--set", "evaluation.max_new_tokens=4",
+                                 "--set", "evaluation.perplexity=false", "--set", "hardware.matmul_tflops=0.05",
+                                 "--set", "evaluation.variants=[{name: base, kind: base}, {name: fine-tuned, kind: fine-tuned}]",
+                                 "--validation-samples", "12", "--test-samples", "12", "--no-gate"])
+    assert r.exit_code == 0, r.output
+    cfg = load_config(path)
+    client = TestClient(create_ui([path], tmp_path / "ws"))
+    # data: counts per step, the quarantine searchable (the 240 rows hold exact and near duplicates)
+    quarantine = [json.loads(x) for x in (cfg.run_dir / "data" / "quarantine.jsonl").read_text().splitlines()]
+    page = client.get("/p/0/data").text
+    assert "Cleaning steps" in page and f"of {len(quarantine):,}" in page
+    where = quarantine[0]["where"]
+    found = client.get("/p/0/data", params={"q": where}).text
+    assert html_escape(f"{quarantine[0]['file']}:{where}") in found and f"(1 of {len(quarantine):,})" in found
+    assert "(0 of" in client.get("/p/0/data", params={"q": "no such text anywhere"}).text
+    # compare: the run's test items, filtered by label; confusions
+    items = [json.loads(x) for x in (cfg.run_dir / "run" / "test" / "base" / "items.jsonl").read_text().splitlines()]
+    page = client.get("/p/0/compare").text
+    assert f"Items ({len(items)} of {len(items)} match" in page and "vegaEmbed" in page and "Confusions of fine-tuned" in page
+    label = items[0]["reference"]
+    n_label = sum(1 for x in items if x["reference"] == label)
+    assert f"Items ({n_label} of {len(items)} match" in client.get("/p/0/compare", params={"label": label}).text
+    # decision: the routes, the goal, the quality-against-cost chart
+    dec = json.loads((cfg.run_dir / "run" / "decision.json").read_text())
+    page = client.get("/p/0/decision").text
+    assert all(e["variant"] in page for e in dec["evidence"]) and "first-year cost (USD, log scale)" in page
+    assert client.get("/static/vega-lite.min.js").status_code == 200 and client.get("/static/../app.py").status_code == 404
+    # playground: the project's server behind the UI's CSRF header; streamed chunks end with [DONE]
+    page = client.get("/p/0/playground").text
+    csrf = _csrf(page)
+    assert '<option selected>base</option>' in page
+    body = {"model": "base", "messages": [{"role": "user", "content": "hello"}], "stream": True, "max_tokens": 5, "temperature": 0}
+    assert client.post("/p/0/api/v1/chat/completions", json=body).status_code == 403
+    streamed = client.post("/p/0/api/v1/chat/completions", json=body, headers={"x-csrf": csrf})
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+    chunks = [json.loads(x[6:]) for x in streamed.text.splitlines() if x.startswith("data: {")]
+    assert chunks[-1]["usage"]["completion_tokens"] >= 1
+    missing = client.post("/p/0/api/v1/chat/completions", json={**body, "model": "tiny:9"}, headers={"x-csrf": csrf})
+    assert missing.status_code == 404 and "not found" in missing.json()["error"]["message"]
+    assert not cfg.serve_log_dir.exists() or not any(cfg.serve_log_dir.iterdir()), "playground chats are not production traffic"
+
+
+def html_escape(s):
+    import html
+
+    return html.escape(s)

@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import html
 import json
+import re
 import secrets
 import time
 from pathlib import Path
@@ -32,10 +33,13 @@ from .jobs import COMMANDS, Jobs
 REPORTS = {"data": "data/report.html", "compare": "eval/report.html", "gate": "gate/gate.html", "decision": "run/report.html",
            "tune": "tune/report.html", "monitor": "monitor/report.html"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+API_PATH = re.compile(r"^/p/\d+/api/")
 STYLE = ("body{font-family:system-ui,sans-serif;margin:1.5em 2em;max-width:1150px;color:#222}a{color:#1f5fa8}"
          "table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}"
          "th{background:#f3f3f3}nav a{margin-right:1em}.bad{color:#b00020}.ok{color:#0a7d32}button{margin:2px}"
-         "pre{background:#f6f6f6;padding:.6em;max-height:24em;overflow:auto}svg{border:1px solid #ddd;background:#fff}")
+         "pre{background:#f6f6f6;padding:.6em;max-height:24em;overflow:auto}.chart{margin:.5em 0}.filters{margin:.5em 0}"
+         ".panes{display:flex;gap:1em}.pane{flex:1;border:1px solid #ccc;padding:.6em;min-height:8em}.answer{white-space:pre-wrap;margin-top:.5em}"
+         ".status{color:#666;font-size:13px}")
 
 
 class UiError(Exception):
@@ -91,10 +95,27 @@ def create_ui(configs: list[Path], workspace: Path, token: str | None = None) ->
     app.state.jobs = Jobs(workspace)
     app.state.token = token
     app.state.csrf = secrets.token_urlsafe(24)
+    app.state.serve = [_playground_server(p.cfg) for p in app.state.projects]
     app.middleware("http")(_guard)
     app.add_exception_handler(UiError, _ui_error)
+    from .pages import router as pages
+
     app.include_router(router)
+    app.include_router(pages)
+    for i, served in enumerate(app.state.serve):  # the playground talks to the project's own OpenAI-compatible server
+        app.mount(f"/p/{i}/api", served)
     return app
+
+
+def _playground_server(cfg: ProjectConfig):
+    """The project's `tunewise serve` app for the playground: models load on the first message; behind the UI's
+    token and CSRF guard instead of API keys; playground chats are not production traffic, so they are not logged."""
+    from ..config import replace
+    from ..serve.app import create_app
+
+    served = create_app(replace(cfg, "serve", log_requests=False, api_keys=[]))
+    served.state.keys = []  # TUNEWISE_API_KEYS guards the real server, not the UI's
+    return served
 
 
 router = APIRouter()
@@ -110,6 +131,8 @@ async def _guard(request: Request, call_next):
         origin = request.headers.get("origin")
         if origin and origin.split("://", 1)[-1] != request.headers.get("host", ""):
             return PlainTextResponse(f"403: cross-site request from {origin} refused", status_code=403)
+        if API_PATH.match(request.url.path) and not hmac.compare_digest(request.headers.get("x-csrf", "").encode(), request.app.state.csrf.encode()):
+            return PlainTextResponse("403: the playground request's CSRF header is missing or wrong (reload the page)", status_code=403)
     response = await call_next(request)
     if tok and request.query_params.get("token"):
         response.set_cookie("tunewise_ui", tok, httponly=True, samesite="strict")
@@ -154,6 +177,8 @@ async def project_page(pid: int, request: Request):
     start = _form(f"/p/{pid}/jobs", csrf, f'<select name="command">{options}</select> ', "start job")
     body = (f"<p>config: {html.escape(str(p.path))}; runs in {html.escape(str(p.cfg.run_dir))}</p>"
             f"<h2>Training runs</h2>{_table(['run', 'step', 'loss', 'val loss'], runs) if runs else '<p>none yet</p>'}"
+            f'<h2>Pages</h2><p><a href="/p/{pid}/data">data</a> <a href="/p/{pid}/compare">compare</a> <a href="/p/{pid}/decision">decision</a> '
+            f'<a href="/p/{pid}/playground">playground</a></p>'
             "<h2>Reports</h2><p>" + (" ".join(f'<a href="/p/{pid}/report/{k}">{k}</a>' for k in p.reports()) or "none yet") + "</p>"
             f'<h2>Registry</h2><p><a href="/p/{pid}/registry">models, gate verdicts, promote and rollback</a></p>'
             f"<h2>Jobs</h2><p>{start}</p>{_jobs_table(jobs, csrf)}")
@@ -166,9 +191,20 @@ async def run_page(pid: int, name: str, request: Request):
         raise UiError(404, f"no training run {name!r} in {p.cfg.project} (runs: {', '.join(p.runs()) or 'none'})")
     running = [j for j in request.app.state.jobs.refresh() if j["project"] == p.cfg.project and j["state"] == "running" and j["command"] in ("train", "resume")]
     stop = "".join(_form(f"/jobs/{j['id']}/stop", request.app.state.csrf, "", f"stop job {j['id']} (checkpoints)") for j in running)
-    body = (f"<p>{stop}</p><p id=status>connecting...</p>"
-            + "".join(f'<h3>{t}</h3><svg id="{k}" width="640" height="200"></svg>' for k, t in
-                      (("loss", "loss (training: line, validation: dots)"), ("lr", "learning rate"), ("tokens_per_s", "tokens/s")))
+    from .pages import chart, scripts
+
+    def curve(cid: str, layers: list[tuple[str, str, str]], title: str) -> str:  # (field, mark, legend) per layer
+        return chart(cid, {"data": {"name": "rows"}, "width": 640, "height": 190, "autosize": {"type": "pad", "resize": True}, "layer": [
+            {"transform": [{"filter": f"isValid(datum.{f})"}, {"calculate": f"'{legend}'", "as": "series"}], "mark": {"type": mark},
+             "encoding": {"x": {"field": "step", "type": "quantitative", "title": "step", "axis": {"format": "d", "tickMinStep": 1}},
+                          "y": {"field": f, "type": "quantitative", "title": title, "scale": {"zero": False}},
+                          "color": {"field": "series", "type": "nominal", "title": None}, "tooltip": [{"field": "step"}, {"field": f}]}}
+            for f, mark, legend in layers]})
+
+    body = (f"<p>{stop}</p><p id=status>connecting...</p>" + scripts()
+            + "<h3>loss</h3>" + curve("loss", [("loss", "line", "training"), ("val_loss", "point", "validation")], "loss (nats per loss token)")
+            + "<h3>learning rate</h3>" + curve("lr", [("lr", "line", "learning rate")], "learning rate")
+            + "<h3>throughput</h3>" + curve("tokens_per_s", [("tokens_per_s", "line", "tokens/s")], "tokens per second")
             + f"<script>{LIVE_JS % json.dumps(f'/p/{pid}/run/{name}/events')}</script>")
     return _page(f"{p.cfg.project}: {name}", body, request.app.state.csrf)
 
@@ -352,19 +388,11 @@ def _jobs_table(jobs: list[dict], csrf: str) -> str:
 
 
 LIVE_JS = """
-const rows=[];const src=new EventSource(%s);const st=document.getElementById('status');
-function draw(id,keys){const svg=document.getElementById(id);const W=640,H=200,P=40;
- const pts=keys.map(k=>rows.filter(r=>r[k]!==undefined).map(r=>[r.step,r[k]]));const all=pts.flat();
- if(!all.length){return;}const xs=all.map(p=>p[0]),ys=all.map(p=>p[1]);const x0=Math.min(...xs),x1=Math.max(...xs)||1,y0=Math.min(...ys),y1=Math.max(...ys);
- const sx=x=>P+(x-x0)/((x1-x0)||1)*(W-P-10),sy=y=>10+(y1-y)/((y1-y0)||1)*(H-P-10);
- let s=`<text x="2" y="14" font-size="11">${y1.toPrecision(3)}</text><text x="2" y="${H-P}" font-size="11">${y0.toPrecision(3)}</text>`+
-  `<text x="${P}" y="${H-8}" font-size="11">step ${x0} - ${x1}</text>`;
- const colors=['#1f77b4','#d62728'];
- pts.forEach((p,i)=>{if(i==0){s+=`<polyline fill="none" stroke="${colors[i]}" stroke-width="2" points="${p.map(q=>sx(q[0])+','+sy(q[1])).join(' ')}"/>`;}
-  else{p.forEach(q=>{s+=`<circle cx="${sx(q[0])}" cy="${sy(q[1])}" r="3" fill="${colors[i]}"/>`;});}});
- svg.innerHTML=s;}
-src.onmessage=e=>{rows.push(JSON.parse(e.data));const last=rows[rows.length-1];
- st.textContent=`${rows.length} rows; step ${last.step}`+(last.loss!==undefined?`, loss ${last.loss}`:'');
- draw('loss',['loss','val_loss']);draw('lr',['lr']);draw('tokens_per_s',['tokens_per_s']);};
+const src=new EventSource(%s);const st=document.getElementById('status');let n=0;const pending=[];
+function flush(){if(!window.views)return;const ids=['loss','lr','tokens_per_s'];if(!ids.every(k=>window.views[k]))return;
+ const rows=pending.splice(0);ids.forEach(k=>window.views[k].insert('rows',rows).run());}
+setInterval(flush,300);
+src.onmessage=e=>{const r=JSON.parse(e.data);n++;pending.push(r);
+ st.textContent=`${n} rows; step ${r.step}`+(r.loss!==undefined?`, loss ${r.loss}`:'');};
 src.addEventListener('end',e=>{st.textContent+=' (finished)';src.close();});
 """
