@@ -147,6 +147,9 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     batch_size: int = Field(8, gt=0, description="Examples per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    fsdp: bool = Field(False, description="With several processes (--processes N, torchrun, accelerate launch): shard parameters, "
+                       "gradients and optimizer state across them (PyTorch FSDP2, one unit per decoder layer) instead of replicating the "
+                       "model (DDP). sft and pretrain objectives; not qlora.")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps spent warming the learning rate up.")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (null: no clipping).")
@@ -393,6 +396,11 @@ class ProjectConfig(Section):
         if self.data.format == "text" and self.training.objective != "pretrain":
             raise ValueError(f"training.objective: {self.training.objective} cannot train on data.format: text (raw documents have "
                              "no answers to learn or to prefer); set training.objective: pretrain")
+        t = self.training
+        if t.fsdp and (t.objective not in ("sft", "pretrain") or t.method == "qlora"):
+            raise ValueError(f"training.fsdp: shards sft and pretrain training with full, freeze, lora or dora, not "
+                             f"{t.objective if t.objective not in ('sft', 'pretrain') else 'method qlora'} (4-bit weights and the "
+                             "preference/RL objectives' reference and rollouts run unsharded: use DDP, training.fsdp: false)")
         return self
 
     def path(self, p: Path | None) -> Path | None:

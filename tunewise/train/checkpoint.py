@@ -39,12 +39,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, rng: dict, keep: int) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, rng: dict, keep: int,
+                    tensors: dict | None = None, optim_state: dict | None = None) -> Path:
+    """tensors/optim_state: the full trainable tensors and optimizer state when the model is sharded (gathered
+    by every process before the main one calls this); else read from the model and optimizer."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-"))
-    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "optim.pt")
+    trainable = tensors if tensors is not None else {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    save_file({k: v.contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+    torch.save({"optimizer": optim_state if optim_state is not None else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng, "sharded": optim_state is not None}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     fsync_dir(tmp)
     final = ckpt_root / f"step-{step:07d}"
@@ -69,17 +73,23 @@ def clean_partial(ckpt_root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[dict, dict]:
-    """Restore parameters, optimizer and scheduler in place; return (state, rng)."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, sharded: bool = False) -> tuple[dict, dict]:
+    """Restore parameters, optimizer and scheduler in place; return (state, rng). sharded: the model is FSDP-sharded
+    (every process loads the full tensors into its shards)."""
     tensors = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
     if missing:
         raise RuntimeError(f"{path}: checkpoint does not match this model/method (missing {missing[:3]}...)")
-    with torch.no_grad():
-        for n, t in tensors.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
     blob = torch.load(path / "optim.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    if sharded or blob.get("sharded"):  # full tensors keyed by name: they load into shards, or into a plain model
+        from .sharded import load_full_state
+
+        load_full_state(model, tensors, optimizer, blob["optimizer"])
+    else:
+        with torch.no_grad():
+            for n, t in tensors.items():
+                params[n].copy_(t.to(params[n].device, params[n].dtype))
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     return json.loads((path / "state.json").read_text()), blob["rng"]

@@ -29,7 +29,7 @@ import torch
 from ..errors import TunewiseError
 from ..config import ProjectConfig
 from ..data.prepared import ensure_prepared
-from ..data.tokenize import IGNORE, batch_order, collate, tokenize_records
+from ..data.tokenize import IGNORE, Tokenized, batch_order, collate, tokenize_records
 from ..models import load_model
 from ..util import atomic_replace_dir, atomic_write_json, write_jsonl
 from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -162,13 +162,13 @@ def backward_accumulated(loss_fn, micro: list, accelerator) -> tuple[float, int]
     return loss_sum, n_loss
 
 
-def _save_model(model, tokenizer, out: Path, meta: dict) -> None:
+def _save_model(model, tokenizer, out: Path, meta: dict, state_dict: dict | None = None) -> None:
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         import shutil
 
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     atomic_write_json(tmp / "tunewise.json", meta)
     atomic_replace_dir(tmp, out)
@@ -404,11 +404,28 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
         _init_adapter(model, cfg.path(t.init_from))
     model.train()
     n_trainable, n_total = count_params(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     notes: list[str] = []
+    sharded = t.fsdp and accelerator.num_processes > 1
+    if sharded and t.share_prefix:  # each layer must run once per step: FSDP reshards it after its first backward
+        t = t.model_copy(update={"share_prefix": False})
+        notes.append("share_prefix: off under fsdp (the prefix row would run every layer twice per step)")
     loss_module, layouts, start, cache, train_ex, val_ex = _objective_setup(t, model, tok, loaded.device, pairs, train_ex, val_ex,
                                                                             prepared.splits["train"], val_records, notes, say)
+    if accelerator.num_processes > t.batch_size:
+        if t.objective not in ("sft", "pretrain"):
+            raise TrainError(f"training.batch_size={t.batch_size} is smaller than the {accelerator.num_processes} processes: with "
+                             f"{t.objective} every process needs at least one example per step; raise batch_size or use fewer processes")
+        notes.append(f"batch_size={t.batch_size} < {accelerator.num_processes} processes: {accelerator.num_processes - t.batch_size} of them "
+                     "run a masked copy each step (no loss, no gradient) so that the collectives meet")
+    if sharded:  # the optimizer is built on the shards
+        from .sharded import shard
+
+        shard(loss_module, decoder_layers(model.get_base_model() if hasattr(model, "get_base_model") else model))
+        notes.append(f"fsdp: parameters, gradients and optimizer state sharded over {accelerator.num_processes} processes")
+    elif t.fsdp:
+        notes.append("fsdp: one process, nothing to shard (use --processes N)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     n_batches = math.ceil(len(train_ex) / t.batch_size)
     natural = t.max_steps or max(1, math.ceil(n_batches * t.epochs / t.grad_accum))
     n_layers = len(decoder_layers(model.get_base_model() if hasattr(model, "get_base_model") else model))
@@ -419,7 +436,9 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
                 cached_ratio=3 * (n_layers - first) / (first + 3 * (n_layers - first)),
                 eval_every=t.eval_every, has_validation=bool(val_ex))
     scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, plan.total, int(t.warmup_ratio * plan.total), t.scheduler))
-    loss_fn, optimizer = accelerator.prepare(loss_module, optimizer)
+    loss_fn = loss_module if sharded else None  # sharded: FSDP syncs the gradients; else accelerate wraps it in DDP
+    if not sharded:
+        loss_fn, optimizer = accelerator.prepare(loss_module, optimizer)
     if t.objective == "grpo":
         from .grpo import Rollouts
 
@@ -436,7 +455,7 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
     metrics_path = out_dir / "metrics.jsonl"
     rows: list[dict] = []
     if resume:
-        saved, rng = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+        saved, rng = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, sharded=sharded)
         step = saved.pop("step")
         state.update(saved)
         plan.total = state["planned_total"]
@@ -453,7 +472,7 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
                     train_ex=train_ex, train_stats=train_stats, val_ex=val_ex, default_notes=default_notes, model=model,
                     n_trainable=n_trainable, n_total=n_total, params=params, optimizer=optimizer, scheduler=scheduler, notes=notes,
                     loss_fn=loss_fn, loss_module=loss_module, cache=cache, start=start, n_batches=n_batches, plan=plan, batches=batches,
-                    val_batches=batches.sorted_batches(val_ex, "v", t.batch_size), state=state, step=step, meta=meta,
+                    val_batches=batches.sorted_batches(val_ex, "v", t.batch_size), state=state, step=step, meta=meta, sharded=sharded,
                     metrics_file=open(metrics_path, "a", encoding="utf-8") if main else open(os.devnull, "w"))
 
 
@@ -474,12 +493,20 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
         state["position"] += 1
         idx = orders[epoch][i]
         if accelerator.num_processes > 1:  # data parallel: each process takes its share of the global batch
-            idx = idx[accelerator.process_index :: accelerator.num_processes]
+            share = idx[accelerator.process_index :: accelerator.num_processes]
+            if not share:  # fewer examples than processes (an epoch's last batch): a copy of one with no loss target
+                return _idle(run, idx[0])  # runs the same forward and backward, so the collectives still meet
+            idx = share
         return run.batches.make([run.train_ex[j] for j in idx], [("t", j) for j in idx])
 
     def ckpt(at_step):
+        full = {}
+        if run.sharded:  # every process takes part in gathering the full tensors; the main one writes them
+            from .sharded import full_optimizer_state, full_state
+
+            full = {"tensors": full_state(run.model, trainable_only=True), "optim_state": full_optimizer_state(run.model, run.optimizer)}
         if accelerator.is_main_process:
-            save_checkpoint(run.ckpt_root, at_step, run.model, run.optimizer, run.scheduler, dict(state), rng_state(), t.keep_checkpoints)
+            save_checkpoint(run.ckpt_root, at_step, run.model, run.optimizer, run.scheduler, dict(state), rng_state(), t.keep_checkpoints, **full)
 
     bar = Progress(
         TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -506,6 +533,10 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
             fresh = cache is not None and not all(cache.has(b[1]) for b in micro)
             loss_sum, n_loss = backward_accumulated(run.loss_fn, micro, accelerator)
             grad_norm = accelerator.clip_grad_norm_(run.params, t.max_grad_norm) if t.max_grad_norm else None
+            if run.sharded and grad_norm is not None:
+                from .sharded import local
+
+                grad_norm = local(grad_norm)
             run.optimizer.step()
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
@@ -558,6 +589,21 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
                 break
     return {"step": step, "last_loss": last_loss, "stopped_early": stopped_early, "interrupted": interrupted,
             "out_of_time": out_of_time, "tokens_per_s": run_tokens / run_time if run_time else 0.0}
+
+
+def _idle(run: _Session, j: int):
+    """A micro-batch that contributes nothing: example j with every target masked (zero loss, zero gradient)."""
+    from dataclasses import replace as dc_replace
+
+    ex = run.train_ex[j]
+    if not isinstance(ex, Tokenized):
+        raise TrainError(f"a batch of {len(run.train_ex) % run.t.batch_size or run.t.batch_size} {run.t.objective} examples for "
+                         f"{run.accelerator.num_processes} processes: with {run.t.objective}, every process needs one; make the "
+                         "training examples a multiple of training.batch_size, and batch_size at least the number of processes")
+    b = run.batches.make([dc_replace(ex, labels=[IGNORE] * len(ex.labels))], [("idle", j)])
+    if isinstance(b, tuple):
+        b[0].n_tokens = 0
+    return b
 
 
 def _objective_stats(run: _Session, row: dict) -> None:
@@ -618,11 +664,21 @@ def _validate(run: _Session, step: int, row: dict) -> bool:
         state["first_val"] = val
     if state["best_val"] is None or val < state["best_val"]:
         state["best_val"], state["bad_evals"] = val, 0
-        if run.accelerator.is_main_process:
-            _save_model(run.loss_module.model, run.tok, run.out_dir / "model", {**run.meta, "step": step, "val_loss": val})
+        _save(run, run.out_dir / "model", {**run.meta, "step": step, "val_loss": val})
         return False
     state["bad_evals"] += 1
     return bool(t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience)
+
+
+def _save(run: _Session, out: Path, meta: dict) -> None:
+    """The model to out/ by the main process; sharded, every process first takes part in gathering it."""
+    sd = None
+    if run.sharded:
+        from .sharded import full_state
+
+        sd = full_state(run.model)
+    if run.accelerator.is_main_process:
+        _save_model(run.loss_module.model, run.tok, out, meta, sd)
 
 
 def _finish(run: _Session, step: int, last_loss, stopped_early: bool, interrupted: bool, out_of_time: bool, tokens_per_s: float) -> TrainResult:
@@ -631,8 +687,8 @@ def _finish(run: _Session, step: int, last_loss, stopped_early: bool, interrupte
     if t.max_minutes and not interrupted and not stopped_early and step < plan.natural:
         run.notes.append(f"stopped at step {step} of {plan.natural}: training.max_minutes={t.max_minutes:g} "
                          f"({'reached' if out_of_time else 'planned to fit'})")
-    if not interrupted and state["best_val"] is None and run.accelerator.is_main_process:
-        _save_model(run.loss_module.model, run.tok, out_dir / "model", {**run.meta, "step": step})
+    if not interrupted and state["best_val"] is None:
+        _save(run, out_dir / "model", {**run.meta, "step": step})
     result = TrainResult(
         out_dir=str(out_dir), model_dir=str(out_dir / "model"), steps=step, total_steps=plan.total,
         train_loss=last_loss, first_val_loss=state["first_val"], best_val_loss=state["best_val"],
