@@ -67,6 +67,29 @@ def test_chunked_prefill_and_dropping_finished_rows_are_exact(tiny_model, monkey
     assert min(lengths) < 10 and len(set(lengths)) >= 3, lengths  # rows really ended at different steps
 
 
+def test_identical_prompts_are_prefilled_once_and_answer_exactly(tiny_model, monkeypatch):
+    """n samples of one prompt (GRPO's groups, serve's n): the distinct prompts are prefilled once and their cache copied
+    to each copy. Greedy answers equal one-at-a-time generate; sampled ones equal the engine without the sharing."""
+    import tunewise.engine as engine_mod
+
+    plain = load_model(str(tiny_model))
+    eng = Engine(load_model(str(tiny_model)))
+    convs = [CONVS[1], CONVS[0], CONVS[1], CONVS[2], CONVS[1], CONVS[0]]
+    calls = []
+    real = engine_mod._unique_rows
+    monkeypatch.setattr(engine_mod, "_unique_rows", lambda b: calls.append(real(b)) or calls[-1])
+    outs = eng.generate(convs, max_new_tokens=8, batch_size=6)
+    assert len(calls[0][0]) == 3 and calls[0][1] is not None  # three distinct prompts prefilled for six rows
+    for conv, out in zip(convs, outs):
+        text, n_gen, n_prompt = single(plain, conv, 8)
+        assert (out.text, out.completion_tokens, out.prompt_tokens) == (text, n_gen, n_prompt)
+    sampled = eng.generate(convs, max_new_tokens=8, temperature=1.0, seed=5, batch_size=6)
+    monkeypatch.setattr(engine_mod, "_unique_rows", lambda b: (b, None))
+    unshared = eng.generate(convs, max_new_tokens=8, temperature=1.0, seed=5, batch_size=6)
+    assert [o.text for o in sampled] == [o.text for o in unshared]
+    assert len({o.text for o, c in zip(sampled, convs) if c is CONVS[1]}) > 1  # the copies sample independently
+
+
 def test_sampling_is_seeded(tiny_model):
     eng = Engine(load_model(str(tiny_model)))
     a = eng.generate(CONVS, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)

@@ -38,6 +38,15 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 MAX_CHOICES = 10_000  # a larger choice list is a grammar, not a label set
 
 
+def _unique_rows(batch: list[list[int]]) -> tuple[list[list[int]], list[int] | None]:
+    """(the distinct prompts in order of first appearance, each row's index among them); None when all differ."""
+    first: dict[tuple, int] = {}
+    copies = [first.setdefault(tuple(p), len(first)) for p in batch]
+    if len(first) == len(batch):
+        return batch, None
+    return [list(k) for k in first], copies
+
+
 def _depth(node: dict) -> int:
     """The number of tokens on the longest path below node."""
     return max((1 + _depth(child) for t, child in node.items() if t is not None), default=0)
@@ -291,19 +300,20 @@ class Engine:
         rows = len(batch)
         if trie:  # a constrained answer is never cut short: it gets as many steps as its longest label needs
             max_new_tokens = max(max_new_tokens, trie.depth + 1)
+        batch, copies = _unique_rows(batch)  # identical prompts (n samples, GRPO's groups) are prefilled once
         shared = _common_prefix(batch) - 1  # at least one token per row stays outside the prefix pass
-        if shared < MIN_SHARED_PREFIX or rows == 1:
+        if shared < MIN_SHARED_PREFIX or len(batch) == 1:
             shared = 0
         n = max(len(p) for p in batch)
-        ids = torch.full((rows, n), pad, dtype=torch.long)
-        mask = torch.zeros((rows, n), dtype=torch.long)
+        ids = torch.full((len(batch), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
         for row, p in enumerate(batch):
             own = n - (len(p) - shared)  # where this row's own suffix starts
             ids[row, :shared], ids[row, own:] = torch.tensor(p[:shared]), torch.tensor(p[shared:])
             mask[row, :shared], mask[row, own:] = 1, 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-        cache = _BufferCache(self._num_layers(), rows, capacity=n + max_new_tokens)
+        cache = _BufferCache(self._num_layers(), len(batch), capacity=n + max_new_tokens)
         if shared:
             cache.at(slice(0, 1), 0)
             self.model(input_ids=ids[:1, :shared], position_ids=pos[:1, :shared], past_key_values=cache,
@@ -313,9 +323,9 @@ class Engine:
         # only to its own longest row and written at the right end of the buffer: padding costs little.
         logits = []
         a = 0
-        while a < rows:
+        while a < len(batch):
             b = a + 1
-            while b < rows and (b + 1 - a) * (len(batch[b]) - shared) <= PREFILL_CHUNK_TOKENS:
+            while b < len(batch) and (b + 1 - a) * (len(batch[b]) - shared) <= PREFILL_CHUNK_TOKENS:
                 b += 1
             width = max(len(p) for p in batch[a:b]) - shared
             cache.at(slice(a, b), n - width)
@@ -324,6 +334,11 @@ class Engine:
             a = b
         cache.at(slice(None), n)
         logits = torch.cat(logits)
+        if copies is not None:  # every row its prompt's cache and first logits
+            index = torch.tensor(copies, device=device)
+            cache.select_rows(index)
+            logits, mask, pos = logits[index], mask[index], pos[index]
+            batch = [batch[c] for c in copies]
         next_pos = pos[:, -1] + 1
         alive = list(range(rows))  # batch row -> original row, for the rows still in the cache
         finished = [False] * rows
