@@ -1,7 +1,8 @@
 """Where a GRPO step's time goes: the rollouts (sampling 8 prompts x group_size completions through the engine)
-against the loss's forward and backward, on the bundled model with examples/support-intents/grpo.yaml's settings.
+against the loss's forward and backward, on the bundled model with examples/support-intents/grpo.yaml's settings;
+the loss both ways on the same rollouts: padded rows, and one layout per prompt (the prompt run once per group).
 
-    python bench/grpo_step.py            # three steps, each line: rollouts s, loss forward+backward s, row shape
+    python bench/grpo_step.py            # three steps, each line: rollouts s, loss s padded, loss s grouped
 """
 
 import os
@@ -24,15 +25,27 @@ def main(steps: int = 3):
     model = apply_method(loaded.model, cfg.training)
     prepared = ensure_prepared(cfg, loaded.tokenizer)
     prompts = prompts_of(loaded.tokenizer, prepared.splits["train"][: cfg.training.batch_size])
-    rollouts = Rollouts(loaded, model, cfg.training.grpo, 0, loaded.tokenizer.pad_token_id, loaded.device)
+    padded = Rollouts(loaded, model, cfg.training.grpo, 0, loaded.tokenizer.pad_token_id, loaded.device)
     loss_fn = GRPOLoss(model, cfg.training.grpo.beta, cfg.training.grpo.epsilon)
+    grouped = Rollouts(loaded, model, cfg.training.grpo, 0, loaded.tokenizer.pad_token_id, loaded.device, groups=loss_fn.groups)
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
+        keys = [("t", i) for i in range(len(prompts))]
         t0 = time.time()
-        b = rollouts.make(prompts, [("t", i) for i in range(len(prompts))])
+        b = padded.make(prompts, keys)
         t1 = time.time()
-        loss_fn(**b).backward()
-        print(f"rollouts {t1 - t0:.2f} s   loss forward+backward {time.time() - t1:.2f} s   rows {tuple(b['input_ids'].shape)}")
+        a = loss_fn(**b)
+        a.backward()
+        t2 = time.time()
+        grouped.calls = padded.calls - 1  # the same seed: the same rollouts, laid out per prompt
+        g = grouped.make(prompts, keys)
+        t3 = time.time()
+        c = loss_fn(**g)
+        c.backward()
+        t4 = time.time()
+        model.zero_grad(set_to_none=True)
+        print(f"step {step}: rollouts {t1 - t0:.2f} s; loss forward+backward: padded {t2 - t1:.2f} s "
+              f"({tuple(b['input_ids'].shape)}), grouped {t4 - t3:.2f} s (loss {a.item():.6f} vs {c.item():.6f})")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,39 @@ def test_grpo_loss_and_gradient_equal_a_direct_computation(tiny_model):
     assert torch.allclose(got_grad, direct_grad, rtol=1e-7, atol=1e-10)
 
 
+from .test_layout import tiny64  # noqa: E402,F401  (the float64 tiny model, norms in float64 too)
+
+
+def test_grouped_layouts_give_the_padded_loss_and_gradient(tiny64):
+    """beta 0: one Layout per prompt (the prompt run once as the prefix row, its samples' completions as rows) gives the
+    padded rows' loss and gradients on every parameter (float64)."""
+    from tunewise.data.tokenize import IGNORE, Tokenized, collate
+    from tunewise.train.grpo import GRPOLoss
+    from tunewise.train.layout import make_layout
+
+    model, tok = tiny64
+    prompts = [tok.apply_chat_template([{"role": "system", "content": "Classify the intent."}, {"role": "user", "content": q}],
+                                       add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+               for q in ("Where is my card?", "My top-up failed again, why?")]
+    comps = [[tok("card_arrival")["input_ids"], tok("card")["input_ids"], tok("lost_or_stolen_card")["input_ids"]],
+             [tok("top_up_failed")["input_ids"], tok("top_up_failed")["input_ids"], tok("pending_top_up")["input_ids"]]]
+    rows = [Tokenized(p + c, [IGNORE] * len(p) + c) for p, cs in zip(prompts, comps) for c in cs]
+    adv = torch.tensor([1.2, -0.3, -0.9, 0.5, 0.5, -1.0], dtype=torch.float64)
+    loss_fn = GRPOLoss(model, 0.0, 0.2)
+    assert loss_fn.groups
+    padded = loss_fn(**collate(rows, tok.pad_token_id), advantages=adv, ref_logps=None)
+    padded.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    groups = [(make_layout(rows[k : k + 3], tok.pad_token_id, share_prefix=True), adv[k : k + 3]) for k in (0, 3)]
+    assert all(lay.prefix_len == len(prompts[i]) - 1 for i, (lay, _) in enumerate(groups))  # the prompt is the prefix row
+    grouped = loss_fn(groups=groups)
+    grouped.backward()
+    assert grouped.item() == pytest.approx(padded.item(), rel=1e-10)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, want[n], rtol=1e-10, atol=1e-12), n
+
+
 @pytest.mark.parametrize("method", ["lora", "freeze"])
 def test_tunewise_train_with_objective_grpo(tiny_model, tmp_path, method):
     from tunewise.config import load_config

@@ -131,6 +131,19 @@ class LayoutLoss(torch.nn.Module):
         return prefix_h, rows_h
 
     def forward(self, layout: Layout, keys: list | None = None) -> torch.Tensor:
+        hidden, keep = self._target_hidden(layout, keys)
+        return summed_cross_entropy(self._parts[0][1](hidden), layout.targets[keep])
+
+    def target_logps(self, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log-prob of every target token (flat, row-major) and the example (its index in the batch) of each:
+        what a policy-gradient loss weights per example (GRPO's advantages)."""
+        hidden, keep = self._target_hidden(layout, None)
+        logits = self._parts[0][1](hidden)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        return -F.cross_entropy(logits, layout.targets[keep], reduction="none"), layout.segments[keep]
+
+    def _target_hidden(self, layout: Layout, keys: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final-normed hidden states at the positions that carry a target, and where those are."""
         decoder, head = self._parts[0]
         layers = list(decoder.layers[: decoder.config.num_hidden_layers])
         dtype = decoder.embed_tokens.weight.dtype
@@ -153,8 +166,7 @@ class LayoutLoss(torch.nn.Module):
                     self.cache.store(keys, layout, prefix_h, rows_h)
         _, rows_h = self._run(layers[k:], mask, prefix_h, rows_h, layout)
         keep = layout.targets != IGNORE
-        logits = head(decoder.norm(rows_h[keep]))
-        return summed_cross_entropy(logits, layout.targets[keep])
+        return decoder.norm(rows_h[keep]), keep
 
 
 def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -53,16 +53,39 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 class GRPOLoss(torch.nn.Module):
-    """Summed clipped policy-gradient loss (plus beta KL) over the completion tokens of a rollout batch."""
+    """Summed clipped policy-gradient loss (plus beta KL) over the completion tokens of a rollout batch.
+
+    A batch is padded rows (input_ids, ...), or `groups`: one Layout per prompt whose prefix row is the prompt, run
+    once for its group's samples, and the samples' completions as the rows (no KL: beta 0, TRL's default). The
+    prompt is most of a row (a label is a few tokens), so the grouped forward and backward compute a fraction of the
+    padded one, with the same loss and gradient (tests/test_grpo.py)."""
 
     def __init__(self, model, beta: float, epsilon: float):
         super().__init__()
         self.model, self.beta, self.epsilon = model, beta, epsilon
         self.stats: dict = {}
+        self._layout = None
+        if not beta:
+            from .forward import LayoutLoss, llama_parts
 
-    def forward(self, input_ids, attention_mask, labels, advantages, ref_logps):
+            self._layout = [LayoutLoss(model)] if llama_parts(model) is not None else None  # a list: not a submodule
+
+    @property
+    def groups(self) -> bool:
+        return self._layout is not None
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, advantages=None, ref_logps=None, groups=None):
+        if groups is not None:
+            total = 0.0
+            for layout, adv in groups:
+                logp, example = self._layout[0].target_logps(layout)
+                total = total + self._per_token(logp, adv[example].to(logp.dtype), None).sum()
+            self.stats = {"kl": 0.0}
+            return total
         logp, rows, _ = token_logps(self.model, input_ids, attention_mask, labels)
-        adv = advantages[rows].to(logp.dtype)
+        return self._per_token(logp, advantages[rows].to(logp.dtype), ref_logps).sum()
+
+    def _per_token(self, logp, adv, ref_logps):
         ratio = torch.exp(logp - logp.detach())
         per = -torch.min(ratio * adv, ratio.clamp(1 - self.epsilon, 1 + self.epsilon) * adv)
         kl = None
@@ -71,16 +94,17 @@ class GRPOLoss(torch.nn.Module):
             kl = torch.exp(d) - d - 1
             per = per + self.beta * kl
         self.stats = {"kl": float(kl.detach().mean()) if kl is not None else 0.0}
-        return per.sum()
+        return per
 
 
 class Rollouts:
     """The loop's batches for GRPO: `make` samples, scores and lays out one step's rollouts."""
 
-    def __init__(self, loaded: Loaded, model, g, seed: int, pad_id: int, device):
+    def __init__(self, loaded: Loaded, model, g, seed: int, pad_id: int, device, groups: bool = False):
         from ..engine import Engine
 
         self.model, self.g, self.seed, self.pad_id, self.device = model, g, seed, pad_id, device
+        self.groups = groups  # lay a step out as one Layout per prompt (GRPOLoss.groups)
         self.tok = loaded.tokenizer
         self.engine = Engine(Loaded(model, loaded.tokenizer, loaded.path, loaded.device, loaded.dtype), pack=False)
         self.rewards = Rewards(g.rewards)
@@ -115,9 +139,17 @@ class Rollouts:
             c = c + [end] if f == "stop" else c
             p = prompts[k // self.g.group_size].input_ids
             rows.append(Tokenized(p + c, [IGNORE] * len(p) + c))
-        b = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
-        b["advantages"] = group_advantages(rewards, self.g.group_size).to(self.device)
-        b["ref_logps"] = self._reference(b)
+        advantages = group_advantages(rewards, self.g.group_size).to(self.device)
+        if self.groups:
+            from .layout import make_layout
+
+            n = self.g.group_size
+            b = {"groups": [(make_layout(rows[k : k + n], self.pad_id, share_prefix=True).to(self.device), advantages[k : k + n])
+                            for k in range(0, len(rows), n)]}
+        else:
+            b = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
+            b["advantages"] = advantages
+            b["ref_logps"] = self._reference(b)
         groups = rewards.view(-1, self.g.group_size)
         self.last_stats = {"reward": round(float(rewards.mean()), 6), "reward_std": round(float(rewards.std()), 6),
                            "flat_groups": round(float((groups.std(1) == 0).float().mean()), 4),

@@ -117,10 +117,12 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _n_loss(b) -> int:
-    """What a micro-batch's summed loss is divided by: loss tokens (a padded batch or a (Layout, keys) pair), or
-    pairs for the preference objectives."""
+    """What a micro-batch's summed loss is divided by: loss tokens (a padded batch, a (Layout, keys) pair or GRPO's
+    layouts per prompt), or pairs for the preference objectives."""
     if isinstance(b, tuple):
         return b[0].n_loss
+    if "groups" in b:
+        return sum(layout.n_loss for layout, _ in b["groups"])
     if "ref" in b:  # preference pairs (chosen rows, then rejected): the loss is summed per pair
         return b["input_ids"].shape[0] // 2
     return int((b["labels"][:, 1:] != IGNORE).sum())
@@ -201,6 +203,8 @@ def _stats(b) -> tuple[int, int, int]:
     if isinstance(b, tuple):
         lay = b[0]
         return lay.n_tokens, lay.prefix_len + lay.input_ids.numel(), lay.input_ids.shape[0] + (1 if lay.prefix_len else 0)
+    if "groups" in b:
+        return tuple(sum(x) for x in zip(*(_stats((lay, None)) for lay, _ in b["groups"])))
     return int(b["attention_mask"].sum()), b["input_ids"].numel(), len(b["input_ids"])
 
 
@@ -442,7 +446,7 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
     if t.objective == "grpo":
         from .grpo import Rollouts
 
-        batches = Rollouts(loaded, model, t.grpo, t.seed, tok.pad_token_id, accelerator.device)
+        batches = Rollouts(loaded, model, t.grpo, t.seed, tok.pad_token_id, accelerator.device, groups=loss_module.groups)
         model.train()  # the engine put it in eval mode
     else:
         from .preference import PairBatches
