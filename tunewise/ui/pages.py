@@ -55,6 +55,14 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def _stage_file(p, rel: str, what: str, command: str, job: str) -> dict:
+    """A stage's JSON output in the project's run directory; a 404 saying which stage writes it when it is not there."""
+    path = p.cfg.run_dir / rel
+    if not path.exists():
+        raise UiError(404, f"{p.cfg.project} has no {what} yet (run `{command}` or start a {job} job)")
+    return json.loads(path.read_text())
+
+
 def _q(request: Request, key: str) -> str:
     return str(request.query_params.get(key, "")).strip()
 
@@ -81,10 +89,7 @@ def _text_of(raw) -> str:
 @router.get("/p/{pid}/data", response_class=HTMLResponse)
 async def data_page(pid: int, request: Request):
     p = project(request, pid)
-    summary_path = p.cfg.run_dir / "data" / "summary.json"
-    if not summary_path.exists():
-        raise UiError(404, f"{p.cfg.project} has no prepared data yet (run `tunewise prepare` or start a prepare job)")
-    s = json.loads(summary_path.read_text())
+    s = _stage_file(p, "data/summary.json", "prepared data", "tunewise prepare", "prepare")
     q, reason = _q(request, "q").lower(), _q(request, "reason")
     read = s.get("read") or {}
     steps = [[html.escape(k), str(v.get("changed", 0)), str(v.get("dropped", 0))] for k, v in ((s.get("cleaning") or {}).get("steps") or {}).items()]
@@ -205,10 +210,7 @@ async def compare_page(pid: int, request: Request):
 @router.get("/p/{pid}/decision", response_class=HTMLResponse)
 async def decision_page(pid: int, request: Request):
     p = project(request, pid)
-    path = p.cfg.run_dir / "run" / "decision.json"
-    if not path.exists():
-        raise UiError(404, f"{p.cfg.project} has no decision yet (run `tunewise run` or start a run job)")
-    dec = json.loads(path.read_text())
+    dec = _stage_file(p, "run/decision.json", "decision", "tunewise run", "run")
     goal = dec.get("goal") or {}
     metric = goal.get("metric", "score")
     ev = dec.get("evidence") or []
