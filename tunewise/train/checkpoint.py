@@ -45,7 +45,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, sta
     by every process before the main one calls this); else read from the model and optimizer."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-"))
-    trainable = tensors if tensors is not None else {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    trainable = tensors if tensors is not None else {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file({k: v.contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
     torch.save({"optimizer": optim_state if optim_state is not None else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng, "sharded": optim_state is not None}, tmp / "optim.pt")

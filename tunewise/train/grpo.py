@@ -80,7 +80,6 @@ class GRPOLoss(torch.nn.Module):
             for layout, adv in groups:
                 logp, example = self._layout[0].target_logps(layout)
                 total = total + self._per_token(logp, adv[example].to(logp.dtype), None).sum()
-            self.stats = {"kl": 0.0}
             return total
         logp, rows, _ = token_logps(self.model, input_ids, attention_mask, labels)
         return self._per_token(logp, advantages[rows].to(logp.dtype), ref_logps).sum()

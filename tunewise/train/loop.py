@@ -37,6 +37,7 @@ from .budget import Plan, lr_factor
 from .forward import FrozenCache, LayoutLoss, llama_parts, summed_cross_entropy
 from .layout import make_layout, shared_prefix
 from .methods import apply_method, count_params, decoder_layers, is_adapter
+from .sharded import local
 
 
 class TrainError(TunewiseError, RuntimeError):
@@ -421,10 +422,11 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
                              f"{t.objective} every process needs at least one example per step; raise batch_size or use fewer processes")
         notes.append(f"batch_size={t.batch_size} < {accelerator.num_processes} processes: {accelerator.num_processes - t.batch_size} of them "
                      "run a masked copy each step (no loss, no gradient) so that the collectives meet")
+    layers = decoder_layers(model.get_base_model() if hasattr(model, "get_base_model") else model)
     if sharded:  # the optimizer is built on the shards
         from .sharded import shard
 
-        shard(loss_module, decoder_layers(model.get_base_model() if hasattr(model, "get_base_model") else model))
+        shard(loss_module, layers)
         notes.append(f"fsdp: parameters, gradients and optimizer state sharded over {accelerator.num_processes} processes")
     elif t.fsdp:
         notes.append("fsdp: one process, nothing to shard (use --processes N)")
@@ -432,7 +434,7 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     n_batches = math.ceil(len(train_ex) / t.batch_size)
     natural = t.max_steps or max(1, math.ceil(n_batches * t.epochs / t.grad_accum))
-    n_layers = len(decoder_layers(model.get_base_model() if hasattr(model, "get_base_model") else model))
+    n_layers = len(layers)
     first = loss_module.first_trainable if cache is not None else 0
     # a cached step runs the trainable layers only (forward + backward ~ 3x), a fresh one also the frozen forward
     plan = Plan(natural, t.max_minutes * 60 if t.max_minutes else None, t0,
@@ -440,8 +442,9 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
                 cached_ratio=3 * (n_layers - first) / (first + 3 * (n_layers - first)),
                 eval_every=t.eval_every, has_validation=bool(val_ex))
     scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, plan.total, int(t.warmup_ratio * plan.total), t.scheduler))
-    loss_fn = loss_module if sharded else None  # sharded: FSDP syncs the gradients; else accelerate wraps it in DDP
-    if not sharded:
+    if sharded:  # FSDP syncs the gradients itself
+        loss_fn = loss_module
+    else:  # accelerate wraps it in DDP when there are several processes
         loss_fn, optimizer = accelerator.prepare(loss_module, optimizer)
     if t.objective == "grpo":
         from .grpo import Rollouts
@@ -536,11 +539,7 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
             micro = [next_batch() for _ in range(t.grad_accum)]
             fresh = cache is not None and not all(cache.has(b[1]) for b in micro)
             loss_sum, n_loss = backward_accumulated(run.loss_fn, micro, accelerator)
-            grad_norm = accelerator.clip_grad_norm_(run.params, t.max_grad_norm) if t.max_grad_norm else None
-            if run.sharded and grad_norm is not None:
-                from .sharded import local
-
-                grad_norm = local(grad_norm)
+            grad_norm = local(accelerator.clip_grad_norm_(run.params, t.max_grad_norm)) if t.max_grad_norm else None
             run.optimizer.step()
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)

@@ -24,19 +24,14 @@ def shard(loss_module, decoder_layers) -> None:
     fully_shard(loss_module)
 
 
-def is_sharded(model) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def full_state(model, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """The model's full (unsharded) state dict on CPU, on every process (a collective call)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    kept = {n for n, _ in model.named_parameters()}  # a tied weight (the head sharing the embeddings) under its first name only
-    sd = {k: v for k, v in sd.items() if k in kept or k not in {n for n, _ in model.named_parameters(remove_duplicate=False)}}
+    # a tied weight (the head sharing the embeddings) under its first name only
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    sd = {k: v for k, v in sd.items() if k not in aliases}
     if trainable_only:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         sd = {k: v for k, v in sd.items() if k in names}

@@ -95,7 +95,7 @@ def create_ui(configs: list[Path], workspace: Path, token: str | None = None) ->
     app.state.jobs = Jobs(workspace)
     app.state.token = token
     app.state.csrf = secrets.token_urlsafe(24)
-    app.state.serve = [_playground_server(p.cfg) for p in app.state.projects]
+    app.state.serve = [_PlaygroundServer(p.cfg) for p in app.state.projects]
     app.middleware("http")(_guard)
     app.add_exception_handler(UiError, _ui_error)
     from .pages import router as pages
@@ -107,15 +107,26 @@ def create_ui(configs: list[Path], workspace: Path, token: str | None = None) ->
     return app
 
 
-def _playground_server(cfg: ProjectConfig):
-    """The project's `tunewise serve` app for the playground: models load on the first message; behind the UI's
-    token and CSRF guard instead of API keys; playground chats are not production traffic, so they are not logged."""
-    from ..config import replace
-    from ..serve.app import create_app
+class _PlaygroundServer:
+    """The project's `tunewise serve` app for the playground, built on first use (it imports torch and the engine,
+    which the rest of the UI does not need at start-up); models load on the first message. Behind the UI's token
+    and CSRF guard instead of API keys; playground chats are not production traffic, so they are not logged."""
 
-    served = create_app(replace(cfg, "serve", log_requests=False, api_keys=[]))
-    served.state.keys = []  # TUNEWISE_API_KEYS guards the real server, not the UI's
-    return served
+    def __init__(self, cfg: ProjectConfig):
+        self.cfg, self._app = cfg, None
+
+    @property
+    def app(self):
+        if self._app is None:
+            from ..config import replace
+            from ..serve.app import create_app
+
+            self._app = create_app(replace(self.cfg, "serve", log_requests=False, api_keys=[]))
+            self._app.state.keys = []  # TUNEWISE_API_KEYS guards the real server, not the UI's
+        return self._app
+
+    async def __call__(self, scope, receive, send):
+        await self.app(scope, receive, send)
 
 
 router = APIRouter()

@@ -254,14 +254,14 @@ async def decision_page(pid: int, request: Request):
 @router.get("/p/{pid}/playground", response_class=HTMLResponse)
 async def playground(pid: int, request: Request):
     p = project(request, pid)
-    served = request.app.state.serve[pid]
-    names = [m["id"] for m in served.state.models.listing()]
+    listing = request.app.state.serve[pid].app.state.models.listing()
+    names = [m["id"] for m in listing]
     pick = lambda i: "".join(f'<option{" selected" if n == names[min(i, len(names) - 1)] else ""}>{html.escape(n)}</option>' for n in names)  # noqa: E731
     panes = "".join(
         f'<div class="pane"><label>model <select id="m{i}">{pick(i)}</select></label>'
         f'<div id="s{i}" class="status">idle</div><div id="o{i}" class="answer"></div><ol id="c{i}" class="cites"></ol></div>' for i in (0, 1))
     body = (f"<p>The same message to two models at once, answers streamed as they are generated (production is "
-            f"{html.escape(next((m.get('tunewise_resolves_to', '') for m in served.state.models.listing() if m['id'] == 'production'), 'base'))}; "
+            f"{html.escape(next((m.get('tunewise_resolves_to', '') for m in listing if m['id'] == 'production'), 'base'))}; "
             "a name with +kb answers from the knowledge base and lists its citations).</p>"
             '<p><input id="system" size=80 placeholder="system prompt (optional)" value="' + html.escape(p.cfg.data.system_prompt or "") + '"></p>'
             '<p><textarea id="prompt" rows=3 cols=90 placeholder="your message"></textarea><br>'
