@@ -78,3 +78,42 @@ def test_monitor_with_too_few_queries_gives_no_verdict(tiny_model, tmp_path):
     _log(tmp_path / "few", [("where is my card", "card_arrival")] * 3)
     out = CliRunner().invoke(app, ["monitor", str(path), "--log-dir", str(tmp_path / "few")])
     assert out.exit_code == 0 and "too few logged queries" in out.output
+
+
+def test_surges_flag_a_dense_new_topic_and_nothing_in_the_same_distribution():
+    from tunewise.monitor import surges
+
+    rng = np.random.default_rng(0)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    centres = unit(rng.normal(size=(30, 16)))
+    draw = lambda n, c: unit(c[rng.integers(0, len(c), n)] + 0.2 * rng.normal(size=(n, 16)))  # noqa: E731
+    ref = draw(1000, centres[:25])
+    same, counts = surges(draw(300, centres[:25]), ref)
+    assert len(same) <= 3 and counts.mean() < 0.3 * 20  # the null: about the 23% the sample sizes predict
+    prod = np.concatenate([draw(240, centres[:25]), draw(60, centres[25:26])])  # one topic training never had
+    flagged, _ = surges(prod, ref)
+    assert len(flagged) >= 40 and (flagged >= 240).mean() >= 0.9  # the flagged are (nearly) all the new topic's
+
+
+def test_monitor_finds_held_back_intents_that_are_not_far_as_surges(tiny_model, tmp_path):
+    every = list(csv.DictReader(open(BANKING_TRAIN)))
+    random.Random(2).shuffle(every)
+    new = {"automatic_top_up", "pending_transfer", "exchange_rate"}
+    old = [r for r in every if r["category"] not in new]
+    path = _project(tmp_path, tiny_model, old[:800])
+    prod = old[800:950] + [r for r in every if r["category"] in new][:75]
+    random.Random(0).shuffle(prod)
+    _log(tmp_path / "new", [(r["text"], "card_arrival") for r in prod])
+    out = CliRunner().invoke(app, ["monitor", str(path), "--log-dir", str(tmp_path / "new")])
+    assert out.exit_code == 3, out.output
+    got = json.loads((tmp_path / "runs" / "tiny" / "monitor" / "monitor.json").read_text())
+    intent = {r["text"]: r["category"] for r in prod}
+    assert any(a.startswith("surges:") for a in got["alerts"]), got["alerts"]
+    top = got["surges"]["clusters"][:3]
+    assert {max(new, key=lambda n: sum(intent[q] == n for q in c["queries"])) for c in top} == new  # one cluster per new intent
+    flagged = [q for c in got["surges"]["clusters"] for q in c["queries"]]
+    assert sum(intent[q] in new for q in flagged) >= 0.8 * len(flagged)
+    assert got["surges"]["clusters"][0]["answers"][0][0] == "card_arrival"  # what the model answered them

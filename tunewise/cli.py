@@ -673,14 +673,23 @@ def monitor(
     console.print(f"drift: MMD^2 {d['mmd2']:.5f}, p = {d['p_value']:.4f} ({d['production']:,} vs {d['training']:,} training queries)", highlight=False)
     console.print(f"far from the training data: {f['count']:,} ({f['share']:.1%}) in {len(f['clusters'])} clusters", highlight=False)
     for c in f["clusters"][:5]:
-        console.print(f"  {c['size']:>5}  e.g. {c['examples'][0]!r}", highlight=False)
+        console.print(f"  {c['size']:>5}  e.g. {c['examples'][0]!r}", highlight=False, markup=False)
+    if "surges" in r:
+        sg = r["surges"]
+        console.print(f"surges (neighbourhoods where production asks far more than training has): {sg['count']:,} ({sg['share']:.1%}) "
+                      f"in {len(sg['clusters'])} clusters", highlight=False)
+        for c in sg["clusters"][:8]:
+            answered = ", ".join(f"{a} ({n})" for a, n in c["answers"])
+            console.print(f"  {c['size']:>5}  e.g. {c['examples'][0]!r}; answered {answered}", highlight=False, markup=False)
     if "labels" in r:
         console.print(f"labels: total variation {r['labels']['total_variation']:.3f} from training, {r['labels']['unknown_share']:.1%} unknown", highlight=False)
     console.print(f"abstention {s['abstention_rate']:.1%}, errors {s['error_rate']:.1%}, latency p50 {s['latency_p50_s']:.2f} s, "
                   f"p95 {s['latency_p95_s']:.2f} s", highlight=False)
     console.print(f"[bold]report:[/] {r['report']}")
+    from rich.markup import escape
+
     for a in r["alerts"]:
-        console.print(f"[red]alert:[/] {a}", highlight=False)
+        console.print(f"[red]alert:[/] {escape(a)}", highlight=False)
     if r["alerts"]:
         raise typer.Exit(3)
 

@@ -7,6 +7,11 @@
   training queries' own nearest-neighbour similarities; far queries are clustered greedily (a query joins the
   first cluster whose first query is at least `cluster_similarity` similar), the clusters shown largest first:
   candidate new intents.
+- Surges: a query whose `neighbours` nearest queries (production and training pooled) hold more production
+  queries than the two samples' sizes predict (a binomial tail, Benjamini-Hochberg at `surge_fdr` over all
+  queries), clustered like the far ones, with what the model answered to each cluster: a topic production asks
+  about far more than the training data has, e.g. a new intent whose queries look like old ones (close to
+  training queries, so not far, but many of them together where training has few).
 - Answers: for labelled data, the distribution of answered labels against the training labels (total-variation
   distance, and the share of answers that are no known label); the abstention rate.
 - Service: latency p50/p95 and the error rate (requests the server logged as failed).
@@ -66,8 +71,35 @@ def _clusters(vecs: np.ndarray, texts: list[str], threshold: float) -> list[dict
         else:
             heads.append(i)
             members.append([i])
-    out = [{"size": len(m), "examples": [texts[i] for i in m[:5]]} for m in members]
+    out = [{"size": len(m), "examples": [texts[i] for i in m[:5]], "queries": [texts[i] for i in m]} for m in members]
     return sorted(out, key=lambda c: -c["size"])
+
+
+def _binomial_sf(c: int, n: int, p: float) -> float:
+    """P(X >= c), X ~ Binomial(n, p)."""
+    from math import comb
+
+    return float(min(1.0, sum(comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(c, n + 1))))
+
+
+def surges(prod_v: np.ndarray, ref_v: np.ndarray, k: int = 20, fdr: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the production queries in over-represented neighbourhoods, each query's production-neighbour
+    count). Under the null (both samples from one distribution) a query's k nearest neighbours in the pooled set
+    are production queries at the rate (n_p - 1) / (n_p + n_t - 1); a count that high or higher has a binomial tail
+    probability, and Benjamini-Hochberg keeps the false discoveries among the flagged at `fdr`."""
+    n_p, n_t = len(prod_v), len(ref_v)
+    k = min(k, n_p + n_t - 1)
+    sims = prod_v @ np.concatenate([prod_v, ref_v]).T
+    sims[np.arange(n_p), np.arange(n_p)] = -np.inf
+    nn = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    counts = (nn < n_p).sum(1)
+    rate = (n_p - 1) / (n_p + n_t - 1)
+    tail = {c: _binomial_sf(int(c), k, rate) for c in np.unique(counts)}
+    p = np.array([tail[c] for c in counts])
+    order = np.argsort(p, kind="stable")
+    below = np.flatnonzero(p[order] <= fdr * np.arange(1, n_p + 1) / n_p)
+    flagged = np.sort(order[: below[-1] + 1]) if len(below) else np.zeros(0, dtype=int)
+    return flagged, counts
 
 
 def _queries(rows: list[dict]) -> list[str]:
@@ -93,7 +125,8 @@ def run_monitor(cfg: ProjectConfig, log_dir: Path | None = None) -> dict:
     plog = RequestLog(Path(log_dir or cfg.serve_log_dir))
     rows = list(plog.requests.rows())[-m.window:]
     answered = [r for r in rows if "error" not in r]
-    queries = [q for q in _queries(answered) if q.strip()]
+    pairs = [(q, (r.get("outputs") or [""])[0]) for q, r in zip(_queries(answered), answered) if q.strip()]
+    queries = [q for q, _ in pairs]
     out_dir = cfg.run_dir / "monitor"
     result: dict = {"log": str(plog.requests.dir), "requests": len(rows), "queries": len(queries), "alerts": []}
     if len(queries) < m.min_queries:
@@ -122,6 +155,19 @@ def run_monitor(cfg: ProjectConfig, log_dir: Path | None = None) -> dict:
     if share > m.max_far_share:
         result["alerts"].append(f"far queries: {share:.1%} of queries are far from every training query (> {m.max_far_share:.0%}); "
                                 f"{len(result['far']['clusters'])} clusters, the largest: {result['far']['clusters'][0]['examples'][0]!r}")
+    flagged, counts = surges(prod_v, ref_v, m.neighbours, m.surge_fdr)
+    clusters = _clusters(prod_v[flagged], [queries[i] for i in flagged], m.cluster_similarity)
+    answer_of = {q: a for q, a in pairs}
+    for c in clusters:
+        c["answers"] = Counter(answer_of[q] for q in c["queries"]).most_common(3)
+    s_share = len(flagged) / len(queries)
+    result["surges"] = {"count": int(len(flagged)), "share": s_share, "neighbours": min(m.neighbours, len(queries) + len(ref_q) - 1),
+                        "expected_share_of_neighbours": (len(queries) - 1) / (len(queries) + len(ref_q) - 1), "fdr": m.surge_fdr,
+                        "clusters": clusters}
+    if s_share > m.max_surge_share:
+        result["alerts"].append(f"surges: {s_share:.1%} of queries sit where production asks far more than training has "
+                                f"(> {m.max_surge_share:.0%}); {len(clusters)} clusters, the largest ({clusters[0]['size']}): "
+                                f"{clusters[0]['examples'][0]!r}")
     outputs = [(r.get("outputs") or [""])[0] for r in answered]
     labels = [r.label for r in train if r.label]
     if labels:
@@ -174,6 +220,14 @@ def _report(r: dict, out: Path) -> Path:
     parts.append(f"<h2>Far from the training data: {f['count']:,} queries ({f['share']:.1%})</h2>"
                  f"<p>Nearest training query less similar than {f['threshold']:.3f} (cosine). Clusters, largest first:</p>"
                  + _table(["queries", "examples"], [[c["size"], " | ".join(c["examples"][:3])] for c in f["clusters"][:15]]))
+    if "surges" in r:
+        sg = r["surges"]
+        parts.append(f"<h2>Surges: {sg['count']:,} queries ({sg['share']:.1%}) where production asks far more than training has</h2>"
+                     f"<p>Among each query's {sg['neighbours']} nearest queries (production and training pooled), more production ones "
+                     f"than the {sg['expected_share_of_neighbours']:.0%} the sample sizes predict (Benjamini-Hochberg, FDR {sg['fdr']:g}). "
+                     "Clusters, largest first, with what the model answered: candidate new intents.</p>"
+                     + _table(["queries", "examples", "answered"], [[c["size"], " | ".join(c["examples"][:3]),
+                                                                      ", ".join(f"{a} ({n})" for a, n in c["answers"])] for c in sg["clusters"][:15]]))
     if "labels" in r:
         lb = r["labels"]
         parts.append(f"<h2>Answered labels</h2><p>Total variation from training's distribution: {lb['total_variation']:.3f}; "
