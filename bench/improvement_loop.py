@@ -30,7 +30,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -42,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "support-intents" / "data"
 EXAMPLE = ROOT / "examples" / "support-intents" / "tunewise.yaml"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import free_port, start_server  # noqa: E402
+from serve_load import free_port, start_server, stop_server  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNEWISE_API_KEYS": ""}
 
@@ -153,11 +152,7 @@ def replay(out: Path, meta: dict, a) -> None:
             resp.raise_for_status()
             r["feedback"] = fb
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc, 30)
     new = set(meta["new_intents"])
     acc = lambda rs: sum(r["answer"] == r["category"] for r in rs) / max(1, len(rs))  # noqa: E731
     summary = {"queries": len(answers), "wall_s": round(wall, 1), "qps": round(len(answers) / wall, 2),
@@ -180,13 +175,11 @@ def add_harvest(out: Path) -> None:
     p.write_text(text.split("\n", 1)[0] + "\n" + yaml.safe_dump(cfg, sort_keys=False))
 
 
-def ci(xs: list[float], seed: int = 0, n: int = 2000) -> tuple[float, float, float]:
-    import numpy as np
+def ci(xs: list[float]) -> tuple[float, float, float]:
+    from tunewise.eval.stats import bootstrap_ci
 
-    x = np.asarray(xs, dtype=float)
-    rng = np.random.default_rng(seed)
-    boots = x[rng.integers(0, len(x), (n, len(x)))].mean(axis=1)
-    return float(x.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+    e = bootstrap_ci(xs)
+    return e.mean, e.low, e.high
 
 
 def report(out: Path, meta: dict) -> dict:
@@ -223,30 +216,32 @@ def report(out: Path, meta: dict) -> dict:
 
 
 def monitor_summary(out: Path, meta: dict) -> dict:
-    """What the monitor said, and whether its far-query clusters are the held-back intents."""
+    """What the monitor said, and whether its far-query and surge clusters are the held-back intents."""
     from collections import Counter
 
     m = json.loads((out / "runs" / "loop" / "monitor" / "monitor.json").read_text())
     pool = {json.loads(x)["text"]: json.loads(x)["category"] for x in (out / "data" / "pool.jsonl").read_text().splitlines()}
     new = set(meta["new_intents"])
-    far = m["far"]
-    clusters = []
-    for c in far["clusters"]:
-        cats = Counter(pool.get(q, "?") for q in c["queries"])
-        top, k = cats.most_common(1)[0]
-        clusters.append({"size": c["size"], "top_intent": top, "top_share": round(k / c["size"], 3), "new": top in new,
-                         "example": c["examples"][0]})
-    far_new = sum(v for c in far["clusters"] for q in c["queries"] if (v := pool.get(q) in new))
-    res = {"alerts": m["alerts"], "drift": m.get("drift"), "far_count": far["count"], "far_share": far["share"],
-           "far_of_new_intents": far_new, "pool_new": meta["pool_new"], "clusters": clusters[:12],
-           "clusters_led_by_new": sorted({c["top_intent"] for c in clusters if c["new"] and c["size"] >= 3})}
-    (out / "monitor-summary.json").write_text(json.dumps(res, indent=1, default=str))
+    res = {"alerts": m["alerts"], "drift": m.get("drift"), "pool_new": meta["pool_new"]}
     print("\nmonitor alerts:", *res["alerts"], sep="\n  ")
     print(f"drift: {json.dumps(res['drift'], default=str)[:300]}")
-    print(f"far queries: {res['far_count']} ({res['far_share']:.1%}), {far_new} of them from the new intents "
-          f"(of {meta['pool_new']} new-intent queries); clusters led by a new intent (size >= 3): {res['clusters_led_by_new']}")
-    for c in clusters[:12]:
-        print(f"  {c['size']:4d}  {c['top_intent']}{' (new)' if c['new'] else ''} {c['top_share']:.0%}  {c['example'][:70]!r}")
+    for kind in ("far", "surges"):
+        if kind not in m:
+            continue
+        clusters = []
+        for c in m[kind]["clusters"]:
+            top, k = Counter(pool.get(q, "?") for q in c["queries"]).most_common(1)[0]
+            clusters.append({"size": c["size"], "top_intent": top, "top_share": round(k / c["size"], 3), "new": top in new,
+                             "example": c["examples"][0]})
+        of_new = sum(pool.get(q) in new for c in m[kind]["clusters"] for q in c["queries"])
+        led = sorted({c["top_intent"] for c in clusters if c["new"] and c["size"] >= 3})
+        res[kind] = {"count": m[kind]["count"], "share": m[kind]["share"], "of_new_intents": of_new, "clusters": clusters[:12],
+                     "clusters_led_by_new": led}
+        print(f"{kind}: {m[kind]['count']} queries ({m[kind]['share']:.1%}), {of_new} of them from the new intents "
+              f"(of {meta['pool_new']} new-intent queries); clusters led by a new intent (size >= 3): {led}")
+        for c in clusters[:8]:
+            print(f"  {c['size']:4d}  {c['top_intent']}{' (new)' if c['new'] else ''} {c['top_share']:.0%}  {c['example'][:70]!r}")
+    (out / "monitor-summary.json").write_text(json.dumps(res, indent=1, default=str))
     return res
 
 

@@ -90,6 +90,14 @@ def start_server(config: Path, port: int, max_batch: int, env: dict) -> subproce
     raise RuntimeError("server did not start")
 
 
+def stop_server(p: subprocess.Popen, timeout: float = 20) -> None:
+    p.send_signal(signal.SIGINT)
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=ROOT / "examples" / "support-intents" / "tunewise.yaml")
@@ -114,11 +122,7 @@ def main():
             rows[mode] = asyncio.run(run_mode(f"http://127.0.0.1:{port}", texts, args.clients, args.requests, args.seconds, args.max_tokens, args.model))
             rows[mode]["peak_mb"] = peak_rss_mb(proc.pid)
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     t = Table(title=f"tunewise serve: {args.clients} concurrent clients, loopback, model {args.model}, max_tokens {args.max_tokens}")
     for h in ("mode", "ok requests", "wall s", "req/s", "p50 s", "p95 s", "p99 s", "statuses", "5xx", "server peak MB"):
         t.add_column(h)

@@ -60,7 +60,8 @@ def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int = 500, seed: int = 
     return observed, (hits + 1) / (permutations + 1)
 
 
-def _clusters(vecs: np.ndarray, texts: list[str], threshold: float) -> list[dict]:
+def _clusters(vecs: np.ndarray, texts: list[str], threshold: float, answers: list[str] | None = None) -> list[dict]:
+    """Greedy clusters, largest first: size, examples, all member queries, and (with answers) the 3 commonest answers."""
     heads: list[int] = []
     members: list[list[int]] = []
     for i, v in enumerate(vecs):
@@ -71,7 +72,8 @@ def _clusters(vecs: np.ndarray, texts: list[str], threshold: float) -> list[dict
         else:
             heads.append(i)
             members.append([i])
-    out = [{"size": len(m), "examples": [texts[i] for i in m[:5]], "queries": [texts[i] for i in m]} for m in members]
+    out = [{"size": len(m), "examples": [texts[i] for i in m[:5]], "queries": [texts[i] for i in m]}
+           | ({"answers": Counter(answers[i] for i in m).most_common(3)} if answers is not None else {}) for m in members]
     return sorted(out, key=lambda c: -c["size"])
 
 
@@ -156,10 +158,7 @@ def run_monitor(cfg: ProjectConfig, log_dir: Path | None = None) -> dict:
         result["alerts"].append(f"far queries: {share:.1%} of queries are far from every training query (> {m.max_far_share:.0%}); "
                                 f"{len(result['far']['clusters'])} clusters, the largest: {result['far']['clusters'][0]['examples'][0]!r}")
     flagged, counts = surges(prod_v, ref_v, m.neighbours, m.surge_fdr)
-    clusters = _clusters(prod_v[flagged], [queries[i] for i in flagged], m.cluster_similarity)
-    answer_of = {q: a for q, a in pairs}
-    for c in clusters:
-        c["answers"] = Counter(answer_of[q] for q in c["queries"]).most_common(3)
+    clusters = _clusters(prod_v[flagged], [queries[i] for i in flagged], m.cluster_similarity, [pairs[i][1] for i in flagged])
     s_share = len(flagged) / len(queries)
     result["surges"] = {"count": int(len(flagged)), "share": s_share, "neighbours": min(m.neighbours, len(queries) + len(ref_q) - 1),
                         "expected_share_of_neighbours": (len(queries) - 1) / (len(queries) + len(ref_q) - 1), "fdr": m.surge_fdr,
