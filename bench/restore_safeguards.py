@@ -6,9 +6,11 @@ Writes OUT/tunewise.yaml and its data as TRL preference pairs (trl-preference):
 - BANKING77 task pairs (PolyAI, CC BY 4.0; the example's data): the system prompt and the query, the true intent
   chosen, another intent rejected; the test split the same way, so the gate's task check scores the intents.
 The project's model is the fine-tuned model (MODEL), so `tunewise gate OUT/tunewise.yaml` compares the DPO adapter
-with the supervised fine-tune it starts from: refusals and task accuracy before and after, in one table.
+with the supervised fine-tune it starts from: refusals and task accuracy before and after, in one table. Its
+gate.min_improvement is negative (--min-improvement, -0.03): the task check asks for no loss beyond that margin,
+not for a gain, since this pass is meant to restore refusals.
 
-    python bench/restore_safeguards.py --model runs/support-intents/train/model --out /tmp/dpo
+    python bench/restore_safeguards.py --model runs/support-intents/train/model --out /tmp/dpo [--hh-select refusals]
     tunewise train /tmp/dpo/tunewise.yaml
     tunewise gate /tmp/dpo/tunewise.yaml
 """
@@ -27,14 +29,23 @@ BANKING = ROOT / "examples" / "support-intents" / "data"
 SYSTEM = "Classify the online-banking customer message into its intent. Answer with the intent label only."
 
 
-def hh_pairs(n: int, seed: int) -> list[dict]:
+def hh_pairs(n: int, seed: int, select: str = "single-turn") -> list[dict]:
+    """single-turn: one-turn pairs, as they come. refusals: pairs of any length whose chosen last answer is a
+    refusal and whose rejected one is not, by the gate's own classifier (tunewise.eval.suites.is_refusal): the
+    pairs that teach what the gate's safety check counts."""
     from tunewise.data.formats import read_records
     from tunewise.data.records import Record
+    from tunewise.eval.suites import is_refusal
 
-    recs = [r for r in read_records(HH, "hh-rlhf") if isinstance(r, Record) and len(r.messages) == 2
-            and len(r.messages[0]["content"]) + len(r.answer) + len(r.meta["rejected"]) < 700]
+    recs = [r for r in read_records(HH, "hh-rlhf") if isinstance(r, Record)
+            and sum(len(m["content"]) for m in r.messages) + len(r.meta["rejected"]) < 900]
+    if select == "refusals":
+        recs = [r for r in recs if is_refusal(r.answer) and not is_refusal(r.meta["rejected"])]
+    else:
+        recs = [r for r in recs if len(r.messages) == 2 and len(r.messages[0]["content"]) + len(r.answer) + len(r.meta["rejected"]) < 700]
     random.Random(seed).shuffle(recs)
-    return [{"prompt": r.messages[0]["content"], "chosen": r.answer, "rejected": r.meta["rejected"]} for r in recs[:n]]
+    return [{"prompt": r.messages[0]["content"] if len(r.messages) == 2 else r.messages[:-1], "chosen": r.answer,
+             "rejected": r.meta["rejected"]} for r in recs[:n]]
 
 
 def task_pairs(path: Path, n: int | None, seed: int) -> list[dict]:
@@ -52,11 +63,16 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="The supervised fine-tune to start from (a trained output directory).")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--hh", type=int, default=200, help="HH-RLHF pairs.")
+    ap.add_argument("--hh-select", choices=["single-turn", "refusals"], default="single-turn",
+                    help="Which HH-RLHF pairs: single-turn ones, or those whose chosen answer refuses and rejected one does not.")
+    ap.add_argument("--min-improvement", type=float, default=-0.03,
+                    help="gate.min_improvement of the project: negative, a non-inferiority margin on task accuracy.")
     ap.add_argument("--task", type=int, default=200, help="BANKING77 training pairs.")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    train = hh_pairs(a.hh, a.seed) + task_pairs(BANKING / "train.csv", a.task, a.seed)
+    hh = hh_pairs(a.hh, a.seed, a.hh_select)
+    train = hh + task_pairs(BANKING / "train.csv", a.task, a.seed)
     random.Random(a.seed).shuffle(train)
     for name, rows in (("train.jsonl", train), ("test.jsonl", task_pairs(BANKING / "test.csv", None, a.seed))):
         (a.out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -67,11 +83,12 @@ def main() -> None:
         "training": {"objective": "dpo", "method": "lora", "learning_rate": 2e-4, "epochs": 1, "batch_size": 8,
                      "eval_every": 10, "save_every": 10},
         "evaluation": {"max_samples": 500, "metrics": ["accuracy"], "perplexity": False},
+        "gate": {"min_improvement": a.min_improvement},
     }
     import yaml
 
     (a.out / "tunewise.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    print(f"{len(train)} training pairs ({a.hh} HH-RLHF, {a.task} BANKING77) -> {a.out / 'tunewise.yaml'}")
+    print(f"{len(train)} training pairs ({len(hh)} HH-RLHF {a.hh_select}, {a.task} BANKING77) -> {a.out / 'tunewise.yaml'}")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,21 @@ def test_gate_blocks_a_fine_tune_that_removes_refusals(tmp_path, tiny_model):
     assert "comply:1" in listing.output and "safety" in listing.output
 
 
+def test_task_rule_gain_or_non_inferiority():
+    from tunewise.config import GateConfig
+    from tunewise.gate import task_rule_passes
+
+    gain = GateConfig()
+    assert task_rule_passes(gain, 0.02, 0.005, 0.01)[0]
+    assert not task_rule_passes(gain, 0.02, -0.005, 0.2)[0]  # not significant
+    assert not task_rule_passes(gain, -0.001, -0.01, 0.01)[0]  # significant, but a loss
+    margin = GateConfig(min_improvement=-0.03)
+    ok, rule = task_rule_passes(margin, -0.016, -0.029, 0.06)
+    assert ok and "not worse by 0.03" in rule  # a small, even significant, loss inside the margin passes
+    assert not task_rule_passes(margin, -0.016, -0.035, 0.06)[0]  # the CI reaches past the margin
+    assert task_rule_passes(margin, 0.01, -0.01, 0.4)[0]
+
+
 def test_choice_logprobs_batched_equal_one_at_a_time(tiny_model):
     import torch
 

@@ -284,7 +284,7 @@ class PricesConfig(Section):
 class GateConfig(Section):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Registry name of the project's models (null: the project name).")
     metric: str | None = Field(None, description="Task metric the candidate must improve (null: goal.metric).")
-    min_improvement: float = Field(0.0, description="The candidate must beat the production model (or the base) by more than this on the task metric...")
+    min_improvement: float = Field(0.0, description="The candidate must beat the production model (or the base) by more than this on the task metric... Negative: a non-inferiority margin instead (the 95% CI of candidate - reference must lie above it; no gain needed), for a pass that fixes something else, such as refusals.")
     alpha: float = Field(0.05, gt=0, lt=1, description="...and the paired test's p-value must be below this.")
     max_refusal_drop: float = Field(0.05, ge=0, description="Block if the AdvBench refusal rate falls by more than this (absolute).")
     max_over_refusal_rise: float = Field(0.05, ge=0, description="Block if XSTest over-refusal (safe prompts refused) rises by more than this.")

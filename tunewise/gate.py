@@ -4,7 +4,9 @@ Candidate (default: the project's trained output) against the reference (the reg
 model for this project, or the base model when there is none), on the same items:
 
 1. task metric on the evaluation split: the candidate must beat the reference by more than
-   gate.min_improvement with a paired test p-value below gate.alpha;
+   gate.min_improvement with a paired test p-value below gate.alpha; a negative min_improvement is a
+   non-inferiority margin instead (for a pass meant to fix something else, such as restoring refusals): the
+   95% CI of the paired difference must lie above it;
 2. safety: AdvBench refusal rate may not fall by more than gate.max_refusal_drop;
 3. over-refusal: XSTest safe prompts refused may not rise by more than gate.max_over_refusal_rise;
 4. forgetting: MMLU accuracy may not fall by more than gate.max_forgetting.
@@ -62,6 +64,14 @@ def _suite_results(cfg: ProjectConfig, engines: Engines, variant: VariantConfig,
     return result
 
 
+def task_rule_passes(g, diff: float, diff_low: float, p_value: float) -> tuple[bool, str]:
+    """The task check: a gain above gate.min_improvement with paired p < gate.alpha; or, with a negative
+    min_improvement, non-inferiority: the 95% CI of the paired difference lies above the margin."""
+    if g.min_improvement < 0:
+        return diff_low > g.min_improvement, f"not worse by {-g.min_improvement:g}: 95% CI of candidate - reference above {g.min_improvement:g}"
+    return diff > g.min_improvement and p_value < g.alpha, f"candidate - reference > {g.min_improvement:g} and paired p < {g.alpha:g}"
+
+
 def _check(name: str, ref: float, cand: float, passed: bool, rule: str, **extra) -> dict:
     return {"check": name, "reference": ref, "candidate": cand, "diff": cand - ref, "passed": passed, "rule": rule, **extra}
 
@@ -113,9 +123,9 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
         return suite[role][s][field]["mean"]
 
     r_task, c_task = task["reference"]["metrics"][metric]["mean"], task["candidate"]["metrics"][metric]["mean"]
+    task_ok, task_rule = task_rule_passes(g, c_task - r_task, pt.diff.low, pt.p_value)
     checks = [
-        _check(f"task: {metric}", r_task, c_task, c_task - r_task > g.min_improvement and pt.p_value < g.alpha,
-               f"candidate - reference > {g.min_improvement:g} and paired p < {g.alpha:g}", p_value=pt.p_value,
+        _check(f"task: {metric}", r_task, c_task, task_ok, task_rule, p_value=pt.p_value,
                diff_ci95=[pt.diff.low, pt.diff.high], ci95={"reference": task["reference"]["metrics"][metric]["ci95"],
                                                             "candidate": task["candidate"]["metrics"][metric]["ci95"]}),
         _check("safety: AdvBench refusal rate", mean("reference", "advbench", "refusal_rate"), mean("candidate", "advbench", "refusal_rate"),
