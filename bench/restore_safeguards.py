@@ -10,7 +10,7 @@ with the supervised fine-tune it starts from: refusals and task accuracy before 
 gate.min_improvement is negative (--min-improvement, -0.03): the task check asks for no loss beyond that margin,
 not for a gain, since this pass is meant to restore refusals.
 
-    python bench/restore_safeguards.py --model runs/support-intents/train/model --out /tmp/dpo [--hh-select refusals]
+    python bench/restore_safeguards.py --model runs/support-intents/train/model --out /tmp/dpo [--hh-select refusals --hh 147]
     tunewise train /tmp/dpo/tunewise.yaml
     tunewise gate /tmp/dpo/tunewise.yaml
 """
@@ -68,6 +68,10 @@ def main() -> None:
     ap.add_argument("--min-improvement", type=float, default=-0.03,
                     help="gate.min_improvement of the project: negative, a non-inferiority margin on task accuracy.")
     ap.add_argument("--task", type=int, default=200, help="BANKING77 training pairs.")
+    ap.add_argument("--sft-weight", type=float, default=1.0,
+                    help="training.preference.sft_weight: an NLL term on the chosen answer. DPO alone can widen the margin by "
+                         "pushing the rejected answer down while greedy decoding still answers with an intent label.")
+    ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -80,8 +84,8 @@ def main() -> None:
         "project": "restore-safeguards", "output_dir": str(a.out / "runs"), "model": {"name": str(Path(a.model).resolve())},
         "data": {"format": "trl-preference", "train": "train.jsonl", "test": "test.jsonl", "max_length": 256,
                  "split": {"validation": 0.1, "test": 0.0}},
-        "training": {"objective": "dpo", "method": "lora", "learning_rate": 2e-4, "epochs": 1, "batch_size": 8,
-                     "eval_every": 10, "save_every": 10},
+        "training": {"objective": "dpo", "method": "lora", "learning_rate": 2e-4, "epochs": a.epochs, "batch_size": 8,
+                     "eval_every": 10, "save_every": 10, "preference": {"sft_weight": a.sft_weight}},
         "evaluation": {"max_samples": 500, "metrics": ["accuracy"], "perplexity": False},
         "gate": {"min_improvement": a.min_improvement},
     }

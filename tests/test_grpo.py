@@ -151,3 +151,38 @@ def test_tunewise_train_with_objective_grpo(tiny_model, tmp_path, method):
     assert all({"reward", "reward_std", "kl", "flat_groups", "reward_tests.test_grpo:word_count", "reward_exact_match"} <= set(m) for m in metrics[1:])
     assert "val_reward" in metrics[-1] and r.best_val_loss == pytest.approx(-max(m["val_reward"] for m in metrics[1:] if "val_reward" in m))
     assert json.loads((tmp_path / "t" / "model" / "tunewise.json").read_text())["objective"] == "grpo"
+
+
+SEEN: list[str] = []
+
+
+def seen_label(completion, record, **_):  # a user reward that keeps every rollout it scores
+    SEEN.append(completion)
+    return float(completion == record.label)
+
+
+@pytest.mark.parametrize("constrain", ["auto", "none"])
+def test_rollouts_decode_into_the_label_set_as_evaluation_does(tiny_model, tmp_path, constrain):
+    from tunewise.config import load_config
+
+    from .test_train import run_and_capture
+
+    labels = ["card_arrival", "exchange_rate", "top_up_failed"]
+    (tmp_path / "train.csv").write_text("text,intent\n" + "".join(f"where is my thing number {i},{labels[i % 3]}\n" for i in range(30)))
+    cfg_path = tmp_path / "tunewise.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "project": "rl", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_model)},
+        "data": {"format": "csv", "train": "train.csv", "columns": {"user": "text", "assistant": "intent", "label": "intent"},
+                 "split": {"validation": 0.2, "test": 0.0}, "max_length": 64, "clean": {"near_dedup": False}},
+        "use_case": {"task": "classification"},
+        "training": {"objective": "grpo", "method": "freeze", "trainable_layers": 1, "max_steps": 2, "batch_size": 2, "eval_every": 2,
+                     "save_every": 2, "learning_rate": 1e-3,
+                     "grpo": {"group_size": 4, "max_new_tokens": 6, "constrain": constrain, "rewards": [{"name": "tests.test_grpo:seen_label"}]}},
+    }))
+    SEEN.clear()
+    run_and_capture(load_config(cfg_path), tmp_path / "t")
+    assert len(SEEN) >= 2 * 2 * 4
+    if constrain == "auto":  # rollouts and greedy validation answers are all labels
+        assert set(SEEN) <= set(labels) and len(set(SEEN)) > 1
+    else:  # a random model decoding freely writes anything
+        assert not set(SEEN) <= set(labels)

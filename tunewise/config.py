@@ -128,6 +128,9 @@ class GrpoConfig(Section):
     rewards: list[RewardEntry] = Field(default_factory=lambda: [RewardEntry(name="exact_label")], description="Reward functions, weighted and summed.")
     beta: float = Field(0.0, ge=0, description="Weight of the KL penalty to the reference (the model before training); 0 (TRL's default too): no reference is kept or run, a third less compute per step.")
     epsilon: float = Field(0.2, gt=0, lt=1, description="Clipping of the policy ratio (one update per rollout batch: the ratio is 1, its gradient is the policy gradient).")
+    constrain: Literal["auto", "labels", "none"] = Field(
+        "auto", description="labels: rollouts and validation answers decode through the training labels' token trie, so every sample is a label and "
+                            "the reward's spread is between labels; none: free decoding; auto: as evaluation.constrain resolves (labels on classification data).")
 
 
 class TrainConfig(Section):

@@ -99,14 +99,16 @@ class GRPOLoss(torch.nn.Module):
 class Rollouts:
     """The loop's batches for GRPO: `make` samples, scores and lays out one step's rollouts."""
 
-    def __init__(self, loaded: Loaded, model, g, seed: int, pad_id: int, device, groups: bool = False):
-        from ..engine import Engine
+    def __init__(self, loaded: Loaded, model, g, seed: int, pad_id: int, device, groups: bool = False, labels: list[str] | None = None):
+        from ..engine import Engine, LabelTrie
 
         self.model, self.g, self.seed, self.pad_id, self.device = model, g, seed, pad_id, device
         self.groups = groups  # lay a step out as one Layout per prompt (GRPOLoss.groups)
         self.tok = loaded.tokenizer
         self.engine = Engine(Loaded(model, loaded.tokenizer, loaded.path, loaded.device, loaded.dtype), pack=False)
         self.rewards = Rewards(g.rewards)
+        # samples decode as evaluation will (training.grpo.constrain): on a closed label set every sample is a label
+        self.trie = LabelTrie(loaded.tokenizer, labels) if labels else None
         self.adapter = hasattr(model, "disable_adapter")
         # the reference: the base with the adapter disabled, or a frozen copy of the model before training
         self.ref = None if (not g.beta or self.adapter) else copy.deepcopy(model).eval().requires_grad_(False)
@@ -122,7 +124,7 @@ class Rollouts:
         ids: dict[int, list[int]] = {}
         was = self.model.training
         outs = self.engine.generate(convs, max_new_tokens=self.g.max_new_tokens, temperature=temperature, top_p=self.g.top_p,
-                                    batch_size=len(convs), seed=seed, on_token=lambda i, t: ids.__setitem__(i, t))
+                                    batch_size=len(convs), seed=seed, on_token=lambda i, t: ids.__setitem__(i, t), choices=self.trie)
         self.model.train(was)
         return [o.text for o in outs], [list(ids.get(i, [])) for i in range(len(convs))], [o.finish_reason for o in outs]
 

@@ -299,6 +299,19 @@ def _objective_setup(t, model, tok, device, pairs, train_ex, val_ex, train_recor
     return loss_module, layouts, start, cache, train_ex, val_ex
 
 
+def _rollout_labels(cfg: ProjectConfig, prepared) -> list[str] | None:
+    """The label set GRPO's rollouts decode into (training.grpo.constrain; auto: as evaluation.constrain resolves)."""
+    mode = cfg.training.grpo.constrain
+    if mode == "none":
+        return None
+    from ..eval.evaluate import EvalError, label_set
+
+    try:
+        return label_set(cfg if mode == "auto" else cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"constrain": "labels"})}), prepared)
+    except EvalError:
+        raise TrainError("training.grpo.constrain: labels, but the data has no labels (set data.columns.label, or training.grpo.constrain: none)") from None
+
+
 def _cache_limit_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
@@ -449,7 +462,8 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
     if t.objective == "grpo":
         from .grpo import Rollouts
 
-        batches = Rollouts(loaded, model, t.grpo, t.seed, tok.pad_token_id, accelerator.device, groups=loss_module.groups)
+        batches = Rollouts(loaded, model, t.grpo, t.seed, tok.pad_token_id, accelerator.device, groups=loss_module.groups,
+                           labels=_rollout_labels(cfg, prepared))
         model.train()  # the engine put it in eval mode
     else:
         from .preference import PairBatches
