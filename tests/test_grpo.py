@@ -186,3 +186,31 @@ def test_rollouts_decode_into_the_label_set_as_evaluation_does(tiny_model, tmp_p
         assert set(SEEN) <= set(labels) and len(set(SEEN)) > 1
     else:  # a random model decoding freely writes anything
         assert not set(SEEN) <= set(labels)
+
+
+def test_flat_groups_are_left_out_of_the_loss_pass_and_carry_no_gradient(tiny64):
+    """A group whose rewards are all equal has zero advantages: leaving it out of the grouped loss changes neither
+    the summed loss nor any gradient (float64); only the step's token count, which skip_flat makes the teaching tokens'."""
+    from tunewise.data.tokenize import IGNORE, Tokenized
+    from tunewise.train.grpo import GRPOLoss, group_advantages, informative_groups
+    from tunewise.train.layout import make_layout
+
+    assert informative_groups(group_advantages(torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0]), 2), 2) == [2, 4]
+    assert informative_groups(group_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0]), 2), 2) == [0]  # all flat: one, no gradient
+    model, tok = tiny64
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"] for q in ("Where is my card?", "My top-up failed")]
+    comps = [["card_arrival", "card_arrival"], ["top_up_failed", "pending_top_up"]]
+    rows = [Tokenized(p + tok(c)["input_ids"], [IGNORE] * len(p) + tok(c)["input_ids"]) for p, cs in zip(prompts, comps) for c in cs]
+    adv = group_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64), 2)
+    loss_fn = GRPOLoss(model, 0.0, 0.2)
+
+    def grads(starts):
+        model.zero_grad()
+        loss = loss_fn(groups=[(make_layout(rows[k : k + 2], tok.pad_token_id, share_prefix=True), adv[k : k + 2]) for k in starts])
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full, kept = grads([0, 2]), grads(informative_groups(adv, 2))
+    assert informative_groups(adv, 2) == [2] and kept[0] == pytest.approx(full[0], rel=1e-12)
+    assert all(torch.allclose(kept[1][n], g, rtol=1e-12, atol=1e-15) for n, g in full[1].items())

@@ -128,6 +128,8 @@ class GrpoConfig(Section):
     rewards: list[RewardEntry] = Field(default_factory=lambda: [RewardEntry(name="exact_label")], description="Reward functions, weighted and summed.")
     beta: float = Field(0.0, ge=0, description="Weight of the KL penalty to the reference (the model before training); 0 (TRL's default too): no reference is kept or run, a third less compute per step.")
     epsilon: float = Field(0.2, gt=0, lt=1, description="Clipping of the policy ratio (one update per rollout batch: the ratio is 1, its gradient is the policy gradient).")
+    skip_flat: bool = Field(True, description="beta 0: groups whose rewards are all equal (zero advantage, so no gradient) are left out of the loss pass and of the "
+                                               "step's token count, so the step is the mean over the tokens that teach (DAPO's dynamic sampling, without re-sampling).")
     constrain: Literal["auto", "labels", "none"] = Field(
         "auto", description="labels: rollouts and validation answers decode through the training labels' token trie, so every sample is a label and "
                             "the reward's spread is between labels; none: free decoding; auto: as evaluation.constrain resolves (labels on classification data).")

@@ -46,6 +46,13 @@ def prompts_of(tok, records: list[Record]) -> list[Prompt]:
     return out
 
 
+def informative_groups(advantages: torch.Tensor, group_size: int) -> list[int]:
+    """The first row of each group whose advantages are not all zero (a group whose rewards are all equal teaches
+    nothing); at least one group, so that a step of flat groups still has a (zero-gradient) loss."""
+    starts = [k for k in range(0, len(advantages), group_size) if bool(advantages[k : k + group_size].ne(0).any())]
+    return starts or [0]
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """(r - group mean) / (group std + 1e-4), the std unbiased as TRL's."""
     g = rewards.view(-1, group_size)
@@ -145,8 +152,9 @@ class Rollouts:
             from .layout import make_layout
 
             n = self.g.group_size
+            starts = informative_groups(advantages, n) if self.g.skip_flat else range(0, len(rows), n)
             b = {"groups": [(make_layout(rows[k : k + n], self.pad_id, share_prefix=True).to(self.device), advantages[k : k + n])
-                            for k in range(0, len(rows), n)]}
+                            for k in starts]}
         else:
             b = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
             b["advantages"] = advantages
