@@ -51,11 +51,16 @@ def point(method: str, epochs: float | None, minutes: float | None, sets: list[s
     summary = json.loads((cfg.run_dir / "train" / "train_summary.json").read_text())
     acc = s["metrics"]["accuracy"]
     return {"method": method, "epochs": epochs, "minutes": minutes, "set": sets, "steps": r.steps,
-            "epochs_done": round(r.steps * cfg.training.batch_size * cfg.training.grad_accum / max(1, summary["tokens"].get("examples", 1)), 3)
-            if isinstance(summary.get("tokens"), dict) and summary["tokens"].get("examples") else None,
+            "epochs_done": _epochs_done(cfg.run_dir / "train" / "metrics.jsonl"),
             "train_wall_s": round(r.wall_s, 1), "tokens_per_s": round(r.tokens_per_s, 1), "best_val_loss": r.best_val_loss,
             "accuracy": acc["mean"], "ci95": acc["ci95"], "test_items": s["items"], "eval_items_per_s": round(s["items_per_s"], 2),
             "defaults": r.defaults, "notes": r.notes}
+
+
+def _epochs_done(metrics: Path) -> float | None:
+    """Epochs as the loop counted them (the batch size train/defaults.py chose, not the config's field)."""
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if '"epoch"' in x]
+    return rows[-1]["epoch"] if rows else None
 
 
 def main():

@@ -253,3 +253,44 @@ def test_a_damaged_checkpoint_is_not_used(tmp_path):
         stages = []
         prepare_data(cfg, out, chunk_size=7, resume=True, progress=lambda s, n: stages.append(s))
         assert "resuming" not in stages and _outputs(out) == ref, damage
+
+
+def test_processes_asking_for_the_same_data_at_once_prepare_it_once(tmp_path, monkeypatch):
+    """`tunewise tune --workers 2` on a fresh project: both workers ask for the prepared data at once. One prepares
+    (under the lock), the other waits and reads it; without the lock both wrote the same work files (an mmap of a
+    half-written signature file failed)."""
+    import threading
+    import time
+
+    import tunewise.data.prepare as prep
+    from tunewise.data.prepared import ensure_prepared
+
+    good = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i % 3}"}]} for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(g) for g in good))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"output_dir": "out", "data": {"format": "openai", "train": "train.jsonl"}}))
+    cfg = load_config(tmp_path / "t.yaml")
+    real, running, calls = prep.prepare_data, [], []
+
+    def slow(*a, **k):  # holds the preparation open long enough for the other thread to arrive
+        running.append(1)
+        calls.append(len(running))
+        time.sleep(0.5)
+        try:
+            return real(*a, **k)
+        finally:
+            running.pop()
+
+    monkeypatch.setattr(prep, "prepare_data", slow)
+    start = threading.Barrier(2)
+    got = []
+
+    def ask():
+        start.wait()
+        got.append(ensure_prepared(cfg).summary["outputs"]["train"]["sha256"])
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [1] and len(got) == 2 and got[0] == got[1]

@@ -66,10 +66,21 @@ def prepared_is_current(cfg: ProjectConfig, prepared: Prepared) -> bool:
 
 
 def ensure_prepared(cfg: ProjectConfig, tokenizer=None) -> Prepared:
+    """The project's prepared data, preparing it first when missing or stale. Several processes may ask at once
+    (`tunewise tune --workers N` on a fresh project): one prepares, under a lock beside the data folder, and the others
+    wait and then read what it wrote."""
+    import fcntl
+
     data_dir = cfg.run_dir / "data"
     existing = load_prepared(data_dir)
     if existing is not None and prepared_is_current(cfg, existing):
         return existing
     from .prepare import prepare_data
 
-    return prepare_data(cfg, data_dir, tokenizer, resume=True)  # a checkpoint of other inputs or config is not used
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(data_dir.parent / f".{data_dir.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        existing = load_prepared(data_dir)
+        if existing is not None and prepared_is_current(cfg, existing):
+            return existing
+        return prepare_data(cfg, data_dir, tokenizer, resume=True)  # a checkpoint of other inputs or config is not used
