@@ -80,6 +80,7 @@ def test_two_workers_share_a_postgres_study(tiny_project, tmp_path):
         assert out.exit_code == 0, out.output
         result = json.loads((tmp_path / "runs" / "tiny" / "tune" / "trials.json").read_text())
         done = [t for t in result["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
-        assert len(done) >= 8 and len({t["pid"] for t in done if "pid" in t}) == 2  # both processes ran trials
+        assert len({t["pid"] for t in done if "pid" in t}) == 2  # both processes ran trials
+        assert len(result["trials"]) == len(done) == 8  # and no worker started a ninth while the last ones ran elsewhere
     finally:
         srv.cleanup()

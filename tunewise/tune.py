@@ -193,6 +193,24 @@ def _objective(config_path: Path, overrides: list[str], say):
     return objective
 
 
+class _EnoughTrials:
+    """Stops this worker once the study's finished and running trials make `n`. Optuna's MaxTrialsCallback counts
+    only finished ones, so a worker starts another trial while the last ones are still running elsewhere, and N
+    workers overshoot by up to N - 1 whole trials (measured: 5 trials for 4 with two workers). Trials of workers
+    that died (stale heartbeat) are failed first, so they are not counted as running (and are retried once)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, study, trial) -> None:
+        from optuna.storages import fail_stale_trials
+        from optuna.trial import TrialState
+
+        fail_stale_trials(study)
+        if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))) >= self.n:
+            study.stop()
+
+
 def run_tune(config_path: Path, overrides: list[str] | None = None, trials: int | None = None, storage: str | None = None,
              workers: int = 1, worker_rank: int = 0, say=print) -> dict | None:
     """Run (or resume) the study until `trials` trials are finished; the main process writes the outputs."""
@@ -223,7 +241,8 @@ def run_tune(config_path: Path, overrides: list[str] | None = None, trials: int 
     finished = len(study.get_trials(deepcopy=False, states=done))
     if finished < n:
         say(f"study {cfg.project} ({url}): {finished} of {n} trials finished; running")
-        study.optimize(_objective(config_path, overrides, say), callbacks=[MaxTrialsCallback(n, states=done)], gc_after_trial=True)
+        study.optimize(_objective(config_path, overrides, say), callbacks=[MaxTrialsCallback(n, states=done), _EnoughTrials(n)],
+                       gc_after_trial=True)
     for p in procs:
         if p.wait() != 0:
             raise TuneError(f"tune worker (pid {p.pid}) exited with {p.returncode}")
