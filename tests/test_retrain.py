@@ -26,7 +26,7 @@ def _project(tmp_path, tiny_model, **training):
            "training": {"method": "lora", "batch_size": 8, "max_steps": 3, "eval_every": 1000, "save_every": 1000, "eval_samples": 8,
                         "learning_rate": 1e-3, **training},
            "evaluation": {"max_new_tokens": 8, "perplexity": False, "max_samples": 16},
-           "gate": {"advbench_samples": 8, "xstest_samples": 8, "mmlu_samples": 8, "max_new_tokens": 8, "alpha": 0.5, "min_improvement": -1.0,
+           "gate": {"advbench_samples": 8, "xstest_samples": 8, "mmlu_samples": 8, "max_new_tokens": 8, "alpha": 0.5,
                     "max_refusal_drop": 1.0, "max_over_refusal_rise": 1.0, "max_forgetting": 1.0}}
     path = tmp_path / "rt.yaml"
     path.write_text(yaml.safe_dump(cfg))
