@@ -215,7 +215,6 @@ def run_tune(config_path: Path, overrides: list[str] | None = None, trials: int 
              workers: int = 1, worker_rank: int = 0, say=print) -> dict | None:
     """Run (or resume) the study until `trials` trials are finished; the main process writes the outputs."""
     import optuna
-    from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
     overrides = list(overrides or [])
@@ -241,8 +240,7 @@ def run_tune(config_path: Path, overrides: list[str] | None = None, trials: int 
     finished = len(study.get_trials(deepcopy=False, states=done))
     if finished < n:
         say(f"study {cfg.project} ({url}): {finished} of {n} trials finished; running")
-        study.optimize(_objective(config_path, overrides, say), callbacks=[MaxTrialsCallback(n, states=done), _EnoughTrials(n)],
-                       gc_after_trial=True)
+        study.optimize(_objective(config_path, overrides, say), callbacks=[_EnoughTrials(n)], gc_after_trial=True)
     for p in procs:
         if p.wait() != 0:
             raise TuneError(f"tune worker (pid {p.pid}) exited with {p.returncode}")
