@@ -48,7 +48,6 @@ def point(method: str, epochs: float | None, minutes: float | None, sets: list[s
     r = train(cfg, cfg.run_dir / "train", progress=True, defaults=True)
     variant = next(v for v in cfg.evaluation.variants if v.kind == "fine-tuned")
     s = evaluate(cfg, variant, out_root=cfg.run_dir / "eval")
-    summary = json.loads((cfg.run_dir / "train" / "train_summary.json").read_text())
     acc = s["metrics"]["accuracy"]
     return {"method": method, "epochs": epochs, "minutes": minutes, "set": sets, "steps": r.steps,
             "epochs_done": _epochs_done(cfg.run_dir / "train" / "metrics.jsonl"),

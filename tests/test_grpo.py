@@ -214,3 +214,19 @@ def test_flat_groups_are_left_out_of_the_loss_pass_and_carry_no_gradient(tiny64)
     full, kept = grads([0, 2]), grads(informative_groups(adv, 2))
     assert informative_groups(adv, 2) == [2] and kept[0] == pytest.approx(full[0], rel=1e-12)
     assert all(torch.allclose(kept[1][n], g, rtol=1e-12, atol=1e-15) for n, g in full[1].items())
+
+
+def test_constrain_labels_on_data_without_labels_names_the_key(tiny_model, tmp_path):
+    from tunewise.config import load_config
+    from tunewise.train.loop import TrainError, train
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q {i}"},
+                                                                           {"role": "assistant", "content": f"a {i}"}]}) + "\n" for i in range(20)))
+    cfg_path = tmp_path / "tunewise.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "project": "rl", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_model)},
+        "data": {"format": "openai", "train": "train.jsonl", "split": {"validation": 0.2, "test": 0.0}, "max_length": 64},
+        "training": {"objective": "grpo", "method": "lora", "max_steps": 1, "batch_size": 2, "grpo": {"group_size": 2, "constrain": "labels"}},
+    }))
+    with pytest.raises(TrainError, match=r"training.grpo.constrain: labels, but the data has no labels"):
+        train(load_config(cfg_path), tmp_path / "t", progress=False)
