@@ -294,3 +294,45 @@ def test_processes_asking_for_the_same_data_at_once_prepare_it_once(tmp_path, mo
     for t in threads:
         t.join()
     assert calls == [1] and len(got) == 2 and got[0] == got[1]
+
+
+def test_data_prepare_from_the_cli_waits_for_a_preparation_under_way(tmp_path, monkeypatch):
+    """`tunewise data prepare` takes the lock `ensure_prepared` takes: run by hand while training prepares the same
+    project, it waits instead of writing the same folder at once."""
+    import threading
+
+    from typer.testing import CliRunner
+
+    import tunewise.data.prepare as prep
+    import tunewise.models as models
+    from tunewise.cli import app
+    from tunewise.data.prepared import prepare_lock
+
+    good = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i % 3}"}]} for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(g) for g in good))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"output_dir": "out", "data": {"format": "openai", "train": "train.jsonl"}}))
+    data_dir = load_config(tmp_path / "t.yaml").run_dir / "data"
+    ready, held, entered = threading.Event(), [True], []
+    real_tok, real_prep = models.load_tokenizer, prep.prepare_data
+
+    def tok(*a, **k):  # the CLI loads the tokenizer just before it asks for the lock
+        out = real_tok(*a, **k)
+        ready.set()
+        return out
+
+    def prepare(*a, **k):
+        entered.append(held[0])
+        return real_prep(*a, **k)
+
+    monkeypatch.setattr(models, "load_tokenizer", tok)
+    monkeypatch.setattr(prep, "prepare_data", prepare)
+    result = []
+    cli = threading.Thread(target=lambda: result.append(CliRunner().invoke(app, ["data", "prepare", str(tmp_path / "t.yaml")])))
+    with prepare_lock(data_dir):
+        cli.start()
+        assert ready.wait(60)
+        cli.join(1.0)  # time enough to start preparing if nothing stopped it
+        held[0] = False
+    cli.join(60)
+    assert result and result[0].exit_code == 0, result[0].output if result else "no result"
+    assert entered == [False] and (data_dir / "summary.json").exists()

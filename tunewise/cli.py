@@ -110,6 +110,7 @@ def data_prepare(
     cfg = _load(config, (set_ or []) + (["data.clean.drop_leaks=true"] if drop_leaks else []) + ([f"data.clean.select={select}"] if select else []))
 
     from .data.prepare import checkpointed_records, prepare_data
+    from .data.prepared import prepare_lock
     from .models import load_tokenizer
 
     out_dir = cfg.run_dir / "data"
@@ -121,7 +122,9 @@ def data_prepare(
                     resumed.append(n)
                 status.update(f"{stage}: {n:,} records")
 
-            prepared = prepare_data(cfg, out_dir, tokenizer=load_tokenizer(cfg.model.name), progress=show, resume=resume)
+            tokenizer = load_tokenizer(cfg.model.name)
+            with prepare_lock(out_dir):  # not while training or tune prepares the same folder
+                prepared = prepare_data(cfg, out_dir, tokenizer=tokenizer, progress=show, resume=resume)
     except KeyboardInterrupt:
         n = checkpointed_records(out_dir)
         if n is None:

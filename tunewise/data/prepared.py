@@ -5,6 +5,7 @@ inputs or the data config changed. Preparing itself is data/prepare.py."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import ProjectConfig
@@ -65,21 +66,30 @@ def prepared_is_current(cfg: ProjectConfig, prepared: Prepared) -> bool:
     return True
 
 
+@contextmanager
+def prepare_lock(data_dir: Path):
+    """Held while a process prepares data_dir: a file lock beside it, released when the file closes (also if the
+    process dies). `ensure_prepared` and `tunewise data prepare` both take it, so two processes never write one
+    folder at once."""
+    import fcntl
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(data_dir.parent / f".{data_dir.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_prepared(cfg: ProjectConfig, tokenizer=None) -> Prepared:
     """The project's prepared data, preparing it first when missing or stale. Several processes may ask at once
     (`tunewise tune --workers N` on a fresh project): one prepares, under a lock beside the data folder, and the others
     wait and then read what it wrote."""
-    import fcntl
-
     data_dir = cfg.run_dir / "data"
     existing = load_prepared(data_dir)
     if existing is not None and prepared_is_current(cfg, existing):
         return existing
     from .prepare import prepare_data
 
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(data_dir.parent / f".{data_dir.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+    with prepare_lock(data_dir):
         existing = load_prepared(data_dir)
         if existing is not None and prepared_is_current(cfg, existing):
             return existing
