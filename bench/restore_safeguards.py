@@ -5,12 +5,24 @@ Writes OUT/tunewise.yaml and its data as TRL preference pairs (trl-preference):
   chosen answer being the human-preferred (more harmless) one;
 - BANKING77 task pairs (PolyAI, CC BY 4.0; the example's data): the system prompt and the query, the true intent
   chosen, another intent rejected; the test split the same way, so the gate's task check scores the intents.
+- with --distill N: N more pairs on HH-RLHF red-team prompts (the dialogues' first turns), the chosen answer the
+  bundled base model's own refusal when told to refuse harmful requests (SAFETY below; a plain user turn in the pair,
+  so the refusal is distilled into the model without the prompt: context distillation), the rejected answer the
+  fine-tuned model's own greedy reply (an intent label: what the gate sees it answer, so DPO pushes down what it
+  actually writes, not an off-policy text); and --benign M pairs on everyday questions: the COVID-19 FAQ's
+  (deepset COVID-QA, Apache-2.0; ../shared/data/covid_faq), then SQuAD v1.1 dev questions (CC BY-SA 4.0;
+  ../shared/data/squad_dev) for the rest, the base model's own plain answer chosen, the fine-tune's label rejected,
+  so that chat comes back without refusing everything.
+- --task-rejected refusal: the task pairs' rejected answer is one of the distilled refusals instead of another intent
+  (a wrong label rejected pushes down the tokens, EOS included, that every label shares: free decoding then writes
+  `lost_or_stolen_phone_phone_phone`); the pairs then teach "a banking query gets its label, not a refusal".
 The project's model is the fine-tuned model (MODEL), so `tunewise gate OUT/tunewise.yaml` compares the DPO adapter
 with the supervised fine-tune it starts from: refusals and task accuracy before and after, in one table. Its
 gate.min_improvement is negative (--min-improvement, -0.03): the task check asks for no loss beyond that margin,
 not for a gain, since this pass is meant to restore refusals.
 
     python bench/restore_safeguards.py --model runs/support-intents/train/model --out /tmp/dpo [--hh-select refusals --hh 147]
+        [--distill 250 --benign 120]
     tunewise train /tmp/dpo/tunewise.yaml
     tunewise gate /tmp/dpo/tunewise.yaml
 """
@@ -26,6 +38,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless_test" / "harmless-base_test.jsonl"
 BANKING = ROOT / "examples" / "support-intents" / "data"
+SQUAD = ROOT.parent / "shared" / "data" / "squad_dev" / "squad_v1.1_dev_from_explorer.json"
+COVID = ROOT.parent / "shared" / "data" / "covid_faq" / "faq_covidbert.csv"
+SAFETY = ("You are a helpful and harmless assistant. If a request is harmful, illegal, unethical or dangerous, refuse it: "
+          "say you cannot help with it and briefly why.")
 SYSTEM = "Classify the online-banking customer message into its intent. Answer with the intent label only."
 
 
@@ -48,14 +64,61 @@ def hh_pairs(n: int, seed: int, select: str = "single-turn") -> list[dict]:
              "rejected": r.meta["rejected"]} for r in recs[:n]]
 
 
-def task_pairs(path: Path, n: int | None, seed: int) -> list[dict]:
+def _trim(text: str) -> str:
+    """A reply cut at max_new_tokens ends at its last full sentence (the pair must not teach stopping mid-word)."""
+    text = text.strip()
+    cut = max(text.rfind(c) for c in ".!?")
+    return text[: cut + 1] if cut > 20 else text
+
+
+def distilled_pairs(model: str, n: int, benign: int, seed: int, batch_size: int = 32) -> tuple[list[dict], list[dict]]:
+    """(refusal pairs, benign pairs): see the module docstring. The base answers greedily, 96 new tokens."""
+    from tunewise.data.formats import read_records
+    from tunewise.data.records import Record
+    from tunewise.engine import Engine
+    from tunewise.eval.suites import is_refusal
+    from tunewise.models import DEFAULT_MODEL
+
+    firsts = list(dict.fromkeys(r.messages[0]["content"].strip() for r in read_records(HH, "hh-rlhf")
+                                if isinstance(r, Record) and len(r.messages[0]["content"]) < 300))
+    random.Random(seed).shuffle(firsts)
+    questions = [r["question"].strip() for r in csv.DictReader(open(COVID, encoding="utf-8")) if r["question"].strip()]
+    random.Random(seed).shuffle(questions)
+    squad = [q["question"].strip() for a in json.loads(SQUAD.read_text(encoding="utf-8"))["data"] for par in a["paragraphs"]
+             for q in par["qas"]]
+    random.Random(seed).shuffle(squad)
+    questions = (questions + squad)[:benign]
+    base, tuned = Engine.load(DEFAULT_MODEL), Engine.load(str(Path(model).resolve()))
+    user = lambda p, system=None: ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+    refusals: list[dict] = []
+    for k in range(0, len(firsts), 4 * batch_size):  # until n refusals
+        chunk = firsts[k : k + 4 * batch_size]
+        outs = base.generate([user(p, SAFETY) for p in chunk], max_new_tokens=96, batch_size=batch_size)
+        keep = [(p, _trim(o.text)) for p, o in zip(chunk, outs) if is_refusal(o.text)]
+        own = tuned.generate([user(p) for p, _ in keep], max_new_tokens=32, batch_size=batch_size)
+        refusals += [{"prompt": p, "chosen": c, "rejected": o.text.strip()} for (p, c), o in zip(keep, own)
+                     if o.text.strip() and not is_refusal(o.text)]
+        print(f"distill: {min(k + 4 * batch_size, len(firsts))} HH prompts -> {len(refusals)} refusal pairs", flush=True)
+        if len(refusals) >= n:
+            break
+    outs = base.generate([user(q) for q in questions], max_new_tokens=96, batch_size=batch_size)
+    own = tuned.generate([user(q) for q in questions], max_new_tokens=32, batch_size=batch_size)
+    kind = [{"prompt": q, "chosen": _trim(o.text), "rejected": t.text.strip()} for q, o, t in zip(questions, outs, own)
+            if o.text.strip() and not is_refusal(o.text) and t.text.strip() and _trim(o.text) != t.text.strip()]
+    return refusals[:n], kind
+
+
+def task_pairs(path: Path, n: int | None, seed: int, refusals: list[str] | None = None) -> list[dict]:
+    """The query with the data's system prompt; the true intent chosen, another intent rejected (or, given refusals,
+    one of them)."""
     rows = list(csv.DictReader(open(path, encoding="utf-8")))
     labels = sorted({r["category"] for r in rows})
     rng = random.Random(seed)
     if n:
         rows = rng.sample(rows, n)
     return [{"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["text"]}],
-             "chosen": r["category"], "rejected": rng.choice([x for x in labels if x != r["category"]])} for r in rows]
+             "chosen": r["category"],
+             "rejected": rng.choice(refusals) if refusals else rng.choice([x for x in labels if x != r["category"]])} for r in rows]
 
 
 def main() -> None:
@@ -71,12 +134,23 @@ def main() -> None:
     ap.add_argument("--sft-weight", type=float, default=1.0,
                     help="training.preference.sft_weight: an NLL term on the chosen answer. DPO alone can widen the margin by "
                          "pushing the rejected answer down while greedy decoding still answers with an intent label.")
+    ap.add_argument("--distill", type=int, default=0,
+                    help="Pairs on HH-RLHF red-team prompts: the base's refusal under a safety prompt chosen, the fine-tune's own reply rejected.")
+    ap.add_argument("--benign", type=int, default=0,
+                    help="COVID-19 FAQ questions: the base's plain answer chosen, the fine-tune's own reply rejected.")
+    ap.add_argument("--task-rejected", choices=["label", "refusal"], default="label",
+                    help="The task pairs' rejected answer: another intent, or one of the distilled refusals (needs --distill).")
+    ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     hh = hh_pairs(a.hh, a.seed, a.hh_select)
-    train = hh + task_pairs(BANKING / "train.csv", a.task, a.seed)
+    distilled, benign = distilled_pairs(a.model, a.distill, a.benign, a.seed) if a.distill or a.benign else ([], [])
+    if a.task_rejected == "refusal" and not distilled:
+        ap.error("--task-rejected refusal takes its refusals from --distill")
+    refusals = [d["chosen"] for d in distilled] if a.task_rejected == "refusal" else None
+    train = hh + distilled + benign + task_pairs(BANKING / "train.csv", a.task, a.seed, refusals)
     random.Random(a.seed).shuffle(train)
     for name, rows in (("train.jsonl", train), ("test.jsonl", task_pairs(BANKING / "test.csv", None, a.seed))):
         (a.out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -84,7 +158,7 @@ def main() -> None:
         "project": "restore-safeguards", "output_dir": str(a.out / "runs"), "model": {"name": str(Path(a.model).resolve())},
         "data": {"format": "trl-preference", "train": "train.jsonl", "test": "test.jsonl", "max_length": 256,
                  "split": {"validation": 0.1, "test": 0.0}},
-        "training": {"objective": "dpo", "method": "lora", "learning_rate": 2e-4, "epochs": a.epochs, "batch_size": 8,
+        "training": {"objective": "dpo", "method": "lora", "learning_rate": a.lr, "epochs": a.epochs, "batch_size": 8,
                      "eval_every": 10, "save_every": 10, "preference": {"sft_weight": a.sft_weight}},
         "evaluation": {"max_samples": 500, "metrics": ["accuracy"], "perplexity": False},
         "gate": {"min_improvement": a.min_improvement},
@@ -92,7 +166,8 @@ def main() -> None:
     import yaml
 
     (a.out / "tunewise.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    print(f"{len(train)} training pairs ({len(hh)} HH-RLHF {a.hh_select}, {a.task} BANKING77) -> {a.out / 'tunewise.yaml'}")
+    print(f"{len(train)} training pairs ({len(hh)} HH-RLHF {a.hh_select}, {len(distilled)} distilled refusals, "
+          f"{len(benign)} benign, {a.task} BANKING77) -> {a.out / 'tunewise.yaml'}")
 
 
 if __name__ == "__main__":
