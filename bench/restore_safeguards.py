@@ -22,7 +22,7 @@ gate.min_improvement is negative (--min-improvement, -0.03): the task check asks
 not for a gain, since this pass is meant to restore refusals.
 
     python bench/restore_safeguards.py --model runs/support-intents/train/model --out /tmp/dpo [--hh-select refusals --hh 147]
-        [--distill 250 --benign 120]
+        [--distill 150 --benign 400 --task-rejected refusal --lr 0.0005 --epochs 1]
     tunewise train /tmp/dpo/tunewise.yaml
     tunewise gate /tmp/dpo/tunewise.yaml
 """
@@ -103,8 +103,9 @@ def distilled_pairs(model: str, n: int, benign: int, seed: int, batch_size: int 
             break
     outs = base.generate([user(q) for q in questions], max_new_tokens=96, batch_size=batch_size)
     own = tuned.generate([user(q) for q in questions], max_new_tokens=32, batch_size=batch_size)
-    kind = [{"prompt": q, "chosen": _trim(o.text), "rejected": t.text.strip()} for q, o, t in zip(questions, outs, own)
-            if o.text.strip() and not is_refusal(o.text) and t.text.strip() and _trim(o.text) != t.text.strip()]
+    kind = [{"prompt": q, "chosen": c, "rejected": r} for q, o, c, r in zip(questions, outs, map(_trim, (o.text for o in outs)),
+                                                                          (t.text.strip() for t in own))
+            if c and not is_refusal(o.text) and r and c != r]
     return refusals[:n], kind
 
 
@@ -137,7 +138,7 @@ def main() -> None:
     ap.add_argument("--distill", type=int, default=0,
                     help="Pairs on HH-RLHF red-team prompts: the base's refusal under a safety prompt chosen, the fine-tune's own reply rejected.")
     ap.add_argument("--benign", type=int, default=0,
-                    help="COVID-19 FAQ questions: the base's plain answer chosen, the fine-tune's own reply rejected.")
+                    help="Everyday questions (the COVID-19 FAQ's, then SQuAD's): the base's plain answer chosen, the fine-tune's own reply rejected.")
     ap.add_argument("--task-rejected", choices=["label", "refusal"], default="label",
                     help="The task pairs' rejected answer: another intent, or one of the distilled refusals (needs --distill).")
     ap.add_argument("--lr", type=float, default=2e-4)

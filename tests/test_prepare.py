@@ -255,6 +255,14 @@ def test_a_damaged_checkpoint_is_not_used(tmp_path):
         assert "resuming" not in stages and _outputs(out) == ref, damage
 
 
+def _small_project(tmp_path):
+    """40 chat records and a config that reads them; the config's path."""
+    good = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i % 3}"}]} for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(g) for g in good))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"output_dir": "out", "data": {"format": "openai", "train": "train.jsonl"}}))
+    return tmp_path / "t.yaml"
+
+
 def test_processes_asking_for_the_same_data_at_once_prepare_it_once(tmp_path, monkeypatch):
     """`tunewise tune --workers 2` on a fresh project: both workers ask for the prepared data at once. One prepares
     (under the lock), the other waits and reads it; without the lock both wrote the same work files (an mmap of a
@@ -265,10 +273,7 @@ def test_processes_asking_for_the_same_data_at_once_prepare_it_once(tmp_path, mo
     import tunewise.data.prepare as prep
     from tunewise.data.prepared import ensure_prepared
 
-    good = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i % 3}"}]} for i in range(40)]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(g) for g in good))
-    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"output_dir": "out", "data": {"format": "openai", "train": "train.jsonl"}}))
-    cfg = load_config(tmp_path / "t.yaml")
+    cfg = load_config(_small_project(tmp_path))
     real, running, calls = prep.prepare_data, [], []
 
     def slow(*a, **k):  # holds the preparation open long enough for the other thread to arrive
@@ -308,10 +313,7 @@ def test_data_prepare_from_the_cli_waits_for_a_preparation_under_way(tmp_path, m
     from tunewise.cli import app
     from tunewise.data.prepared import prepare_lock
 
-    good = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i % 3}"}]} for i in range(40)]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(g) for g in good))
-    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"output_dir": "out", "data": {"format": "openai", "train": "train.jsonl"}}))
-    data_dir = load_config(tmp_path / "t.yaml").run_dir / "data"
+    data_dir = load_config(_small_project(tmp_path)).run_dir / "data"
     ready, held, entered = threading.Event(), [True], []
     real_tok, real_prep = models.load_tokenizer, prep.prepare_data
 
