@@ -13,6 +13,10 @@ Writes OUT/tunewise.yaml and its data as TRL preference pairs (trl-preference):
   (deepset COVID-QA, Apache-2.0; ../shared/data/covid_faq), then SQuAD v1.1 dev questions (CC BY-SA 4.0;
   ../shared/data/squad_dev) for the rest, the base model's own plain answer chosen, the fine-tune's label rejected,
   so that chat comes back without refusing everything.
+- with --borderline K: K benign requests that carry alarming words (kill a process, shoot a photo, what is arson;
+  bench/data/borderline_benign.txt, written for this bench), less any the bundled embedding model finds close to an
+  XSTest prompt (cosine >= 0.75: the gate's over-refusal test stays unseen): the base model's plain answer chosen, a
+  distilled refusal rejected, so the refusal is tied to harm, not to the words.
 - --task-rejected refusal: the task pairs' rejected answer is one of the distilled refusals instead of another intent
   (a wrong label rejected pushes down the tokens, EOS included, that every label shares: free decoding then writes
   `lost_or_stolen_phone_phone_phone`); the pairs then teach "a banking query gets its label, not a refusal".
@@ -22,7 +26,7 @@ gate.min_improvement is negative (--min-improvement, -0.03): the task check asks
 not for a gain, since this pass is meant to restore refusals.
 
     python bench/restore_safeguards.py --model runs/support-intents/train/model --out /tmp/dpo [--hh-select refusals --hh 147]
-        [--distill 150 --benign 400 --task-rejected refusal --lr 0.0005 --epochs 1]
+        [--distill 150 --benign 400 --borderline 150 --task-rejected refusal --lr 0.0005 --epochs 1 --eval-samples 1000]
     tunewise train /tmp/dpo/tunewise.yaml
     tunewise gate /tmp/dpo/tunewise.yaml
 """
@@ -40,6 +44,8 @@ HH = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless_test" / "harmless-base_
 BANKING = ROOT / "examples" / "support-intents" / "data"
 SQUAD = ROOT.parent / "shared" / "data" / "squad_dev" / "squad_v1.1_dev_from_explorer.json"
 COVID = ROOT.parent / "shared" / "data" / "covid_faq" / "faq_covidbert.csv"
+BORDERLINE = ROOT / "bench" / "data" / "borderline_benign.txt"
+XSTEST = ROOT.parent / "shared" / "data" / "xstest" / "xstest_prompts.csv"
 SAFETY = ("You are a helpful and harmless assistant. If a request is harmful, illegal, unethical or dangerous, refuse it: "
           "say you cannot help with it and briefly why.")
 SYSTEM = "Classify the online-banking customer message into its intent. Answer with the intent label only."
@@ -71,8 +77,28 @@ def _trim(text: str) -> str:
     return text[: cut + 1] if cut > 20 else text
 
 
-def distilled_pairs(model: str, n: int, benign: int, seed: int, batch_size: int = 32) -> tuple[list[dict], list[dict]]:
-    """(refusal pairs, benign pairs): see the module docstring. The base answers greedily, 96 new tokens."""
+def borderline_prompts(k: int, seed: int, threshold: float = 0.75) -> tuple[list[str], list[tuple[str, str, float]]]:
+    """Up to k of bench/data/borderline_benign.txt, shuffled, and the ones dropped as too close to an XSTest prompt
+    (safe or unsafe): (prompt, nearest XSTest prompt, cosine) by the bundled embedding model."""
+    import numpy as np
+
+    from tunewise.rag.embed import Embedder
+
+    ours = [l.strip() for l in BORDERLINE.read_text(encoding="utf-8").splitlines() if l.strip() and not l.startswith("#")]
+    xs = [r["prompt"] for r in csv.DictReader(open(XSTEST, newline="", encoding="utf-8"))]
+    emb = Embedder(pack=False)
+    a, b = emb.encode(ours), emb.encode(xs)
+    sim = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+    dropped = [(p, xs[int(s.argmax())], float(s.max())) for p, s in zip(ours, sim) if s.max() >= threshold]
+    kept = [p for p, s in zip(ours, sim) if s.max() < threshold]
+    random.Random(seed).shuffle(kept)
+    return kept[:k], dropped
+
+
+def distilled_pairs(model: str, n: int, benign: int, seed: int, batch_size: int = 32,
+                    borderline: list[str] = ()) -> tuple[list[dict], list[dict], list[dict]]:
+    """(refusal pairs, benign pairs, borderline pairs): see the module docstring. The base answers greedily, 96 new
+    tokens."""
     from tunewise.data.formats import read_records
     from tunewise.data.records import Record
     from tunewise.engine import Engine
@@ -106,7 +132,12 @@ def distilled_pairs(model: str, n: int, benign: int, seed: int, batch_size: int 
     kind = [{"prompt": q, "chosen": c, "rejected": r} for q, o, c, r in zip(questions, outs, map(_trim, (o.text for o in outs)),
                                                                           (t.text.strip() for t in own))
             if c and not is_refusal(o.text) and r and c != r]
-    return refusals[:n], kind
+    rng = random.Random(seed)
+    outs = base.generate([user(q) for q in borderline], max_new_tokens=96, batch_size=batch_size) if borderline else []
+    border = [{"prompt": q, "chosen": c, "rejected": rng.choice(refusals[:n])["chosen"]}
+              for q, o, c in zip(borderline, outs, map(_trim, (o.text for o in outs))) if c and not is_refusal(o.text)]
+    print(f"borderline: {len(borderline)} prompts -> {len(border)} pairs (the base refused or said nothing on the rest)")
+    return refusals[:n], kind, border
 
 
 def task_pairs(path: Path, n: int | None, seed: int, refusals: list[str] | None = None) -> list[dict]:
@@ -139,6 +170,10 @@ def main() -> None:
                     help="Pairs on HH-RLHF red-team prompts: the base's refusal under a safety prompt chosen, the fine-tune's own reply rejected.")
     ap.add_argument("--benign", type=int, default=0,
                     help="Everyday questions (the COVID-19 FAQ's, then SQuAD's): the base's plain answer chosen, the fine-tune's own reply rejected.")
+    ap.add_argument("--borderline", type=int, default=0,
+                    help="Benign requests with alarming words (bench/data/borderline_benign.txt, less those close to XSTest): "
+                         "the base's plain answer chosen, a distilled refusal rejected (needs --distill).")
+    ap.add_argument("--eval-samples", type=int, default=500, help="evaluation.max_samples: the gate's task check, paired.")
     ap.add_argument("--task-rejected", choices=["label", "refusal"], default="label",
                     help="The task pairs' rejected answer: another intent, or one of the distilled refusals (needs --distill).")
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -147,11 +182,18 @@ def main() -> None:
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     hh = hh_pairs(a.hh, a.seed, a.hh_select)
-    distilled, benign = distilled_pairs(a.model, a.distill, a.benign, a.seed) if a.distill or a.benign else ([], [])
-    if a.task_rejected == "refusal" and not distilled:
-        ap.error("--task-rejected refusal takes its refusals from --distill")
+    if (a.task_rejected == "refusal" or a.borderline) and not a.distill:
+        ap.error("--task-rejected refusal and --borderline take their refusals from --distill")
+    borderline = []
+    if a.borderline:
+        borderline, dropped = borderline_prompts(a.borderline, a.seed)
+        print(f"borderline: {len(dropped)} prompts dropped as close to XSTest:")
+        for p, x, c in dropped:
+            print(f"  {c:.2f}  {p!r} ~ {x!r}")
+    distilled, benign, border = (distilled_pairs(a.model, a.distill, a.benign, a.seed, borderline=borderline)
+                                 if a.distill or a.benign else ([], [], []))
     refusals = [d["chosen"] for d in distilled] if a.task_rejected == "refusal" else None
-    train = hh + distilled + benign + task_pairs(BANKING / "train.csv", a.task, a.seed, refusals)
+    train = hh + distilled + benign + border + task_pairs(BANKING / "train.csv", a.task, a.seed, refusals)
     random.Random(a.seed).shuffle(train)
     for name, rows in (("train.jsonl", train), ("test.jsonl", task_pairs(BANKING / "test.csv", None, a.seed))):
         (a.out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -161,14 +203,14 @@ def main() -> None:
                  "split": {"validation": 0.1, "test": 0.0}},
         "training": {"objective": "dpo", "method": "lora", "learning_rate": a.lr, "epochs": a.epochs, "batch_size": 8,
                      "eval_every": 10, "save_every": 10, "preference": {"sft_weight": a.sft_weight}},
-        "evaluation": {"max_samples": 500, "metrics": ["accuracy"], "perplexity": False},
+        "evaluation": {"max_samples": a.eval_samples, "metrics": ["accuracy"], "perplexity": False},
         "gate": {"min_improvement": a.min_improvement},
     }
     import yaml
 
     (a.out / "tunewise.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     print(f"{len(train)} training pairs ({len(hh)} HH-RLHF {a.hh_select}, {len(distilled)} distilled refusals, "
-          f"{len(benign)} benign, {a.task} BANKING77) -> {a.out / 'tunewise.yaml'}")
+          f"{len(benign)} benign, {len(border)} borderline, {a.task} BANKING77) -> {a.out / 'tunewise.yaml'}")
 
 
 if __name__ == "__main__":
