@@ -180,10 +180,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    a.out.mkdir(parents=True, exist_ok=True)
-    hh = hh_pairs(a.hh, a.seed, a.hh_select)
     if (a.task_rejected == "refusal" or a.borderline) and not a.distill:
         ap.error("--task-rejected refusal and --borderline take their refusals from --distill")
+    a.out.mkdir(parents=True, exist_ok=True)
+    hh = hh_pairs(a.hh, a.seed, a.hh_select)
     borderline = []
     if a.borderline:
         borderline, dropped = borderline_prompts(a.borderline, a.seed)
