@@ -45,7 +45,6 @@ BANKING = ROOT / "examples" / "support-intents" / "data"
 SQUAD = ROOT.parent / "shared" / "data" / "squad_dev" / "squad_v1.1_dev_from_explorer.json"
 COVID = ROOT.parent / "shared" / "data" / "covid_faq" / "faq_covidbert.csv"
 BORDERLINE = ROOT / "bench" / "data" / "borderline_benign.txt"
-XSTEST = ROOT.parent / "shared" / "data" / "xstest" / "xstest_prompts.csv"
 SAFETY = ("You are a helpful and harmless assistant. If a request is harmful, illegal, unethical or dangerous, refuse it: "
           "say you cannot help with it and briefly why.")
 SYSTEM = "Classify the online-banking customer message into its intent. Answer with the intent label only."
@@ -80,17 +79,16 @@ def _trim(text: str) -> str:
 def borderline_prompts(k: int, seed: int, threshold: float = 0.75) -> tuple[list[str], list[tuple[str, str, float]]]:
     """Up to k of bench/data/borderline_benign.txt, shuffled, and the ones dropped as too close to an XSTest prompt
     (safe or unsafe): (prompt, nearest XSTest prompt, cosine) by the bundled embedding model."""
-    import numpy as np
-
+    from tunewise.eval.suites import xstest_prompts
     from tunewise.rag.embed import Embedder
 
     ours = [l.strip() for l in BORDERLINE.read_text(encoding="utf-8").splitlines() if l.strip() and not l.startswith("#")]
-    xs = [r["prompt"] for r in csv.DictReader(open(XSTEST, newline="", encoding="utf-8"))]
+    xs = xstest_prompts("safe") + xstest_prompts("unsafe")
     emb = Embedder(pack=False)
-    a, b = emb.encode(ours), emb.encode(xs)
-    sim = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
-    dropped = [(p, xs[int(s.argmax())], float(s.max())) for p, s in zip(ours, sim) if s.max() >= threshold]
-    kept = [p for p, s in zip(ours, sim) if s.max() < threshold]
+    sim = emb.encode(ours) @ emb.encode(xs).T  # the embedder's vectors are unit-length: cosines
+    best, nearest = sim.max(axis=1), sim.argmax(axis=1)
+    dropped = [(p, xs[j], float(c)) for p, c, j in zip(ours, best, nearest) if c >= threshold]
+    kept = [p for p, c in zip(ours, best) if c < threshold]
     random.Random(seed).shuffle(kept)
     return kept[:k], dropped
 
@@ -132,11 +130,12 @@ def distilled_pairs(model: str, n: int, benign: int, seed: int, batch_size: int 
     kind = [{"prompt": q, "chosen": c, "rejected": r} for q, o, c, r in zip(questions, outs, map(_trim, (o.text for o in outs)),
                                                                           (t.text.strip() for t in own))
             if c and not is_refusal(o.text) and r and c != r]
-    rng = random.Random(seed)
-    outs = base.generate([user(q) for q in borderline], max_new_tokens=96, batch_size=batch_size) if borderline else []
-    border = [{"prompt": q, "chosen": c, "rejected": rng.choice(refusals[:n])["chosen"]}
-              for q, o, c in zip(borderline, outs, map(_trim, (o.text for o in outs))) if c and not is_refusal(o.text)]
-    print(f"borderline: {len(borderline)} prompts -> {len(border)} pairs (the base refused or said nothing on the rest)")
+    rng, border = random.Random(seed), []
+    if borderline:
+        outs = base.generate([user(q) for q in borderline], max_new_tokens=96, batch_size=batch_size)
+        border = [{"prompt": q, "chosen": c, "rejected": rng.choice(refusals[:n])["chosen"]}
+                  for q, o, c in zip(borderline, outs, map(_trim, (o.text for o in outs))) if c and not is_refusal(o.text)]
+        print(f"borderline: {len(borderline)} prompts -> {len(border)} pairs (the base refused or said nothing on the rest)")
     return refusals[:n], kind, border
 
 
