@@ -29,8 +29,9 @@ class ModelConfig(Section):
         "bundled:smollm2-135m-instruct",
         description="Model reference: a hub id, a local directory (relative paths are relative to this config file), or bundled:smollm2-135m-instruct (the default, works offline).",
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype. auto = float32 on CPU (bf16 matmul is far slower there), bfloat16 on a GPU that supports it."
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = Field(
+        "auto", description="Weights dtype. auto = float32 on CPU (bf16 matmul is far slower there), bfloat16 on a GPU that supports it; "
+                            "float64 is for exactness checks (results independent of float32 summation order), not for real runs."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run: auto picks cuda when available.")
 

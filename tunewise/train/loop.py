@@ -566,7 +566,7 @@ def _loop(run: _Session, on_step, progress: bool) -> dict:
                 bar.update(task, total=plan.total)
             n_tokens, computed, n_rows = (sum(x) for x in zip(*map(_stats, micro)))
             if accelerator.num_processes > 1:  # the step's loss and tokens over all processes
-                loss_sum, n_loss, n_tokens = accelerator.reduce(torch.tensor([loss_sum, float(n_loss), float(n_tokens)],
+                loss_sum, n_loss, n_tokens = accelerator.reduce(torch.tensor([loss_sum, float(n_loss), float(n_tokens)], dtype=torch.float64,
                                                                              device=accelerator.device), "sum").tolist()
                 n_loss, n_tokens = int(n_loss), int(n_tokens)
             state["tokens"] += n_tokens
