@@ -200,13 +200,49 @@ class RagConfig(Section):
     system_prompt: str = Field(RAG_SYSTEM_PROMPT, description="System prompt of rag and ft+rag variants.")
 
 
+class EndpointConfig(Section):
+    base_url: str = Field(..., pattern=r"^https?://", description="The OpenAI-compatible API's base URL, with its /v1 (https://api.openai.com/v1, a vLLM or Ollama server's http://host:port/v1, `tunewise serve`).")
+    model: str = Field(..., min_length=1, description="The model name the endpoint is asked for (gpt-4.1-mini, ft:gpt-4.1-mini-2025-04-14:acme::abc123, a served model's name).")
+    api_key_env: str | None = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="The NAME of the environment variable holding the API key (the key itself is never written to configs, logs, reports or the registry); null: the endpoint takes no key.")
+    price_per_1m_input_tokens: float | None = Field(None, ge=0, description="USD per 1M prompt tokens the endpoint reports (null: prices.hosted_input_per_1m_usd).")
+    price_per_1m_output_tokens: float | None = Field(None, ge=0, description="USD per 1M completion tokens (null: prices.hosted_output_per_1m_usd).")
+    max_usd: float | None = Field(None, gt=0, description="Spending cap for this variant in one command (run, compare, eval): a request whose worst case (prompt bytes as tokens, max_new_tokens of output) would cross it is not sent, and the evaluation stops with what it spent. Cached answers cost nothing. null: no cap.")
+    concurrency: int = Field(4, gt=0, le=256, description="Requests in flight at once.")
+    max_retries: int = Field(4, ge=0, description="Retries of a request answered 429 or 5xx, timed out or cut off, with exponential backoff (the server's Retry-After when it sends one).")
+    backoff_s: float = Field(1.0, ge=0, description="First retry's wait; doubled on each retry (with jitter), at most 60 s.")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds one request may take before it counts as timed out.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature (0: the endpoint's most likely answer).")
+    seed: int | None = Field(0, description="Sent as the request's seed (best effort on hosted APIs); part of the cache key.")
+    labels: Literal["prompt", "guided_choice", "none"] = Field(
+        "prompt", description="When evaluation constrains answers to the labels (evaluation.constrain): prompt lists them in the system prompt and maps "
+                              "the reply to the label it names; guided_choice also sends them as vLLM's guided_choice (vLLM, tunewise serve: exact); none: the reply as it comes.")
+    cache: bool = Field(True, description="Keep every answer in <run>/endpoint-cache.sqlite, keyed by base URL, model, messages and sampling settings: a re-run sends no request and gives the same answers.")
+
+
 class VariantConfig(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", description="Variant name, used in reports and paths.")
-    kind: Literal["base", "few-shot", "fine-tuned", "rag", "ft+rag"] = Field(..., description="base | few-shot | fine-tuned | rag (base model + retrieved context) | ft+rag (fine-tuned + retrieved context).")
+    kind: Literal["base", "few-shot", "fine-tuned", "rag", "ft+rag", "endpoint"] = Field(..., description="base | few-shot | fine-tuned | rag (base model + retrieved context) | ft+rag (fine-tuned + retrieved context) | endpoint (a hosted model behind an OpenAI-compatible API: the `endpoint` keys).")
     adapter: Path | None = Field(None, description="fine-tuned, ft+rag: trained output directory (default: <run>/train/model).")
     k: int = Field(5, gt=0, description="few-shot: examples put before the question.")
     selection: Literal["similar", "random"] = Field("similar", description="few-shot: nearest training examples by embedding (bundled MiniLM) or a seeded random draw.")
     system_prompt: str | None = Field(None, description="Override data.system_prompt for this variant.")
+    endpoint: EndpointConfig | None = Field(None, description="endpoint: where the hosted model is and what it costs.")
+    prompt: Literal["zero-shot", "few-shot", "rag"] = Field(
+        "zero-shot", description="endpoint: the prompt strategy, built by the same code as the local variants': zero-shot (the system prompt), few-shot (k examples, by selection) or rag (retrieved context with numbered citations).")
+
+    @model_validator(mode="after")
+    def _endpoint_keys(self):
+        if (self.kind == "endpoint") != (self.endpoint is not None):
+            raise ValueError("endpoint: give the endpoint keys (base_url, model, ...) with kind: endpoint, and only with it" if self.kind == "endpoint"
+                             else f"endpoint: only a kind: endpoint variant takes endpoint keys (this one is {self.kind})")
+        if self.prompt != "zero-shot" and self.kind != "endpoint":
+            raise ValueError(f"prompt: only endpoint variants take a prompt strategy (a {self.kind} variant's is its kind)")
+        return self
+
+    @property
+    def strategy(self) -> str:
+        """How its prompts are built: zero-shot, few-shot or rag (the local kinds by their kind, an endpoint by `prompt`)."""
+        return self.prompt if self.kind == "endpoint" else {"few-shot": "few-shot", "rag": "rag", "ft+rag": "rag"}.get(self.kind, "zero-shot")
 
 
 def _default_variants() -> list[VariantConfig]:
@@ -425,6 +461,11 @@ class ProjectConfig(Section):
     def train_dir(self) -> Path:
         """Where `tunewise train` (and the workflow) trains: metrics, checkpoints, model/."""
         return self.run_dir / "train"
+
+    @property
+    def endpoint_cache(self) -> Path:
+        """Endpoint variants' answers (evaluation.variants[].endpoint.cache): a re-run sends no request."""
+        return self.run_dir / "endpoint-cache.sqlite"
 
     @property
     def serve_log_dir(self) -> Path:

@@ -85,15 +85,16 @@ def build_prompt(record: Record, system: str | None, shots: list[Record] | None)
 
 
 def conversations(cfg: ProjectConfig, variant: VariantConfig, items: list[Record], train: list[Record], engines: Engines, tok):
-    """The prompts a variant answers, and for RAG variants the retrieved contexts (else None)."""
-    if variant.kind in ("rag", "ft+rag"):
+    """The prompts a variant answers, and for RAG prompts the retrieved contexts (else None). One builder per
+    strategy (zero-shot, few-shot, rag), whether a local model or an endpoint answers."""
+    if variant.strategy == "rag":
         from ..rag.answer import rag_conversation, rag_prompts
 
         system = variant.system_prompt or cfg.rag.system_prompt
         contexts = rag_prompts(engines.retriever(), [_user_text(r) for r in items], cfg.rag, tok)
         return [rag_conversation(r.messages[:-1], c.prompt, system) for r, c in zip(items, contexts)], contexts
     system = variant.system_prompt or cfg.data.system_prompt
-    shots = select_shots(train, items, variant.k, variant.selection) if variant.kind == "few-shot" else [None] * len(items)
+    shots = select_shots(train, items, variant.k, variant.selection) if variant.strategy == "few-shot" else [None] * len(items)
     return [build_prompt(r, system, s) for r, s in zip(items, shots)], None
 
 
@@ -103,6 +104,22 @@ class Engines:
     def __init__(self, cfg: ProjectConfig):
         self.cfg = cfg
         self.by_ref: dict[str, Engine] = {}
+        self.endpoints: dict = {}  # variant name -> EndpointClient: its spending ledger lasts as long as these engines (one command)
+
+    def endpoint(self, variant: VariantConfig):
+        """The client of an endpoint variant (kind: endpoint), checked on first use."""
+        if variant.name not in self.endpoints:
+            from .endpoint import endpoint_clients
+
+            self.endpoints |= endpoint_clients([variant], self.cfg.evaluation.variants, self.cfg.prices, self.cfg.endpoint_cache)
+            self.endpoints[variant.name].check()
+        return self.endpoints[variant.name]
+
+    def tokenizer(self):
+        """The local model's tokenizer: endpoint variants' RAG context is budgeted with it (the endpoint's own is unknown)."""
+        if getattr(self, "_tok", None) is None:
+            self._tok = load_tokenizer(self.cfg.model.name)
+        return self._tok
 
     def get(self, variant: VariantConfig) -> tuple[Engine, str | None, str]:
         cfg = self.cfg
@@ -144,7 +161,7 @@ def fingerprint(cfg: ProjectConfig, variant: VariantConfig, prepared: Prepared) 
         meta = path / "tunewise.json"
         trained = sha256_text(meta.read_text()) if meta.exists() else None
     kb = None
-    if variant.kind in ("rag", "ft+rag"):
+    if variant.strategy == "rag":
         from ..rag.retrieve import index_dir_of
 
         chunks = index_dir_of(cfg) / "chunks.jsonl"  # what the index holds (not when it was built)
@@ -160,6 +177,8 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     """Score one variant; with reuse, a saved result with the same fingerprint is returned as it is."""
     ev = cfg.evaluation
     engines = engines or Engines(cfg)
+    if variant.kind == "endpoint":
+        engines.endpoint(variant)  # key, reachability and model checked before any work
     prepared = prepared or ensure_prepared(cfg, load_tokenizer(cfg.model.name))
     fp = fingerprint(cfg, variant, prepared)
     out_dir = (out_root or cfg.run_dir / "eval") / variant.name
@@ -171,13 +190,20 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     items = sample_records(prepared.splits[ev.split], ev.max_samples)
     if not items:
         raise EvalError(f"the {ev.split} split is empty")
-    rag = variant.kind in ("rag", "ft+rag")
+    rag = variant.strategy == "rag"
     refs = [r.label or r.answer for r in items]
-    eng, adapter, model_id = engines.get(variant)
+    client = engines.endpoint(variant) if variant.kind == "endpoint" else None
+    if client is not None:
+        eng, adapter, model_id, tok = None, None, f"{variant.endpoint.model} @ {variant.endpoint.base_url}", engines.tokenizer()
+    else:
+        eng, adapter, model_id = engines.get(variant)
+        tok = eng.tok
     if cfg.data.format == "text":  # held-out documents: their perplexity, nothing to generate
+        if eng is None:
+            raise EvalError(f"variant {variant.name}: an endpoint variant cannot score raw-text perplexity (data.format text)")
         return _evaluate_text(cfg, variant, eng, adapter, model_id, items, out_dir, fp, prepared)
     t0 = time.time()
-    convs, contexts = conversations(cfg, variant, items, prepared.splits["train"], engines, eng.tok)
+    convs, contexts = conversations(cfg, variant, items, prepared.splits["train"], engines, tok)
     retrieval_s = time.time() - t0 if rag else 0.0
 
     t0 = time.time()
@@ -186,7 +212,9 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     if progress:
         def on_batch(done: int, total: int) -> None:
             progress(f"{variant.name}: {done:,}/{total:,} items" + rate_and_eta(done, total, time.time() - t0))
-    if ev.processes > 1:
+    if client is not None:
+        outs = _generate_endpoint(client, convs, labels, ev.max_new_tokens, on_batch)
+    elif ev.processes > 1:
         outs = generate_sharded(cfg, variant, convs, labels, ev.processes, progress)
     else:
         outs = eng.generate(convs, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, adapter=adapter, choices=labels,
@@ -201,8 +229,9 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     per_metric = {m: _score_alternatives(m, preds, items, refs) for m in ev.metrics}
     extra = _grounding_metrics(items, preds, [o.text for o in outs], contexts, _gold_text_lookup(cfg, engines))
 
-    nll = eng.reference_nll(convs, refs, batch_size=ev.batch_size, adapter=adapter) if ev.perplexity else None
-    extra |= _objective_metrics(cfg, eng, adapter, items, convs, preds)
+    nll = eng.reference_nll(convs, refs, batch_size=ev.batch_size, adapter=adapter) if ev.perplexity and eng is not None else None
+    if eng is not None:
+        extra |= _objective_metrics(cfg, eng, adapter, items, convs, preds)
 
     rows = []
     for i, (r, c, o) in enumerate(zip(items, convs, outs)):
@@ -219,7 +248,10 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     n = len(outs)
     prompt_tokens = sum(o.prompt_tokens for o in outs) / n
     completion_tokens = sum(o.completion_tokens for o in outs) / n
-    cost_1k = 1000 * (prompt_tokens * ev.price_per_1k_input_tokens + completion_tokens * ev.price_per_1k_output_tokens) / 1000
+    if client is not None:  # what the endpoint reported, at its prices
+        cost_1k = 1000 * (prompt_tokens * client.in_price + completion_tokens * client.out_price)
+    else:
+        cost_1k = 1000 * (prompt_tokens * ev.price_per_1k_input_tokens + completion_tokens * ev.price_per_1k_output_tokens) / 1000
     summary = {
         "variant": variant.model_dump(mode="json"),
         "model": model_id,
@@ -242,8 +274,29 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
         "fingerprint": fp,
         "config": cfg.resolved(),
     }
+    if client is not None:
+        summary["endpoint"] = {"base_url": variant.endpoint.base_url, "model": variant.endpoint.model, **client.stats.as_dict(),
+                               "cache": str(client.cache.path) if client.cache else None,
+                               "price_per_1m_usd": {"input": client.in_price * 1e6, "output": client.out_price * 1e6}}
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _generate_endpoint(client, convs: list[list[dict]], labels: list[str] | None, max_new_tokens: int, on_done) -> list:
+    """An endpoint's answers. With a label set, the endpoint is told the labels (its system turn) and its reply mapped to
+    the label it names: a hosted model has no token trie to decode through (guided_choice gives vLLM-style servers one)."""
+    from .endpoint import label_instruction, match_label
+
+    if labels and client.ep.labels != "none":
+        note = label_instruction(labels)
+        convs = [[{**m, "content": f"{m['content']}\n\n{note}"} if m["role"] == "system" else m for m in c]
+                 if c and c[0]["role"] == "system" else [{"role": "system", "content": note}, *c] for c in convs]
+    outs = client.generate(convs, max_new_tokens, choices=labels, on_done=on_done)
+    if labels and client.ep.labels != "none":
+        import dataclasses
+
+        outs = [dataclasses.replace(o, text=match_label(o.text, labels)) for o in outs]
+    return outs
 
 
 def generate_sharded(cfg: ProjectConfig, variant: VariantConfig, convs: list, labels, processes: int, progress=None) -> list:
@@ -398,7 +451,7 @@ def load_scores(cfg: ProjectConfig, name: str, metric: str, out_root: Path | Non
 
 
 def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path | None = None, progress=None,
-            reuse: bool = True) -> dict:
+            reuse: bool = True, engines: Engines | None = None) -> dict:
     """Evaluate the variants on the same items (reusing results whose fingerprint still matches), then
     paired tests against the first, compare.json and the HTML report."""
     from ..tracking import require
@@ -408,7 +461,10 @@ def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path |
     missing = set(names or []) - {v.name for v in variants}
     if missing:
         raise EvalError(f"unknown variant(s) {sorted(missing)}; configured: {[v.name for v in cfg.evaluation.variants]}")
-    engines = Engines(cfg)
+    engines = engines or Engines(cfg)
+    for v in variants:  # every endpoint checked (key, reachable, model served) before any work
+        if v.kind == "endpoint":
+            engines.endpoint(v)
     prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name))  # once for all variants
     summaries = {}
     for v in variants:

@@ -1,0 +1,183 @@
+"""Endpoint variants against a real OpenAI-compatible server on localhost (tests/endpoint_server.py), the official
+openai SDK as the client: cost from reported usage, latency, retries of 429/5xx, timeouts, the cache, the spending cap,
+and the errors that must come before any work."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from tunewise.config import load_config
+from tunewise.eval.endpoint import EndpointError, SpendCapReached, match_label, worst_case_prompt_tokens
+
+from .endpoint_server import FakeEndpoint
+
+
+def _items(cfg):
+    from tunewise.data.prepared import ensure_prepared
+    from tunewise.data.split import sample_records
+    from tunewise.models import load_tokenizer
+
+    prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name))
+    return sample_records(prepared.splits[cfg.evaluation.split], cfg.evaluation.max_samples)
+
+
+def _project(tiny_project, url: str, variants=None, **endpoint):
+    path = tiny_project()
+    raw = yaml.safe_load(path.read_text())
+    ep = {"base_url": url, "model": "hosted-mini", "api_key_env": None, "price_per_1m_input_tokens": 2.0,
+          "price_per_1m_output_tokens": 8.0, "backoff_s": 0.0, **endpoint}
+    raw["evaluation"] = {"max_samples": 12, "max_new_tokens": 8, "perplexity": False,
+                         "variants": variants or [{"name": "hosted", "kind": "endpoint", "endpoint": ep}]}
+    if variants:
+        for v in raw["evaluation"]["variants"]:
+            if v["kind"] == "endpoint":
+                v["endpoint"] = ep
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _answers(cfg, right: int) -> dict:
+    """The hosted model's answers: the label for the first `right` items, a wrong one for the rest."""
+    items = _items(cfg)
+    out = {}
+    for i, r in enumerate(items):
+        out[r.messages[-2]["content"]] = r.label if i < right else "definitely_not_a_label"
+    return out
+
+
+def test_compare_local_variants_with_an_endpoint(tiny_project, tmp_path):
+    from tunewise.eval.evaluate import compare
+    from tunewise.train.loop import train
+
+    with FakeEndpoint() as server:
+        variants = [{"name": "base", "kind": "base"}, {"name": "few-shot", "kind": "few-shot", "k": 2},
+                    {"name": "fine-tuned", "kind": "fine-tuned"}, {"name": "hosted", "kind": "endpoint"}]
+        cfg = load_config(_project(tiny_project, server.url, variants))
+        server.answers = _answers(cfg, right=9)
+        train(cfg, cfg.train_dir)
+        result = compare(cfg)
+        assert list(result["variants"]) == ["base", "few-shot", "fine-tuned", "hosted"]
+        s = result["variants"]["hosted"]
+        assert s["items"] == 12 and server.requests == 12
+        assert s["metrics"]["accuracy"]["mean"] == pytest.approx(9 / 12)
+        rows = [json.loads(x) for x in (cfg.run_dir / "eval" / "hosted" / "items.jsonl").read_text().splitlines()]
+        # cost per 1k queries is what the server reported, at the configured prices (2 and 8 USD per 1M tokens)
+        expected = 1000 * (sum(r["prompt_tokens"] for r in rows) / 12 * 2e-6 + sum(r["completion_tokens"] for r in rows) / 12 * 8e-6)
+        assert s["cost_per_1k_queries_usd"] == pytest.approx(expected) and expected > 0
+        assert all(r["prompt_tokens"] > 0 and r["latency_s"] > 0 for r in rows)
+        assert s["endpoint"]["answered"] == 12 and s["endpoint"]["cache_hits"] == 0
+        assert s["endpoint"]["spent_usd"] == pytest.approx(expected * 12 / 1000)
+        # the labels were given to the hosted model in its system turn (the local variants decode through the trie)
+        assert "Answer with exactly one of these labels" in server.seen[0]["messages"][0]["content"]
+        assert "hosted" in result["paired_vs_reference"]
+        # a second compare, evaluating everything again: every answer from the cache, no request sent
+        again = compare(cfg, reuse=False)
+        assert server.requests == 12
+        h = again["variants"]["hosted"]
+        assert h["endpoint"]["cache_hits"] == 12 and h["endpoint"]["requests"] == 0 and h["endpoint"]["spent_usd"] == 0
+        assert h["metrics"] == s["metrics"] and h["cost_per_1k_queries_usd"] == pytest.approx(s["cost_per_1k_queries_usd"])
+
+
+def test_429_and_500_are_retried_and_counted(tiny_project):
+    from tunewise.eval.evaluate import compare
+
+    with FakeEndpoint() as server:
+        cfg = load_config(_project(tiny_project, server.url, concurrency=1))
+        server.answers = _answers(cfg, right=12)
+        server.failures = [429, 500, 503]
+        s = compare(cfg)["variants"]["hosted"]
+        assert s["metrics"]["accuracy"]["mean"] == 1.0
+        assert s["endpoint"]["retries"] == {"429": 1, "500": 1, "503": 1}
+        assert s["endpoint"]["requests"] == server.requests == 15
+
+
+def test_a_timeout_is_an_error_naming_the_variant(tiny_project):
+    from tunewise.eval.evaluate import compare
+
+    with FakeEndpoint() as server:
+        cfg = load_config(_project(tiny_project, server.url, concurrency=1, timeout_s=0.3, max_retries=1))
+        server.failures = [("sleep", 2.0), ("sleep", 2.0)]
+        with pytest.raises(EndpointError, match=r"evaluation\.variants\[0\]\.endpoint\.timeout_s \(variant hosted\).*no answer within "
+                                                r"timeout_s=0\.3 \(2 tries; max_retries=1\)"):
+            compare(cfg)
+
+
+def test_the_spending_cap_stops_before_it_is_crossed(tiny_project):
+    from tunewise.eval.evaluate import compare
+
+    with FakeEndpoint() as server:
+        cfg = load_config(_project(tiny_project, server.url, concurrency=3))
+        server.answers = _answers(cfg, right=12)
+        # each request's worst case: its prompt's bytes as tokens at 2 USD/1M plus 8 tokens of output at 8 USD/1M. A request
+        # is sent while spent + in flight + its worst case stays under the cap; the server bills about a sixth of the worst
+        # case (it counts words), so a cap of 1.5 worst cases lets a few requests through, never all 12
+        from tunewise.eval.evaluate import build_prompt
+        from tunewise.eval.endpoint import label_instruction
+
+        worst = [worst_case_prompt_tokens([{"role": "system", "content": "Classify the intent.\n\n" + label_instruction(["x"] * 80)},
+                                           *build_prompt(r, None, None)[1:]]) * 2e-6 + 8 * 8e-6 for r in _items(cfg)]
+        cap = 1.5 * max(worst)
+        raw = yaml.safe_load(cfg.base_dir.joinpath("tunewise.yaml").read_text())
+        raw["evaluation"]["variants"][0]["endpoint"]["max_usd"] = cap
+        (cfg.base_dir / "tunewise.yaml").write_text(yaml.safe_dump(raw))
+        cfg = load_config(cfg.base_dir / "tunewise.yaml")
+        from tunewise.eval.evaluate import Engines
+
+        engines = Engines(cfg)
+        with pytest.raises(SpendCapReached, match=r"endpoint\.max_usd \(variant hosted\): the spending cap .* would be crossed .* of 12 items"):
+            compare(cfg, engines=engines)
+        client = engines.endpoints["hosted"]
+        assert 0 < server.requests < 12
+        assert client.ledger.spent <= cap and client.ledger.reserved == pytest.approx(0.0, abs=1e-12)
+        # what was answered is cached: a re-run without the cap pays only for the rest
+        raw["evaluation"]["variants"][0]["endpoint"]["max_usd"] = None
+        (cfg.base_dir / "tunewise.yaml").write_text(yaml.safe_dump(raw))
+        before = server.requests
+        s = compare(load_config(cfg.base_dir / "tunewise.yaml"))["variants"]["hosted"]
+        assert s["endpoint"]["cache_hits"] == before and server.requests == 12
+
+
+def test_endpoint_errors_come_before_any_work(tiny_project, monkeypatch):
+    from tunewise.eval.evaluate import compare
+
+    monkeypatch.delenv("TUNEWISE_TEST_KEY", raising=False)
+    with FakeEndpoint(key="sk-right") as server:
+        cases = [({"api_key_env": "TUNEWISE_TEST_KEY"}, r"endpoint\.api_key_env \(variant hosted\): the environment variable TUNEWISE_TEST_KEY is not set"),
+                 ({"base_url": "http://127.0.0.1:9/v1", "api_key_env": None, "max_retries": 0}, r"endpoint\.base_url \(variant hosted\): cannot reach"),
+                 ({"model": "gpt-9-imaginary", "api_key_env": "TUNEWISE_TEST_KEY"}, r"endpoint\.model \(variant hosted\): .* does not serve 'gpt-9-imaginary'"),
+                 ({"api_key_env": "TUNEWISE_TEST_KEY", "_key": "sk-wrong"}, r"endpoint\.api_key_env \(variant hosted\): .* refused the key in TUNEWISE_TEST_KEY")]
+        for endpoint, message in cases:
+            key = endpoint.pop("_key", "sk-right")
+            if "model" in endpoint or key != "sk-right":
+                monkeypatch.setenv("TUNEWISE_TEST_KEY", key)
+            cfg = load_config(_project(tiny_project, server.url, **endpoint))
+            with pytest.raises(EndpointError, match=message) as err:
+                compare(cfg)
+            assert "sk-right" not in str(err.value) and "sk-wrong" not in str(err.value)  # a key is never printed
+            assert not (cfg.run_dir / "data").exists(), "the error came after data preparation"
+            monkeypatch.delenv("TUNEWISE_TEST_KEY", raising=False)
+        assert server.requests == 0
+
+
+def test_endpoint_config_errors_name_the_key(tmp_path):
+    from tunewise.config import ConfigError
+
+    (tmp_path / "train.csv").write_text("text,label\nhi,greet\n")
+    for variant, message in [({"name": "h", "kind": "endpoint"}, r"evaluation\.variants\.0.*give the endpoint keys"),
+                             ({"name": "h", "kind": "base", "endpoint": {"base_url": "http://x/v1", "model": "m"}}, "only a kind: endpoint variant"),
+                             ({"name": "h", "kind": "endpoint", "endpoint": {"base_url": "x", "model": "m"}}, r"endpoint\.base_url"),
+                             ({"name": "h", "kind": "endpoint", "endpoint": {"base_url": "http://x/v1", "model": "m", "api_key": "sk-1"}},
+                              r"endpoint\.api_key: unknown key")]:
+        (tmp_path / "t.yaml").write_text(yaml.safe_dump({"data": {"format": "csv", "train": "train.csv"}, "evaluation": {"variants": [variant]}}))
+        with pytest.raises(ConfigError, match=message):
+            load_config(tmp_path / "t.yaml")
+
+
+def test_match_label():
+    labels = ["card_arrival", "card_linking", "top_up_failed"]
+    assert match_label(" Card_Arrival.", labels) == "card_arrival"
+    assert match_label("The intent is top up failed.", labels) == "top_up_failed"
+    assert match_label("no idea", labels) == "no idea"
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
