@@ -181,3 +181,65 @@ def test_match_label():
     assert match_label("The intent is top up failed.", labels) == "top_up_failed"
     assert match_label("no idea", labels) == "no idea"
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def _all_answers(cfg) -> dict:
+    from tunewise.data.prepared import ensure_prepared
+    from tunewise.models import load_tokenizer
+
+    prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name))
+    return {r.messages[-2]["content"]: r.label for split in prepared.splits.values() for r in split}
+
+
+RUN = ["--set", "evaluation.max_new_tokens=4", "--set", "hardware.matmul_tflops=0.05", "--set", "goal.threshold=1.01",
+       "--validation-samples", "12", "--test-samples", "12", "--no-gate"]
+
+
+def test_run_puts_the_hosted_route_beside_the_fine_tune(tiny_project, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+
+    path = tiny_project(max_steps=2, eval_every=2, save_every=2)
+    with FakeEndpoint() as server:
+        variants = [{"name": "base", "kind": "base"}, {"name": "gpt-mini", "kind": "endpoint"}, {"name": "fine-tuned", "kind": "fine-tuned"}]
+        _project(lambda: path, server.url, variants)
+        server.answers = _all_answers(load_config(path))
+        r = CliRunner().invoke(app, ["run", str(path)] + RUN)
+        assert r.exit_code == 0, r.output
+        d = json.loads((tmp_path / "runs" / "tiny" / "run" / "decision.json").read_text())
+        assert [e["route"] for e in d["evidence"]] == ["prompt", "hosted", "fine-tune"]
+        hosted = next(e for e in d["evidence"] if e["route"] == "hosted")
+        assert hosted["test"] == 1.0 and hosted["hosted"] and hosted["training_usd"] == 0 and hosted["per_1k_queries_usd"] > 0
+        s = json.loads((tmp_path / "runs" / "tiny" / "run" / "test" / "gpt-mini" / "summary.json").read_text())
+        assert hosted["per_1k_queries_usd"] == pytest.approx(s["cost_per_1k_queries_usd"])  # from the usage the server reported
+        assert hosted["serving_usd_per_year"] == pytest.approx(s["cost_per_1k_queries_usd"] / 1000 * 1000 * 365)  # 1,000 queries a day
+        hv = d["hosted_vs_local"]
+        assert hv["hosted"] == "gpt-mini" and hv["local"] == "fine-tuned" and hv["hosted_test"] == 1.0
+        ft = next(e for e in d["evidence"] if e["route"] == "fine-tune")
+        if hv["break_even_queries_per_day"] is not None:  # where the two first-year costs meet
+            q = hv["break_even_queries_per_day"]
+            year = lambda e: e["training_usd"] + e["retraining_usd_per_year"] + e["per_1k_queries_usd"] / 1000 * q * 365  # noqa: E731
+            assert year(ft) == pytest.approx(year(hosted))
+        assert d["not_measured"] == [] and "hosted or local" in r.output
+        assert "Hosted or local" in (tmp_path / "runs" / "tiny" / "run" / "report.html").read_text()
+
+
+def test_run_without_the_key_reports_the_hosted_route_as_not_measured(tiny_project, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+
+    monkeypatch.delenv("TUNEWISE_NO_SUCH_KEY", raising=False)
+    path = tiny_project(max_steps=2, eval_every=2, save_every=2)
+    variants = [{"name": "base", "kind": "base"}, {"name": "gpt-mini", "kind": "endpoint"}]
+    _project(lambda: path, "https://api.openai.com/v1", variants, api_key_env="TUNEWISE_NO_SUCH_KEY")
+    r = CliRunner().invoke(app, ["run", str(path)] + RUN)
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "runs" / "tiny" / "run" / "decision.json").read_text())
+    assert [n["variant"] for n in d["not_measured"]] == ["gpt-mini"]
+    assert "TUNEWISE_NO_SUCH_KEY is not set" in d["not_measured"][0]["reason"] and "hosted" not in [e["route"] for e in d["evidence"]]
+    assert "not measured" in r.output and "gpt-mini (hosted) was not measured" in d["why"]
+    assert any(s["step"] == "hosted" and "not measured" in s["skipped"] for s in d["steps"])
+    assert "hosted" in d["estimates_for_untried"]  # its cost-model estimate stays in the report
+    assert "not measured: " in (tmp_path / "runs" / "tiny" / "run" / "report.html").read_text()

@@ -60,7 +60,8 @@ def server(tmp_path_factory, tiny_model):
     cfg_path.write_text(yaml.safe_dump({
         "project": "bot", "output_dir": str(tmp / "runs"), "model": {"name": str(tiny_model)},
         "data": {"format": "openai", "train": "train.jsonl"}, "rag": {"knowledge_base": ["kb"], "top_k": 2},
-        "serve": {"api_keys": ["sk-test"], "max_body_bytes": 20_000, "default_max_tokens": 8, "max_tokens_cap": 16, "batch_wait_ms": 20},
+        "serve": {"api_keys": ["sk-test"], "max_body_bytes": 20_000, "default_max_tokens": 8, "max_tokens_cap": 16, "batch_wait_ms": 20,
+                  "aliases": {"ft:gpt-4.1-mini-2025-04-14:acme::abc123": "bot:1"}},
     }))
     cfg = load_config(cfg_path)
     from tunewise.rag.retrieve import build_index
@@ -122,6 +123,19 @@ def test_adapter_per_request_without_reloading(server):
     assert ada == eng.generate([msgs], max_new_tokens=8, adapter="a")[0].text
     assert base == c.chat.completions.create(model="base", messages=msgs, max_tokens=8, temperature=0).choices[0].message.content
     assert server["app"].state.models.base.adapters == ["bot:1"]  # one base model, the adapter attached once
+
+
+def test_a_hosted_fine_tunes_name_is_served_by_its_alias(server):
+    """serve.aliases: a client of an OpenAI fine-tune changes only its base URL; the name it sends reaches registry version bot:1."""
+    c = _client(server)
+    msgs = [{"role": "user", "content": "Top up fees?"}]
+    alias = "ft:gpt-4.1-mini-2025-04-14:acme::abc123"
+    via_alias = c.chat.completions.create(model=alias, messages=msgs, max_tokens=8, temperature=0).choices[0].message.content
+    assert via_alias == c.chat.completions.create(model="bot:1", messages=msgs, max_tokens=8, temperature=0).choices[0].message.content
+    listed = {m.id: m for m in c.models.list()}
+    assert alias in listed and listed[alias].model_extra["tunewise_alias_of"] == "bot:1"
+    with pytest.raises(Exception, match="invalid model name"):  # a name that is neither an alias nor a model is refused
+        c.chat.completions.create(model="ft:gpt-4.1-mini:other::x", messages=msgs, max_tokens=8)
 
 
 def test_rag_returns_citations_and_retrieved_chunks(server):

@@ -599,6 +599,8 @@ def _run_and_print(fn) -> None:
         t.add_row(r["route"], r["variant"], f"{r['validation']:.3f}", f"{r['test']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]",
                   "met" if r["meets_goal"] else "short", f"{r['latency_p50_s']:.2f}", f"{r['per_1k_queries_usd']:.4f}",
                   f"${r['training_usd']:.2f}" if r["training_hours"] else "-", f"${r['first_year_usd']:,.2f}")
+    for n in d.get("not_measured") or []:
+        t.add_row(n["route"], n["variant"], "not measured", n["reason"], "", "", "", "", "")
     console.print(t)
     from .report.decision_html import step_sentence
 
@@ -615,6 +617,12 @@ def _run_and_print(fn) -> None:
         console.print(f"vs {r['against']}: {r['accuracy_gain']:+.3f} {g['metric']} for ${r['extra_cost_usd_per_year']:,.2f}/yr more"
                       + (f", ${r['cost_per_extra_correct_answer_usd']:.2g} per extra correct answer" if r.get("cost_per_extra_correct_answer_usd") else "")
                       + (f"; ROI {r['roi']:.0f}x at the configured value per correct answer" if r.get("roi") is not None else ""))
+    if d.get("hosted_vs_local"):
+        h = d["hosted_vs_local"]
+        be = h["break_even_queries_per_day"]
+        console.print(f"hosted or local: {h['local']} {h['quality_diff']:+.3f} {g['metric']} vs {h['hosted']}; ${h['local_per_1k_usd']:.4f} vs "
+                      f"${h['hosted_per_1k_usd']:.4f} per 1k queries; "
+                      + (f"the trained model costs less above {be:,.0f} queries/day" if be is not None else "the hosted model stays cheaper at any volume"))
     console.print(f"wall time {d['wall_s']:.0f} s")
     console.print(f"[bold]report:[/] {d['report']}")
     if d.get("gate"):

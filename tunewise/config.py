@@ -318,7 +318,7 @@ class PricesConfig(Section):
     # for gpt-4o-mini (0.15 / 0.60 USD per 1M input / output tokens, published July 2024).
     gpu_hour_usd: float = Field(2.5, ge=0, description="USD per GPU-hour (training and self-hosted serving on a GPU).")
     cpu_hour_usd: float = Field(0.1, ge=0, description="USD per hour of the CPU machine (training and serving on CPU).")
-    hosted_input_per_1m_usd: float = Field(0.15, ge=0, description="Hosted model: USD per 1M prompt tokens (prompt/RAG routes without self-hosting).")
+    hosted_input_per_1m_usd: float = Field(0.15, ge=0, description="Hosted model: USD per 1M prompt tokens (the hosted route, where its endpoint variant sets no price).")
     hosted_output_per_1m_usd: float = Field(0.60, ge=0, description="Hosted model: USD per 1M completion tokens.")
     engineer_hour_usd: float = Field(0.0, ge=0, description="Optional: USD per engineer-hour, counted once per training run (0: ignore).")
 
@@ -358,6 +358,22 @@ class ServeConfig(Section):
     log_max_bytes: int = Field(64 * 2**20, gt=0, description="A log file larger than this is rotated (requests.<n>.jsonl).")
     log_fsync: bool = Field(True, description="fsync each log line before the response is sent (no answered request lost to a crash; off: flushed to the OS only).")
     max_correction_chars: int = Field(8000, gt=0, description="Longest corrected answer POST /v1/feedback accepts.")
+    aliases: dict[str, str] = Field(default_factory=dict, description="Model names clients already send -> what serves them (base, production, NAME:VERSION, "
+                                    "NAME:production, optionally +kb), e.g. {'ft:gpt-4.1-mini-2025-04-14:acme::abc123': 'acme:3'}: a client of a "
+                                    "hosted fine-tune moves by changing only its base URL. /v1/models lists them.")
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_targets(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        target = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(:(production|[0-9]{1,9}))?(\+kb)?$")
+        for alias, to in v.items():
+            if not alias or len(alias) > 256:
+                raise ValueError(f"alias {alias!r}: 1 to 256 characters")
+            if not target.match(to):
+                raise ValueError(f"{alias}: {to!r} is not base, production, NAME:VERSION or NAME:production (optionally +kb)")
+        return v
 
 
 class TuneParam(Section):

@@ -17,13 +17,14 @@ import time
 
 from .config import ProjectConfig, VariantConfig, replace
 from .data.prepared import ensure_prepared
+from .eval.endpoint import EndpointError
 from .eval.evaluate import EvalError, compare, evaluate, Engines
 from .models import load_tokenizer
 from .util import atomic_write_json, sha256_text
 
-ROUTE_OF_KIND = {"base": "prompt", "few-shot": "prompt", "rag": "rag", "fine-tuned": "fine-tune", "ft+rag": "hybrid"}
-ROUTE_ORDER = ("prompt", "rag", "fine-tune", "hybrid")
-DEFAULT_VARIANTS = {"prompt": [VariantConfig(name="base", kind="base"), VariantConfig(name="few-shot", kind="few-shot")],
+ROUTE_OF_KIND = {"base": "prompt", "few-shot": "prompt", "endpoint": "hosted", "rag": "rag", "fine-tuned": "fine-tune", "ft+rag": "hybrid"}
+ROUTE_ORDER = ("prompt", "hosted", "rag", "fine-tune", "hybrid")
+DEFAULT_VARIANTS = {"prompt": [VariantConfig(name="base", kind="base"), VariantConfig(name="few-shot", kind="few-shot")], "hosted": [],
                     "rag": [VariantConfig(name="rag", kind="rag")], "fine-tune": [VariantConfig(name="fine-tuned", kind="fine-tuned")],
                     "hybrid": [VariantConfig(name="ft+rag", kind="ft+rag")]}
 
@@ -36,7 +37,7 @@ DEMO = {"validation_samples": 200, "test_samples": 200, "training": {"max_minute
 def route_variants(cfg: ProjectConfig) -> dict[str, list[VariantConfig]]:
     out = {r: [v for v in cfg.evaluation.variants if ROUTE_OF_KIND[v.kind] == r] for r in ROUTE_ORDER}
     for r in ROUTE_ORDER:
-        if not out[r]:
+        if not out[r]:  # hosted has no default: an endpoint is the user's to name
             out[r] = [v.model_copy() for v in DEFAULT_VARIANTS[r]]
     if not cfg.rag.knowledge_base:
         out["rag"], out["hybrid"] = [], []
@@ -112,6 +113,10 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
         return replace(c, "evaluation", split=split, max_samples=samples or None)
 
     tok = load_tokenizer(cfg.model.name)
+    routes = route_variants(cfg)
+    val_cfg = for_split(cfg, "validation", validation_samples)
+    engines = Engines(val_cfg)
+    not_measured = _check_endpoints(engines, routes, progress)
     progress("preparing data")
     prepared = ensure_prepared(cfg, tok)
     step("data", outputs=prepared.summary.get("outputs"))
@@ -119,22 +124,19 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
     before = advise(cfg, tok)
     step("advise", recommendation=before["recommendation"])
 
-    routes = route_variants(cfg)
     n_val = min(validation_samples or 10**12, len(prepared.splits["validation"]))
     n_test = min(test_samples or 10**12, len(prepared.splits[cfg.evaluation.split]))
     order = " -> ".join(f"{r} ({', '.join(v.name for v in routes[r])})" for r in ROUTE_ORDER if routes[r])
     progress(f"plan: {order}, {'every route' if all_routes else 'until one meets the goal'}; each variant on {n_val:,} validation "
              f"items, then the variants tried on {n_test:,} of {len(prepared.splits[cfg.evaluation.split]):,} "
              f"{cfg.evaluation.split} items (--test-samples)")
-    val_cfg = for_split(cfg, "validation", validation_samples)
-    engines = Engines(val_cfg)
     tried: list[tuple[str, VariantConfig]] = []
     validation: dict[str, dict] = {}
     met_at = None
     training = None
     for route in ROUTE_ORDER:
         if not routes[route]:
-            step(route, skipped="no knowledge base configured (rag.knowledge_base)")
+            step(route, skipped=_skip_reason(route, not_measured))
             continue
         if route == "fine-tune" or (route == "hybrid" and training is None):
             facts = before["facts"]  # the training split's size, not the raw file's (advise reads that)
@@ -143,15 +145,24 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
             val_cfg = val_cfg.model_copy(update={"training": cfg.training})
             training = _ensure_trained(cfg, prepared, journal, progress)
             step("train", defaults=notes, steps=training.get("steps"), wall_s=training.get("wall_s"), reused=training.get("reused"))
+        measured = []
         for v in routes[route]:
             progress(f"{route}: {v.name} on the validation split")
-            s = evaluate(val_cfg, v, engines, out / "validation", prepared, reuse=True, progress=live)
+            try:
+                s = evaluate(val_cfg, v, engines, out / "validation", prepared, reuse=True, progress=live)
+            except EndpointError as e:  # a spending cap or an endpoint that stopped answering: reported, not dropped
+                not_measured.append({"route": route, "variant": v.name, "reason": str(e)})
+                step(f"validate {v.name}", route=route, not_measured=str(e))
+                continue
+            measured.append(v)
             validation[v.name] = s
             tried.append((route, v))
             if not s.get("reused"):
                 progress(f"  {v.name}: {s['items_per_s']:.2f} items/s; on {n_test:,} test items about {_minutes(n_test / s['items_per_s'])}")
             step(f"validate {v.name}", route=route, value=_value(s, goal.metric), reused=bool(s.get("reused")))
-        best = max(_value(validation[v.name], goal.metric) or 0.0 for v in routes[route])
+        if not measured:
+            continue
+        best = max(_value(validation[v.name], goal.metric) or 0.0 for v in measured)
         if best >= goal.threshold and met_at is None:
             met_at = route
             step("goal met", route=route, value=best, threshold=goal.threshold)
@@ -160,10 +171,9 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
 
     eta = sum(n_test / validation[v.name]["items_per_s"] for _, v in tried)
     progress(f"final comparison on the test split: {n_test:,} items x {len(tried)} variants, about {_minutes(eta)} at the validation rates")
-    test_cfg = replace(for_split(cfg, cfg.evaluation.split, test_samples), "evaluation", variants=[v for _, v in tried])
-    final = compare(test_cfg, out_root=out / "test", progress=live)
+    final = _test_compare(for_split(cfg, cfg.evaluation.split, test_samples), tried, not_measured, engines, out, live)
     step("test compare", variants=[v.name for _, v in tried])
-    decision = decide(cfg, before, tried, validation, final, training, met_at)
+    decision = decide(cfg, before, tried, validation, final, training, met_at, not_measured)
     decision["wall_s"] = round(time.time() - t0, 1)
     decision["steps"] = journal["steps"]
     atomic_write_json(out / "decision.json", decision)
@@ -181,7 +191,42 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
     return decision
 
 
-def decide(cfg: ProjectConfig, before: dict, tried, validation: dict, final: dict, training: dict | None, met_at: str | None) -> dict:
+def _check_endpoints(engines: Engines, routes: dict, progress) -> list[dict]:
+    """Each endpoint variant's key, reachability and model, before any work; one that fails leaves the search and is
+    reported as not measured, with the reason (never silently dropped)."""
+    not_measured = []
+    for v in list(routes["hosted"]):
+        try:
+            engines.endpoint(v)
+        except EndpointError as e:
+            routes["hosted"].remove(v)
+            not_measured.append({"route": "hosted", "variant": v.name, "reason": str(e)})
+            progress(f"hosted: {v.name} not measured: {e}")
+    return not_measured
+
+
+def _skip_reason(route: str, not_measured: list[dict]) -> str:
+    if route == "hosted":
+        mine = [f"{n['variant']}: {n['reason']}" for n in not_measured if n["route"] == "hosted"]
+        return "not measured (" + "; ".join(mine) + ")" if mine else "no endpoint variant configured (evaluation.variants, kind: endpoint)"
+    return "no knowledge base configured (rag.knowledge_base)"
+
+
+def _test_compare(test_cfg: ProjectConfig, tried: list, not_measured: list[dict], engines: Engines, out, live) -> dict:
+    """The variants tried, side by side on the test split. An endpoint that fails there (its spending cap, say) leaves the
+    comparison with its reason, and the rest is compared (their results are reused)."""
+    while True:
+        try:
+            return compare(replace(test_cfg, "evaluation", variants=[v for _, v in tried]), out_root=out / "test", progress=live, engines=engines)
+        except EndpointError as e:
+            if e.variant is None or not any(v.name == e.variant for _, v in tried) or len(tried) == 1:
+                raise
+            tried[:] = [(r, v) for r, v in tried if v.name != e.variant]
+            not_measured.append({"route": "hosted", "variant": e.variant, "reason": f"on the test split: {e}"})
+
+
+def decide(cfg: ProjectConfig, before: dict, tried, validation: dict, final: dict, training: dict | None, met_at: str | None,
+           not_measured: list[dict] | None = None) -> dict:
     """The evidence table per route (its best variant on validation) and the decision with its ROI."""
     from .advise import costs
     from .advise.decide import Facts, route_costs
@@ -199,6 +244,8 @@ def decide(cfg: ProjectConfig, before: dict, tried, validation: dict, final: dic
         s, val = final["variants"][name], validation[name]
         measured = {route: {"prompt_tokens": s["prompt_tokens_mean"], "completion_tokens": s["completion_tokens_mean"],
                             "items_per_s": s["items_per_s"]}}
+        if route == "hosted":  # the bill the endpoint's reported usage makes at its prices
+            measured[route]["per_query_usd"] = s["cost_per_1k_queries_usd"] / 1000
         if route in ("fine-tune", "hybrid") and training and training.get("wall_s"):
             measured[route]["training_s"] = training["wall_s"]
         costs_of = route_costs(cfg, Facts(**before["facts"]), shape, hw, measured)
@@ -227,17 +274,39 @@ def decide(cfg: ProjectConfig, before: dict, tried, validation: dict, final: dic
                "cost_per_extra_correct_answer_usd": extra / more_correct if more_correct > 0 else None}
         if uc.value_per_correct_answer_usd is not None and extra > 0:
             roi["roi"] = (more_correct * uc.value_per_correct_answer_usd - extra) / extra
-    untried = [r for r in ("prompt", "rag", "fine-tune", "hybrid") if r not in best]
+    untried = [r for r in ROUTE_ORDER if r not in best]
     return {"goal": {"metric": goal.metric, "threshold": goal.threshold}, "met": bool(meeting), "met_at": met_at,
             "chosen": chosen["route"], "chosen_variant": chosen["variant"], "evidence": rows, "roi": roi,
-            "why": _why(chosen, beaten, goal),
+            "why": _why(chosen, beaten, goal, not_measured or []), "not_measured": not_measured or [],
+            "hosted_vs_local": hosted_vs_local(rows, uc.queries_per_day),
             "advice_before": {"recommendation": before["recommendation"], "ranking": [{k: r[k] for k in ("route", "points", "reasons")} for r in before["ranking"]]},
             "estimates_for_untried": {r: {k: rc[r][k] for k in ("per_query_usd", "training_usd", "training_hours", "first_year_usd")} for r in untried if r in rc},
             "hardware": before["hardware"], "prices": before["prices"], "use_case": before["use_case"], "training": training,
             "config_sha256": sha256_text(json.dumps(cfg.resolved(), sort_keys=True))}
 
 
-def _why(chosen: dict, beaten: list[dict], goal) -> str:
+def hosted_vs_local(rows: list[dict], queries_per_day: int) -> dict | None:
+    """The question teams start from: the best hosted variant against the best trained local one (test split), their
+    cost per 1k queries and first-year cost at the configured volume, and the volume at which they cost the same."""
+    from .advise.decide import break_even
+
+    hosted = [r for r in rows if r["route"] == "hosted"]
+    local = [r for r in rows if r["route"] in ("fine-tune", "hybrid")]
+    if not hosted or not local:
+        return None
+    h = max(hosted, key=lambda r: r["test"] or 0)
+    lo = max(local, key=lambda r: r["test"] or 0)
+    cost = lambda r: {"training_usd": r["training_usd"], "retraining_usd_per_year": r["retraining_usd_per_year"],  # noqa: E731
+                      "per_query_usd": r["per_1k_queries_usd"] / 1000}
+    qpd = break_even(cost(h), cost(lo))
+    return {"hosted": h["variant"], "local": lo["variant"], "hosted_test": h["test"], "local_test": lo["test"],
+            "quality_diff": (lo["test"] or 0) - (h["test"] or 0), "hosted_per_1k_usd": h["per_1k_queries_usd"],
+            "local_per_1k_usd": lo["per_1k_queries_usd"], "hosted_first_year_usd": h["first_year_usd"], "local_first_year_usd": lo["first_year_usd"],
+            "break_even_queries_per_day": qpd, "queries_per_day": queries_per_day,
+            "cheaper": lo["variant"] if lo["first_year_usd"] < h["first_year_usd"] else h["variant"]}
+
+
+def _why(chosen: dict, beaten: list[dict], goal, not_measured: list[dict] = ()) -> str:
     """The decision in a sentence: what was chosen, and why over each route it beat."""
     def q(r):
         return f"{r['test']:.3f}" if r.get("test") is not None else "n/a"
@@ -250,6 +319,7 @@ def _why(chosen: dict, beaten: list[dict], goal) -> str:
         else:
             parts.append(f"{r['variant']} also meets it but costs ${r['first_year_usd']:,.0f} "
                          f"(${r['per_1k_queries_usd']:.3f} per 1k queries against ${chosen['per_1k_queries_usd']:.3f})")
+    parts += [f"{n['variant']} ({n['route']}) was not measured: {n['reason']}" for n in not_measured]
     return "; ".join(parts) + "."
 
 

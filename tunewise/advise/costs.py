@@ -249,10 +249,8 @@ def query_seconds(shape: ModelShape, hw: Hardware, prompt_tokens: float, complet
     return flops / (hw.tflops * 1e12 * eff)
 
 
-def query_cost_usd(hw: Hardware, prices, prompt_tokens: float, completion_tokens: float, seconds_per_query: float,
-                   hosted: bool) -> float:
-    if hosted:
-        return prompt_tokens * prices.hosted_input_per_1m_usd / 1e6 + completion_tokens * prices.hosted_output_per_1m_usd / 1e6
+def query_cost_usd(hw: Hardware, seconds_per_query: float) -> float:
+    """Self-hosted: the machine's time per query at its hourly price (a hosted API's per-token bill is advise.decide's)."""
     return seconds_per_query * hw.hour_usd / 3600
 
 

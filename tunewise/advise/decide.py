@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from ..config import CHANGES_PER_YEAR, ProjectConfig
 from . import costs
 
-ROUTES = ("prompt", "rag", "fine-tune", "hybrid", "pre-train")
+ROUTES = ("prompt", "hosted", "rag", "fine-tune", "hybrid", "pre-train")
 ROUTE_TEXT = {
-    "prompt": "prompt engineering (zero/few-shot) on the base model",
+    "prompt": "prompt engineering (zero/few-shot) on the local base model",
+    "hosted": "prompting a hosted model behind an API (OpenAI, Anthropic, Google, or your own vLLM/Ollama server)",
     "rag": "retrieval-augmented generation over the knowledge base",
     "fine-tune": "fine-tuning (LoRA) on the labelled examples",
     "hybrid": "fine-tuning plus retrieval (ft+rag)",
@@ -82,6 +83,7 @@ def rule_citations(uc, f: Facts, v: Verdict) -> None:
         v.add("rag", 3, "answers must cite sources, and only retrieval can point to one")
         v.add("hybrid", 3, "answers must cite sources, and only retrieval can point to one")
         v.add("prompt", -2, "a prompt alone cannot cite documents it does not contain")
+        v.add("hosted", -2, "a prompt alone cannot cite documents it does not contain")
         v.add("fine-tune", -3, "a fine-tuned model cannot cite where a fact came from")
 
 
@@ -120,14 +122,17 @@ def rule_behaviour(uc, f: Facts, v: Verdict) -> None:
         v.add("fine-tune", -3, f"only {f.examples} labelled examples: too few to fine-tune on; use them as few-shot examples")
         v.add("hybrid", -3, "too few labelled examples to fine-tune on")
         v.add("prompt", 1, "the few examples there are fit in a few-shot prompt")
+        v.add("hosted", 1, "the few examples there are fit in a few-shot prompt")
 
 
 def rule_small_context(uc, f: Facts, v: Verdict) -> None:
     stable = CHANGES_PER_YEAR[uc.knowledge_changes] < 12
     if f.context_tokens <= 1000 and stable and not uc.citations and uc.task != "qa":
         v.add("prompt", 3, f"everything the model needs fits in a short prompt (~{f.context_tokens} tokens) and does not change often")
+        v.add("hosted", 3, f"everything the model needs fits in a short prompt (~{f.context_tokens} tokens) and does not change often")
     elif f.context_tokens > 4000:
         v.add("prompt", -1, f"every prompt would carry ~{f.context_tokens:,} context tokens")
+        v.add("hosted", -1, f"every prompt would carry ~{f.context_tokens:,} context tokens, paid per token")
         v.add("fine-tune", 1, "fine-tuning moves long instructions out of every prompt")
 
 
@@ -135,6 +140,7 @@ def rule_volume_latency(uc, f: Facts, v: Verdict) -> None:
     if uc.queries_per_day >= 10_000:
         v.add("fine-tune", 1, f"{uc.queries_per_day:,} queries a day: short prompts of a fine-tuned model cost less at volume")
         v.add("prompt", -1, "long few-shot prompts are paid for on every one of many queries")
+        v.add("hosted", -1, f"a hosted model bills every token of {uc.queries_per_day:,} queries a day")
     if uc.latency_ms is not None and uc.latency_ms <= 500:
         v.add("fine-tune", 1, f"a {uc.latency_ms:.0f} ms latency target favours short prompts and no retrieval step")
         v.add("rag", -1, "retrieval and long contexts add latency")
@@ -147,7 +153,14 @@ def rule_pretrain(uc, f: Facts, v: Verdict) -> None:
         v.add("pre-train", -5, "pre-training needs ~1e11+ tokens of domain text and a GPU cluster; RAG and fine-tuning cover this case")
 
 
-RULES = [rule_citations, rule_changing_knowledge, rule_knowledge_task, rule_behaviour, rule_small_context, rule_volume_latency, rule_pretrain]
+def rule_hosted(uc, f: Facts, v: Verdict) -> None:
+    if uc.on_premises:
+        v.add("hosted", -6, "data must stay on our machines (use_case.on_premises): a hosted model is ruled out")
+    elif uc.latency_ms is not None and uc.latency_ms <= 300:
+        v.add("hosted", -1, f"a {uc.latency_ms:.0f} ms target leaves little room for a network round trip to a hosted API")
+
+
+RULES = [rule_hosted, rule_citations, rule_changing_knowledge, rule_knowledge_task, rule_behaviour, rule_small_context, rule_volume_latency, rule_pretrain]
 
 
 # ---------------------------------------------------------------- costs per route
@@ -161,6 +174,7 @@ def route_costs(cfg: ProjectConfig, f: Facts, shape: costs.ModelShape, hw: costs
     rag_ctx = min(cfg.rag.max_context_tokens, cfg.rag.top_k * cfg.rag.chunk_tokens)
     prompt_tokens = {
         "prompt": 20 + f.context_tokens + f.query_tokens + (5 * f.shot_tokens if f.examples else 0),
+        "hosted": 20 + f.context_tokens + f.query_tokens + (5 * f.shot_tokens if f.examples else 0),
         "rag": 40 + f.context_tokens + f.query_tokens + rag_ctx,
         "fine-tune": 20 + f.query_tokens + min(f.context_tokens, 40),
         "hybrid": 40 + f.query_tokens + rag_ctx,
@@ -176,10 +190,11 @@ def route_costs(cfg: ProjectConfig, f: Facts, shape: costs.ModelShape, hw: costs
         p_tok = m.get("prompt_tokens", prompt_tokens[route])
         c_tok = m.get("completion_tokens", completion)
         secs = 1 / m["items_per_s"] if m.get("items_per_s") else costs.query_seconds(shape, hw, p_tok, c_tok)
-        self_hosted = costs.query_cost_usd(hw, prices, p_tok, c_tok, secs, hosted=False)
-        hosted = costs.query_cost_usd(hw, prices, p_tok, c_tok, secs, hosted=True)
-        can_host = route in ("prompt", "rag") and not uc.on_premises
-        per_query = min(self_hosted, hosted) if can_host else self_hosted
+        if route == "hosted":  # billed per token at the endpoint's prices: measured usage where there is one
+            in_1m, out_1m = hosted_prices(cfg)
+            per_query = m["per_query_usd"] if "per_query_usd" in m else p_tok * in_1m / 1e6 + c_tok * out_1m / 1e6
+        else:  # every other route runs on our own hardware
+            per_query = costs.query_cost_usd(hw, secs)
         if route in ("fine-tune", "hybrid"):
             tr_usd = m["training_s"] / 3600 * hw.hour_usd if "training_s" in m else train["usd"]
             tr_h = m["training_s"] / 3600 if "training_s" in m else train["hours"]
@@ -194,21 +209,36 @@ def route_costs(cfg: ProjectConfig, f: Facts, shape: costs.ModelShape, hw: costs
             n_re = 0
         serving_year = per_query * uc.queries_per_day * 365
         out[route] = {"prompt_tokens": round(p_tok, 1), "completion_tokens": round(c_tok, 1), "seconds_per_query": secs,
-                      "per_query_usd": per_query, "hosted": can_host and hosted < self_hosted, "training_usd": tr_usd,
+                      "per_query_usd": per_query, "hosted": route == "hosted", "training_usd": tr_usd,
                       "training_hours": tr_h, "retrains_per_year": n_re, "retraining_usd_per_year": n_re * tr_usd,
                       "serving_usd_per_year": serving_year, "first_year_usd": tr_usd + n_re * tr_usd + serving_year,
                       "measured": bool(m)}
     out["_training_estimate"] = train
     for route in ("fine-tune", "hybrid"):
-        base = "prompt" if route == "fine-tune" else "rag"
-        out[route]["break_even_vs_" + base + "_queries_per_day"] = costs.break_even_queries_per_day(
-            out[base]["training_usd"] + out[base]["retraining_usd_per_year"], out[base]["per_query_usd"],
-            out[route]["training_usd"] + out[route]["retraining_usd_per_year"], out[route]["per_query_usd"])
+        for base in ("prompt" if route == "fine-tune" else "rag", "hosted"):
+            out[route]["break_even_vs_" + base + "_queries_per_day"] = break_even(out[base], out[route])
     return out
+
+
+def break_even(cheap_to_start: dict, other: dict) -> float | None:
+    """Queries a day above which `other` (a fixed training cost, a lower cost per query) costs less in a year than
+    `cheap_to_start`; None when it never does."""
+    return costs.break_even_queries_per_day(
+        cheap_to_start["training_usd"] + cheap_to_start["retraining_usd_per_year"], cheap_to_start["per_query_usd"],
+        other["training_usd"] + other["retraining_usd_per_year"], other["per_query_usd"])
+
+
+def hosted_prices(cfg: ProjectConfig) -> tuple[float, float]:
+    """USD per 1M input and output tokens of the hosted route: the first endpoint variant's prices, else prices.hosted_*."""
+    ep = next((v.endpoint for v in cfg.evaluation.variants if v.kind == "endpoint"), None)
+    i = ep.price_per_1m_input_tokens if ep and ep.price_per_1m_input_tokens is not None else cfg.prices.hosted_input_per_1m_usd
+    o = ep.price_per_1m_output_tokens if ep and ep.price_per_1m_output_tokens is not None else cfg.prices.hosted_output_per_1m_usd
+    return i, o
 
 
 WHAT_TO_MEASURE = {
     "prompt": "zero-shot and few-shot quality on the validation split (tunewise run does this first)",
+    "hosted": "the hosted model's quality, tokens and latency on the validation split (an evaluation.variants entry of kind: endpoint)",
     "rag": "retrieval recall@5 and answer quality with context; hallucination rate against the gold passage",
     "fine-tune": "validation quality after a short LoRA run; the loss curve tells whether more steps would pay",
     "hybrid": "ft+rag against rag alone: does the adapter add to retrieval (RAFT-style training data helps)",

@@ -35,6 +35,10 @@ from ..errors import TunewiseError
 class EndpointError(TunewiseError, RuntimeError):
     """An endpoint variant that cannot be measured: the message names the variant and the key or cause."""
 
+    def __init__(self, message: str, variant: str | None = None):
+        super().__init__(message)
+        self.variant = variant
+
 
 class SpendCapReached(EndpointError):
     pass
@@ -144,7 +148,7 @@ class EndpointClient:
             return "none"  # the SDK wants some string; a server without auth ignores it
         value = os.environ.get(env)
         if not value:
-            raise EndpointError(f"{self._where('api_key_env')}: the environment variable {env} is not set; export the key as {env}, "
+            raise self._error(f"{self._where('api_key_env')}: the environment variable {env} is not set; export the key as {env}, "
                                 "or set api_key_env: null for an endpoint without a key")
         return value
 
@@ -165,13 +169,13 @@ class EndpointClient:
         except openai.NotFoundError:
             return  # a server without /models: the first request tells
         except openai.AuthenticationError as e:
-            raise EndpointError(f"{self._where('api_key_env')}: {self.ep.base_url} refused the key in {self.ep.api_key_env} (401: {_message(e)})") from None
+            raise self._error(f"{self._where('api_key_env')}: {self.ep.base_url} refused the key in {self.ep.api_key_env} (401: {_message(e)})") from None
         except (openai.APIConnectionError, openai.APITimeoutError) as e:
-            raise EndpointError(f"{self._where('base_url')}: cannot reach {self.ep.base_url}: {_message(e)}") from None
+            raise self._error(f"{self._where('base_url')}: cannot reach {self.ep.base_url}: {_message(e)}") from None
         except openai.APIStatusError as e:
-            raise EndpointError(f"{self._where('base_url')}: {self.ep.base_url}/models answered {e.status_code}: {_message(e)}") from None
+            raise self._error(f"{self._where('base_url')}: {self.ep.base_url}/models answered {e.status_code}: {_message(e)}") from None
         if listed and self.ep.model not in listed:
-            raise EndpointError(f"{self._where('model')}: {self.ep.base_url} does not serve {self.ep.model!r} (it lists "
+            raise self._error(f"{self._where('model')}: {self.ep.base_url} does not serve {self.ep.model!r} (it lists "
                                 f"{', '.join(sorted(listed)[:10])}{', ...' if len(listed) > 10 else ''})")
 
     def cache_key(self, messages: list[dict], max_tokens: int, extra: dict) -> str:
@@ -207,7 +211,7 @@ class EndpointClient:
                 if isinstance(err, SpendCapReached):
                     got = sum(o is not None for o in outs)
                     raise SpendCapReached(f"{err} after {got} of {len(conversations)} items; their answers are cached, so a "
-                                          "re-run with a higher cap pays only for the rest") from None
+                                          "re-run with a higher cap pays only for the rest", self.name) from None
                 raise err
         return outs  # type: ignore[return-value]
 
@@ -221,7 +225,7 @@ class EndpointClient:
                 return Completion(**hit)
         worst = worst_case_prompt_tokens(messages) * self.in_price + max_tokens * self.out_price
         if not self.ledger.reserve(worst):
-            raise SpendCapReached(f"{self._where('max_usd')}: the spending cap ${self.ep.max_usd:g} would be crossed by the next request "
+            raise SpendCapReached(variant=self.name, message=f"{self._where('max_usd')}: the spending cap ${self.ep.max_usd:g} would be crossed by the next request "
                                   f"(spent ${self.ledger.spent:.6f}, next at most ${worst:.6f})")
         actual = 0.0
         try:
@@ -253,7 +257,7 @@ class EndpointClient:
                 cause, wait_s, err = "connection", None, f"connection failed: {_message(e)}"
             except openai.APIStatusError as e:
                 if e.status_code not in RETRY_STATUS and e.status_code < 500:
-                    raise EndpointError(self._refusal(e)) from None
+                    raise self._error(self._refusal(e)) from None
                 cause, wait_s, err = str(e.status_code), _retry_after(e), f"{e.status_code}: {_message(e)}"
             else:
                 latency = time.perf_counter() - t0
@@ -267,12 +271,15 @@ class EndpointClient:
             if attempt == self.ep.max_retries:
                 tries = f"{attempt + 1} tr{'y' if attempt == 0 else 'ies'}"
                 key = "timeout_s" if cause == "timeout" else "base_url"
-                raise EndpointError(f"{self._where(key)}: {self.ep.base_url}: {err} ({tries}; max_retries={self.ep.max_retries})")
+                raise self._error(f"{self._where(key)}: {self.ep.base_url}: {err} ({tries}; max_retries={self.ep.max_retries})")
             with self._stats_lock:
                 self.stats.retries[cause] = self.stats.retries.get(cause, 0) + 1
             backoff = self.ep.backoff_s * 2 ** attempt * (0.5 + random.random())
             time.sleep(min(60.0, wait_s if wait_s is not None else backoff))
         raise AssertionError("unreachable")
+
+    def _error(self, message: str) -> EndpointError:
+        return EndpointError(message, self.name)
 
     def _refusal(self, e) -> str:
         msg = _message(e)

@@ -88,6 +88,8 @@ def decision_report(d: dict, out: Path) -> Path:
                      _usd(r["per_1k_queries_usd"]) + (" (hosted)" if r["hosted"] else ""),
                      f"{_usd(r['training_usd'])} ({r['training_hours'] * 60:.1f} min)" if r["training_hours"] else "-",
                      _usd(r["retraining_usd_per_year"]), _usd(r["serving_usd_per_year"]), _usd(r["first_year_usd"])])
+    for n in d.get("not_measured") or []:
+        rows.append([n["route"], n["variant"], "not measured: " + n["reason"]] + [""] * (len(headers) - 3))
     verdict = (f"<b>{html.escape(d['chosen'])}</b> ({html.escape(d['chosen_variant'])}) meets {g['metric']} &ge; {g['threshold']:g} "
                f"at the lowest first-year cost. {html.escape(d.get('why', ''))}" if d["met"] else
                f"No route reached {g['metric']} &ge; {g['threshold']:g}; the best was <b>{html.escape(d['chosen'])}</b>. "
@@ -102,6 +104,15 @@ def decision_report(d: dict, out: Path) -> Path:
                     f"{roi['more_correct_answers_per_year']:,.0f} more correct answers a year"
                     + (f", {_usd(roi['cost_per_extra_correct_answer_usd'])} per extra correct answer" if roi.get("cost_per_extra_correct_answer_usd") is not None else "")
                     + (f"; ROI {roi['roi']:.1f}x at the configured value per correct answer" if roi.get("roi") is not None else "") + ".</p>")
+    hv = d.get("hosted_vs_local")
+    if hv:
+        be = hv["break_even_queries_per_day"]
+        roi_html += (f"<p><b>Hosted or local.</b> {html.escape(hv['local'])} (trained, ours) against {html.escape(hv['hosted'])} (hosted): "
+                     f"{hv['quality_diff']:+.3f} {html.escape(g['metric'])} on test; {_usd(hv['local_per_1k_usd'])} against {_usd(hv['hosted_per_1k_usd'])} "
+                     f"per 1k queries; first year {_usd(hv['local_first_year_usd'])} against {_usd(hv['hosted_first_year_usd'])} at "
+                     f"{hv['queries_per_day']:,} queries/day. "
+                     + (f"The trained model costs less above {be:,.0f} queries/day." if be is not None else
+                        "The trained model never costs less per query, so the hosted one stays cheaper at any volume.") + "</p>")
     untried = d.get("estimates_for_untried") or {}
     untried_html = _table(["route (not run)", "est. $ / 1k queries", "est. training", "est. first year"],
                           [[r, _usd(e["per_query_usd"] * 1000), f"{_usd(e['training_usd'])} ({e['training_hours'] * 60:.1f} min)", _usd(e["first_year_usd"])]

@@ -113,6 +113,7 @@ class Models:
         """The registry entry a name points at (None: the base model). Raises ApiError 400/404."""
         from ..registry import RegistryError
 
+        model = self.resolve(model)
         if not MODEL_RE.match(model):
             raise ApiError(400, "invalid model name: expected base, production, NAME:VERSION or NAME:production, optionally +kb",
                            code="invalid_model")
@@ -128,6 +129,10 @@ class Models:
                 if name == f"{self.name}:production" and "no production model" in str(e):
                     return None  # nothing promoted yet: production is the base model
                 raise ApiError(404, f"model {model!r} not found: {e}", code="model_not_found") from None
+
+    def resolve(self, model: str) -> str:
+        """The name behind an alias (serve.aliases: a name clients already send), else the name itself."""
+        return self.cfg.serve.aliases.get(model, model)
 
     def engine_for(self, entry):
         """On the worker thread: the engine and adapter name serving a registry entry."""
@@ -161,6 +166,8 @@ class Models:
                 if n == "production":
                     meta["tunewise_resolves_to"] = prod or "base"
                 out.append(meta)
+        for alias, to in self.cfg.serve.aliases.items():
+            out.append({"id": alias, "object": "model", "created": 0, "owned_by": "tunewise", "tunewise_alias_of": to})
         return out
 
     def kb_ready(self) -> bool:
@@ -342,7 +349,7 @@ def chat_conversation(models: Models, turns: list[dict], rag: bool, tok):
 async def chat(req: ChatRequest, request: Request):
     models = request.app.state.models
     entry = models.entry(req.model)
-    rag = req.model.endswith("+kb")
+    rag = models.resolve(req.model).endswith("+kb")
     if rag and not models.kb_ready():
         raise ApiError(400, f"model {req.model!r}: no knowledge-base index (configure rag.knowledge_base and run `tunewise kb index`)",
                        code="no_knowledge_base")
@@ -368,9 +375,9 @@ async def chat(req: ChatRequest, request: Request):
 async def completions(req: CompletionRequest, request: Request):
     if isinstance(req.prompt, list) and len(req.prompt) != 1:
         raise ApiError(400, "prompt: one prompt per request (send a list of one, or a string)", code="invalid_request")
-    if req.model.endswith("+kb"):
-        raise ApiError(400, "+kb models are chat models: use /v1/chat/completions", code="invalid_model")
     models = request.app.state.models
+    if models.resolve(req.model).endswith("+kb"):
+        raise ApiError(400, "+kb models are chat models: use /v1/chat/completions", code="invalid_model")
     entry = models.entry(req.model)
     prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
     choices = _choices(req)
