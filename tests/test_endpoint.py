@@ -105,37 +105,34 @@ def test_a_timeout_is_an_error_naming_the_variant(tiny_project):
 
 
 def test_the_spending_cap_stops_before_it_is_crossed(tiny_project):
-    from tunewise.eval.evaluate import compare
+    from tunewise.eval.evaluate import Engines, compare
 
     with FakeEndpoint() as server:
-        cfg = load_config(_project(tiny_project, server.url, concurrency=3))
+        path = _project(tiny_project, server.url, concurrency=3)
+        cfg = load_config(path)
         server.answers = _answers(cfg, right=12)
-        # each request's worst case: its prompt's bytes as tokens at 2 USD/1M plus 8 tokens of output at 8 USD/1M. A request
-        # is sent while spent + in flight + its worst case stays under the cap; the server bills about a sixth of the worst
-        # case (it counts words), so a cap of 1.5 worst cases lets a few requests through, never all 12
-        from tunewise.eval.evaluate import build_prompt
-        from tunewise.eval.endpoint import label_instruction
-
-        worst = [worst_case_prompt_tokens([{"role": "system", "content": "Classify the intent.\n\n" + label_instruction(["x"] * 80)},
-                                           *build_prompt(r, None, None)[1:]]) * 2e-6 + 8 * 8e-6 for r in _items(cfg)]
-        cap = 1.5 * max(worst)
-        raw = yaml.safe_load(cfg.base_dir.joinpath("tunewise.yaml").read_text())
+        spent = compare(cfg)["variants"]["hosted"]["endpoint"]["spent_usd"]  # uncapped: what the 12 answers cost
+        # a request is sent only while spent + in flight + its worst case (prompt bytes as tokens at 2 USD/1M, 8 output
+        # tokens at 8 USD/1M) stays within the cap: with the cap at half the bill plus the largest worst case, at least
+        # one request goes and never all 12
+        worst = max(worst_case_prompt_tokens(b["messages"]) * 2e-6 + 8 * 8e-6 for b in server.seen)
+        cap = spent / 2 + worst
+        cfg.endpoint_cache.unlink()
+        raw = yaml.safe_load(path.read_text())
         raw["evaluation"]["variants"][0]["endpoint"]["max_usd"] = cap
-        (cfg.base_dir / "tunewise.yaml").write_text(yaml.safe_dump(raw))
-        cfg = load_config(cfg.base_dir / "tunewise.yaml")
-        from tunewise.eval.evaluate import Engines
-
-        engines = Engines(cfg)
+        path.write_text(yaml.safe_dump(raw))
+        server.requests = 0
+        engines = Engines(load_config(path))
         with pytest.raises(SpendCapReached, match=r"endpoint\.max_usd \(variant hosted\): the spending cap .* would be crossed .* of 12 items"):
-            compare(cfg, engines=engines)
+            compare(load_config(path), engines=engines, reuse=False)
         client = engines.endpoints["hosted"]
         assert 0 < server.requests < 12
         assert client.ledger.spent <= cap and client.ledger.reserved == pytest.approx(0.0, abs=1e-12)
         # what was answered is cached: a re-run without the cap pays only for the rest
         raw["evaluation"]["variants"][0]["endpoint"]["max_usd"] = None
-        (cfg.base_dir / "tunewise.yaml").write_text(yaml.safe_dump(raw))
+        path.write_text(yaml.safe_dump(raw))
         before = server.requests
-        s = compare(load_config(cfg.base_dir / "tunewise.yaml"))["variants"]["hosted"]
+        s = compare(load_config(path), reuse=False)["variants"]["hosted"]
         assert s["endpoint"]["cache_hits"] == before and server.requests == 12
 
 
@@ -243,3 +240,23 @@ def test_run_without_the_key_reports_the_hosted_route_as_not_measured(tiny_proje
     assert any(s["step"] == "hosted" and "not measured" in s["skipped"] for s in d["steps"])
     assert "hosted" in d["estimates_for_untried"]  # its cost-model estimate stays in the report
     assert "not measured: " in (tmp_path / "runs" / "tiny" / "run" / "report.html").read_text()
+
+
+def test_on_premises_keeps_data_off_hosted_endpoints(tiny_project):
+    from tunewise.eval.endpoint import is_local
+    from tunewise.eval.evaluate import compare
+
+    assert is_local("http://127.0.0.1:8000/v1") and is_local("http://10.1.2.3/v1") and is_local("http://vllm.internal/v1")
+    assert not is_local("https://api.openai.com/v1") and not is_local("http://8.8.8.8/v1")
+    path = _project(tiny_project, "https://api.openai.com/v1", api_key_env=None)
+    raw = yaml.safe_load(path.read_text())
+    raw["use_case"] = {"on_premises": True}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(EndpointError, match=r"endpoint\.base_url \(variant hosted\): use_case\.on_premises is true.*would leave our machines"):
+        compare(load_config(path))
+    with FakeEndpoint() as server:  # a server of our own (loopback) is measured under on_premises
+        path = _project(tiny_project, server.url)
+        raw = yaml.safe_load(path.read_text())
+        raw["use_case"] = {"on_premises": True}
+        path.write_text(yaml.safe_dump(raw))
+        assert compare(load_config(path))["variants"]["hosted"]["items"] == 12

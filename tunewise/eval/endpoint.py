@@ -159,10 +159,14 @@ class EndpointClient:
             self._client = openai.OpenAI(api_key=self._key(), base_url=self.ep.base_url, timeout=self.ep.timeout_s, max_retries=0)
         return self._client
 
-    def check(self) -> None:
-        """Before any work: the key is set, the endpoint answers, and it serves the model (when it lists its models)."""
+    def check(self, on_premises: bool = False) -> None:
+        """Before any work: the data may go there (use_case.on_premises allows only this machine and private addresses),
+        the key is set, the endpoint answers, and it serves the model (when it lists its models)."""
         import openai
 
+        if on_premises and not is_local(self.ep.base_url):
+            raise self._error(f"{self._where('base_url')}: use_case.on_premises is true, and {self.ep.base_url} is not on this machine or a "
+                              "private address: the data would leave our machines (set use_case.on_premises: false to measure it)")
         client = self.client()
         try:
             listed = [m.id for m in client.models.list()]
@@ -294,6 +298,21 @@ class EndpointClient:
             self.cache.close()
         if self._client is not None:
             self._client.close()
+
+
+def is_local(url: str) -> bool:
+    """A base URL on this machine or a private network (loopback, RFC 1918, link-local, localhost, *.local / *.internal)."""
+    import ipaddress
+    from urllib.parse import urlparse
+
+    host = (urlparse(url).hostname or "").lower()
+    if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_private or ip.is_link_local
 
 
 def _message(e) -> str:

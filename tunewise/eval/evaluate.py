@@ -112,7 +112,7 @@ class Engines:
             from .endpoint import endpoint_clients
 
             self.endpoints |= endpoint_clients([variant], self.cfg.evaluation.variants, self.cfg.prices, self.cfg.endpoint_cache)
-            self.endpoints[variant.name].check()
+            self.endpoints[variant.name].check(self.cfg.use_case.on_premises)
         return self.endpoints[variant.name]
 
     def tokenizer(self):
