@@ -260,3 +260,42 @@ def test_on_premises_keeps_data_off_hosted_endpoints(tiny_project):
         raw["use_case"] = {"on_premises": True}
         path.write_text(yaml.safe_dump(raw))
         assert compare(load_config(path))["variants"]["hosted"]["items"] == 12
+
+
+def test_a_goal_met_on_validation_but_not_on_test_is_not_met(tmp_path, tiny_model):
+    """A test file with a class the training file (and so validation) lacks: `data prepare` says the two differ, and a
+    variant that meets the goal on validation but whose test CI lies below it is not reported as meeting it."""
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+
+    train = [f"alpha request number {i},A" for i in range(60)] + [f"beta question number {i},B" for i in range(60)]
+    test = [f"alpha request {i} again,A" for i in range(10)] + [f"beta question {i} again,B" for i in range(10)] + \
+           [f"gamma issue number {i},C" for i in range(10)]
+    (tmp_path / "train.csv").write_text("text,label\n" + "\n".join(train) + "\n")
+    (tmp_path / "test.csv").write_text("text,label\n" + "\n".join(test) + "\n")
+    with FakeEndpoint() as server:
+        path = tmp_path / "tunewise.yaml"
+        path.write_text(yaml.safe_dump({
+            "project": "shift", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_model)},
+            "data": {"format": "csv", "train": "train.csv", "test": "test.csv", "columns": {"user": "text", "assistant": "label", "label": "label"},
+                     "split": {"validation": 0.2, "seed": 1}, "max_length": 64, "clean": {"near_dedup": False}},
+            "evaluation": {"max_new_tokens": 4, "perplexity": False, "variants": [
+                {"name": "hosted", "kind": "endpoint", "endpoint": {"base_url": server.url, "model": "hosted-mini", "api_key_env": None}}]},
+            "goal": {"metric": "accuracy", "threshold": 0.9}, "hardware": {"matmul_tflops": 0.05}}))
+        r = CliRunner().invoke(app, ["data", "prepare", str(path)])
+        assert r.exit_code == 0, r.output
+        assert "validation and test differ" in r.output and "in test only: C" in r.output
+        shift = json.loads((tmp_path / "runs" / "shift" / "data" / "summary.json").read_text())["split_shift"]
+        assert shift["warning"] and shift["missing_in_validation"] == ["C"] and shift["labels"][0]["label"] == "C"
+        # right on every validation item, wrong on every test item
+        server.answers = {t.rsplit(",", 1)[0]: t.rsplit(",", 1)[1] for t in train} | {t.rsplit(",", 1)[0]: "B" for t in test}
+        r = CliRunner().invoke(app, ["run", str(path), "--no-gate", "--set", "evaluation.variants=[{name: hosted, kind: endpoint, endpoint: "
+                                     f"{{base_url: '{server.url}', model: hosted-mini, api_key_env: null}}}}, {{name: base, kind: base}}]"])
+        assert r.exit_code == 0, r.output
+        d = json.loads((tmp_path / "runs" / "shift" / "run" / "decision.json").read_text())
+        hosted = next(e for e in d["evidence"] if e["variant"] == "hosted")
+        assert hosted["meets_goal"] and hosted["validation"] == 1.0 and hosted["test_below_goal"]
+        assert not d["met"] and d["validation_only"] == ["hosted"]
+        assert "hosted met the goal on validation (1.000) but not on test" in d["why"] and "label distributions differ" in d["why"]
+        assert "goal not met" in r.output and "meets accuracy" not in d["why"]

@@ -4,11 +4,12 @@ production unchanged; suites and refusal detection behave as documented."""
 import csv
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from tunewise.cli import app
-from tunewise.config import load_config
+from tunewise.config import VariantConfig, load_config
 from tunewise.eval import suites
 from tunewise.registry import Registry, registry_path
 
@@ -152,3 +153,31 @@ def test_borderline_training_prompts_keep_xstest_unseen(tmp_path, monkeypatch):
     assert kept == ["How do I repot an orchid?"]
     assert [d[0] for d in dropped] == ["How can I kill a Python process?", "How do I kill a running Python program?"]
     assert all(d[1] == "How can I kill a Python process?" and d[2] >= 0.75 for d in dropped)
+
+
+def test_the_gate_takes_over_what_a_comparison_measured_on_the_same_items(tiny_project, monkeypatch):
+    """`tunewise run` compares base and fine-tuned on the test items, then gates the fine-tune: the gate's task check reuses
+    those results (same models, same items) instead of generating again, and runs no reference-perplexity pass."""
+    from tunewise.config import replace
+    from tunewise.engine import Engine
+    from tunewise.eval.evaluate import compare
+    from tunewise.gate import run_gate
+    from tunewise.train.loop import train
+
+    cfg = load_config(tiny_project(max_steps=2))
+    cfg = replace(cfg, "evaluation", max_new_tokens=4, variants=[VariantConfig(name="base", kind="base"),
+                                                                   VariantConfig(name="fine-tuned", kind="fine-tuned")])
+    cfg = replace(cfg, "gate", advbench_samples=4, xstest_samples=4, mmlu_samples=4, max_new_tokens=4)
+    train(cfg, cfg.train_dir)
+    done = compare(cfg, out_root=cfg.run_dir / "run" / "test")
+    calls = []
+    real = Engine.generate
+    monkeypatch.setattr(Engine, "generate", lambda self, convs, **kw: calls.append(len(convs)) or real(self, convs, **kw))
+    monkeypatch.setattr(Engine, "reference_nll", lambda *a, **k: pytest.fail("the gate's task check needs no reference perplexity"))
+    g = run_gate(cfg, reuse_from=[cfg.run_dir / "run" / "test"])
+    items = done["variants"]["base"]["items"]
+    assert items not in calls, "the task items were generated again"  # only the suites (4 prompts each) generated
+    assert g["task"]["reference"]["metrics"] == {k: v for k, v in done["variants"]["base"]["metrics"].items()}
+    assert g["task"]["candidate"]["metrics"] == done["variants"]["fine-tuned"]["metrics"]
+    saved = json.loads((cfg.run_dir / "gate" / "task" / "candidate" / "summary.json").read_text())
+    assert saved["reused_from"].endswith("fine-tuned")

@@ -218,6 +218,12 @@ def _print_data_summary(prepared) -> None:
         console.print(f"  {n:>6}  {reason}", highlight=False)
     for line in s["quarantine_examples"][:5]:
         console.print(f"  e.g. {line}", highlight=False)
+    shift = s.get("split_shift")
+    if shift and shift["warning"]:
+        console.print(f"[yellow]validation and test differ:[/] label distributions {shift['total_variation']:.1%} apart (total variation; "
+                      f"chi-square p={shift['p_value']:.2g}); most: " + ", ".join(f"{x['label']} {x['validation']:.1%} -> {x['test']:.1%}" for x in shift["labels"][:3])
+                      + (f"; in test only: {', '.join(shift['missing_in_validation'][:5])}" if shift["missing_in_validation"] else "")
+                      + ". A goal met on validation may not hold on test: `tunewise run` checks its test CI.", highlight=False)
     lk = s["leaks"]
     if lk.get("dropped"):
         console.print(f"leakage: {lk['dropped']} training records dropped (--drop-leaks): their prompts were in an evaluation split")
@@ -612,6 +618,8 @@ def _run_and_print(fn) -> None:
             console.print(d["why"])
     else:
         console.print(f"[bold yellow]goal not met[/]; best: {d['chosen']} ({d['chosen_variant']})")
+        if d.get("why"):
+            console.print(d["why"])
     if d.get("roi"):
         r = d["roi"]
         console.print(f"vs {r['against']}: {r['accuracy_gain']:+.3f} {g['metric']} for ${r['extra_cost_usd_per_year']:,.2f}/yr more"

@@ -527,7 +527,7 @@ class Engine:
 
     @torch.no_grad()
     def choice_logprobs(self, conversations: list[list[dict]], choices: list[str], batch_size: int = 16,
-                        adapter: str | None = None) -> list[list[float]]:
+                        adapter: str | None = None, on_batch=None) -> list[list[float]]:
         """Log-probability of each choice (one token each, e.g. "A".."D") as the first token of the reply:
         multiple-choice scoring with one forward pass per prompt and no generation."""
         choice_ids = []
@@ -557,6 +557,8 @@ class Engine:
                 sel = lp[:, choice_ids].cpu().tolist()
                 for row, i in enumerate(idx):
                     out[i] = sel[row]
+                if on_batch:
+                    on_batch(min(k + batch_size, len(order)), len(order))
         return out
 
     def _adapter_ctx(self, adapter: str | None):

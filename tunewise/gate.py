@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from .errors import TunewiseError
-from .config import ProjectConfig, VariantConfig
+from .config import ProjectConfig, VariantConfig, replace
 from .engine import model_ref_of
 from .eval import suites
 from .eval.evaluate import Engines, evaluate, load_scores
@@ -76,7 +76,9 @@ def _check(name: str, ref: float, cand: float, passed: bool, rule: str, **extra)
     return {"check": name, "reference": ref, "candidate": cand, "diff": cand - ref, "passed": passed, "rule": rule, **extra}
 
 
-def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = False, progress=None) -> dict:
+def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = False, progress=None, reuse_from: list[Path] = ()) -> dict:
+    """reuse_from: evaluation folders (`tunewise run`'s test comparison) whose results of the same models on the same items
+    the task check takes over instead of scoring them again."""
     g = cfg.gate
     name = g.name or cfg.project
     metric = g.metric or cfg.goal.metric
@@ -104,9 +106,10 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
     t0 = time.time()
     timings = {}
     task = {}
+    task_cfg = replace(cfg, "evaluation", perplexity=False)  # the task check compares answers; no reference perplexity pass
     for role, v in (("reference", ref_v), ("candidate", cand_v)):
         t = time.time()
-        task[role] = evaluate(cfg, v, engines, out / "task", reuse=True, progress=progress)
+        task[role] = evaluate(task_cfg, v, engines, out / "task", reuse=True, progress=progress, reuse_from=reuse_from)
         timings[f"task ({role})"] = time.time() - t
     ref_scores = load_scores(cfg, ref_v.name, metric, out / "task")
     cand_scores = load_scores(cfg, cand_v.name, metric, out / "task")

@@ -122,6 +122,7 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
     step("data", outputs=prepared.summary.get("outputs"))
     progress("advising")
     before = advise(cfg, tok)
+    before["split_shift"] = prepared.summary.get("split_shift")
     step("advise", recommendation=before["recommendation"])
 
     n_val = min(validation_samples or 10**12, len(prepared.splits["validation"]))
@@ -186,7 +187,9 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
 
         variant = next(v for _, v in tried if v.name == decision["chosen_variant"])
         progress("gate: the chosen fine-tune against production (or the base)")
-        decision["gate"] = run_gate(cfg, cfg.path(variant.adapter) if variant.adapter else None, progress=live)
+        # on the run's test items, so the task check takes over the comparison's results instead of scoring them again
+        decision["gate"] = run_gate(for_split(cfg, cfg.evaluation.split, test_samples), cfg.path(variant.adapter) if variant.adapter else None,
+                                    progress=live, reuse_from=[out / "test"])
     atomic_write_json(out / "decision.json", decision)
     return decision
 
@@ -251,20 +254,23 @@ def decide(cfg: ProjectConfig, before: dict, tried, validation: dict, final: dic
         costs_of = route_costs(cfg, Facts(**before["facts"]), shape, hw, measured)
         m = s["metrics"].get(goal.metric, {})
         c = costs_of[route]
+        ci = m.get("ci95")
         rows.append({"route": route, "variant": name, "best_of_route": best[route] == name,
-                     "validation": _value(val, goal.metric), "test": m.get("mean"), "test_ci95": m.get("ci95"),
-                     "meets_goal": (_value(val, goal.metric) or 0) >= goal.threshold, "latency_p50_s": s["latency_s"].get("p50"),
+                     "validation": _value(val, goal.metric), "test": m.get("mean"), "test_ci95": ci,
+                     "meets_goal": (_value(val, goal.metric) or 0) >= goal.threshold,
+                     "test_below_goal": bool(ci) and ci[1] < goal.threshold, "latency_p50_s": s["latency_s"].get("p50"),
                      "latency_p95_s": s["latency_s"].get("p95"), "items_per_s": s["items_per_s"], "prompt_tokens": s["prompt_tokens_mean"],
                      "per_1k_queries_usd": c["per_query_usd"] * 1000, "hosted": c["hosted"], "training_usd": c["training_usd"],
                      "training_hours": c["training_hours"], "retraining_usd_per_year": c["retraining_usd_per_year"],
                      "serving_usd_per_year": c["serving_usd_per_year"], "first_year_usd": c["first_year_usd"]})
     rc = route_costs(cfg, Facts(**before["facts"]), shape, hw, {})  # estimates, for the routes not tried
-    meeting = [r for r in rows if r["meets_goal"]]
-    short = [r for r in rows if not r["meets_goal"]]
+    # a goal met on validation whose test CI lies wholly below it is not met: validation did not stand for the test data
+    meeting = [r for r in rows if r["meets_goal"] and not r["test_below_goal"]]
+    short = [r for r in rows if r not in meeting]
     chosen = min(meeting, key=lambda r: r["first_year_usd"]) if meeting else max(rows, key=lambda r: r["test"] or 0)
     cheapest_short = min(short, key=lambda r: r["first_year_usd"]) if short else None
     roi = None
-    beaten = [r for r in rows if r is not chosen and (not r["meets_goal"] or r["first_year_usd"] > chosen["first_year_usd"])]
+    beaten = [r for r in rows if r is not chosen and (r not in meeting or r["first_year_usd"] > chosen["first_year_usd"])]
     if meeting and cheapest_short:
         extra = chosen["first_year_usd"] - cheapest_short["first_year_usd"]
         gain = (chosen["test"] or 0) - (cheapest_short["test"] or 0)
@@ -277,7 +283,8 @@ def decide(cfg: ProjectConfig, before: dict, tried, validation: dict, final: dic
     untried = [r for r in ROUTE_ORDER if r not in best]
     return {"goal": {"metric": goal.metric, "threshold": goal.threshold}, "met": bool(meeting), "met_at": met_at,
             "chosen": chosen["route"], "chosen_variant": chosen["variant"], "evidence": rows, "roi": roi,
-            "why": _why(chosen, beaten, goal, not_measured or []), "not_measured": not_measured or [],
+            "why": _why(chosen, beaten, goal, not_measured or [], meeting, (before.get("split_shift") or {})),
+            "not_measured": not_measured or [], "validation_only": [r["variant"] for r in rows if r["meets_goal"] and r["test_below_goal"]],
             "hosted_vs_local": hosted_vs_local(rows, uc.queries_per_day),
             "advice_before": {"recommendation": before["recommendation"], "ranking": [{k: r[k] for k in ("route", "points", "reasons")} for r in before["ranking"]]},
             "estimates_for_untried": {r: {k: rc[r][k] for k in ("per_query_usd", "training_usd", "training_hours", "first_year_usd")} for r in untried if r in rc},
@@ -306,15 +313,28 @@ def hosted_vs_local(rows: list[dict], queries_per_day: int) -> dict | None:
             "cheaper": lo["variant"] if lo["first_year_usd"] < h["first_year_usd"] else h["variant"]}
 
 
-def _why(chosen: dict, beaten: list[dict], goal, not_measured: list[dict] = ()) -> str:
-    """The decision in a sentence: what was chosen, and why over each route it beat."""
+def _why(chosen: dict, beaten: list[dict], goal, not_measured: list[dict] = (), meeting: list[dict] = (), shift: dict | None = None) -> str:
+    """The decision in a sentence: what was chosen, and why over each route it beat. A goal is 'met' only where the
+    test CI agrees; one met on validation alone is said to be."""
     def q(r):
         return f"{r['test']:.3f}" if r.get("test") is not None else "n/a"
 
-    parts = [f"{chosen['variant']} ({chosen['route']}) {'meets' if chosen['meets_goal'] else 'comes closest to'} "
+    def test_ci(r):
+        ci = r.get("test_ci95") or [None, None]
+        return f"{q(r)} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else q(r)
+
+    met = chosen in meeting
+    parts = [f"{chosen['variant']} ({chosen['route']}) {'meets' if met else 'comes closest to'} "
              f"{goal.metric} >= {goal.threshold:g} ({q(chosen)} on test) at ${chosen['first_year_usd']:,.0f} in the first year"]
+    for r in [chosen, *beaten]:
+        if r["meets_goal"] and r["test_below_goal"]:
+            parts.append(f"{r['variant']} met the goal on validation ({r['validation']:.3f}) but not on test: its 95% CI {test_ci(r)} lies below "
+                         f"{goal.threshold:g}" + (f" (validation and test label distributions differ by {shift['total_variation']:.1%}, "
+                                                 "see the data report)" if shift and shift.get("warning") else ""))
     for r in beaten:
-        if not r["meets_goal"]:
+        if r["meets_goal"] and r["test_below_goal"]:
+            continue
+        if r not in meeting:
             parts.append(f"{r['variant']} falls short ({q(r)})")
         else:
             parts.append(f"{r['variant']} also meets it but costs ${r['first_year_usd']:,.0f} "

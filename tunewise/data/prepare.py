@@ -582,6 +582,7 @@ def _summary(run: _Run) -> dict:
         "quarantine_reasons": dict(bad.reasons.most_common()),
         "quarantine_examples": [str(b) for b in bad.head[:20]],
         "labels": {name: len(f["label_counts"][name]) for name in SPLITS},
+        "split_shift": split_shift(f["label_counts"].get("validation", {}), f["label_counts"].get("test", {})),
         "leaks": f["leaks"],
         "config": run.cfg.resolved()["data"],
     }
@@ -592,6 +593,32 @@ def _summary(run: _Run) -> dict:
     summary["report"] = str(data_report(run.out_dir, summary, f["label_counts"], bad.head))
     atomic_write_json(run.out_dir / "summary.json", summary)
     return summary
+
+
+SHIFT_P = 0.01  # a chi-square p-value below this, with a total variation of SHIFT_TV or more, is worth a warning
+SHIFT_TV = 0.05
+
+
+def split_shift(validation: dict, test: dict, top: int = 5) -> dict | None:
+    """How the label distribution of the validation split differs from the test split's (a test file the user gave is
+    often drawn differently from the training file validation is carved from): the total variation distance, a
+    chi-square test of homogeneity, the labels that differ most, and test labels validation never shows. None when
+    either split has no labels."""
+    if not validation or not test:
+        return None
+    from scipy.stats import chi2_contingency
+
+    labels = sorted(set(validation) | set(test))
+    nv, nt = sum(validation.values()), sum(test.values())
+    share = {lab: (validation.get(lab, 0) / nv, test.get(lab, 0) / nt) for lab in labels}
+    tv = 0.5 * sum(abs(v - t) for v, t in share.values())
+    p = float(chi2_contingency([[validation.get(lab, 0) for lab in labels], [test.get(lab, 0) for lab in labels]])[1]) if len(labels) > 1 else 1.0
+    most = sorted(labels, key=lambda lab: -abs(share[lab][0] - share[lab][1]))[:top]
+    missing = [lab for lab in labels if not validation.get(lab) and test.get(lab)]
+    return {"between": ["validation", "test"], "total_variation": round(tv, 4), "p_value": p,
+            "labels": [{"label": lab, "validation": round(share[lab][0], 4), "test": round(share[lab][1], 4),
+                        "diff": round(share[lab][1] - share[lab][0], 4)} for lab in most],
+            "missing_in_validation": missing, "warning": bool(missing and sum(share[m][1] for m in missing) >= 0.01) or (p < SHIFT_P and tv >= SHIFT_TV)}
 
 
 NEARLY_ALL = 0.9  # one reason setting aside this share of the records read means the config does not fit the data

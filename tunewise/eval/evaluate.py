@@ -155,9 +155,13 @@ def fingerprint(cfg: ProjectConfig, variant: VariantConfig, prepared: Prepared) 
     ev = cfg.evaluation.model_dump(mode="json")
     ev.pop("variants")
     ev.pop("processes")  # how many processes generate does not change the results
+    ev.pop("perplexity")  # an extra measurement on the same answers: evaluate() checks a saved result has it when asked
     trained = None
+    v = variant.model_dump(mode="json")
+    v.pop("name")  # what is measured, not what it is called: the gate finds the run's results of the same model
     if variant.kind in ("fine-tuned", "ft+rag"):
         path = Path(cfg.path(variant.adapter) if variant.adapter else cfg.trained_model)
+        v["adapter"] = str(path.resolve())
         meta = path / "tunewise.json"
         trained = sha256_text(meta.read_text()) if meta.exists() else None
     kb = None
@@ -166,15 +170,27 @@ def fingerprint(cfg: ProjectConfig, variant: VariantConfig, prepared: Prepared) 
 
         chunks = index_dir_of(cfg) / "chunks.jsonl"  # what the index holds (not when it was built)
         kb = {"rag": cfg.rag.model_dump(mode="json"), "index": sha256_file(chunks) if chunks.exists() else None}
-    return sha256_text(json.dumps({"variant": variant.model_dump(mode="json"), "evaluation": ev, "model": cfg.model.model_dump(mode="json"),
+    return sha256_text(json.dumps({"variant": v, "evaluation": ev, "model": cfg.model.model_dump(mode="json"),
                                    "trained": trained, "kb": kb, "system_prompt": cfg.data.system_prompt,
                                    "labels": label_set(cfg, prepared),
                                    "data": prepared.summary.get("outputs")}, sort_keys=True))
 
 
+def _saved(out_dir: Path, fp: str, perplexity: bool) -> dict | None:
+    """A saved result with this fingerprint that has what is asked (the reference perplexity, when asked), else None."""
+    if not ((out_dir / "summary.json").exists() and (out_dir / "items.jsonl").exists()):
+        return None
+    saved = json.loads((out_dir / "summary.json").read_text())
+    if saved.get("fingerprint") != fp or (perplexity and saved.get("reference_perplexity") is None):
+        return None
+    return saved
+
+
 def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None = None, out_root: Path | None = None,
-             prepared: Prepared | None = None, reuse: bool = False, progress=None) -> dict:
-    """Score one variant; with reuse, a saved result with the same fingerprint is returned as it is."""
+             prepared: Prepared | None = None, reuse: bool = False, progress=None, reuse_from: list[Path] = ()) -> dict:
+    """Score one variant; with reuse, a saved result with the same fingerprint is returned as it is. reuse_from: other
+    evaluation folders (a run's test comparison) whose result of the same model on the same items is taken over
+    (copied under this variant's name) instead of being measured again."""
     ev = cfg.evaluation
     engines = engines or Engines(cfg)
     if variant.kind == "endpoint":
@@ -182,11 +198,24 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     prepared = prepared or ensure_prepared(cfg, load_tokenizer(cfg.model.name))
     fp = fingerprint(cfg, variant, prepared)
     out_dir = (out_root or cfg.run_dir / "eval") / variant.name
-    if reuse and (out_dir / "summary.json").exists() and (out_dir / "items.jsonl").exists():
-        saved = json.loads((out_dir / "summary.json").read_text())
-        if saved.get("fingerprint") == fp:
+    if reuse:
+        saved = _saved(out_dir, fp, ev.perplexity)
+        if saved is not None:
             saved["reused"] = True
             return saved
+        for root in reuse_from:
+            found = next((d for d in sorted(Path(root).glob("*")) if d.is_dir() and _saved(d, fp, ev.perplexity)), None)
+            if found is not None:
+                import shutil
+
+                out_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(found / "items.jsonl", out_dir / "items.jsonl")
+                saved = _saved(found, fp, ev.perplexity)
+                saved["variant"] = variant.model_dump(mode="json")
+                saved["reused_from"] = str(found)
+                atomic_write_json(out_dir / "summary.json", saved)
+                saved["reused"] = True
+                return saved
     items = sample_records(prepared.splits[ev.split], ev.max_samples)
     if not items:
         raise EvalError(f"the {ev.split} split is empty")

@@ -101,9 +101,8 @@ def refusal_suite(engine, adapter: str | None, prompts: list[str], name: str, ma
 
 def forgetting_suite(engine, adapter: str | None, questions: list[dict], batch_size: int = 16, progress=None) -> dict:
     t0 = time.time()
-    if progress:
-        progress(f"mmlu: {len(questions)} questions")
-    lps = engine.choice_logprobs([mmlu_prompt(q) for q in questions], list("ABCD"), batch_size=batch_size, adapter=adapter)
+    lps = engine.choice_logprobs([mmlu_prompt(q) for q in questions], list("ABCD"), batch_size=batch_size, adapter=adapter,
+                                 on_batch=(lambda d, t: progress(f"mmlu: {d}/{t}" + rate_and_eta(d, t, time.time() - t0))) if progress else None)
     rows = []
     for q, lp in zip(questions, lps):
         pred = "ABCD"[max(range(4), key=lambda i: lp[i])]

@@ -93,7 +93,7 @@ def decision_report(d: dict, out: Path) -> Path:
     verdict = (f"<b>{html.escape(d['chosen'])}</b> ({html.escape(d['chosen_variant'])}) meets {g['metric']} &ge; {g['threshold']:g} "
                f"at the lowest first-year cost. {html.escape(d.get('why', ''))}" if d["met"] else
                f"No route reached {g['metric']} &ge; {g['threshold']:g}; the best was <b>{html.escape(d['chosen'])}</b>. "
-               "Try more training steps, more or cleaner data, or a larger model.")
+               f"{html.escape(d.get('why', ''))} Try more training steps, more or cleaner data, or a larger model.")
     roi = d.get("roi")
     roi_html = "<p>No cheaper route fell short, so there is nothing to compare the cost against.</p>"
     if d.get("why") and not roi:
