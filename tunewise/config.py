@@ -116,7 +116,7 @@ class PreferenceConfig(Section):
 
 
 class RewardEntry(Section):
-    name: str = Field(..., description="A built-in (exact_label, exact_match, regex, json_valid, length_penalty) or module:function (completion, record, **args) -> float.")
+    name: str = Field(..., description="A built-in (exact_label, exact_match, regex, json_valid, length_penalty), grader (an OpenAI grader definition: args file or grader, the same as an evaluation.graders entry), or module:function (completion, record, **args) -> float.")
     weight: float = Field(1.0, description="Its weight in the summed reward.")
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the function (regex: pattern, full; json_valid: object; length_penalty: max_words).")
 
@@ -265,6 +265,7 @@ class EvalConfig(Section):
     metrics: list[str] = Field(["accuracy", "exact_match", "token_f1"], description="Quality metrics (accuracy, exact_match, token_f1, rouge_l, chrf, bleu).")
     perplexity: bool = Field(True, description="Also score the perplexity of the reference answers (teacher-forced; one extra forward pass).")
     variants: list[VariantConfig] = Field(default_factory=_default_variants, description="What `tunewise compare` puts side by side.")
+    graders: list[str | dict[str, Any]] = Field(default_factory=list, description="OpenAI grader definitions, each a file (JSON/YAML) or inline: string_check, text_similarity, python, score_model, multi. Each is a metric named by its name (goal.metric may name one); the same file is a GRPO reward (training.grpo.rewards: [{name: grader, args: {file: ...}}]).")
     price_per_1k_input_tokens: float = Field(0.00015, ge=0, description="USD per 1k prompt tokens for cost per 1k queries (default: a small hosted model's list price, 2024).")
     price_per_1k_output_tokens: float = Field(0.0006, ge=0, description="USD per 1k completion tokens.")
 

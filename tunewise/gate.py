@@ -82,8 +82,10 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
     g = cfg.gate
     name = g.name or cfg.project
     metric = g.metric or cfg.goal.metric
-    if metric not in cfg.evaluation.metrics:
-        raise GateError(f"gate metric {metric!r} is not among evaluation.metrics {cfg.evaluation.metrics}")
+    from .eval.graders import grader_names
+
+    if metric not in cfg.evaluation.metrics and metric not in grader_names(cfg):
+        raise GateError(f"gate metric {metric!r} is not among evaluation.metrics {cfg.evaluation.metrics} or evaluation.graders")
     cand_path = Path(cfg.path(candidate) if candidate else cfg.trained_model)
     if not (cand_path / "tunewise.json").exists() and not (cand_path / "config.json").exists() and not (cand_path / "adapter_config.json").exists():
         raise GateError(f"no trained model at {cand_path} (run `tunewise train` first or pass --candidate)")

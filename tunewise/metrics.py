@@ -20,7 +20,9 @@ def reported_metrics(cfg, summaries) -> list[str]:
     and the extra ones some variant has."""
     if cfg.data.format == "text":
         return ["nll_per_token"]
-    return list(cfg.evaluation.metrics) + [m for m in EXTRA_METRICS if any(m in s["metrics"] for s in summaries)]
+    summaries = list(summaries)
+    graders = list(dict.fromkeys(g for s in summaries for g in s.get("graders", [])))
+    return list(cfg.evaluation.metrics) + graders + [m for m in EXTRA_METRICS if any(m in s["metrics"] for s in summaries)]
 
 
 def metric(name: str):

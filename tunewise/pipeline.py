@@ -97,7 +97,9 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
     goal = cfg.goal
     if goal.threshold is None:
         raise EvalError("goal.threshold is not set: tunewise run needs a target (e.g. goal: {metric: accuracy, threshold: 0.85})")
-    if goal.metric not in cfg.evaluation.metrics:
+    from .eval.graders import grader_names
+
+    if goal.metric not in cfg.evaluation.metrics and goal.metric not in grader_names(cfg):  # a grader is a metric by its name
         cfg = replace(cfg, "evaluation", metrics=[*cfg.evaluation.metrics, goal.metric])
     if test_samples is None:
         test_samples = cfg.evaluation.max_samples or TEST_SAMPLES

@@ -105,6 +105,15 @@ class Engines:
         self.cfg = cfg
         self.by_ref: dict[str, Engine] = {}
         self.endpoints: dict = {}  # variant name -> EndpointClient: its spending ledger lasts as long as these engines (one command)
+        self._graders = None
+
+    def graders(self) -> list:
+        """evaluation.graders, built once (a score_model judge's endpoint checked then)."""
+        if self._graders is None:
+            from .graders import graders_for
+
+            self._graders = graders_for(self.cfg, self.cfg.evaluation.graders, "evaluation.graders", self)
+        return self._graders
 
     def endpoint(self, variant: VariantConfig):
         """The client of an endpoint variant (kind: endpoint), checked on first use."""
@@ -195,6 +204,7 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     engines = engines or Engines(cfg)
     if variant.kind == "endpoint":
         engines.endpoint(variant)  # key, reachability and model checked before any work
+    graders = engines.graders()  # every definition checked before any work
     prepared = prepared or ensure_prepared(cfg, load_tokenizer(cfg.model.name))
     fp = fingerprint(cfg, variant, prepared)
     out_dir = (out_root or cfg.run_dir / "eval") / variant.name
@@ -219,6 +229,10 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     items = sample_records(prepared.splits[ev.split], ev.max_samples)
     if not items:
         raise EvalError(f"the {ev.split} split is empty")
+    if graders:
+        from .graders import check_items, item_of
+
+        check_items(graders, [item_of(r) for r in items])  # a template's field missing from an item: before generating
     rag = variant.strategy == "rag"
     refs = [r.label or r.answer for r in items]
     client = engines.endpoint(variant) if variant.kind == "endpoint" else None
@@ -261,6 +275,12 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     nll = eng.reference_nll(convs, refs, batch_size=ev.batch_size, adapter=adapter) if ev.perplexity and eng is not None else None
     if eng is not None:
         extra |= _objective_metrics(cfg, eng, adapter, items, convs, preds)
+    grader_errors = {}
+    if graders:
+        from .graders import grade_all
+
+        scored, grader_errors = grade_all(graders, preds, items)
+        extra |= scored
 
     rows = []
     for i, (r, c, o) in enumerate(zip(items, convs, outs)):
@@ -303,6 +323,9 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
         "fingerprint": fp,
         "config": cfg.resolved(),
     }
+    if graders:
+        summary["graders"] = [g.name for g in graders]
+        summary["grader_errors"] = grader_errors  # items a grader could not score (scored 0), with why
     if client is not None:
         summary["endpoint"] = {"base_url": variant.endpoint.base_url, "model": variant.endpoint.model, **client.stats.as_dict(),
                                "cache": str(client.cache.path) if client.cache else None,
@@ -375,7 +398,7 @@ def _objective_metrics(cfg: ProjectConfig, eng: Engine, adapter, items: list[Rec
     if cfg.training.objective == "grpo":
         from ..train.rewards import Rewards
 
-        out["reward"] = Rewards(cfg.training.grpo.rewards)(preds, items)
+        out["reward"] = Rewards(cfg.training.grpo.rewards, cfg)(preds, items)
     if items and all(is_pair(r) for r in items):
         chosen = eng.reference_nll(convs, [r.answer for r in items], batch_size=cfg.evaluation.batch_size, adapter=adapter)
         rejected = eng.reference_nll(convs, [r.meta["rejected"] for r in items], batch_size=cfg.evaluation.batch_size, adapter=adapter)
@@ -494,6 +517,7 @@ def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path |
     for v in variants:  # every endpoint checked (key, reachable, model served) before any work
         if v.kind == "endpoint":
             engines.endpoint(v)
+    engines.graders()
     prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name))  # once for all variants
     summaries = {}
     for v in variants:
@@ -502,7 +526,7 @@ def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path |
         summaries[v.name] = evaluate(cfg, v, engines, out_root, prepared, reuse=reuse, progress=progress)
     first = variants[0].name
     paired = {}
-    metrics = ["nll_per_token"] if cfg.data.format == "text" else list(cfg.evaluation.metrics)  # the paired tests
+    metrics = ["nll_per_token"] if cfg.data.format == "text" else [*cfg.evaluation.metrics, *(g.name for g in engines.graders())]  # the paired tests
     for v in variants[1:]:
         paired[v.name] = {m: paired_test(load_scores(cfg, first, m, out_root), load_scores(cfg, v.name, m, out_root)).as_dict()
                           for m in metrics}

@@ -106,14 +106,15 @@ class GRPOLoss(torch.nn.Module):
 class Rollouts:
     """The loop's batches for GRPO: `make` samples, scores and lays out one step's rollouts."""
 
-    def __init__(self, loaded: Loaded, model, g, seed: int, pad_id: int, device, groups: bool = False, labels: list[str] | None = None):
+    def __init__(self, loaded: Loaded, model, g, seed: int, pad_id: int, device, groups: bool = False, labels: list[str] | None = None,
+                 cfg=None):
         from ..engine import Engine, LabelTrie
 
         self.model, self.g, self.seed, self.pad_id, self.device = model, g, seed, pad_id, device
         self.groups = groups  # lay a step out as one Layout per prompt (GRPOLoss.groups)
         self.tok = loaded.tokenizer
         self.engine = Engine(Loaded(model, loaded.tokenizer, loaded.path, loaded.device, loaded.dtype), pack=False)
-        self.rewards = Rewards(g.rewards)
+        self.rewards = Rewards(g.rewards, cfg)
         # samples decode as evaluation will (training.grpo.constrain): on a closed label set every sample is a label
         self.trie = LabelTrie(loaded.tokenizer, labels) if labels else None
         self.adapter = hasattr(model, "disable_adapter")

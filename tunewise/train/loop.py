@@ -463,7 +463,7 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
         from .grpo import Rollouts
 
         batches = Rollouts(loaded, model, t.grpo, t.seed, tok.pad_token_id, accelerator.device, groups=loss_module.groups,
-                           labels=_rollout_labels(cfg, prepared))
+                           labels=_rollout_labels(cfg, prepared), cfg=cfg)
         model.train()  # the engine put it in eval mode
     else:
         from .preference import PairBatches

@@ -79,16 +79,29 @@ def resolve(name: str, where: str = "training.grpo.rewards") -> Reward:
 
 
 class Rewards:
-    """The configured rewards, weighted and summed; `parts` keeps each one's mean of the last call."""
+    """The configured rewards, weighted and summed; `parts` keeps each one's mean of the last call. An entry named
+    `grader` is an OpenAI grader definition (args: file, or grader inline), the same one `evaluation.graders` scores with."""
 
-    def __init__(self, entries):
-        self.entries = [(e.name, resolve(e.name, f"training.grpo.rewards[{i}]"), e.weight, dict(e.args)) for i, e in enumerate(entries)]
+    def __init__(self, entries, cfg=None):
+        self.entries = []
+        for i, e in enumerate(entries):
+            where = f"training.grpo.rewards[{i}]"
+            if e.name == "grader":
+                from ..eval.graders import grader_reward
+
+                fn = grader_reward(cfg, dict(e.args), where)
+                self.entries.append((fn.grader.name, fn, e.weight, {}))
+            else:
+                self.entries.append((e.name, resolve(e.name, where), e.weight, dict(e.args)))
         self.parts: dict[str, float] = {}
 
     def __call__(self, completions: list[str], records: list) -> list[float]:
         total = [0.0] * len(completions)
         for name, fn, weight, args in self.entries:
-            got = [float(fn(c, r, **args)) for c, r in zip(completions, records)]
+            if hasattr(fn, "batch"):  # a grader scores a batch at once (a python grader's process serves them all)
+                got = [float(x) for x in fn.batch(completions, records)]
+            else:
+                got = [float(fn(c, r, **args)) for c, r in zip(completions, records)]
             self.parts[name] = sum(got) / max(len(got), 1)
             total = [t + weight * g for t, g in zip(total, got)]
         return total
