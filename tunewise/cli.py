@@ -19,6 +19,8 @@ data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
 models_app = typer.Typer(help="Bundled models and the model registry (list, show, promote, rollback).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+import_app = typer.Typer(help="Bring a project from elsewhere (an OpenAI fine-tuning job).", no_args_is_help=True)
+app.add_typer(import_app, name="import")
 kb_app = typer.Typer(help="Knowledge base for RAG: index and query.", no_args_is_help=True)
 app.add_typer(kb_app, name="kb")
 # Piped output (logs, CI, `make demo | tee`) gets a wide console: rich's 80-column default crushes the tables.
@@ -529,6 +531,32 @@ def models_tiny(out: Path = typer.Argument(..., help="Directory to write the tin
     from .models import tiny_model_dir
 
     console.print(str(tiny_model_dir(out)))
+
+
+@import_app.command("openai-job")
+@_stage
+def import_openai_job(
+    job: Path = typer.Argument(..., help="The job as the API returns it (GET /v1/fine_tuning/jobs/ID) or its create request, as JSON."),
+    file: Optional[list[str]] = typer.Option(None, "--file", help="ID=PATH: the local copy of an OpenAI file the job names (repeatable); "
+                                                                  "default: <ID>.jsonl beside the job file."),
+    model: Optional[str] = typer.Option(None, help="The model to train (default: the bundled SmolLM2-135M-Instruct); OpenAI's weights are not available."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the config (default: tunewise.yaml beside the job file)."),
+):
+    """Write a tunewise.yaml from an OpenAI fine-tuning job (supervised, dpo or reinforcement) that `tunewise train`
+    accepts as written; every field it cannot carry over is named, with what was done instead."""
+    from .openai_job import JobImportError, import_job
+
+    files = {}
+    for item in file or []:
+        if "=" not in item:
+            raise JobImportError(f"--file {item!r}: expected ID=PATH")
+        k, v = item.split("=", 1)
+        files[k] = v
+    path, notes = import_job(job, files, model, out)
+    console.print(f"[bold]wrote[/] {path}")
+    for n in notes:
+        console.print(f"  - {n}", highlight=False)
+    console.print(f"next: tunewise train {path}")
 
 
 @app.command()

@@ -50,7 +50,7 @@ class SplitConfig(Section):
     stratify: bool = Field(True, description="Keep label proportions in every split (when records carry a label).")
 
 
-DataFormat = Literal["openai", "alpaca", "sharegpt", "csv", "parquet", "openai-preference", "trl-preference", "hh-rlhf", "trl-kto", "text"]
+DataFormat = Literal["openai", "openai-rft", "alpaca", "sharegpt", "csv", "parquet", "openai-preference", "trl-preference", "hh-rlhf", "trl-kto", "text"]
 
 
 class CleanConfig(Section):
@@ -84,7 +84,7 @@ class IncludeConfig(Section):
 
 class DataConfig(Section):
     format: DataFormat = Field(
-        ..., description="Input format, read explicitly: openai (chat JSONL with messages), alpaca, sharegpt, csv, parquet; preference pairs: openai-preference, trl-preference, hh-rlhf; unpaired feedback (KTO): trl-kto; raw text for continued pre-training: text (.txt/.md files, a folder of them, or JSONL with text)."
+        ..., description="Input format, read explicitly: openai (chat JSONL with messages), openai-rft (OpenAI reinforcement fine-tuning prompts: messages ending with the user's turn, plus the fields a grader reads), alpaca, sharegpt, csv, parquet; preference pairs: openai-preference, trl-preference, hh-rlhf; unpaired feedback (KTO): trl-kto; raw text for continued pre-training: text (.txt/.md files, a folder of them, or JSONL with text)."
     )
     train: Path = Field(..., description="Training file (relative paths are relative to this config file).")
     validation: Path | None = Field(None, description="Optional validation file; otherwise split from train.")
@@ -611,7 +611,7 @@ TARGET_COLUMNS = ("label", "category", "intent", "class", "labels", "answer", "o
 LABEL_COLUMNS = ("label", "category", "intent", "class", "labels")
 
 
-OBJECTIVE_OF_FORMAT = {"openai-preference": "dpo", "trl-preference": "dpo", "hh-rlhf": "dpo", "trl-kto": "kto", "text": "pretrain"}
+OBJECTIVE_OF_FORMAT = {"openai-rft": "grpo", "openai-preference": "dpo", "trl-preference": "dpo", "hh-rlhf": "dpo", "trl-kto": "kto", "text": "pretrain"}
 
 
 def detect_format(path: Path) -> tuple[str | None, list[str] | None, str]:

@@ -103,6 +103,26 @@ def read_openai(path: Path, where: str, obj: dict, system_prompt: str | None) ->
     return _finish(path, where, messages, None if label is None else str(label), meta, obj, system_prompt)
 
 
+@reader("openai-rft")
+@json_reader
+def read_openai_rft(path: Path, where: str, obj: dict, system_prompt: str | None) -> Item:
+    """OpenAI reinforcement fine-tuning JSONL: {"messages": [... ending with the user's turn], "reference_answer"?, any fields
+    the grader reads}. The record's answer (what SFT-style views and exact rewards see) is reference_answer (as JSON when it
+    is not a string), else the extra fields as JSON; every extra field is the grader's {{item.X}}."""
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return BadRecord(str(path), where, "missing field 'messages' (a non-empty list)", obj)
+    if not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
+        return BadRecord(str(path), where, f"messages[{len(messages) - 1}].role: the last turn of a reinforcement prompt is the user's", obj)
+    meta = {k: v for k, v in obj.items() if k not in ("messages", "label")}
+    ref = meta.get("reference_answer", meta)
+    answer = ref if isinstance(ref, str) and ref.strip() else json.dumps(ref, sort_keys=True)
+    messages = [{k: v for k, v in m.items() if k in ("role", "content")} if isinstance(m, dict) else m for m in messages]
+    label = obj.get("label")
+    return _finish(path, where, messages + [{"role": "assistant", "content": answer}], None if label is None else str(label), meta, obj,
+                   system_prompt)
+
+
 @reader("alpaca")
 @json_reader
 def read_alpaca(path: Path, where: str, obj: dict, system_prompt: str | None) -> Item:
