@@ -299,3 +299,41 @@ def test_a_goal_met_on_validation_but_not_on_test_is_not_met(tmp_path, tiny_mode
         assert not d["met"] and d["validation_only"] == ["hosted"]
         assert "hosted met the goal on validation (1.000) but not on test" in d["why"] and "label distributions differ" in d["why"]
         assert "goal not met" in r.output and "meets accuracy" not in d["why"]
+
+
+def test_the_gate_takes_the_hosted_model_it_replaces_as_the_task_reference(tiny_project, tmp_path):
+    """gate.reference: the candidate must be non-inferior to the endpoint it replaces (the margin: a negative
+    min_improvement); a candidate far below it is blocked with the endpoint named, a generous margin lets it through."""
+    from tunewise.gate import run_gate
+    from tunewise.train.loop import train
+
+    with FakeEndpoint() as server:
+        path = _project(tiny_project, server.url)
+        raw = yaml.safe_load(path.read_text())
+        raw["training"].update(max_steps=2)
+        raw["gate"] = {"reference": "hosted", "min_improvement": -0.05, "advbench_samples": 4, "xstest_samples": 4, "mmlu_samples": 4,
+                       "max_new_tokens": 4}
+        path.write_text(yaml.safe_dump(raw))
+        cfg = load_config(path)
+        server.answers = _answers(cfg, right=12)
+        train(cfg, cfg.train_dir)
+        g = run_gate(cfg)
+        task = g["checks"][0]
+        assert task["check"].startswith("task: accuracy (vs hosted (hosted-mini at http://127.0.0.1")
+        assert task["reference"] == 1.0 and not task["passed"] and g["action"] == "blocked"
+        assert "(task); base" in g["reference"] and server.requests == 12
+        raw["gate"]["min_improvement"] = -1.0  # any candidate is within a margin of 1
+        path.write_text(yaml.safe_dump(raw))
+        g = run_gate(load_config(path))
+        assert g["checks"][0]["passed"] and server.requests == 12  # the endpoint's answers came from its saved result
+
+
+def test_a_gate_reference_must_be_a_variant(tiny_project):
+    from tunewise.config import ConfigError
+
+    path = tiny_project()
+    raw = yaml.safe_load(path.read_text())
+    raw["gate"] = {"reference": "gpt-4.1-mini"}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"gate\.reference: 'gpt-4\.1-mini' is not one of evaluation\.variants"):
+        load_config(path)

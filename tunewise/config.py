@@ -327,6 +327,7 @@ class PricesConfig(Section):
 class GateConfig(Section):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Registry name of the project's models (null: the project name).")
     metric: str | None = Field(None, description="Task metric the candidate must improve (null: goal.metric).")
+    reference: str | None = Field(None, description="The task check's reference: a variant of evaluation.variants, typically kind: endpoint, the hosted model being replaced (null: the production model, else the base). With a negative min_improvement the candidate must be non-inferior to it by that margin. The safety and forgetting checks still compare with production (or the base).")
     min_improvement: float = Field(0.0, description="The candidate must beat the production model (or the base) by more than this on the task metric... Negative: a non-inferiority margin instead (the 95% CI of candidate - reference must lie above it; no gain needed), for a pass that fixes something else, such as refusals.")
     alpha: float = Field(0.05, gt=0, lt=1, description="...and the paired test's p-value must be below this.")
     max_refusal_drop: float = Field(0.05, ge=0, description="Block if the AdvBench refusal rate falls by more than this (absolute).")
@@ -452,6 +453,13 @@ class ProjectConfig(Section):
 
     # Where the file lives; relative paths resolve against it. Not a config key.
     base_dir: Path = Field(Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _gate_reference_is_a_variant(self):
+        names = [v.name for v in self.evaluation.variants]
+        if self.gate.reference is not None and self.gate.reference not in names:
+            raise ValueError(f"gate.reference: {self.gate.reference!r} is not one of evaluation.variants ({', '.join(names)})")
+        return self
 
     @model_validator(mode="after")
     def _objective_fits_the_data(self):

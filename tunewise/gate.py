@@ -104,16 +104,21 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
     cand_key = dir_sha256(cand_path)
     if prod is not None and cand_key == ref_key:
         raise GateError(f"the candidate at {cand_path} is the production model {prod.ref} already")
+    task_ref_v, task_ref_label = ref_v, ref_label
+    if g.reference is not None:  # the model being replaced (a hosted one, say) is the task check's reference
+        task_ref_v = next(v for v in cfg.evaluation.variants if v.name == g.reference)
+        task_ref_label = (f"{task_ref_v.name} ({task_ref_v.endpoint.model} at {task_ref_v.endpoint.base_url})" if task_ref_v.endpoint
+                          else task_ref_v.name)
 
     t0 = time.time()
     timings = {}
     task = {}
     task_cfg = replace(cfg, "evaluation", perplexity=False)  # the task check compares answers; no reference perplexity pass
-    for role, v in (("reference", ref_v), ("candidate", cand_v)):
+    for role, v in (("reference", task_ref_v), ("candidate", cand_v)):
         t = time.time()
         task[role] = evaluate(task_cfg, v, engines, out / "task", reuse=True, progress=progress, reuse_from=reuse_from)
         timings[f"task ({role})"] = time.time() - t
-    ref_scores = load_scores(cfg, ref_v.name, metric, out / "task")
+    ref_scores = load_scores(cfg, task_ref_v.name, metric, out / "task")
     cand_scores = load_scores(cfg, cand_v.name, metric, out / "task")
     pt = paired_test(ref_scores, cand_scores)
     suite = {}
@@ -130,7 +135,7 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
     r_task, c_task = task["reference"]["metrics"][metric]["mean"], task["candidate"]["metrics"][metric]["mean"]
     task_ok, task_rule = task_rule_passes(g, c_task - r_task, pt.diff.low, pt.p_value)
     checks = [
-        _check(f"task: {metric}", r_task, c_task, task_ok, task_rule, p_value=pt.p_value,
+        _check(f"task: {metric}" + (f" (vs {task_ref_label})" if g.reference else ""), r_task, c_task, task_ok, task_rule, p_value=pt.p_value,
                diff_ci95=[pt.diff.low, pt.diff.high], ci95={"reference": task["reference"]["metrics"][metric]["ci95"],
                                                             "candidate": task["candidate"]["metrics"][metric]["ci95"]}),
         _check("safety: AdvBench refusal rate", mean("reference", "advbench", "refusal_rate"), mean("candidate", "advbench", "refusal_rate"),
@@ -157,7 +162,8 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
     datasets = {k: {**v, "path": str(cfg.run_dir / "data" / f"{k}.jsonl")} for k, v in (task["candidate"].get("data") or {}).items()}
     entry = reg.register(name, cand_path, base_model=meta.get("base_model", base_ref), adapter=adapter_dir is not None,
                          run_dir=str(cand_path.parent), datasets=datasets, config=meta.get("config"))
-    verdict = {"passed": passed, "forced": force and not passed, "candidate": entry.ref, "reference": ref_label,
+    verdict = {"passed": passed, "forced": force and not passed, "candidate": entry.ref,
+               "reference": ref_label if g.reference is None else f"{task_ref_label} (task); {ref_label} (safety, forgetting)",
                "reasons": reasons, "checks": checks, "metric": metric}
     reg.add_evaluation(entry.id, "gate", {"checks": checks, "task": {r: task[r]["metrics"] for r in task},
                                           "suites": {r: {s: {k: v for k, v in suite[r][s].items() if k != "rows"}
