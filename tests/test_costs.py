@@ -13,7 +13,10 @@ from tunewise.advise.check import measure_training
 from .conftest import BANKING_TRAIN
 
 pytestmark = pytest.mark.integration
-TIME_SANITY = 3.0
+# an order of magnitude, as the docstring says: machines of this kind differ (a probed float32 matmul rate of 55 to 300
+# GFLOP/s), and the probe's rate does not carry over to full fine-tuning alike everywhere (0.28x of the prediction on a
+# machine probed at 299 GFLOP/s, in the suite and alone), so a factor of 3 failed there on unchanged code
+TIME_SANITY = 10.0
 MEMORY_TOL = 1.25
 
 
