@@ -13,7 +13,7 @@ GRAMMAR := xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench bench-peers clean
+.PHONY: install demo test lint bench bench-peers clean
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest tests
+
+lint: install
+	$(BIN)/ruff check tunewise tests bench
 
 bench: install
 	$(BIN)/pip install -q -r bench/requirements.txt

@@ -82,7 +82,7 @@ def borderline_prompts(k: int, seed: int, threshold: float = 0.75) -> tuple[list
     from tunewise.eval.suites import xstest_prompts
     from tunewise.rag.embed import Embedder
 
-    ours = [l.strip() for l in BORDERLINE.read_text(encoding="utf-8").splitlines() if l.strip() and not l.startswith("#")]
+    ours = [line.strip() for line in BORDERLINE.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
     xs = xstest_prompts("safe") + xstest_prompts("unsafe")
     emb = Embedder(pack=False)
     sim = emb.encode(ours) @ emb.encode(xs).T  # the embedder's vectors are unit-length: cosines
@@ -113,7 +113,8 @@ def distilled_pairs(model: str, n: int, benign: int, seed: int, batch_size: int 
     random.Random(seed).shuffle(squad)
     questions = (questions + squad)[:benign]
     base, tuned = Engine.load(DEFAULT_MODEL), Engine.load(str(Path(model).resolve()))
-    user = lambda p, system=None: ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+    def user(p, system=None):
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
     refusals: list[dict] = []
     for k in range(0, len(firsts), 4 * batch_size):  # until n refusals
         chunk = firsts[k : k + 4 * batch_size]

@@ -20,6 +20,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
+@pytest.fixture(scope="module")
+def tiny64(tiny_model):
+    """The tiny model in float64, its norms too (models.norms_in_float64): exact comparisons, no float32 rounding."""
+    from tunewise.models import load_model
+
+    loaded = load_model(str(tiny_model), dtype="float64")
+    return loaded.model, loaded.tokenizer
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     from tunewise.models import load_tokenizer

@@ -2,14 +2,15 @@
 same loss curve and the same trained weights as one process with batch B (LoRA and full, with gradient
 accumulation); after kill -9 of the whole launch, --resume with 2 processes ends where an uninterrupted run does.
 
-The runs compare in float64 (model.dtype: float64), with a bound from what summation order can produce. Two processes
-sum a gradient in another order than one: a difference dg of about 1e-16 of the summands' magnitude in float64 (the
-loss is a sum over ~400 tokens: summands up to ~1e3, so dg ~ 1e-13), 1e-7 in float32. Adam magnifies dg by up to lr/eps
-(its first steps move a weight by lr*g/(|g|+eps), whose slope is at most lr/eps = 1e-2/1e-8 = 1e6 here, on the
-near-zero gradients of LoRA's A and of full fine-tuning): ~1e-7 a step in float64, measured 3.2e-8 after 3 steps. In
-float32 the same bound reaches Adam's step itself (~1e-2), so a float32 test passed or failed by machine (1.83e-5
-against a 1e-5 bound on one). WEIGHT_TOL (1e-6) holds on any machine, and a real difference (a micro-batch lost or
-seen twice) moves weights by ~1e-2, four orders above it."""
+The runs compare in float64 (model.dtype: float64, norms included: models.norms_in_float64), with a bound from what
+summation order can produce. Two processes sum a gradient in another order than one: a difference dg of about 1e-16 of
+the summands' magnitude in float64 (the loss is a sum over ~400 tokens: summands up to ~1e3, so dg ~ 1e-13), 1e-7 in
+float32. Adam magnifies dg by up to lr/eps (its first steps move a weight by lr*g/(|g|+eps), whose slope is at most
+lr/eps = 1e-2/1e-8 = 1e6 here, reached on near-zero gradients such as LoRA's A and full fine-tuning's): at most ~1e-7 a
+step in float64; measured 1e-15 (LoRA) and 4e-14 (full) after 3 steps. In float32 the same bound reaches Adam's step
+itself (~1e-2), so a float32 test passed or failed by machine (1.83e-5 against a 1e-5 bound on one). WEIGHT_TOL (1e-6)
+is that worst case with margin, so it holds on any machine, and a real difference (a micro-batch lost or seen twice)
+moves weights by ~1e-2, four orders above it."""
 
 import json
 import os

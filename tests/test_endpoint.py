@@ -99,7 +99,7 @@ def test_a_timeout_is_an_error_naming_the_variant(tiny_project):
     with FakeEndpoint() as server:
         cfg = load_config(_project(tiny_project, server.url, concurrency=1, timeout_s=0.3, max_retries=1))
         server.failures = [("sleep", 2.0), ("sleep", 2.0)]
-        with pytest.raises(EndpointError, match=r"evaluation\.variants\[0\]\.endpoint\.timeout_s \(variant hosted\).*no answer within "
+        with pytest.raises(EndpointError, match=r"evaluation\.variants\[hosted\]\.endpoint\.timeout_s.*no answer within "
                                                 r"timeout_s=0\.3 \(2 tries; max_retries=1\)"):
             compare(cfg)
 
@@ -123,7 +123,7 @@ def test_the_spending_cap_stops_before_it_is_crossed(tiny_project):
         path.write_text(yaml.safe_dump(raw))
         server.requests = 0
         engines = Engines(load_config(path))
-        with pytest.raises(SpendCapReached, match=r"endpoint\.max_usd \(variant hosted\): the spending cap .* would be crossed .* of 12 items"):
+        with pytest.raises(SpendCapReached, match=r"variants\[hosted\]\.endpoint\.max_usd: the spending cap .* would be crossed .* of 12 items"):
             compare(load_config(path), engines=engines, reuse=False)
         client = engines.endpoints["hosted"]
         assert 0 < server.requests < 12
@@ -141,10 +141,10 @@ def test_endpoint_errors_come_before_any_work(tiny_project, monkeypatch):
 
     monkeypatch.delenv("TUNEWISE_TEST_KEY", raising=False)
     with FakeEndpoint(key="sk-right") as server:
-        cases = [({"api_key_env": "TUNEWISE_TEST_KEY"}, r"endpoint\.api_key_env \(variant hosted\): the environment variable TUNEWISE_TEST_KEY is not set"),
-                 ({"base_url": "http://127.0.0.1:9/v1", "api_key_env": None, "max_retries": 0}, r"endpoint\.base_url \(variant hosted\): cannot reach"),
-                 ({"model": "gpt-9-imaginary", "api_key_env": "TUNEWISE_TEST_KEY"}, r"endpoint\.model \(variant hosted\): .* does not serve 'gpt-9-imaginary'"),
-                 ({"api_key_env": "TUNEWISE_TEST_KEY", "_key": "sk-wrong"}, r"endpoint\.api_key_env \(variant hosted\): .* refused the key in TUNEWISE_TEST_KEY")]
+        cases = [({"api_key_env": "TUNEWISE_TEST_KEY"}, r"variants\[hosted\]\.endpoint\.api_key_env: the environment variable TUNEWISE_TEST_KEY is not set"),
+                 ({"base_url": "http://127.0.0.1:9/v1", "api_key_env": None, "max_retries": 0}, r"variants\[hosted\]\.endpoint\.base_url: cannot reach"),
+                 ({"model": "gpt-9-imaginary", "api_key_env": "TUNEWISE_TEST_KEY"}, r"variants\[hosted\]\.endpoint\.model: .* does not serve 'gpt-9-imaginary'"),
+                 ({"api_key_env": "TUNEWISE_TEST_KEY", "_key": "sk-wrong"}, r"variants\[hosted\]\.endpoint\.api_key_env: .* refused the key in TUNEWISE_TEST_KEY")]
         for endpoint, message in cases:
             key = endpoint.pop("_key", "sk-right")
             if "model" in endpoint or key != "sk-right":
@@ -252,7 +252,7 @@ def test_on_premises_keeps_data_off_hosted_endpoints(tiny_project):
     raw = yaml.safe_load(path.read_text())
     raw["use_case"] = {"on_premises": True}
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(EndpointError, match=r"endpoint\.base_url \(variant hosted\): use_case\.on_premises is true.*would leave our machines"):
+    with pytest.raises(EndpointError, match=r"variants\[hosted\]\.endpoint\.base_url: use_case\.on_premises is true.*would leave our machines"):
         compare(load_config(path))
     with FakeEndpoint() as server:  # a server of our own (loopback) is measured under on_premises
         path = _project(tiny_project, server.url)

@@ -8,7 +8,7 @@ import math
 import pytest
 import yaml
 
-from tunewise.eval.graders import GraderError, build, check_items, grade_all, item_of, render, sample_of
+from tunewise.eval.graders import GraderError, build, check_items, item_of, render, sample_of
 from tunewise.data.records import Record
 
 from .endpoint_server import FakeEndpoint

@@ -90,8 +90,6 @@ def test_grpo_loss_and_gradient_equal_a_direct_computation(tiny_model):
     assert torch.allclose(got_grad, direct_grad, rtol=1e-7, atol=1e-10)
 
 
-from .test_layout import tiny64  # noqa: E402,F401  (the float64 tiny model, norms in float64 too)
-
 
 def test_grouped_layouts_give_the_padded_loss_and_gradient(tiny64):
     """beta 0: one Layout per prompt (the prompt run once as the prefix row, its samples' completions as rows) gives the

@@ -8,7 +8,6 @@ import torch
 
 from tunewise.data.records import Record
 from tunewise.data.tokenize import IGNORE, collate, tokenize_records
-from tunewise.models import load_model
 from tunewise.train.forward import FrozenCache, LayoutLoss
 from tunewise.train.layout import make_layout, shared_prefix
 from tunewise.train.loop import TokenLoss
@@ -26,23 +25,6 @@ def examples(tok, multi_turn=True):
                             {"role": "user", "content": "card not here"}, {"role": "assistant", "content": "card_arrival"}], "t:mt"))
     exs, _ = tokenize_records(tok, recs, 128)
     return exs
-
-
-def _rms_norm_in_float64(self, x):
-    """LlamaRMSNorm computes in float32 whatever its input; in float64 tests that rounding (1e-7) would hide
-    behind any tolerance, so the test model's norms keep float64."""
-    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-
-@pytest.fixture(scope="module")
-def tiny64(tiny_model):
-    import types
-
-    loaded = load_model(str(tiny_model), dtype="float64")
-    for m in loaded.model.modules():
-        if type(m).__name__.endswith("RMSNorm"):
-            m.forward = types.MethodType(_rms_norm_in_float64, m)
-    return loaded.model, loaded.tokenizer
 
 
 def grads_of(model, loss):

@@ -105,7 +105,7 @@ def test_streaming_in_small_chunks_gives_the_same_result(tmp_path):
     chunks, so 7 records at a time gives byte-identical splits, the same quarantine and the same summary as
     everything in one chunk. Nothing is left in the work directory."""
     _messy_file(tmp_path / "train.jsonl")
-    (tmp_path / "test.jsonl").write_text("".join(l + "\n" for l in (tmp_path / "train.jsonl").read_text().splitlines()[300:320] if "broken" not in l))
+    (tmp_path / "test.jsonl").write_text("".join(line + "\n" for line in (tmp_path / "train.jsonl").read_text().splitlines()[300:320] if "broken" not in line))
     (tmp_path / "t.yaml").write_text(yaml.safe_dump({"output_dir": "out", "data": {
         "format": "openai", "train": "train.jsonl", "test": "test.jsonl", "split": {"validation": 0.1},
         "clean": {"near_dup_threshold": 0.8, "drop_leaks": True, "select": 60}}}))
@@ -147,7 +147,7 @@ def test_label_agreement_spilled_to_disk_equals_in_memory(tmp_path):
 
 def _resume_project(tmp_path, **clean):
     _messy_file(tmp_path / "train.jsonl")
-    (tmp_path / "test.jsonl").write_text("".join(l + "\n" for l in (tmp_path / "train.jsonl").read_text().splitlines()[300:320] if "broken" not in l))
+    (tmp_path / "test.jsonl").write_text("".join(line + "\n" for line in (tmp_path / "train.jsonl").read_text().splitlines()[300:320] if "broken" not in line))
     (tmp_path / "t.yaml").write_text(yaml.safe_dump({"output_dir": "out", "data": {
         "format": "openai", "train": "train.jsonl", "test": "test.jsonl", "split": {"validation": 0.1},
         "clean": {"near_dup_threshold": 0.8, "drop_leaks": True, "select": 60, **clean}}}))

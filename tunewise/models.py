@@ -143,6 +143,23 @@ def load_tokenizer(ref: str):
     return tok
 
 
+def _rms_norm_in_float64(self, x):
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def norms_in_float64(model: torch.nn.Module) -> int:
+    """transformers' RMSNorms compute in float32 whatever their input; a float64 model (model.dtype: float64, for exactness
+    checks) keeps float64 through them too, so its results do not depend on float32 rounding anywhere."""
+    import types
+
+    n = 0
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None:
+            m.forward = types.MethodType(_rms_norm_in_float64, m)
+            n += 1
+    return n
+
+
 def load_model(ref: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", quantize_4bit: bool = False) -> Loaded:
     """quantize_4bit: the linear layers' weights in 4-bit NF4 (bitsandbytes; QLoRA), computing in `dtype`."""
     from transformers import AutoModelForCausalLM
@@ -163,6 +180,8 @@ def load_model(ref: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "aut
         raise ModelError(f"cannot load model {ref!r}{' in 4 bits' if quantize_4bit else ''}: {e}") from None
     if not quantize_4bit:  # a quantised model is placed by device_map and cannot be moved
         model.to(dev)
+    if dt == torch.float64:
+        norms_in_float64(model)
     return Loaded(model=model, tokenizer=load_tokenizer(ref), path=path, device=dev, dtype=dt)
 
 

@@ -15,9 +15,13 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .pii import PII_TYPES, redact
 from .records import BadRecord, Record
+
+if TYPE_CHECKING:  # numpy is imported where it is used: cleaning starts without it
+    import numpy as np
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\u200c\u200d\u2060\ufeff]")
 # runs of 2+ spaces, or any other horizontal space: a lone " " (most of them) is not touched, which is 10x faster on prose

@@ -118,16 +118,12 @@ class Cache:
         self._db.close()
 
 
-def where(index: int | None) -> str:
-    return f"evaluation.variants[{index}]" if index is not None else "evaluation.variants[]"
-
-
 class EndpointClient:
     """One endpoint variant's client: check(), then generate() as the local engine does."""
 
-    def __init__(self, variant: VariantConfig, prices: PricesConfig, cache_path: Path | None, index: int | None = None):
+    def __init__(self, variant: VariantConfig, prices: PricesConfig, cache_path: Path | None):
         assert variant.endpoint is not None
-        self.variant, self.ep, self.index = variant, variant.endpoint, index
+        self.variant, self.ep = variant, variant.endpoint
         self.in_price, self.out_price = _prices(self.ep, prices)
         self.ledger = SpendLedger(self.ep.max_usd)
         self.stats = EndpointStats()
@@ -140,7 +136,8 @@ class EndpointClient:
         return self.variant.name
 
     def _where(self, key: str = "") -> str:
-        return f"{where(self.index)}.endpoint{'.' + key if key else ''} (variant {self.name})"
+        """The config key, the variant by name (a copy of the config, as the demo's, may list fewer variants)."""
+        return f"evaluation.variants[{self.name}].endpoint{'.' + key if key else ''}"
 
     def _key(self) -> str:
         env = self.ep.api_key_env
@@ -354,7 +351,3 @@ def match_label(text: str, labels: list[str]) -> str:
     return text
 
 
-def endpoint_clients(variants: list[VariantConfig], all_variants: list[VariantConfig], prices: PricesConfig, cache_path: Path | None) -> dict:
-    """name -> EndpointClient for the endpoint variants among `variants` (indexes as in the config's list)."""
-    index = {v.name: i for i, v in enumerate(all_variants)}
-    return {v.name: EndpointClient(v, prices, cache_path, index.get(v.name)) for v in variants if v.kind == "endpoint"}

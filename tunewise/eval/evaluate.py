@@ -118,9 +118,9 @@ class Engines:
     def endpoint(self, variant: VariantConfig):
         """The client of an endpoint variant (kind: endpoint), checked on first use."""
         if variant.name not in self.endpoints:
-            from .endpoint import endpoint_clients
+            from .endpoint import EndpointClient
 
-            self.endpoints |= endpoint_clients([variant], self.cfg.evaluation.variants, self.cfg.prices, self.cfg.endpoint_cache)
+            self.endpoints[variant.name] = EndpointClient(variant, self.cfg.prices, self.cfg.endpoint_cache)
             self.endpoints[variant.name].check(self.cfg.use_case.on_premises)
         return self.endpoints[variant.name]
 
