@@ -70,7 +70,7 @@ class CleanConfig(Section):
     near_dedup: bool = Field(True, description="Drop near-duplicate prompts (MinHash LSH, then exact Jaccard of character 5-grams).")
     near_dup_threshold: float = Field(0.9, gt=0.0, le=1.0, description="Jaccard similarity at which two prompts count as near-duplicates.")
     num_perm: int = Field(128, ge=16, description="MinHash permutations.")
-    perplexity: bool = Field(False, description="Add the answer's perplexity under the base model (model.name) to the quality score: garbled or off-language answers score low. Runs the model over every training record (slow on a CPU: see the README).")
+    perplexity: bool = Field(False, description="Add the answer's perplexity under the base model (model.name) to the quality score: garbled or off-language answers score low. Runs the model over every training record (slow on a CPU: see docs/data.md).")
     select: int | None = Field(None, gt=0, description="Keep only the N training records with the best quality score (also: data prepare --select N); the rest are set aside with their score.")
     select_by_label: bool = Field(True, description="With select on labelled data, keep each label's share of the N (largest remainder), the best within each label: a global top N can lose whole labels.")
     drop_leaks: bool = Field(False, description="Drop training records whose prompt equals or nearly equals a validation/test prompt (also: data prepare --drop-leaks).")

@@ -3,7 +3,7 @@
 The cleaned records live in a JSONL spool on disk and are read back by position when a step needs a text
 (to verify a near-duplicate candidate, to name the record a duplicate repeats, to write the splits). In
 memory there are only fixed-size numbers per record (hashes, ranks, label ids, LSH band keys), so a file
-larger than memory goes through in bounded memory: see README "Data preparation" for the bytes per record.
+larger than memory goes through in bounded memory: see docs/data.md for the bytes per record.
 
 Near-duplicates: MinHash signatures with LSH banding (tunewise/data/minhash.py); every candidate pair is
 confirmed with the exact Jaccard similarity of the character 5-gram sets, which are written to a work file

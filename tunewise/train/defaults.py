@@ -2,7 +2,7 @@
 
 Only keys the user did not set in `training:` are filled (a key `tunewise init` wrote commented out is not
 set), and each choice comes with its reason. The choices come from the learning curves measured with
-`bench/learning_curve.py` on BANKING77 and the bundled SmolLM2-135M (README, "Learning curve"):
+`bench/learning_curve.py` on BANKING77 and the bundled SmolLM2-135M (docs/results.md, "The learning curve"):
 
 - a closed label set with short answers (classification): **freeze** (train the last 20% of the decoder
   layers, 6 of 30, and the final norm) at 1e-3. Within 10 minutes of training on the 2-core reference
