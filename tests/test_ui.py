@@ -171,3 +171,40 @@ def html_escape(s):
     import html
 
     return html.escape(s)
+
+
+PAYLOAD = "<script>alert(1)</script>"
+
+
+def test_a_records_markup_is_escaped_on_every_page_and_report(tiny_project, tmp_path):
+    """Training records whose text and label are `<script>alert(1)</script>` (one duplicated, so it is quarantined too):
+    through the data, compare and decision pages, the project and registry pages, and the data, compare and decision
+    reports, the payload shows only escaped."""
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app as cli
+
+    path = tiny_project(max_steps=2, eval_every=2, save_every=2)
+    lines = (tmp_path / "train.csv").read_text().splitlines()
+    rows = [lines[0]] + [f'"{PAYLOAD} {x.rsplit(",", 1)[0]}",{x.rsplit(",", 1)[1]}' if i % 3 == 0 else x for i, x in enumerate(lines[1:])]
+    rows += [f'"{PAYLOAD} top up",{PAYLOAD}'] * 2 + [f'"{PAYLOAD} card {i}",{PAYLOAD}' for i in range(12)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    r = CliRunner().invoke(cli, ["run", str(path), "--set", "goal.threshold=1.01", "--set", "evaluation.max_new_tokens=4",
+                                 "--set", "evaluation.perplexity=false", "--set", "hardware.matmul_tflops=0.05",
+                                 "--set", "evaluation.variants=[{name: base, kind: base}, {name: fine-tuned, kind: fine-tuned}]",
+                                 "--validation-samples", "24", "--test-samples", "24", "--no-gate"])
+    assert r.exit_code == 0, r.output
+    cfg = load_config(path)
+    client = TestClient(create_ui([path], tmp_path / "ws"))
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    shown = {}
+    for url in ("/", "/p/0", "/p/0/data", "/p/0/compare", "/p/0/decision", "/p/0/registry", "/jobs"):
+        shown[url] = client.get(url).text
+    for report in ("data/report.html", "run/test/report.html", "run/report.html"):
+        shown[report] = (cfg.run_dir / report).read_text()
+    for where, text in shown.items():
+        assert PAYLOAD not in text, f"{where} shows the record's markup unescaped"
+    for where in ("/p/0/data", "/p/0/compare", "data/report.html", "run/test/report.html"):
+        assert escaped in shown[where], f"{where} does not show the record at all"
+    for where, text in shown.items():  # and nothing of our own markup was escaped by the change
+        assert "&lt;h2&gt;" not in text and "&lt;table&gt;" not in text and "&lt;form" not in text and "&lt;a href" not in text, where

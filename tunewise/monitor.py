@@ -206,7 +206,7 @@ def run_monitor(cfg: ProjectConfig, log_dir: Path | None = None) -> dict:
 
 
 def _report(r: dict, out: Path) -> Path:
-    from .report.html import _table
+    from .report.page import document, table
 
     parts = [f"<h1>tunewise monitor: {html.escape(r['verdict'])}</h1>",
              f"<p>{r['queries']:,} logged queries (of {r['requests']:,} requests) against the training data.</p>"]
@@ -218,24 +218,22 @@ def _report(r: dict, out: Path) -> Path:
     f = r["far"]
     parts.append(f"<h2>Far from the training data: {f['count']:,} queries ({f['share']:.1%})</h2>"
                  f"<p>Nearest training query less similar than {f['threshold']:.3f} (cosine). Clusters, largest first:</p>"
-                 + _table(["queries", "examples"], [[c["size"], " | ".join(c["examples"][:3])] for c in f["clusters"][:15]]))
+                 + table(["queries", "examples"], [[c["size"], " | ".join(c["examples"][:3])] for c in f["clusters"][:15]]))
     if "surges" in r:
         sg = r["surges"]
         parts.append(f"<h2>Surges: {sg['count']:,} queries ({sg['share']:.1%}) where production asks far more than training has</h2>"
                      f"<p>Among each query's {sg['neighbours']} nearest queries (production and training pooled), more production ones "
                      f"than the {sg['expected_share_of_neighbours']:.0%} the sample sizes predict (Benjamini-Hochberg, FDR {sg['fdr']:g}). "
                      "Clusters, largest first, with what the model answered: candidate new intents.</p>"
-                     + _table(["queries", "examples", "answered"], [[c["size"], " | ".join(c["examples"][:3]),
+                     + table(["queries", "examples", "answered"], [[c["size"], " | ".join(c["examples"][:3]),
                                                                       ", ".join(f"{a} ({n})" for a, n in c["answers"])] for c in sg["clusters"][:15]]))
     if "labels" in r:
         lb = r["labels"]
         parts.append(f"<h2>Answered labels</h2><p>Total variation from training's distribution: {lb['total_variation']:.3f}; "
                      f"answers that are no known label: {lb['unknown_share']:.1%}.</p>"
-                     + _table(["label", "answered", "expected from training"], lb["top"]))
+                     + table(["label", "answered", "expected from training"], lb["top"]))
     s = r["service"]
-    parts.append("<h2>Service</h2>" + _table(["abstention", "errors", "latency p50 s", "latency p95 s"],
+    parts.append("<h2>Service</h2>" + table(["abstention", "errors", "latency p50 s", "latency p95 s"],
                                               [[f"{s['abstention_rate']:.1%}", f"{s['error_rate']:.1%}", f"{s['latency_p50_s']:.2f}", f"{s['latency_p95_s']:.2f}"]]))
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}th{background:#f3f3f3}")
-    atomic_write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>tunewise monitor</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    atomic_write_text(out, document("tunewise monitor", "".join(parts)))
     return out

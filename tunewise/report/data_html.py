@@ -12,7 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 from ..util import atomic_write_text
-from .html import COLORS, _table
+from .html import COLORS
+from .page import document, table
 
 SPLITS = ("train", "validation", "test")
 
@@ -62,13 +63,13 @@ def data_report(data_dir: Path, summary: dict, label_counts: dict[str, Counter],
         rows.append(["--select", q["selected"]["text"]])
     rows += [[f"split: {n}", s["outputs"][n]["records"]] for n in SPLITS]
     rows.append(["quarantined (all reasons)", read["quarantined"]])
-    parts.append("<h2>Counts at every step</h2>" + _table(["step", "records"], rows))
+    parts.append("<h2>Counts at every step</h2>" + table(["step", "records"], rows))
     if c.get("pii_found"):
         parts.append(_hbars("PII redacted, by type", sorted(c["pii_found"].items(), key=lambda x: -x[1]), COLORS[3]))
     if q.get("histogram"):
         parts.append(_histogram_svg(f"quality score of training records (mean {q['mean']:.3f})", [round(i / 10, 1) for i in range(11)], q["histogram"], COLORS[4]))
         if q.get("lowest"):
-            parts.append("<h3>Lowest-scoring training records</h3>" + _table(["source", "score", "signals"], [[x["source"], x["score"], {k: v for k, v in x.items() if k not in ("source", "score")}] for x in q["lowest"]]))
+            parts.append("<h3>Lowest-scoring training records</h3>" + table(["source", "score", "signals"], [[x["source"], x["score"], {k: v for k, v in x.items() if k not in ("source", "score")}] for x in q["lowest"]]))
     parts.append("<h2>Token lengths (after the chat template)</h2>")
     for i, name in enumerate(SPLITS):
         hist = s.get("tokens", {}).get(name, {}).get("length_histogram")
@@ -82,20 +83,18 @@ def data_report(data_dir: Path, summary: dict, label_counts: dict[str, Counter],
                 parts.append(_hbars(f"{n}: {len(labelled[n])} labels (top 25)", labelled[n].most_common(25)))
     clusters = c.get("near_duplicate_clusters") or []
     if clusters:
-        parts.append("<h2>Near-duplicate clusters (first 50)</h2>" + _table(["kept", "dropped", "Jaccard", "label conflict", "kept text", "dropped text"],
+        parts.append("<h2>Near-duplicate clusters (first 50)</h2>" + table(["kept", "dropped", "Jaccard", "label conflict", "kept text", "dropped text"],
                      [[x["kept"], x["dropped"], x.get("jaccard", ""), "yes" if x["label_conflict"] else "", x["kept_text"], x["dropped_text"]] for x in clusters]))
     if lk["count"] or lk.get("near_duplicates"):
         parts.append(f"<h2>Leakage</h2><p>{lk['count']} prompts in more than one split; {lk.get('near_duplicates', 0)} training prompts nearly duplicate an evaluation prompt.</p>")
-        parts.append(_table(["prompt", "where"], [[x["prompt"][:100], json.dumps(x["splits"])] for x in lk["examples"]]))
+        parts.append(table(["prompt", "where"], [[x["prompt"][:100], json.dumps(x["splits"])] for x in lk["examples"]]))
         if lk.get("near_examples"):
-            parts.append(_table(["train", "evaluation", "Jaccard", "prompt"], [[x["train"], x["other"], x["jaccard"], x["prompt"][:100]] for x in lk["near_examples"]]))
+            parts.append(table(["train", "evaluation", "Jaccard", "prompt"], [[x["train"], x["other"], x["jaccard"], x["prompt"][:100]] for x in lk["near_examples"]]))
     reasons = s.get("quarantine_reasons", {})
-    parts.append("<h2>Quarantine</h2>" + _table(["reason (numbers elided)", "records"], [[k, v] for k, v in reasons.items()]))
+    parts.append("<h2>Quarantine</h2>" + table(["reason (numbers elided)", "records"], [[k, v] for k, v in reasons.items()]))
     if read["quarantined"] > len(quarantine[:100]):
         parts.append(f"<p>The first {len(quarantine[:100])} of {read['quarantined']}; all are in quarantine.jsonl.</p>")
-    parts.append(_table(["file", "where", "reason"], [[b.file, b.where, b.reason] for b in quarantine[:100]]))
-    style = ("body{font-family:system-ui,sans-serif;margin:24px;max-width:1100px} table{border-collapse:collapse;margin:8px 0;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top} svg{display:block;margin:10px 0}")
+    parts.append(table(["file", "where", "reason"], [[b.file, b.where, b.reason] for b in quarantine[:100]]))
     out = data_dir / "report.html"
-    atomic_write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>tunewise data report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    atomic_write_text(out, document("tunewise data report", "".join(parts)))
     return out

@@ -13,7 +13,8 @@ import math
 from pathlib import Path
 
 from ..util import atomic_write_text
-from .html import COLORS, _table
+from .html import COLORS
+from .page import document, table
 
 
 def _usd(x) -> str:
@@ -114,29 +115,26 @@ def decision_report(d: dict, out: Path) -> Path:
                      + (f"The trained model costs less above {be:,.0f} queries/day." if be is not None else
                         "The trained model never costs less per query, so the hosted one stays cheaper at any volume.") + "</p>")
     untried = d.get("estimates_for_untried") or {}
-    untried_html = _table(["route (not run)", "est. $ / 1k queries", "est. training", "est. first year"],
+    untried_html = table(["route (not run)", "est. $ / 1k queries", "est. training", "est. first year"],
                           [[r, _usd(e["per_query_usd"] * 1000), f"{_usd(e['training_usd'])} ({e['training_hours'] * 60:.1f} min)", _usd(e["first_year_usd"])]
                            for r, e in untried.items()]) if untried else ""
     adv = d["advice_before"]
     adv_rows = [[r["route"], str(r["points"]), "; ".join(r["reasons"])] for r in adv["ranking"]]
     steps = "<ol>" + "".join(f"<li>{html.escape(step_sentence(s))} <small>({s['at_s']:.0f} s)</small></li>" for s in d.get("steps", [])) + "</ol>"
     hw = d["hardware"]
-    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>tunewise decision</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}}th{{background:#f4f4f4}}.verdict{{font-size:18px}}</style></head><body>
-<h1>tunewise decision</h1>
+    body = f"""<h1>tunewise decision</h1>
 <p class="verdict">{verdict}</p>
 <p>Goal: {html.escape(g['metric'])} &ge; {g['threshold']:g} on the validation split; the search stopped at
 <b>{html.escape(str(d.get('met_at')))}</b>. Test-split numbers below come from the same variants on held-out items.
 Hardware: {html.escape(hw['name'])} ({hw['device']}, measured {hw['tflops']:.3f} matmul TFLOP/s, {_usd(hw['hour_usd'])}/h).
 Volume: {d['use_case']['queries_per_day']:,} queries/day. Wall time {d.get('wall_s', 0):.0f} s.</p>
-<h2>Evidence</h2>{_table(headers, rows)}
+<h2>Evidence</h2>{table(headers, rows)}
 <h2>Quality versus cost</h2>{_scatter(ev, g['threshold'], g['metric'])}
 <h2>Return on investment</h2>{roi_html}
 {"<h2>Routes not run (cost-model estimates)</h2>" + untried_html if untried_html else ""}
-<h2>Advice before any run</h2><p>Recommended: <b>{html.escape(adv['recommendation'])}</b>.</p>{_table(["route", "points", "reasons"], adv_rows)}
+<h2>Advice before any run</h2><p>Recommended: <b>{html.escape(adv['recommendation'])}</b>.</p>{table(["route", "points", "reasons"], adv_rows)}
 <h2>Steps</h2>{steps}
 <p>Prices: {html.escape(json.dumps(d['prices']))}. Config sha256 {d['config_sha256'][:16]}.</p>
-</body></html>"""
-    atomic_write_text(out, body)
+"""
+    atomic_write_text(out, document("tunewise decision", body))
     return out

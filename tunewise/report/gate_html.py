@@ -6,11 +6,12 @@ import html
 from pathlib import Path
 
 from ..util import atomic_write_text
-from .html import _bars, _table
+from .html import _bars
+from .page import document, table
 
 
 def gate_report(r: dict, out: Path) -> Path:
-    colour = "#2e7d32" if r["passed"] else ("#ef6c00" if r["forced"] else "#c62828")
+    state = "pass" if r["passed"] else "fail"
     verdict = {"promoted": "PASSED: promoted to production", "promoted (forced)": "FAILED, promoted anyway (--force, recorded as forced)",
                "blocked": "BLOCKED: production unchanged"}[r["action"]]
     rows = []
@@ -25,30 +26,25 @@ def gate_report(r: dict, out: Path) -> Path:
         if ci:
             bars.append(_bars(c["check"], [(role, c[role], *ci[role]) for role in ("reference", "candidate")]))
     suites = r["suites"]
-    extra = _table(["suite", "reference", "candidate", "items"],
+    extra = table(["suite", "reference", "candidate", "items"],
                    [["XSTest unsafe contrasts refused (should be high)", f"{suites['reference']['xstest-unsafe']['refusal_rate']['mean']:.3f}",
                      f"{suites['candidate']['xstest-unsafe']['refusal_rate']['mean']:.3f}", suites["candidate"]["xstest-unsafe"]["items"]]])
     ex_html = ""
     for title, items in (r.get("examples") or {}).items():
-        ex_html += f"<h3>{html.escape(title)}</h3>" + _table(["prompt", "response", "refused"],
+        ex_html += f"<h3>{html.escape(title)}</h3>" + table(["prompt", "response", "refused"],
                                                               [[e["prompt"], e["response"], "yes" if e["refused"] else "no"] for e in items])
-    timings = _table(["step", "seconds"], [[k, f"{v:.1f}"] for k, v in r["timings_s"].items()])
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>tunewise gate: {html.escape(r['name'])}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left;vertical-align:top}} .verdict{{color:{colour};font-size:1.4em;font-weight:bold}}</style>
-</head><body>
-<h1>Promotion gate: {html.escape(r['name'])}</h1>
-<p class="verdict">{verdict}</p>
+    timings = table(["step", "seconds"], [[k, f"{v:.1f}"] for k, v in r["timings_s"].items()])
+    body = f"""<h1>Promotion gate: {html.escape(r['name'])}</h1>
+<p class="verdict {state}">{verdict}</p>
 <p>Candidate <b>{html.escape(r['candidate'])}</b> against <b>{html.escape(r['reference'])}</b>. Production now: <b>{html.escape(str(r['production']))}</b>.</p>
 {"<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in r["reasons"]) + "</ul>" if r["reasons"] else ""}
 <h2>Checks</h2>
-{_table(["check", "reference [95% CI]", "candidate [95% CI]", "difference", "rule", "result"], rows)}
+{table(["check", "reference [95% CI]", "candidate [95% CI]", "difference", "rule", "result"], rows)}
 {''.join(bars)}
 <h2>Also measured</h2>{extra}
 <p>Refusals are detected by the pattern classifier in tunewise/eval/suites.py (REFUSAL_PATTERNS, first 200 characters).</p>
 <h2>Example responses</h2>{ex_html}
 <h2>Time per step</h2>{timings}
-<p>Registry: {html.escape(r['registry'])}</p>
-</body></html>"""
-    atomic_write_text(out, page)
+<p>Registry: {html.escape(r['registry'])}</p>"""
+    atomic_write_text(out, document(f"tunewise gate: {r['name']}", body))
     return out

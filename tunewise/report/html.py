@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..util import atomic_write_text
+from .page import document, table
 
 COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1"]
 
@@ -52,12 +53,6 @@ def _curves(series: dict[str, list[tuple[int, float]]], x_label: str = "step") -
     return "".join(out) + "</svg>"
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def compare_report(result: dict, eval_dir: Path, metrics: list[str], out: Path | None = None) -> Path:
     variants = result["variants"]
     names = list(variants)
@@ -74,7 +69,7 @@ def compare_report(result: dict, eval_dir: Path, metrics: list[str], out: Path |
                     + [(lambda p: f"{p['mean']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]" if p else "-")(s.get("reference_perplexity")),
                        f"{s['latency_s']['p50']:.2f}/{s['latency_s']['p95']:.2f}", f"{s['items_per_s']:.2f}",
                        f"{s['prompt_tokens_mean']:.0f}", f"{s['cost_per_1k_queries_usd']:.4f}"])
-    parts.append("<h2>Side by side</h2>" + _table(["variant", *metrics, "reference perplexity", "latency p50/p95 s", "items/s", "prompt tokens", "$ / 1k queries"], rows))
+    parts.append("<h2>Side by side</h2>" + table(["variant", *metrics, "reference perplexity", "latency p50/p95 s", "items/s", "prompt tokens", "$ / 1k queries"], rows))
 
     logs = {n: [json.loads(x) for x in (Path(s["model"]).parent / "metrics.jsonl").read_text().splitlines()]
             for n, s in variants.items() if s["variant"]["kind"] == "fine-tuned" and (Path(s["model"]).parent / "metrics.jsonl").exists()}
@@ -90,7 +85,7 @@ def compare_report(result: dict, eval_dir: Path, metrics: list[str], out: Path |
     confusions = Counter((r["reference"], r["output"]) for n in names for r in items[n] if not r["scores"].get("accuracy", 1.0))
     if "accuracy" in metrics and confusions:
         parts.append("<h2>Most frequent confusions (all variants)</h2>"
-                     + _table(["reference", "output", "count"], [[a, b, c] for (a, b), c in confusions.most_common(15)]))
+                     + table(["reference", "output", "count"], [[a, b, c] for (a, b), c in confusions.most_common(15)]))
 
     key = metrics[0]
     if not items[names[0]] or "output" not in items[names[0]][0]:  # held-out text: blocks, no answers to set side by side
@@ -98,17 +93,15 @@ def compare_report(result: dict, eval_dir: Path, metrics: list[str], out: Path |
     disagree = [] if key is None else [i for i in range(len(items[names[0]])) if len({items[n][i]["scores"][key] for n in names}) > 1]
     if key is not None:
         parts.append(f"<h2>Items where variants disagree on {html.escape(key)} ({len(disagree)})</h2>"
-                     + _table(["input", "reference", *names], [[items[names[0]][i]["input"], items[names[0]][i]["reference"],
+                     + table(["input", "reference", *names], [[items[names[0]][i]["input"], items[names[0]][i]["reference"],
                                                            *[items[n][i]["output"] for n in names]] for i in disagree[:40]]))
-    parts.append("<h2>Lineage</h2>" + _table(
+    parts.append("<h2>Lineage</h2>" + table(
         ["variant", "model", "config sha256", "train data sha256", "test data sha256"],
         [[n, s["model"], s["config_sha256"][:16], (s.get("data") or {}).get("train", {}).get("sha256", "")[:16],
           (s.get("data") or {}).get(s["split"], {}).get("sha256", "")[:16]] for n, s in variants.items()]))
 
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}th{background:#f3f3f3}svg{display:block;margin:1em 0}")
     out = out or eval_dir / "report.html"
-    atomic_write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>tunewise compare</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    atomic_write_text(out, document("tunewise compare", "".join(parts)))
     return out
 
 
@@ -136,8 +129,6 @@ def tune_report(result: dict, out: Path) -> Path:
     rows = [[f"{t['number']} (defaults)" if t.get("is_defaults") else t["number"], t["state"].lower(), "-" if t["value"] is None else f"{t['value']:.4f}",
              f"[{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]" if t.get("ci95") else "-", *(t["params"].get(k, "-") for k in names),
              t.get("steps", "-"), t.get("best_val_loss") if t.get("best_val_loss") is not None else "-", t.get("wall_s", "-")] for t in rank]
-    parts.append("<h2>Trials, best first</h2>" + _table(["trial", "state", "value", "95% CI", *names, "steps", "best val loss", "s"], rows))
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}th{background:#f3f3f3}svg{display:block;margin:1em 0}")
-    atomic_write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>tunewise tune</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    parts.append("<h2>Trials, best first</h2>" + table(["trial", "state", "value", "95% CI", *names, "steps", "best val loss", "s"], rows))
+    atomic_write_text(out, document("tunewise tune", "".join(parts)))
     return out

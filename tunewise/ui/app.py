@@ -28,20 +28,13 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 
 from ..config import ConfigError, ProjectConfig, load_config
+from ..report.page import Markup, document, escape, script_json, table
 from .jobs import COMMANDS, Jobs
 
 REPORTS = {"data": "data/report.html", "compare": "eval/report.html", "gate": "gate/gate.html", "decision": "run/report.html",
            "tune": "tune/report.html", "monitor": "monitor/report.html"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 API_PATH = re.compile(r"^/p/\d+/api/")
-STYLE = ("body{font-family:system-ui,sans-serif;margin:1.5em 2em;max-width:1150px;color:#222}a{color:#1f5fa8}"
-         "table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}"
-         "th{background:#f3f3f3}nav a{margin-right:1em}.bad{color:#b00020}.ok{color:#0a7d32}button{margin:2px}"
-         "pre{background:#f6f6f6;padding:.6em;max-height:24em;overflow:auto}.chart{margin:.5em 0}.filters{margin:.5em 0}"
-         ".panes{display:flex;gap:1em}.pane{flex:1;border:1px solid #ccc;padding:.6em;min-height:8em}.answer{white-space:pre-wrap;margin-top:.5em}"
-         ".status{color:#666;font-size:13px}")
-
-
 class UiError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -69,22 +62,16 @@ class Project:
         return {k: self.cfg.run_dir / v for k, v in REPORTS.items() if (self.cfg.run_dir / v).exists()}
 
 
-def _page(title: str, body: str, csrf: str | None = None) -> HTMLResponse:
+def page(title: str, body: str, csrf: str | None = None) -> HTMLResponse:
+    """A dashboard page: the one page shell and stylesheet (report.page), the navigation and the title."""
     nav = '<nav><a href="/">projects</a><a href="/jobs">jobs</a></nav>'
-    meta = f'<meta name="csrf" content="{csrf}">' if csrf else ""
-    return HTMLResponse(f"<!doctype html><html><head><meta charset='utf-8'>{meta}<title>{html.escape(title)} - tunewise</title>"
-                        f"<style>{STYLE}</style></head><body>{nav}<h1>{html.escape(title)}</h1>{body}</body></html>")
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    """Cells are HTML already (escape what comes from data before)."""
-    return ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr></thead><tbody>"
-            + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows) + "</tbody></table>")
+    meta = Markup('<meta name="csrf" content="{}">').format(csrf) if csrf else ""
+    return HTMLResponse(document(f"{title} - tunewise", f"{nav}<h1>{escape(title)}</h1>{body}", head=meta))
 
 
 def _form(action: str, csrf: str, fields: str, label: str) -> str:
-    return (f'<form method="post" action="{html.escape(action)}" style="display:inline"><input type="hidden" name="csrf" value="{csrf}">'
-            f"{fields}<button type=submit>{html.escape(label)}</button></form>")
+    return (f'<form method="post" action="{escape(action)}" style="display:inline"><input type="hidden" name="csrf" value="{escape(csrf)}">'
+            f"{fields}<button type=submit>{escape(label)}</button></form>")
 
 
 def create_ui(configs: list[Path], workspace: Path, token: str | None = None) -> FastAPI:
@@ -150,7 +137,7 @@ async def _guard(request: Request, call_next):
     return response
 
 async def _ui_error(request: Request, e: UiError):
-    return HTMLResponse(_page("error", f'<p class="bad">{html.escape(e.message)}</p><p><a href="javascript:history.back()">back</a></p>').body,
+    return HTMLResponse(page("error", f'<p class="bad">{html.escape(e.message)}</p><p><a href="javascript:history.back()">back</a></p>').body,
                         status_code=e.status)
 
 def project(request: Request, pid: int) -> Project:
@@ -169,34 +156,34 @@ async def check_csrf(request: Request) -> dict:
 async def index(request: Request):
     rows = []
     for i, p in enumerate(request.app.state.projects):
-        reports = " ".join(f'<a href="/p/{i}/report/{k}">{k}</a>' for k in p.reports())
-        rows.append([f'<a href="/p/{i}">{html.escape(p.cfg.project)}</a>', html.escape(str(p.path)), str(len(p.runs())), reports or "-"])
-    return _page("projects", _table(["project", "config", "training runs", "reports"], rows))
+        reports = Markup(" ").join(Markup('<a href="/p/{}/report/{}">{}</a>').format(i, k, k) for k in p.reports())
+        rows.append([Markup('<a href="/p/{}">{}</a>').format(i, p.cfg.project), str(p.path), str(len(p.runs())), reports or "-"])
+    return page("projects", table(["project", "config", "training runs", "reports"], rows))
 
 @router.get("/p/{pid}", response_class=HTMLResponse)
-async def project_page(pid: int, request: Request):
+async def projectpage(pid: int, request: Request):
     p, csrf = project(request, pid), request.app.state.csrf
     runs = []
     for name, d in p.runs().items():
         rows = _metrics(d)
         last = next((r for r in reversed(rows) if "loss" in r), {})
         val = next((r for r in reversed(rows) if "val_loss" in r), {})
-        runs.append([f'<a href="/p/{pid}/run/{name}">{name}</a>', str(last.get("step", "-")), f"{last.get('loss', float('nan')):.4f}" if last else "-",
+        runs.append([Markup('<a href="/p/{}/run/{}">{}</a>').format(pid, name, name), str(last.get("step", "-")), f"{last.get('loss', float('nan')):.4f}" if last else "-",
                      f"{val['val_loss']:.4f}" if val else "-"])
     jobs = [j for j in request.app.state.jobs.refresh() if j["project"] == p.cfg.project]
     options = "".join(f"<option>{c}</option>" for c in COMMANDS)
     start = _form(f"/p/{pid}/jobs", csrf, f'<select name="command">{options}</select> ', "start job")
     body = (f"<p>config: {html.escape(str(p.path))}; runs in {html.escape(str(p.cfg.run_dir))}</p>"
-            f"<h2>Training runs</h2>{_table(['run', 'step', 'loss', 'val loss'], runs) if runs else '<p>none yet</p>'}"
+            f"<h2>Training runs</h2>{table(['run', 'step', 'loss', 'val loss'], runs) if runs else '<p>none yet</p>'}"
             f'<h2>Pages</h2><p><a href="/p/{pid}/data">data</a> <a href="/p/{pid}/compare">compare</a> <a href="/p/{pid}/decision">decision</a> '
             f'<a href="/p/{pid}/playground">playground</a></p>'
             "<h2>Reports</h2><p>" + (" ".join(f'<a href="/p/{pid}/report/{k}">{k}</a>' for k in p.reports()) or "none yet") + "</p>"
             f'<h2>Registry</h2><p><a href="/p/{pid}/registry">models, gate verdicts, promote and rollback</a></p>'
-            f"<h2>Jobs</h2><p>{start}</p>{_jobs_table(jobs, csrf)}")
-    return _page(p.cfg.project, body, csrf)
+            f"<h2>Jobs</h2><p>{start}</p>{_jobstable(jobs, csrf)}")
+    return page(p.cfg.project, body, csrf)
 
 @router.get("/p/{pid}/run/{name}", response_class=HTMLResponse)
-async def run_page(pid: int, name: str, request: Request):
+async def runpage(pid: int, name: str, request: Request):
     p = project(request, pid)
     if name not in p.runs():
         raise UiError(404, f"no training run {name!r} in {p.cfg.project} (runs: {', '.join(p.runs()) or 'none'})")
@@ -216,8 +203,8 @@ async def run_page(pid: int, name: str, request: Request):
             + "<h3>loss</h3>" + curve("loss", [("loss", "line", "training"), ("val_loss", "point", "validation")], "loss (nats per loss token)")
             + "<h3>learning rate</h3>" + curve("lr", [("lr", "line", "learning rate")], "learning rate")
             + "<h3>throughput</h3>" + curve("tokens_per_s", [("tokens_per_s", "line", "tokens/s")], "tokens per second")
-            + f"<script>{LIVE_JS % json.dumps(f'/p/{pid}/run/{name}/events')}</script>")
-    return _page(f"{p.cfg.project}: {name}", body, request.app.state.csrf)
+            + f"<script>{LIVE_JS % script_json(f'/p/{pid}/run/{name}/events')}</script>")
+    return page(f"{p.cfg.project}: {name}", body, request.app.state.csrf)
 
 @router.get("/p/{pid}/run/{name}/events")
 async def run_events(pid: int, name: str, request: Request, once: bool = False):
@@ -257,7 +244,7 @@ async def report(pid: int, kind: str, request: Request):
     return FileResponse(path, media_type="text/html")
 
 @router.get("/p/{pid}/registry", response_class=HTMLResponse)
-async def registry_page(pid: int, request: Request):
+async def registrypage(pid: int, request: Request):
     from ..registry import Registry, registry_path
 
     p, csrf = project(request, pid), request.app.state.csrf
@@ -273,22 +260,22 @@ async def registry_page(pid: int, request: Request):
             actions = _form(f"/p/{pid}/registry/promote", csrf, f'<input type=hidden name=version value="{m.version}">'
                             f'<input name=reason placeholder="reason to force" size=18> <label><input type=checkbox name=force value=1>force</label> ',
                             "promote")
-            rows.append([html.escape(m.ref) + (' <b class="ok">production</b>' if prod and prod.id == m.id else ""),
-                         html.escape(m.base_model), "adapter" if m.adapter else "full", html.escape(verdict),
-                         time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created)), actions])
-        history = [[html.escape(h["ref"]), h["action"] + (" (forced)" if h["forced"] else ""),
-                    html.escape(str((h["verdict"] or {}).get("reason") or "; ".join((h["verdict"] or {}).get("reasons", [])) or "-")),
+            rows.append([escape(m.ref) + (Markup(' <b class="ok">production</b>') if prod and prod.id == m.id else ""),
+                         m.base_model, "adapter" if m.adapter else "full", verdict,
+                         time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created)), Markup(actions)])
+        history = [[h["ref"], h["action"] + (" (forced)" if h["forced"] else ""),
+                    str((h["verdict"] or {}).get("reason") or "; ".join((h["verdict"] or {}).get("reasons", [])) or "-"),
                     time.strftime("%Y-%m-%d %H:%M", time.localtime(h["created"]))] for h in reg.promotions(name)]
-        retrains = [[str(r["id"]), r["trigger"], r["state"], html.escape(str(r["decision"] or "-")), html.escape(str(r["details"].get("reason", "")))]
+        retrains = [[str(r["id"]), r["trigger"], r["state"], str(r["decision"] or "-"), str(r["details"].get("reason", ""))]
                     for r in reg.retrains(name)]
     finally:
         reg.close()
     body = (f"<p>production: <b>{html.escape(prod.ref) if prod else 'none (the base model)'}</b> "
             + _form(f"/p/{pid}/registry/rollback", csrf, "", "rollback") + "</p>"
-            + _table(["model", "base", "kind", "last gate verdict", "registered", ""], rows)
-            + "<h2>Promotions</h2>" + _table(["model", "action", "reason", "when"], history)
-            + "<h2>Re-training journal</h2>" + _table(["#", "trigger", "state", "decision", "why"], retrains))
-    return _page(f"registry: {name}", body, csrf)
+            + table(["model", "base", "kind", "last gate verdict", "registered", ""], rows)
+            + "<h2>Promotions</h2>" + table(["model", "action", "reason", "when"], history)
+            + "<h2>Re-training journal</h2>" + table(["#", "trigger", "state", "decision", "why"], retrains))
+    return page(f"registry: {name}", body, csrf)
 
 @router.post("/p/{pid}/registry/promote")
 async def promote(pid: int, request: Request):
@@ -344,11 +331,11 @@ async def start_job(pid: int, request: Request):
     return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
 
 @router.get("/jobs", response_class=HTMLResponse)
-async def jobs_page(request: Request):
-    return _page("jobs", _jobs_table(request.app.state.jobs.refresh(), request.app.state.csrf), request.app.state.csrf)
+async def jobspage(request: Request):
+    return page("jobs", _jobstable(request.app.state.jobs.refresh(), request.app.state.csrf), request.app.state.csrf)
 
 @router.get("/jobs/{jid}", response_class=HTMLResponse)
-async def job_page(jid: str, request: Request):
+async def jobpage(jid: str, request: Request):
     job = request.app.state.jobs.get(jid)
     if job is None:
         raise UiError(404, f"no job {jid}")
@@ -356,7 +343,7 @@ async def job_page(jid: str, request: Request):
     body = (f"<p>{html.escape(' '.join(job['argv'][2:]))}: <b>{job['state']}</b>"
             + (f" (exit {job['rc']})" if job["rc"] is not None else "") + f" {stop}</p><pre>{html.escape(request.app.state.jobs.log_tail(jid))}</pre>"
             + ("<script>setTimeout(()=>location.reload(),2000)</script>" if job["state"] in ("running", "stopping") else ""))
-    return _page(f"job {jid}", body, request.app.state.csrf)
+    return page(f"job {jid}", body, request.app.state.csrf)
 
 @router.get("/api/jobs/{jid}")
 async def job_json(jid: str, request: Request):
@@ -389,13 +376,13 @@ def _metrics(run_dir: Path) -> list[dict]:
     return out
 
 
-def _jobs_table(jobs: list[dict], csrf: str) -> str:
+def _jobstable(jobs: list[dict], csrf: str) -> str:
     if not jobs:
         return "<p>no jobs</p>"
-    rows = [[f'<a href="/jobs/{j["id"]}">{j["id"]}</a>', html.escape(j["project"]), j["command"], j["state"] + (f" ({j['rc']})" if j["rc"] is not None else ""),
+    rows = [[Markup('<a href="/jobs/{}">{}</a>').format(j["id"], j["id"]), j["project"], j["command"], j["state"] + (f" ({j['rc']})" if j["rc"] is not None else ""),
              time.strftime("%H:%M:%S", time.localtime(j["started"])),
-             _form(f"/jobs/{j['id']}/stop", csrf, "", "stop") if j["state"] == "running" else ""] for j in reversed(jobs)]
-    return _table(["job", "project", "command", "state", "started", ""], rows)
+             Markup(_form(f"/jobs/{j['id']}/stop", csrf, "", "stop")) if j["state"] == "running" else ""] for j in reversed(jobs)]
+    return table(["job", "project", "command", "state", "started", ""], rows)
 
 
 LIVE_JS = """

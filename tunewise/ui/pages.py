@@ -16,7 +16,8 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
-from .app import UiError, _page, _table, project
+from ..report.page import Markup, script_json, table
+from .app import UiError, page, project
 
 STATIC = Path(__file__).parent / "static"
 SCRIPTS = ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js")
@@ -28,7 +29,7 @@ router = APIRouter()
 def chart(cid: str, spec: dict) -> str:
     """A Vega-Lite chart; its view is kept in window.views[cid] (the live page inserts rows into it)."""
     spec = {"$schema": "https://vega.github.io/schema/vega-lite/v6.json", **spec}
-    return (f'<div id="{cid}" class="chart"></div><script>vegaEmbed("#{cid}", {json.dumps(spec)}, {{renderer: "svg", actions: false}})'
+    return (f'<div id="{cid}" class="chart"></div><script>vegaEmbed("#{cid}", {script_json(spec)}, {{renderer: "svg", actions: false}})'
             f'.then(r => {{(window.views = window.views || {{}})["{cid}"] = r.view;}});</script>')
 
 
@@ -87,25 +88,25 @@ def _text_of(raw) -> str:
 
 
 @router.get("/p/{pid}/data", response_class=HTMLResponse)
-async def data_page(pid: int, request: Request):
+async def datapage(pid: int, request: Request):
     p = project(request, pid)
     s = _stage_file(p, "data/summary.json", "prepared data", "tunewise prepare", "prepare")
     q, reason = _q(request, "q").lower(), _q(request, "reason")
     read = s.get("read") or {}
-    steps = [[html.escape(k), str(v.get("changed", 0)), str(v.get("dropped", 0))] for k, v in ((s.get("cleaning") or {}).get("steps") or {}).items()]
+    steps = [[k, str(v.get("changed", 0)), str(v.get("dropped", 0))] for k, v in ((s.get("cleaning") or {}).get("steps") or {}).items()]
     splits = [[k, f"{v.get('records', 0):,}"] for k, v in (s.get("outputs") or {}).items()]
     quarantine = _read_jsonl(p.cfg.run_dir / "data" / "quarantine.jsonl")
     reasons = sorted({r.get("reason", "").split(" of ")[0].split(":")[0] for r in quarantine})
     hits = [r for r in quarantine if (not reason or r.get("reason", "").startswith(reason))
             and (not q or q in (r.get("reason", "") + " " + r.get("where", "") + " " + r.get("file", "") + " " + _text_of(r.get("raw"))).lower())]
-    qrows = [[html.escape(f"{r.get('file', '')}:{r.get('where', '')}"), html.escape(r.get("reason", "")), html.escape(_text_of(r.get("raw"))[:200])]
+    qrows = [[f"{r.get('file', '')}:{r.get('where', '')}", r.get("reason", ""), _text_of(r.get("raw"))[:200]]
              for r in hits[:SHOWN]]
     clusters = [c for c in (s.get("cleaning") or {}).get("near_duplicate_clusters") or []
                 if not q or q in (c.get("kept_text", "") + " " + c.get("dropped_text", "")).lower()]
-    crows = [[html.escape(c.get("kept", "")), html.escape(c.get("kept_text", "")), html.escape(c.get("dropped", "")),
-              html.escape(c.get("dropped_text", "")), f"{c.get('jaccard', 0):.2f}", "yes" if c.get("label_conflict") else ""] for c in clusters[:SHOWN]]
+    crows = [[c.get("kept", ""), c.get("kept_text", ""), c.get("dropped", ""), c.get("dropped_text", ""), f"{c.get('jaccard', 0):.2f}",
+              "yes" if c.get("label_conflict") else ""] for c in clusters[:SHOWN]]
     leaks = s.get("leaks") or {}
-    lrows = [[html.escape(str(x.get("prompt", ""))[:200]), html.escape("; ".join(f"{k}: {', '.join(v)}" for k, v in (x.get("splits") or {}).items()))]
+    lrows = [[str(x.get("prompt", ""))[:200], "; ".join(f"{k}: {', '.join(v)}" for k, v in (x.get("splits") or {}).items())]
              for x in leaks.get("examples") or []]
     counts = Counter(r.get("label") for r in _read_jsonl(p.cfg.run_dir / "data" / "train.jsonl") if r.get("label") is not None)
     label_chart = ""
@@ -117,17 +118,17 @@ async def data_page(pid: int, request: Request):
                                         "tooltip": [{"field": "label"}, {"field": "examples"}]}})
     body = (f"<p>read {read.get('valid', 0):,} valid records, kept {read.get('kept', 0):,}, quarantined {read.get('quarantined', 0):,}; "
             f'<a href="/p/{pid}/report/data">the full data report</a></p>'
-            + _table(["split", "records"], splits) + "<h2>Cleaning steps</h2>" + _table(["step", "changed", "dropped"], steps)
+            + table(["split", "records"], splits) + "<h2>Cleaning steps</h2>" + table(["step", "changed", "dropped"], steps)
             + "<h2>Search</h2>" + _search_form(f'<input name="q" value="{html.escape(q)}" placeholder="text, file, line or reason" size=40> '
                                                  + _select("reason", reasons, reason))
             + f"<h2>Quarantine ({len(hits):,} of {len(quarantine):,}{', first ' + str(SHOWN) if len(hits) > SHOWN else ''})</h2>"
-            + (_table(["where", "reason", "text"], qrows) if qrows else "<p>none</p>")
+            + (table(["where", "reason", "text"], qrows) if qrows else "<p>none</p>")
             + f"<h2>Near-duplicate clusters ({len(clusters):,})</h2>"
-            + (_table(["kept", "kept text", "dropped", "dropped text", "Jaccard", "label conflict"], crows) if crows else "<p>none</p>")
+            + (table(["kept", "kept text", "dropped", "dropped text", "Jaccard", "label conflict"], crows) if crows else "<p>none</p>")
             + f"<h2>Leaks between splits ({leaks.get('count', 0):,} prompts in more than one split)</h2>"
-            + (_table(["prompt", "where"], lrows) if lrows else "<p>none</p>")
+            + (table(["prompt", "where"], lrows) if lrows else "<p>none</p>")
             + label_chart)
-    return _page(f"{p.cfg.project}: data", scripts() + body)
+    return page(f"{p.cfg.project}: data", scripts() + body)
 
 
 def _compare_source(p, which: str) -> tuple[Path, dict]:
@@ -145,7 +146,7 @@ def _metric_cell(m: dict | None) -> str:
 
 
 @router.get("/p/{pid}/compare", response_class=HTMLResponse)
-async def compare_page(pid: int, request: Request):
+async def comparepage(pid: int, request: Request):
     p = project(request, pid)
     d, result = _compare_source(p, _q(request, "source"))
     variants = list(result.get("variants") or {})
@@ -156,7 +157,7 @@ async def compare_page(pid: int, request: Request):
     for v in variants:
         s = summaries[v]
         paired = (result.get("paired_vs_reference") or {}).get(v, {}).get(metric) or {}
-        rows.append([html.escape(v)] + [_metric_cell((s.get("metrics") or {}).get(m)) for m in metrics]
+        rows.append([v] + [_metric_cell((s.get("metrics") or {}).get(m)) for m in metrics]
                     + [f"{(s.get('latency_s') or {}).get('p50', float('nan')):.2f}", f"{s.get('cost_per_1k_queries_usd') or 0:.4f}",
                        f"p = {paired['p_value']:.3g}" if "p_value" in paired else "reference"])
     bars = [{"variant": v, "value": summaries[v]["metrics"][metric]["mean"], "low": summaries[v]["metrics"][metric]["ci95"][0],
@@ -186,29 +187,29 @@ async def compare_page(pid: int, request: Request):
             continue
         total += 1
         if len(shown) < SHOWN:
-            cells = [f'<span class="{"ok" if (r.get("scores") or {}).get(metric, 0) >= 1.0 else "bad"}">{html.escape(o[:160])}</span>'
+            cells = [Markup('<span class="{}">{}</span>').format("ok" if (r.get("scores") or {}).get(metric, 0) >= 1.0 else "bad", o[:160])
                      for r, o in zip(row, outs)]
-            shown.append([str(row[0].get("i", i)), html.escape(str(row[0].get("input", ""))[:240]), html.escape(ref[:160])] + cells)
+            shown.append([str(row[0].get("i", i)), str(row[0].get("input", ""))[:240], ref[:160]] + cells)
     confusions = Counter()
     if focus in items:
         for r in items[focus]:
             if (r.get("scores") or {}).get(metric, 1.0) < 1.0:
                 confusions[(str(r.get("reference")), str(r.get("output", "")).strip())] += 1
-    crows = [[html.escape(a), html.escape(b[:120]), str(c)] for (a, b), c in confusions.most_common(25)]
+    crows = [[a, b[:120], str(c)] for (a, b), c in confusions.most_common(25)]
     filters = _search_form(_select("label", refs, label) + _select("only", ["disagree", "wrong"], only, "every item")
                            + _select("variant", variants, focus, variants[-1] if variants else "") +
                            (f'<input type=hidden name=source value="{html.escape(_q(request, "source"))}">' if _q(request, "source") else ""))
     body = (f'<p>{html.escape(str(d))}; <a href="/p/{pid}/report/{"compare" if d.name == "eval" else "decision"}">the HTML report</a></p>'
-            + _table(["variant"] + metrics + ["latency p50 s", "$ / 1k queries", f"{metric} vs {variants[0] if variants else ''}"], rows)
+            + table(["variant"] + metrics + ["latency p50 s", "$ / 1k queries", f"{metric} vs {variants[0] if variants else ''}"], rows)
             + ci_chart + f"<h2>Items ({total:,} of {n:,} match{', first ' + str(SHOWN) if total > SHOWN else ''})</h2>" + filters
-            + '<div id="items">' + _table(["#", "input", "reference"] + variants, shown) + "</div>"
+            + '<div id="items">' + table(["#", "input", "reference"] + variants, shown) + "</div>"
             + f"<h2>Confusions of {html.escape(focus)} (reference -> answer, most frequent)</h2>"
-            + (_table(["reference", "answer", "items"], crows) if crows else "<p>none</p>"))
-    return _page(f"{p.cfg.project}: compare", scripts() + body)
+            + (table(["reference", "answer", "items"], crows) if crows else "<p>none</p>"))
+    return page(f"{p.cfg.project}: compare", scripts() + body)
 
 
 @router.get("/p/{pid}/decision", response_class=HTMLResponse)
-async def decision_page(pid: int, request: Request):
+async def decisionpage(pid: int, request: Request):
     p = project(request, pid)
     dec = _stage_file(p, "run/decision.json", "decision", "tunewise run", "run")
     goal = dec.get("goal") or {}
@@ -218,10 +219,10 @@ async def decision_page(pid: int, request: Request):
     for e in ev:
         chosen = e.get("variant") == dec.get("chosen_variant")
         ci = e.get("test_ci95")
-        rows.append([("<b>" if chosen else "") + html.escape(e.get("route", "")) + ("</b> (chosen)" if chosen else ""), html.escape(e.get("variant", "")),
+        rows.append([Markup("<b>{}</b> (chosen)").format(e.get("route", "")) if chosen else e.get("route", ""), e.get("variant", ""),
                      f"{e['validation']:.3f}" if e.get("validation") is not None else "-",
                      (f"{e['test']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")) if e.get("test") is not None else "-",
-                     '<span class="ok">met</span>' if e.get("meets_goal") else '<span class="bad">short</span>',
+                     Markup('<span class="ok">met</span>' if e.get("meets_goal") else '<span class="bad">short</span>'),
                      f"{e.get('latency_p50_s') or 0:.2f}", f"{e.get('per_1k_queries_usd') or 0:.4f}", f"${e.get('training_usd') or 0:,.2f}",
                      f"${e.get('first_year_usd') or 0:,.2f}"])
     points = [{"variant": e["variant"], "route": e["route"], "quality": e["test"], "low": (e.get("test_ci95") or [e["test"]] * 2)[0],
@@ -245,10 +246,10 @@ async def decision_page(pid: int, request: Request):
                 if roi.get("against") else "")
     body = (f"<p>goal: {html.escape(metric)} &gt;= {goal.get('threshold')}; chosen: <b>{html.escape(str(dec.get('chosen')))} "
             f"({html.escape(str(dec.get('chosen_variant')))})</b></p><p>{html.escape(dec.get('why', ''))}</p>{roi_text}"
-            + _table(["route", "variant", "validation", "test [95% CI]", "goal", "latency p50 s", "$ / 1k queries", "training", "first year"], rows)
+            + table(["route", "variant", "validation", "test [95% CI]", "goal", "latency p50 s", "$ / 1k queries", "training", "first year"], rows)
             + "<h2>Quality against cost</h2>" + plot
             + f'<p><a href="/p/{pid}/report/decision">the decision report</a> · <a href="/p/{pid}/compare?source=run">the items behind it</a></p>')
-    return _page(f"{p.cfg.project}: decision", scripts() + body)
+    return page(f"{p.cfg.project}: decision", scripts() + body)
 
 
 @router.get("/p/{pid}/playground", response_class=HTMLResponse)
@@ -266,8 +267,8 @@ async def playground(pid: int, request: Request):
             '<p><input id="system" size=80 placeholder="system prompt (optional)" value="' + html.escape(p.cfg.data.system_prompt or "") + '"></p>'
             '<p><textarea id="prompt" rows=3 cols=90 placeholder="your message"></textarea><br>'
             '<label>max tokens <input id="max" type=number value=64 min=1 max=2048></label> <button id="send">send to both</button></p>'
-            f'<div class="panes">{panes}</div><script>{PLAYGROUND_JS % json.dumps(f"/p/{pid}/api")}</script>')
-    return _page(f"{p.cfg.project}: playground", body, request.app.state.csrf)
+            f'<div class="panes">{panes}</div><script>{PLAYGROUND_JS % script_json(f"/p/{pid}/api")}</script>')
+    return page(f"{p.cfg.project}: playground", body, request.app.state.csrf)
 
 
 PLAYGROUND_JS = """
