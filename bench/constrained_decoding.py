@@ -29,7 +29,7 @@ def main():
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tunewise.config import load_config
-    from tunewise.data.prepared import ensure_prepared
+    from tunewise.data.prepare import ensure_prepared
     from tunewise.data.split import sample_records
     from tunewise.engine import Engine
     from tunewise.metrics import score

@@ -11,7 +11,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tunewise.config import load_config
-from tunewise.data.prepared import ensure_prepared
+from tunewise.data.prepare import ensure_prepared
 from tunewise.models import load_model
 from tunewise.train.grpo import GRPOLoss, Rollouts, prompts_of
 from tunewise.train.methods import apply_method

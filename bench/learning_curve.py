@@ -42,7 +42,7 @@ def point(method: str, epochs: float | None, minutes: float | None, sets: list[s
     import shutil
 
     shutil.rmtree(cfg.run_dir / "train", ignore_errors=True)
-    from tunewise.data.prepared import ensure_prepared
+    from tunewise.data.prepare import ensure_prepared
 
     ensure_prepared(cfg)  # before the clock: a budget is for training, not for preparing (e.g. another data.clean.select)
     r = train(cfg, cfg.run_dir / "train", progress=True, defaults=True)

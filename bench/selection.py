@@ -46,7 +46,7 @@ def main():
 
     from tunewise.config import VariantConfig, load_config
     from tunewise.data.clean import quality_scores
-    from tunewise.data.prepared import ensure_prepared
+    from tunewise.data.prepare import ensure_prepared
     from tunewise.eval.evaluate import evaluate, load_scores
     from tunewise.eval.stats import paired_test
     from tunewise.models import load_tokenizer

@@ -15,7 +15,7 @@ from .endpoint_server import FakeEndpoint
 
 
 def _items(cfg):
-    from tunewise.data.prepared import ensure_prepared
+    from tunewise.data.prepare import ensure_prepared
     from tunewise.data.split import sample_records
     from tunewise.models import load_tokenizer
 
@@ -181,7 +181,7 @@ def test_match_label():
 
 
 def _all_answers(cfg) -> dict:
-    from tunewise.data.prepared import ensure_prepared
+    from tunewise.data.prepare import ensure_prepared
     from tunewise.models import load_tokenizer
 
     prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name))

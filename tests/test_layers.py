@@ -75,3 +75,67 @@ def test_the_check_sees_a_violation(tmp_path):
         assert "eval.evaluate" in imports(probe)
     finally:
         probe.unlink()
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the tunewise modules it imports (lazy imports inside functions included; `from .x import name` counts as
+    importing x)."""
+    mods = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in sorted(ROOT.rglob("*.py"))}
+    graph = {}
+    for m, p in mods.items():
+        deps = set()
+        for n in imports(p):
+            while n and n not in mods:  # a name imported from a module: that module
+                n = n.rpartition(".")[0]
+            if n and n != m:
+                deps.add(n)
+        graph[m] = deps
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
+    index, low, on, stack, out, counter = {}, {}, set(), [], [], [0]
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on.add(root)
+        while work:
+            v, children = work[-1]
+            w = next(children, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = counter[0]
+                    counter[0] += 1
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(sorted(graph.get(w, ())))))
+                elif w in on:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+def test_no_import_cycles_between_modules():
+    graph = import_graph()
+    assert not cycles(graph), "import cycles (lazy imports count): " + "; ".join(" <-> ".join(c) for c in cycles(graph))
+    # the check itself: one added import back is a cycle it reports
+    graph["data.records"] = graph["data.records"] | {"data.formats"}
+    assert any({"data.formats", "data.records"} <= set(c) for c in cycles(graph))

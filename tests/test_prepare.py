@@ -271,7 +271,7 @@ def test_processes_asking_for_the_same_data_at_once_prepare_it_once(tmp_path, mo
     import time
 
     import tunewise.data.prepare as prep
-    from tunewise.data.prepared import ensure_prepared
+    from tunewise.data.prepare import ensure_prepared
 
     cfg = load_config(_small_project(tmp_path))
     real, running, calls = prep.prepare_data, [], []

@@ -349,7 +349,7 @@ def test_one_rag_conversation_in_training_evaluation_and_serving(kb_project):
     """The same record through RAFT training data, the rag evaluation variant and the server's +kb chat: the
     prompt token ids are identical (one builder, rag.answer.rag_conversation), so ft+rag is served as trained."""
     from tunewise.config import VariantConfig, load_config
-    from tunewise.data.prepared import ensure_prepared
+    from tunewise.data.prepare import ensure_prepared
     from tunewise.data.tokenize import IGNORE, tokenize_messages
     from tunewise.eval.evaluate import Engines, conversations
     from tunewise.models import load_tokenizer

@@ -285,7 +285,7 @@ def _launch(config: Path, set_, fresh: bool, output, processes: int) -> int:
     import shutil
     import subprocess
 
-    from .data.prepared import ensure_prepared
+    from .data.prepare import ensure_prepared
     from .models import load_tokenizer
 
     cfg = _load(config, set_)

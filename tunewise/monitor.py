@@ -116,7 +116,7 @@ def _queries(rows: list[dict]) -> list[str]:
 
 
 def run_monitor(cfg: ProjectConfig, log_dir: Path | None = None) -> dict:
-    from .data.prepared import ensure_prepared
+    from .data.prepare import ensure_prepared
     from .data.split import sample_records
     from .metrics import normalize_label
     from .models import load_tokenizer

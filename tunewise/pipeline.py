@@ -16,7 +16,7 @@ import json
 import time
 
 from .config import ProjectConfig, VariantConfig, replace
-from .data.prepared import ensure_prepared
+from .data.prepare import ensure_prepared
 from .eval.endpoint import EndpointError
 from .eval.evaluate import EvalError, compare, evaluate, Engines
 from .models import load_tokenizer

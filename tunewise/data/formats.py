@@ -11,82 +11,12 @@ import csv
 import json
 import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-from ..errors import TunewiseError
-from .records import BadRecord, Record, validate_messages
+from .readers import READERS, FormatError, Item, finish, json_reader, reader
+from .records import BadRecord
 
-
-class FormatError(TunewiseError, ValueError):
-    pass
-
-
-Item = Record | BadRecord
 _SURROGATES = re.compile("[\udc80-\udcff]")
-READERS: dict[str, Callable[..., Iterator[Item]]] = {}
-
-
-def reader(name: str):
-    def register(fn):
-        READERS[name] = fn
-        return fn
-
-    return register
-
-
-def _json_items(path: Path) -> Iterator[tuple[str, object]]:
-    """Yield (where, parsed object | BadRecord) from JSONL, or from a JSON array file (.json starting with '[')."""
-    head = ""
-    if path.suffix.lower() != ".jsonl":  # .jsonl is line-delimited, whatever its first line holds
-        with open(path, encoding="utf-8", errors="replace") as f:
-            head = f.read(1 << 16).lstrip()
-    if head.startswith("["):
-        try:
-            items = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-        for i, obj in enumerate(items):
-            yield f"item {i}", obj
-        return
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"line {lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:  # never guess an encoding: the record is kept aside as it was
-                yield where, BadRecord(str(path), where, f"not valid UTF-8 (byte {e.start})", raw.decode("utf-8", "backslashreplace")[:2000])
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, BadRecord(str(path), where, f"malformed JSON: {e.msg} (column {e.colno})", line.rstrip("\n")[:2000])
-
-
-def _finish(path: Path, where: str, messages, label, meta, raw, system_prompt: str | None) -> Item:
-    if system_prompt and isinstance(messages, list) and messages and isinstance(messages[0], dict) and messages[0].get("role") != "system":
-        messages = [{"role": "system", "content": system_prompt}] + messages
-    why = validate_messages(messages)
-    if why:
-        return BadRecord(str(path), where, why, raw)
-    return Record(messages=messages, source=f"{path.name}:{where}", label=label, meta=meta)
-
-
-def json_reader(parse: Callable[[Path, str, dict, str | None], Item]):
-    """Turn a per-object parser into a streaming reader of JSONL or a JSON array (the loop is shared)."""
-
-    def read(path: Path, system_prompt: str | None = None, **_) -> Iterator[Item]:
-        for where, obj in _json_items(path):
-            if isinstance(obj, BadRecord):
-                yield obj
-            elif not isinstance(obj, dict):
-                yield BadRecord(str(path), where, f"expected a JSON object, got {type(obj).__name__}", obj)
-            else:
-                yield parse(path, where, obj, system_prompt)
-
-    read.__doc__ = parse.__doc__
-    return read
 
 
 @reader("openai")
@@ -100,7 +30,7 @@ def read_openai(path: Path, where: str, obj: dict, system_prompt: str | None) ->
         messages = [{k: v for k, v in m.items() if k in ("role", "content", "weight")} if isinstance(m, dict) else m for m in messages]
     meta = {k: v for k, v in obj.items() if k not in ("messages", "label")}
     label = obj.get("label")
-    return _finish(path, where, messages, None if label is None else str(label), meta, obj, system_prompt)
+    return finish(path, where, messages, None if label is None else str(label), meta, obj, system_prompt)
 
 
 @reader("openai-rft")
@@ -119,7 +49,7 @@ def read_openai_rft(path: Path, where: str, obj: dict, system_prompt: str | None
     answer = ref if isinstance(ref, str) and ref.strip() else json.dumps(ref, sort_keys=True)
     messages = [{k: v for k, v in m.items() if k in ("role", "content")} if isinstance(m, dict) else m for m in messages]
     label = obj.get("label")
-    return _finish(path, where, messages + [{"role": "assistant", "content": answer}], None if label is None else str(label), meta, obj,
+    return finish(path, where, messages + [{"role": "assistant", "content": answer}], None if label is None else str(label), meta, obj,
                    system_prompt)
 
 
@@ -136,7 +66,7 @@ def read_alpaca(path: Path, where: str, obj: dict, system_prompt: str | None) ->
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
     if obj.get("system", "").strip():
         messages.insert(0, {"role": "system", "content": obj["system"]})
-    return _finish(path, where, messages, None, {}, obj, system_prompt)
+    return finish(path, where, messages, None, {}, obj, system_prompt)
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -158,7 +88,7 @@ def read_sharegpt(path: Path, where: str, obj: dict, system_prompt: str | None) 
         messages.append({"role": role, "content": turn["value"]})
     if isinstance(obj.get("system"), str) and obj["system"].strip() and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": obj["system"]})
-    return _finish(path, where, messages, None, {}, obj, system_prompt)
+    return finish(path, where, messages, None, {}, obj, system_prompt)
 
 
 def _row_record(path: Path, where: str, row: dict, columns, system_prompt: str | None) -> Item:
@@ -177,7 +107,7 @@ def _row_record(path: Path, where: str, row: dict, columns, system_prompt: str |
     if columns.system and cell(columns.system).strip():
         messages.insert(0, {"role": "system", "content": cell(columns.system)})
     label = cell(columns.label) if columns.label else None
-    return _finish(path, where, messages, label or None, {}, row, system_prompt)
+    return finish(path, where, messages, label or None, {}, row, system_prompt)
 
 
 def _check_columns(path: Path, header: list[str], columns) -> None:

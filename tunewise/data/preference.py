@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .formats import Item, _finish, json_reader, reader
+from .readers import Item, finish, json_reader, reader
 from .records import BadRecord, Record
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -38,7 +38,7 @@ def _pair(path: Path, where: str, prompt: list[dict], chosen: str, rejected: str
         return BadRecord(str(path), where, "rejected: empty answer", obj)
     if chosen.strip() == rejected.strip():
         return BadRecord(str(path), where, "chosen and rejected are the same answer (nothing to prefer)", obj)
-    item = _finish(path, where, prompt + [{"role": "assistant", "content": chosen}], None, {**(meta or {}), "rejected": rejected}, obj,
+    item = finish(path, where, prompt + [{"role": "assistant", "content": chosen}], None, {**(meta or {}), "rejected": rejected}, obj,
                    system_prompt)
     return item
 
@@ -149,7 +149,7 @@ def read_trl_kto(path: Path, where: str, obj: dict, system_prompt: str | None) -
         return BadRecord(str(path), where, got, obj)
     if not got[1].strip():
         return BadRecord(str(path), where, "completion: empty answer", obj)
-    return _finish(path, where, prompt + got[0] + [{"role": "assistant", "content": got[1]}], None, {"desirable": obj["label"]}, obj,
+    return finish(path, where, prompt + got[0] + [{"role": "assistant", "content": got[1]}], None, {"desirable": obj["label"]}, obj,
                    system_prompt)
 
 

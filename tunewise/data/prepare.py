@@ -29,7 +29,7 @@ from ..errors import TunewiseError
 from ..util import atomic_write_json, sha256_file
 from .formats import read_records
 from .records import BadRecord, Record
-from .prepared import SPLITS, Prepared, inputs_of
+from .prepared import SPLITS, Prepared, inputs_of, load_prepared, prepare_lock, prepared_is_current
 from .split import leaking_groups, rank64, split_positions
 
 FILES = ("train", "validation", "test")  # file ids in the per-record arrays
@@ -680,3 +680,18 @@ def _first_line(path: Path) -> str:
             return next((line.strip() for line in f if line.strip()), "")
     except OSError:
         return ""
+
+
+def ensure_prepared(cfg: ProjectConfig, tokenizer=None) -> Prepared:
+    """The project's prepared data, preparing it first when missing or stale. Several processes may ask at once
+    (`tunewise tune --workers N` on a fresh project): one prepares, under a lock beside the data folder, and the others
+    wait and then read what it wrote."""
+    data_dir = cfg.run_dir / "data"
+    existing = load_prepared(data_dir)
+    if existing is not None and prepared_is_current(cfg, existing):
+        return existing
+    with prepare_lock(data_dir):
+        existing = load_prepared(data_dir)
+        if existing is not None and prepared_is_current(cfg, existing):
+            return existing
+        return prepare_data(cfg, data_dir, tokenizer, resume=True)  # a checkpoint of other inputs or config is not used

@@ -1,6 +1,6 @@
 """Prepared data on disk (runs/<project>/data: the split files, quarantine.jsonl, summary.json), and
 `ensure_prepared`: what training, evaluation, RAFT and the workflow call to get it, preparing only when the
-inputs or the data config changed. Preparing itself is data/prepare.py."""
+inputs or the data config changed. Preparing itself, and ensure_prepared (prepare when missing or stale), is data/prepare.py."""
 
 from __future__ import annotations
 
@@ -77,20 +77,3 @@ def prepare_lock(data_dir: Path):
     with open(data_dir.parent / f".{data_dir.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
-
-
-def ensure_prepared(cfg: ProjectConfig, tokenizer=None) -> Prepared:
-    """The project's prepared data, preparing it first when missing or stale. Several processes may ask at once
-    (`tunewise tune --workers N` on a fresh project): one prepares, under a lock beside the data folder, and the others
-    wait and then read what it wrote."""
-    data_dir = cfg.run_dir / "data"
-    existing = load_prepared(data_dir)
-    if existing is not None and prepared_is_current(cfg, existing):
-        return existing
-    from .prepare import prepare_data
-
-    with prepare_lock(data_dir):
-        existing = load_prepared(data_dir)
-        if existing is not None and prepared_is_current(cfg, existing):
-            return existing
-        return prepare_data(cfg, data_dir, tokenizer, resume=True)  # a checkpoint of other inputs or config is not used

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from .formats import FormatError, Item, _json_items, reader
+from .readers import FormatError, Item, json_items, reader
 from .records import BadRecord, Record
 from .tokenize import TokenStats, Tokenized
 
@@ -75,7 +75,7 @@ def read_text(path: Path, **_) -> Iterator[Item]:
     """Documents from .txt/.md files and JSON lines with "text" (a file or a folder)."""
     for f in _files(Path(path)):
         if f.suffix.lower() in JSON_SUFFIXES:
-            for where, obj in _json_items(f):
+            for where, obj in json_items(f):
                 if isinstance(obj, BadRecord):
                     yield obj
                 elif not isinstance(obj, dict) or not isinstance(obj.get("text"), str):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..errors import TunewiseError
 from ..config import ProjectConfig, VariantConfig
-from ..data.prepared import Prepared, ensure_prepared
+from ..data.prepare import ensure_prepared
+from ..data.prepared import Prepared
 from ..data.records import Record
 from ..data.split import sample_records
 from ..engine import Engine, model_ref_of

@@ -55,7 +55,7 @@ def raft_records(cfg, records: list[Record], distractors: int = 2, p_oracle: flo
 
 
 def write_raft(cfg, out: Path, distractors: int = 2, p_oracle: float = 0.8, seed: int = 0) -> dict:
-    from ..data.prepared import ensure_prepared
+    from ..data.prepare import ensure_prepared
     from ..models import load_tokenizer
 
     prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name))

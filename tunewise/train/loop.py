@@ -28,7 +28,7 @@ import torch
 
 from ..errors import TunewiseError
 from ..config import ProjectConfig
-from ..data.prepared import ensure_prepared
+from ..data.prepare import ensure_prepared
 from ..data.tokenize import IGNORE, Tokenized, batch_order, collate, tokenize_records
 from ..models import load_model
 from ..util import atomic_replace_dir, atomic_write_json, write_jsonl

@@ -28,47 +28,12 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 
 from ..config import ConfigError, ProjectConfig, load_config
-from ..report.page import Markup, document, escape, script_json, table
+from ..report.page import Markup, escape, script_json, table
+from .common import REPORTS, Project, UiError, page, project
 from .jobs import COMMANDS, Jobs
 
-REPORTS = {"data": "data/report.html", "compare": "eval/report.html", "gate": "gate/gate.html", "decision": "run/report.html",
-           "tune": "tune/report.html", "monitor": "monitor/report.html"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 API_PATH = re.compile(r"^/p/\d+/api/")
-class UiError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-class Project:
-    def __init__(self, path: Path):
-        self.path = Path(path).resolve()
-        self.cfg: ProjectConfig = load_config(self.path)
-
-    def runs(self) -> dict[str, Path]:
-        """Training runs by name: train, retrain-NNNN, tune-trial-N (each a directory with metrics.jsonl)."""
-        rd = self.cfg.run_dir
-        out = {}
-        if (self.cfg.train_dir / "metrics.jsonl").exists():
-            out["train"] = self.cfg.train_dir
-        for d in sorted((rd / "retrain").glob("*/train")):
-            out[f"retrain-{d.parent.name}"] = d
-        for d in sorted((rd / "tune").glob("trial-*"), key=lambda p: int(p.name.split("-")[1])):
-            out[f"tune-{d.name}"] = d
-        return out
-
-    def reports(self) -> dict[str, Path]:
-        return {k: self.cfg.run_dir / v for k, v in REPORTS.items() if (self.cfg.run_dir / v).exists()}
-
-
-def page(title: str, body: str, csrf: str | None = None) -> HTMLResponse:
-    """A dashboard page: the one page shell and stylesheet (report.page), the navigation and the title."""
-    nav = '<nav><a href="/">projects</a><a href="/jobs">jobs</a></nav>'
-    meta = Markup('<meta name="csrf" content="{}">').format(csrf) if csrf else ""
-    return HTMLResponse(document(f"{title} - tunewise", f"{nav}<h1>{escape(title)}</h1>{body}", head=meta))
-
-
 def _form(action: str, csrf: str, fields: str, label: str) -> str:
     return (f'<form method="post" action="{escape(action)}" style="display:inline"><input type="hidden" name="csrf" value="{escape(csrf)}">'
             f"{fields}<button type=submit>{escape(label)}</button></form>")
@@ -140,12 +105,6 @@ async def _ui_error(request: Request, e: UiError):
     return HTMLResponse(page("error", f'<p class="bad">{html.escape(e.message)}</p><p><a href="javascript:history.back()">back</a></p>').body,
                         status_code=e.status)
 
-def project(request: Request, pid: int) -> Project:
-    ps = request.app.state.projects
-    if not 0 <= pid < len(ps):
-        raise UiError(404, f"no project {pid}; the UI was started with {len(ps)}")
-    return ps[pid]
-
 async def check_csrf(request: Request) -> dict:
     form = dict(await request.form())
     if not hmac.compare_digest(str(form.get("csrf", "")).encode(), request.app.state.csrf.encode()):
@@ -161,7 +120,7 @@ async def index(request: Request):
     return page("projects", table(["project", "config", "training runs", "reports"], rows))
 
 @router.get("/p/{pid}", response_class=HTMLResponse)
-async def projectpage(pid: int, request: Request):
+async def project_page(pid: int, request: Request):
     p, csrf = project(request, pid), request.app.state.csrf
     runs = []
     for name, d in p.runs().items():
@@ -179,11 +138,11 @@ async def projectpage(pid: int, request: Request):
             f'<a href="/p/{pid}/playground">playground</a></p>'
             "<h2>Reports</h2><p>" + (" ".join(f'<a href="/p/{pid}/report/{k}">{k}</a>' for k in p.reports()) or "none yet") + "</p>"
             f'<h2>Registry</h2><p><a href="/p/{pid}/registry">models, gate verdicts, promote and rollback</a></p>'
-            f"<h2>Jobs</h2><p>{start}</p>{_jobstable(jobs, csrf)}")
+            f"<h2>Jobs</h2><p>{start}</p>{_jobs_table(jobs, csrf)}")
     return page(p.cfg.project, body, csrf)
 
 @router.get("/p/{pid}/run/{name}", response_class=HTMLResponse)
-async def runpage(pid: int, name: str, request: Request):
+async def run_page(pid: int, name: str, request: Request):
     p = project(request, pid)
     if name not in p.runs():
         raise UiError(404, f"no training run {name!r} in {p.cfg.project} (runs: {', '.join(p.runs()) or 'none'})")
@@ -244,7 +203,7 @@ async def report(pid: int, kind: str, request: Request):
     return FileResponse(path, media_type="text/html")
 
 @router.get("/p/{pid}/registry", response_class=HTMLResponse)
-async def registrypage(pid: int, request: Request):
+async def registry_page(pid: int, request: Request):
     from ..registry import Registry, registry_path
 
     p, csrf = project(request, pid), request.app.state.csrf
@@ -331,11 +290,11 @@ async def start_job(pid: int, request: Request):
     return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
 
 @router.get("/jobs", response_class=HTMLResponse)
-async def jobspage(request: Request):
-    return page("jobs", _jobstable(request.app.state.jobs.refresh(), request.app.state.csrf), request.app.state.csrf)
+async def jobs_page(request: Request):
+    return page("jobs", _jobs_table(request.app.state.jobs.refresh(), request.app.state.csrf), request.app.state.csrf)
 
 @router.get("/jobs/{jid}", response_class=HTMLResponse)
-async def jobpage(jid: str, request: Request):
+async def job_page(jid: str, request: Request):
     job = request.app.state.jobs.get(jid)
     if job is None:
         raise UiError(404, f"no job {jid}")
@@ -376,7 +335,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     return out
 
 
-def _jobstable(jobs: list[dict], csrf: str) -> str:
+def _jobs_table(jobs: list[dict], csrf: str) -> str:
     if not jobs:
         return "<p>no jobs</p>"
     rows = [[Markup('<a href="/jobs/{}">{}</a>').format(j["id"], j["id"]), j["project"], j["command"], j["state"] + (f" ({j['rc']})" if j["rc"] is not None else ""),

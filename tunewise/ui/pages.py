@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
 from ..report.page import Markup, script_json, table
-from .app import UiError, page, project
+from .common import UiError, page, project
 
 STATIC = Path(__file__).parent / "static"
 SCRIPTS = ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js")
@@ -88,7 +88,7 @@ def _text_of(raw) -> str:
 
 
 @router.get("/p/{pid}/data", response_class=HTMLResponse)
-async def datapage(pid: int, request: Request):
+async def data_page(pid: int, request: Request):
     p = project(request, pid)
     s = _stage_file(p, "data/summary.json", "prepared data", "tunewise prepare", "prepare")
     q, reason = _q(request, "q").lower(), _q(request, "reason")
@@ -146,7 +146,7 @@ def _metric_cell(m: dict | None) -> str:
 
 
 @router.get("/p/{pid}/compare", response_class=HTMLResponse)
-async def comparepage(pid: int, request: Request):
+async def compare_page(pid: int, request: Request):
     p = project(request, pid)
     d, result = _compare_source(p, _q(request, "source"))
     variants = list(result.get("variants") or {})
@@ -209,7 +209,7 @@ async def comparepage(pid: int, request: Request):
 
 
 @router.get("/p/{pid}/decision", response_class=HTMLResponse)
-async def decisionpage(pid: int, request: Request):
+async def decision_page(pid: int, request: Request):
     p = project(request, pid)
     dec = _stage_file(p, "run/decision.json", "decision", "tunewise run", "run")
     goal = dec.get("goal") or {}
