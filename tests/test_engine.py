@@ -254,3 +254,25 @@ def test_grammar_constrained_decoding_follows_a_json_schema_and_a_regex(tiny_mod
     assert all(re.fullmatch(r"T-[0-9]{3} (yes|no)", o.text) for o in outs), [o.text for o in outs]
     with pytest.raises(ChoiceError, match="regex: cannot be compiled"):
         eng.generate(convs[:1], max_new_tokens=4, grammar=("regex", "([a-z"))
+
+
+def test_the_stop_check_decodes_only_the_tail_and_stops_where_the_whole_answer_would(smol_tokenizer):
+    """engine.stopped looks at the last stop_window tokens: over random answers (multi-byte characters and spaces
+    included) it first fires at the same token as decoding the whole answer does."""
+    import random
+
+    from tunewise.engine import stop_window, stopped
+
+    rng = random.Random(0)
+    words = ["card", " top", " up", "\n\n", " ünïcode", " 日本語", " 🙂", "###", " Stop", "END", ".", " the", "</s", ">"]
+    checked = 0
+    for trial in range(200):
+        stop = rng.sample(["\n\n", "###", "END", " 日本", "🙂", "</s>"], 2)
+        text = "".join(rng.choice(words) for _ in range(40))
+        ids = smol_tokenizer.encode(text, add_special_tokens=False)
+        window = stop_window(stop)
+        full = next((k for k in range(1, len(ids) + 1) if any(s in smol_tokenizer.decode(ids[:k]) for s in stop)), None)
+        tail = next((k for k in range(1, len(ids) + 1) if stopped(smol_tokenizer, ids[:k], stop, window)), None)
+        assert tail == full, (stop, text)
+        checked += full is not None
+    assert checked > 150  # most answers do hit a stop string

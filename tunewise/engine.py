@@ -151,6 +151,21 @@ class Completion:
     finish_reason: str  # "stop" | "length"
 
 
+def stop_window(stop: list[str]) -> int:
+    """Tokens at the end of an answer that can hold a stop string the last token completed: a character takes at most
+    4 tokens (a UTF-8 character is at most 4 bytes, a byte-level token at least one), and 8 more keep the window's
+    first tokens (where a decode can drop a leading space or show half a character) away from the match."""
+    return 4 * max(len(s) for s in stop) + 8
+
+
+def stopped(tok, ids: list[int], stop: list[str], window: int) -> bool:
+    """Whether a stop string appears at the end of the answer: only the tail that can complete one is decoded, so the
+    check costs the same at every step (decoding the whole answer each step made it quadratic in the answer's length).
+    The answer is checked every step, so a stop string wholly before the window was found when it was completed."""
+    text = tok.decode(ids[-window:], skip_special_tokens=True)
+    return any(s in text for s in stop)
+
+
 def model_ref_of(path: str | Path) -> tuple[str, str | None]:
     """For a trained output directory, return (base model reference, adapter dir or None).
 
@@ -346,6 +361,7 @@ class Engine:
         finish = ["length"] * rows
         latency = [0.0] * rows
         eos = self._eos_ids()
+        window = stop_window(stop) if stop else 0
         nodes = [trie.root] * rows if trie else None
         matchers = grammar.matchers(rows) if grammar else None
         if trie and not eos:
@@ -381,7 +397,7 @@ class Engine:
                     out_ids[row].append(t)
                     if on_token:
                         on_token(row, out_ids[row])
-                    if stop and any(s in self.tok.decode(out_ids[row], skip_special_tokens=True) for s in stop):
+                    if stop and stopped(self.tok, out_ids[row], stop, window):
                         finished[row], finish[row] = True, "stop"
                 if finished[row]:
                     latency[row] = time.time() - t0
