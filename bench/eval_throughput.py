@@ -97,6 +97,20 @@ def main():
         floor_s = must / peak
         table.add_row(f"  compute floor, batch {bs} ({must} tokens at {peak:.0f} tok/s)", f"{len(items) / floor_s:.2f}",
                       f"{gen_tokens / floor_s:.1f}", f"{floor_s:.1f}", f"{single_s / floor_s:.2f}x", "")
+        # what evaluation.perplexity adds: the reference answers' teacher-forced NLL, with the batch's shared prefix run
+        # once (as decoding does) and, for comparison, every prompt whole; "speed-up" is against this batch's generation
+        import tunewise.engine as engine_module
+
+        refs = [r.label or r.answer for r in items]
+        default_min = engine_module.MIN_SHARED_PREFIX
+        for how, min_shared in (("shared prefix", default_min), ("whole prompts", 10**9)):
+            engine_module.MIN_SHARED_PREFIX = min_shared
+            t0 = time.time()
+            eng.reference_nll(convs, refs, batch_size=bs)
+            nll_s = time.time() - t0
+            table.add_row(f"  reference NLL, {how}, batch {bs}", f"{len(items) / nll_s:.2f}", "", f"{nll_s:.1f}",
+                          f"{batched_s / nll_s:.2f}x of generation", "")
+        engine_module.MIN_SHARED_PREFIX = default_min
     Console(width=160).print(table)
 
 

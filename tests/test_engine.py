@@ -276,3 +276,22 @@ def test_the_stop_check_decodes_only_the_tail_and_stops_where_the_whole_answer_w
         assert tail == full, (stop, text)
         checked += full is not None
     assert checked > 150  # most answers do hit a stop string
+
+
+def test_reference_nll_with_the_shared_prefix_equals_each_item_alone(tiny_model):
+    """A batch shares its system prompt and template head (run once, its cache copied to every row): every item's NLL
+    equals its own unbatched, unshared forward, in float64 (norms included) to 1e-9."""
+    import torch.nn.functional as F
+
+    from tunewise.data.tokenize import tokenize_messages
+
+    eng = Engine(load_model(str(tiny_model), dtype="float64"), pack=False)
+    system = {"role": "system", "content": "Classify the online-banking customer message into its intent."}
+    convs = [[system, {"role": "user", "content": q}] for q in ("Where is my card?", "x", "How do I top up by bank transfer? " * 4, "pin")]
+    refs = ["card_arrival", "y", "top_up_by_bank_transfer_charge", "change_pin"]
+    got = eng.reference_nll(convs, refs, batch_size=4)
+    for conv, ref, (nll, n) in zip(convs, refs, got):
+        ids, labels = tokenize_messages(eng.tok, conv + [{"role": "assistant", "content": ref}])
+        logits = eng.model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        want = F.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=-100, reduction="sum")
+        assert n == sum(x != -100 for x in labels) and abs(nll - float(want)) < 1e-9

@@ -480,7 +480,9 @@ class Engine:
                       adapter: str | None = None) -> list[tuple[float, int]]:
         """Teacher-forced negative log-likelihood of each reference answer: (summed NLL, answer tokens).
 
-        The answer span is the one training uses (template-derived mask: answer text + end-of-turn).
+        The answer span is the one training uses (template-derived mask: answer text + end-of-turn). The tokens every
+        row of a batch starts with (system prompt, template head), up to the first answer token, run once as decoding's
+        prefix does, their cache copied to every row; the head runs only where answers are.
         """
         import torch.nn.functional as F
 
@@ -496,21 +498,36 @@ class Engine:
         with self._adapter_ctx(adapter):
             for k in range(0, len(order), batch_size):
                 idx = order[k : k + batch_size]
-                width = max(len(examples[i][0]) for i in idx)
+                seqs = [examples[i][0] for i in idx]
+                width = max(len(s) for s in seqs)
+                # the shared prefix ends before any row's first answer token, so none of its logits is needed
+                first = min(next((j for j, t in enumerate(examples[i][1]) if t != IGNORE), len(examples[i][1])) for i in idx)
+                shared = min(_common_prefix(seqs), first) - 1
+                if shared < MIN_SHARED_PREFIX or len(idx) == 1:
+                    shared = 0
                 ids = torch.full((len(idx), width), pad, dtype=torch.long)
                 labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
                 mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):  # left padding: the answers line up at the end of the rows
+                for row, i in enumerate(idx):  # [shared prefix][left padding][own suffix]: the answers line up at the end
                     n = len(examples[i][0])
-                    ids[row, width - n :] = torch.tensor(examples[i][0])
-                    labels[row, width - n :] = torch.tensor(examples[i][1])
-                    mask[row, width - n :] = 1
+                    ids[row, :shared], ids[row, width - n + shared :] = torch.tensor(examples[i][0][:shared]), torch.tensor(examples[i][0][shared:])
+                    labels[row, width - n + shared :] = torch.tensor(examples[i][1][shared:])
+                    mask[row, :shared], mask[row, width - n + shared :] = 1, 1
                 targets = labels[:, 1:]
                 scored = (targets != IGNORE).any(dim=0).nonzero()
                 keep = width - 1 - int(scored[0]) if len(scored) else 1  # the head runs only where answers are
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                                    logits_to_keep=keep + 1).logits[:, :-1].float()
+                ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+                cache = None
+                if shared:
+                    cache = _BufferCache(self._num_layers(), len(idx), capacity=width)
+                    cache.at(slice(0, 1), 0)
+                    self.model(input_ids=ids[:1, :shared], position_ids=pos[:1, :shared], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    cache.copy_first_row(shared)
+                    cache.at(slice(None), shared)
+                logits = self.model(input_ids=ids[:, shared:], attention_mask=mask, position_ids=pos[:, shared:], past_key_values=cache,
+                                    use_cache=cache is not None, logits_to_keep=keep + 1).logits[:, :-1]
+                logits = logits if logits.dtype == torch.float64 else logits.float()  # at least float32; float64 stays (exactness)
                 t = targets[:, -keep:].to(dev)
                 nll = F.cross_entropy(logits.transpose(1, 2), t, ignore_index=IGNORE, reduction="none").sum(dim=1)
                 counts = (t != IGNORE).sum(dim=1)
