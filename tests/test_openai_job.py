@@ -49,7 +49,7 @@ def test_supervised_job_with_tools_and_a_validation_file(tmp_path, tiny_model):
     t = cfg["training"]
     assert t == {"objective": "sft", "epochs": 2, "batch_size": 4, "learning_rate": pytest.approx(1e-4), "seed": 7}
     assert cfg["serve"]["aliases"] == {"ft:gpt-4.1-mini-2025-04-14:acme:support:abc123": "support:production"}
-    assert "1 records carry tools or tool calls" in out and "OpenAI's weights are not available" in out and "multiplier x 2e-4" in out
+    assert "1 records carry tools or tool calls: read, each call checked" in out and "OpenAI's weights are not available" in out and "multiplier x 2e-4" in out
     assert (tmp_path / "tunewise.yaml").read_text().startswith("# Imported from the OpenAI fine-tuning job ftjob-abc123")
     _train(tmp_path)
     assert (tmp_path / "runs" / "support" / "train" / "model" / "tunewise.json").exists()

@@ -119,18 +119,23 @@ def test_guards(tiny_project, tmp_path):
     assert client.get("/").status_code == 200  # and the UI goes on
 
 
-def test_data_compare_decision_pages_and_the_playground_api(tiny_project, tmp_path):
+def _run(path, samples: int):
+    """`tunewise run` on the tiny project through every route (an unreachable goal), base and fine-tuned, no gate."""
     from typer.testing import CliRunner
 
     from tunewise.cli import app as cli
 
-    path = tiny_project(max_steps=2, eval_every=2, save_every=2)
     r = CliRunner().invoke(cli, ["run", str(path), "--set", "goal.threshold=1.01", "--set", "evaluation.max_new_tokens=4",
                                  "--set", "evaluation.perplexity=false", "--set", "hardware.matmul_tflops=0.05",
                                  "--set", "evaluation.variants=[{name: base, kind: base}, {name: fine-tuned, kind: fine-tuned}]",
-                                 "--validation-samples", "12", "--test-samples", "12", "--no-gate"])
+                                 "--validation-samples", str(samples), "--test-samples", str(samples), "--no-gate"])
     assert r.exit_code == 0, r.output
-    cfg = load_config(path)
+    return load_config(path)
+
+
+def test_data_compare_decision_pages_and_the_playground_api(tiny_project, tmp_path):
+    path = tiny_project(max_steps=2, eval_every=2, save_every=2)
+    cfg = _run(path, 12)
     client = TestClient(create_ui([path], tmp_path / "ws"))
     # data: counts per step, the quarantine searchable (the 240 rows hold exact and near duplicates)
     quarantine = [json.loads(x) for x in (cfg.run_dir / "data" / "quarantine.jsonl").read_text().splitlines()]
@@ -180,21 +185,12 @@ def test_a_records_markup_is_escaped_on_every_page_and_report(tiny_project, tmp_
     """Training records whose text and label are `<script>alert(1)</script>` (one duplicated, so it is quarantined too):
     through the data, compare and decision pages, the project and registry pages, and the data, compare and decision
     reports, the payload shows only escaped."""
-    from typer.testing import CliRunner
-
-    from tunewise.cli import app as cli
-
     path = tiny_project(max_steps=2, eval_every=2, save_every=2)
     lines = (tmp_path / "train.csv").read_text().splitlines()
     rows = [lines[0]] + [f'"{PAYLOAD} {x.rsplit(",", 1)[0]}",{x.rsplit(",", 1)[1]}' if i % 3 == 0 else x for i, x in enumerate(lines[1:])]
     rows += [f'"{PAYLOAD} top up",{PAYLOAD}'] * 2 + [f'"{PAYLOAD} card {i}",{PAYLOAD}' for i in range(12)]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
-    r = CliRunner().invoke(cli, ["run", str(path), "--set", "goal.threshold=1.01", "--set", "evaluation.max_new_tokens=4",
-                                 "--set", "evaluation.perplexity=false", "--set", "hardware.matmul_tflops=0.05",
-                                 "--set", "evaluation.variants=[{name: base, kind: base}, {name: fine-tuned, kind: fine-tuned}]",
-                                 "--validation-samples", "24", "--test-samples", "24", "--no-gate"])
-    assert r.exit_code == 0, r.output
-    cfg = load_config(path)
+    cfg = _run(path, 24)
     client = TestClient(create_ui([path], tmp_path / "ws"))
     escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
     shown = {}

@@ -140,8 +140,9 @@ def import_job(job_path: Path, files: dict[str, str] | None = None, model: str |
             if details.get(k) is not None:
                 notes.append(f"method.reinforcement.{k}: not carried over (tunewise's GRPO samples free text; a grammar in serve can enforce a schema)")
     if kind == "supervised" and _tools_in(raw["data"]["train"]):
-        notes.append(f"training_file: {_tools_in(raw['data']['train'])} records carry tools or tool calls; tunewise does not train on tool "
-                     "calls yet, so those records are quarantined by `tunewise data prepare` (see quarantine.jsonl)")
+        notes.append(f"training_file: {_tools_in(raw['data']['train'])} records carry tools or tool calls: read, each call checked against "
+                     "its tool's schema (a bad one is quarantined with its field), and trained in tunewise's text form (docs/data.md#tool-use); "
+                     "evaluating and serving tool calls is not there yet")
     if job.get("fine_tuned_model"):
         raw["serve"] = {"aliases": {job["fine_tuned_model"]: f"{project}:production"}}
         notes.append(f"fine_tuned_model {job['fine_tuned_model']} -> serve.aliases: clients that send it reach this project's production model")

@@ -15,6 +15,7 @@ from typing import Iterator
 
 from .readers import READERS, FormatError, Item, finish, json_reader, reader
 from .records import BadRecord
+from .tools import ToolError, has_tool_use, normalize_openai, normalize_sharegpt, render_text
 
 _SURROGATES = re.compile("[\udc80-\udcff]")
 
@@ -26,9 +27,15 @@ def read_openai(path: Path, where: str, obj: dict, system_prompt: str | None) ->
     if "messages" not in obj:
         return BadRecord(str(path), where, "missing field 'messages'", obj)
     messages = obj["messages"]
-    if isinstance(messages, list):  # keep only the keys we understand; tool calls are not supported yet
+    meta = {k: v for k, v in obj.items() if k not in ("messages", "label", "tools", "functions", "parallel_tool_calls")}
+    if isinstance(messages, list) and has_tool_use(obj):  # tools and calls checked, then rendered as text (data/tools.py)
+        try:
+            messages, meta["tools"] = normalize_openai(obj)
+        except ToolError as e:
+            return BadRecord(str(path), where, str(e), obj)
+        messages = render_text(messages, meta["tools"])
+    elif isinstance(messages, list):  # keep only the keys we understand
         messages = [{k: v for k, v in m.items() if k in ("role", "content", "weight")} if isinstance(m, dict) else m for m in messages]
-    meta = {k: v for k, v in obj.items() if k not in ("messages", "label")}
     label = obj.get("label")
     return finish(path, where, messages, None if label is None else str(label), meta, obj, system_prompt)
 
@@ -69,7 +76,8 @@ def read_alpaca(path: Path, where: str, obj: dict, system_prompt: str | None) ->
     return finish(path, where, messages, None, {}, obj, system_prompt)
 
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "function_call": "function_call", "observation": "observation", "tool": "observation"}
 
 
 @reader("sharegpt")
@@ -88,7 +96,15 @@ def read_sharegpt(path: Path, where: str, obj: dict, system_prompt: str | None) 
         messages.append({"role": role, "content": turn["value"]})
     if isinstance(obj.get("system"), str) and obj["system"].strip() and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": obj["system"]})
-    return finish(path, where, messages, None, {}, obj, system_prompt)
+    meta = {}
+    if obj.get("tools") or any(m["role"] in ("function_call", "observation") for m in messages):  # glaive / LLaMA-Factory tool use
+        try:
+            tool_msgs, meta["tools"] = normalize_sharegpt([{"from": m["role"], "value": m["content"]} if m["role"] in ("function_call", "observation")
+                                                          else m for m in messages], obj.get("tools"))
+        except ToolError as e:
+            return BadRecord(str(path), where, str(e), obj)
+        messages = render_text(tool_msgs, meta["tools"])
+    return finish(path, where, messages, None, meta, obj, system_prompt)
 
 
 def _row_record(path: Path, where: str, row: dict, columns, system_prompt: str | None) -> Item:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: a tool's result, after the assistant turn that called it
 
 
 @dataclass
@@ -88,11 +88,14 @@ def validate_messages(messages: Any) -> str | None:
     turns = messages[1:] if messages[0]["role"] == "system" else messages
     if not turns:
         return "messages: only a system message"
+    after = {None: ("user",), "user": ("assistant",), "assistant": ("user", "tool"), "tool": ("tool", "assistant")}
+    previous = None
     for i, m in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if m["role"] != expected:
+        if m["role"] not in after[previous]:
             offset = len(messages) - len(turns)
-            return f"messages[{i + offset}].role: expected {expected} (turns must alternate user/assistant), got {m['role']}"
+            return (f"messages[{i + offset}].role: expected {' or '.join(after[previous])} (turns alternate user/assistant; tool "
+                    f"results follow the assistant turn that called), got {m['role']}")
+        previous = m["role"]
     if turns[-1]["role"] != "assistant":
         return "messages: last turn must be the assistant's (nothing to learn from)"
     if not any(m.get("weight", 1) for m in turns if m["role"] == "assistant"):

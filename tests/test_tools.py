@@ -1,0 +1,143 @@
+"""Tool use in training data: OpenAI tools and tool_calls, legacy functions, glaive/ShareGPT function_call and
+observation turns, Hermes <tool_call> text; every call validated against its tool's schema; a fuzz of malformed
+records quarantined with line and field and no traceback, every good record kept; the loss mask trains the assistant's
+calls and never a tool's result."""
+
+import json
+import random
+
+
+from tunewise.data.formats import read_records
+from tunewise.data.records import BadRecord
+from tunewise.data.tokenize import IGNORE, tokenize_messages
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city"]}}}
+FREEZE = {"type": "function", "function": {"name": "freeze_card", "parameters": {
+    "type": "object", "properties": {"card": {"type": "integer"}}, "required": ["card"], "additionalProperties": False}}}
+
+
+def good(i: int) -> dict:
+    return {"tools": [WEATHER, FREEZE], "messages": [
+        {"role": "user", "content": f"Weather in Paris {i}?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"c{i}", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "c"})}}]},
+        {"role": "tool", "tool_call_id": f"c{i}", "content": "{\"temp\": 21}"},
+        {"role": "assistant", "content": f"It is 21 degrees in Paris ({i})."}]}
+
+
+def _call(rec, **fn):
+    rec["messages"][1]["tool_calls"][0]["function"].update(fn)
+    return rec
+
+
+BREAKERS = {
+    "bad JSON arguments": (lambda r: _call(r, arguments="{city: Paris"), "messages[1].tool_calls[0].function.arguments: not valid JSON"),
+    "unknown tool": (lambda r: _call(r, name="launch_rocket"), "messages[1].tool_calls[0].function.name: 'launch_rocket' is not one of"),
+    "missing required": (lambda r: _call(r, arguments=json.dumps({"unit": "c"})), "messages[1].tool_calls[0].function.arguments: 'city' is a required"),
+    "wrong type": (lambda r: _call(r, arguments=json.dumps({"city": 7})), "messages[1].tool_calls[0].function.arguments.city: 7 is not of type 'string'"),
+    "bad enum": (lambda r: _call(r, arguments=json.dumps({"city": "Oslo", "unit": "k"})), "arguments.unit: 'k' is not one of"),
+    "arguments not an object": (lambda r: _call(r, arguments="[1, 2]"), "function.arguments: expected a JSON object"),
+    "orphan tool message": (lambda r: {**r, "messages": [r["messages"][0], {"role": "assistant", "content": "Let me check."}, r["messages"][2],
+                                                       r["messages"][3]]}, "messages[2]: a tool message with no call before it"),
+    "call id mismatch": (lambda r: {**r, "messages": r["messages"][:2] + [{**r["messages"][2], "tool_call_id": "nope"}] + r["messages"][3:]},
+                         "messages[2].tool_call_id: 'nope' answers no call"),
+    "tools not a list": (lambda r: {**r, "tools": {"name": "x"}}, "tools: expected a list"),
+    "parallel calls refused": (lambda r: {**r, "parallel_tool_calls": False, "messages": [r["messages"][0], {**r["messages"][1], "tool_calls":
+                               r["messages"][1]["tool_calls"] * 2}] + r["messages"][2:]}, "2 calls, but parallel_tool_calls is false"),
+}
+
+
+def test_openai_tool_use_is_read_validated_and_rendered(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(good(0)) + "\n")
+    (rec,) = read_records(path, "openai")
+    assert not isinstance(rec, BadRecord), rec
+    roles = [m["role"] for m in rec.messages]
+    assert roles == ["system", "user", "assistant", "tool", "assistant"]
+    assert "<tools>" in rec.messages[0]["content"] and '"name": "get_weather"' in rec.messages[0]["content"]
+    assert rec.messages[2]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
+    assert rec.meta["tools"][0]["function"]["name"] == "get_weather"
+
+
+def test_legacy_functions_and_hermes_text_read_as_tool_calls(tmp_path):
+    legacy = {"functions": [WEATHER["function"]], "messages": [
+        {"role": "user", "content": "Weather in Rome?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}},
+        {"role": "function", "name": "get_weather", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny in Rome."}]}
+    hermes = {"tools": [FREEZE], "messages": [{"role": "user", "content": "Freeze card 4"},
+                                              {"role": "assistant", "content": "Freezing it.<tool_call>{\"name\": \"freeze_card\", \"arguments\": {\"card\": 4}}</tool_call>"}]}
+    bad_hermes = {"tools": [FREEZE], "messages": [{"role": "user", "content": "Freeze card 4"},
+                                                  {"role": "assistant", "content": "<tool_call>{\"name\": \"freeze_card\", \"arguments\": {\"card\": \"4\"}}</tool_call>"}]}
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in (legacy, hermes, bad_hermes)))
+    a, b, c = read_records(path, "openai")
+    assert [m["role"] for m in a.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert '"arguments": {"city": "Rome"}' in a.messages[2]["content"]
+    assert b.messages[-1]["content"].startswith("Freezing it.\n<tool_call>\n{\"name\": \"freeze_card\"")
+    assert isinstance(c, BadRecord) and "arguments.card: '4' is not of type 'integer'" in c.reason and c.where == "line 3"
+
+
+def test_glaive_sharegpt_function_call_and_observation_turns(tmp_path):
+    rec = {"conversations": [{"from": "human", "value": "Weather in Lima?"},
+                             {"from": "function_call", "value": "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Lima\"}}"},
+                             {"from": "observation", "value": "{\"temp\": 18}"}, {"from": "gpt", "value": "18 degrees."}],
+           "tools": json.dumps([WEATHER["function"]])}
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps([rec]))
+    (r,) = read_records(path, "sharegpt")
+    assert [m["role"] for m in r.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert r.messages[3]["content"] == "{\"temp\": 18}"
+
+
+def test_a_fuzz_of_malformed_tool_records_is_quarantined_with_line_and_field(tmp_path):
+    rng = random.Random(0)
+    names = list(BREAKERS)
+    rows, expected = [], {}
+    for i in range(300):
+        if i % 3 == 0:
+            rows.append(good(i))
+        else:
+            kind = rng.choice(names)
+            rows.append(BREAKERS[kind][0](good(i)))
+            expected[i + 1] = BREAKERS[kind][1]
+    path = tmp_path / "fuzz.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = list(read_records(path, "openai"))  # no exception: every record is a Record or a BadRecord
+    assert len(out) == 300
+    bad = {int(b.where.split()[1]): b.reason for b in out if isinstance(b, BadRecord)}
+    assert len(expected) >= 200 and set(bad) == set(expected)
+    for line, reason in bad.items():
+        assert expected[line] in reason, (line, reason)
+    assert sum(not isinstance(r, BadRecord) for r in out) == 100  # every good record kept
+
+
+def test_the_mask_trains_calls_and_answers_never_tool_results(tmp_path, smol_tokenizer):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(good(1)) + "\n")
+    (rec,) = read_records(path, "openai")
+    ids, labels = tokenize_messages(smol_tokenizer, rec.messages)
+    trained = smol_tokenizer.decode([t for t, lab in zip(ids, labels) if lab != IGNORE])
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>' in trained
+    assert "It is 21 degrees in Paris (1)." in trained
+    assert "temp" not in trained and "Weather in Paris" not in trained and "<tools>" not in trained
+
+
+def test_data_prepare_keeps_good_tool_records_and_quarantines_bad_ones(tmp_path, tiny_model):
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+
+    rows = [good(i) for i in range(30)] + [_call(good(100 + i), name="nope") for i in range(5)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"project": "tools", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_model)},
+                                                     "data": {"format": "openai", "train": "train.jsonl", "max_length": 512,
+                                                              "clean": {"near_dedup": False, "pii": False}}}))
+    r = CliRunner().invoke(app, ["data", "prepare", str(tmp_path / "t.yaml")])
+    assert r.exit_code == 0, r.output
+    q = [json.loads(x) for x in (tmp_path / "runs" / "tools" / "data" / "quarantine.jsonl").read_text().splitlines()]
+    assert len(q) == 5 and all("'nope' is not one of the record's tools" in x["reason"] and x["where"].startswith("line 3") for x in q)
+    kept = sum(json.loads((tmp_path / "runs" / "tools" / "data" / "summary.json").read_text())["outputs"][s]["records"] for s in ("train", "validation", "test"))
+    assert kept == 30

@@ -1,0 +1,211 @@
+"""Tool use in training data: the shapes users have, each call validated, and one documented text form for templates.
+
+Read (each into the same structure: `tools`, a list of OpenAI function tools, and messages where an assistant turn may
+carry `tool_calls` and `tool` turns answer them by `tool_call_id`):
+- OpenAI chat JSONL: per-record `tools`, assistant `tool_calls` (ids, names, JSON-string arguments), `tool` messages
+  with `tool_call_id`, `parallel_tool_calls`; the legacy `functions` / assistant `function_call` / `function` messages;
+- ShareGPT as glaive and LLaMA-Factory write it: `function_call` turns (a JSON {"name", "arguments"}) and `observation`
+  turns, the tools as a `tools` field (a JSON string or a list);
+- Hermes/Qwen style: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` inside an assistant's text.
+
+Every call is checked: its arguments parse as a JSON object, its name is one of the record's tools, and its arguments
+validate against that tool's parameter schema (jsonschema: required parameters, types, enums); every tool message
+answers a call made before it. A record that fails is quarantined with the field (messages[3].tool_calls[0].function.
+arguments ...), never repaired.
+
+Training renders tool use as text, one documented form (TOOLS_FORMAT), for every template: the tools' JSON schemas in
+the system turn, each call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in the assistant's turn, each
+result as a `tool` turn. Assistant turns (calls included) are trained; tool results are not. The rendered messages are
+what evaluation and serving then see too, so a model is asked in the form it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+TOOLS_FORMAT = "hermes"  # the name recorded with a trained model: the text form below
+
+TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query. The functions, as JSON schemas, "
+                "are within <tools></tools>:\n<tools>\n{tools}\n</tools>\n\nFor each call, reply with a JSON object with the "
+                "function's name and arguments within <tool_call></tool_call>:\n<tool_call>\n{{\"name\": <function-name>, "
+                "\"arguments\": <args-json-object>}}\n</tool_call>")
+
+
+class ToolError(ValueError):
+    """Why a record's tool use cannot be trained on; the message starts with the field."""
+
+
+def has_tool_use(obj: dict) -> bool:
+    msgs = obj.get("messages") if isinstance(obj.get("messages"), list) else []
+    return bool(obj.get("tools") or obj.get("functions") or any(
+        isinstance(m, dict) and (m.get("tool_calls") or m.get("function_call") or m.get("role") in ("tool", "function")) for m in msgs))
+
+
+def _tool_list(raw, field: str) -> list[dict]:
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw) if raw.strip() else []
+        except ValueError as e:
+            raise ToolError(f"{field}: not valid JSON ({e.msg})") from None
+    if not isinstance(raw, list):
+        raise ToolError(f"{field}: expected a list of tools")
+    out = []
+    for i, t in enumerate(raw):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else t
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ToolError(f"{field}[{i}]: expected a function with a name")
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict):
+            raise ToolError(f"{field}[{i}].parameters: expected a JSON schema object")
+        out.append({"type": "function", "function": {"name": fn["name"], "description": fn.get("description", ""), "parameters": params}})
+    return out
+
+
+def _arguments(raw, field: str) -> dict:
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError as e:
+            raise ToolError(f"{field}: not valid JSON ({e.msg})") from None
+    if not isinstance(raw, dict):
+        raise ToolError(f"{field}: expected a JSON object")
+    return raw
+
+
+def check_call(name: str, args: dict, tools: list[dict], field: str) -> None:
+    """The call names one of the tools and its arguments validate against its parameter schema."""
+    import jsonschema
+
+    fn = next((t["function"] for t in tools if t["function"]["name"] == name), None)
+    if fn is None:
+        raise ToolError(f"{field}.name: {name!r} is not one of the record's tools ({', '.join(t['function']['name'] for t in tools) or 'none'})")
+    try:
+        jsonschema.validate(args, fn["parameters"])
+    except jsonschema.ValidationError as e:
+        where = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path)
+        raise ToolError(f"{field}.arguments{where}: {e.message}") from None
+    except jsonschema.SchemaError as e:
+        raise ToolError(f"tools: {name}'s parameters are not a valid JSON schema: {e.message}") from None
+
+
+def normalize_openai(obj: dict) -> tuple[list[dict], list[dict]]:
+    """(messages, tools) of an OpenAI record, legacy functions turned into tools; every call checked. Raises ToolError."""
+    tools = _tool_list(obj.get("tools") if obj.get("tools") is not None else obj.get("functions") or [],
+                       "tools" if obj.get("tools") is not None else "functions")
+    parallel = obj.get("parallel_tool_calls", True)
+    out, pending = [], {}
+    for i, m in enumerate(obj.get("messages") or []):
+        if not isinstance(m, dict):
+            raise ToolError(f"messages[{i}]: expected an object")
+        role = m.get("role")
+        if role == "function":  # legacy: a function's result, answering the call before it
+            role, m = "tool", {**m, "tool_call_id": m.get("tool_call_id") or next(reversed(pending), None)}
+        if role == "assistant" and (m.get("tool_calls") or m.get("function_call")):
+            raw_calls = m.get("tool_calls") or [{"id": f"call_{i}", "type": "function", "function": m["function_call"]}]
+            key = "tool_calls" if m.get("tool_calls") else "function_call"
+            if not isinstance(raw_calls, list):
+                raise ToolError(f"messages[{i}].tool_calls: expected a list")
+            if not parallel and len(raw_calls) > 1:
+                raise ToolError(f"messages[{i}].tool_calls: {len(raw_calls)} calls, but parallel_tool_calls is false")
+            calls = []
+            for j, c in enumerate(raw_calls):
+                field = f"messages[{i}].{key}" + (f"[{j}]" if key == "tool_calls" else "")
+                fn = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise ToolError(f"{field}.function: expected an object with a name and arguments")
+                args = _arguments(fn.get("arguments", {}), f"{field}.function.arguments")
+                check_call(fn["name"], args, tools, f"{field}.function")
+                cid = str(c.get("id") or f"call_{i}_{j}")
+                pending[cid] = fn["name"]
+                calls.append({"id": cid, "type": "function", "function": {"name": fn["name"], "arguments": args}})
+            content = m.get("content")
+            if content is not None and not isinstance(content, str):
+                raise ToolError(f"messages[{i}].content: expected a string or null")
+            out.append({"role": "assistant", "content": content or "", "tool_calls": calls})
+        elif role == "tool":
+            cid = m.get("tool_call_id")
+            if not pending:
+                raise ToolError(f"messages[{i}]: a tool message with no call before it to answer")
+            if cid not in pending:
+                raise ToolError(f"messages[{i}].tool_call_id: {cid!r} answers no call made before it ({', '.join(pending)})")
+            content = m.get("content")
+            if not isinstance(content, str):
+                content = json.dumps(content) if content is not None else ""
+            out.append({"role": "tool", "content": content, "tool_call_id": cid, "name": pending.pop(cid)})
+        else:
+            if role == "assistant" and isinstance(m.get("content"), str) and TOOL_CALL.search(m["content"]):
+                out.append(_hermes_turn(m, tools, f"messages[{i}]", pending, i))
+                continue
+            out.append({k: v for k, v in m.items() if k in ("role", "content", "weight")})
+    return out, tools
+
+
+def _hermes_turn(m: dict, tools: list[dict], field: str, pending: dict, i: int) -> dict:
+    """An assistant text with <tool_call>{...}</tool_call> blocks as a turn with tool_calls."""
+    calls = []
+    for j, raw in enumerate(TOOL_CALL.findall(m["content"])):
+        call = _arguments(raw, f"{field}.content <tool_call> {j}")
+        name, args = call.get("name"), _arguments(call.get("arguments", {}), f"{field}.content <tool_call> {j}.arguments")
+        if not isinstance(name, str):
+            raise ToolError(f"{field}.content <tool_call> {j}: no function name")
+        check_call(name, args, tools, f"{field}.content <tool_call> {j}")
+        cid = f"call_{i}_{j}"
+        pending[cid] = name
+        calls.append({"id": cid, "type": "function", "function": {"name": name, "arguments": args}})
+    return {"role": "assistant", "content": TOOL_CALL.sub("", m["content"]).strip(), "tool_calls": calls}
+
+
+def normalize_sharegpt(conversations: list, tools_raw) -> tuple[list[dict], list[dict]]:
+    """glaive / LLaMA-Factory ShareGPT: function_call and observation turns, the tools as a JSON string or list."""
+    msgs = []
+    for i, turn in enumerate(conversations):
+        kind = turn.get("from")
+        if kind == "function_call":
+            call = _arguments(turn.get("value", ""), f"conversations[{i}].value")
+            msgs.append({"role": "assistant", "content": None, "tool_calls": [{"id": f"call_{i}", "type": "function",
+                                                                               "function": {"name": call.get("name"), "arguments": call.get("arguments", {})}}]})
+        elif kind == "observation":
+            msgs.append({"role": "tool", "content": turn.get("value", ""), "tool_call_id": next(
+                (c["id"] for m in reversed(msgs) if m.get("tool_calls") for c in m["tool_calls"]), None)})
+        else:
+            msgs.append(turn)
+    return normalize_openai({"messages": msgs, "tools": tools_raw if tools_raw is not None else []})
+
+
+def render_text(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """The messages as plain text in TOOLS_FORMAT: tools in the system turn, calls as <tool_call> blocks, results as
+    tool turns. What training, evaluation and serving put through the chat template."""
+    out = []
+    if tools:
+        header = TOOLS_HEADER.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if messages and messages[0].get("role") == "system":
+            out.append({"role": "system", "content": f"{messages[0]['content']}\n\n{header}"})
+            messages = messages[1:]
+        else:
+            out.append({"role": "system", "content": header})
+    for m in messages:
+        if m.get("tool_calls"):
+            blocks = "\n".join(f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']}, ensure_ascii=False)}\n</tool_call>"
+                               for c in m["tool_calls"])
+            out.append({"role": "assistant", "content": f"{m['content']}\n{blocks}" if m.get("content") else blocks,
+                        **({"weight": m["weight"]} if "weight" in m else {})})
+        elif m.get("role") == "tool":
+            out.append({"role": "tool", "content": m["content"]})
+        else:
+            out.append(m)
+    return out
+
+
+def parse_calls(text: str) -> list[dict]:
+    """The calls in a reply in TOOLS_FORMAT ({"name", "arguments"} each; a block that is not JSON is left out)."""
+    calls = []
+    for raw in TOOL_CALL.findall(text):
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            calls.append({"name": obj["name"], "arguments": obj.get("arguments") if isinstance(obj.get("arguments"), dict) else {}})
+    return calls
