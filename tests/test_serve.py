@@ -394,3 +394,24 @@ def test_log_rotates_by_size_and_readers_skip_a_torn_line(tmp_path):
     assert again.known("id-3")  # a restarted server still knows the ids
     again.log_request("id-after", "base", "m", "chat.completion", "raw prompt", out, 0.01)  # the torn line does not swallow it
     assert [r["id"] for r in again.requests.rows()][-2:] == ["id-9", "id-after"]
+
+
+def test_fields_the_server_does_not_honour_are_refused_and_seed_is_honoured(server):
+    """A field that would be ignored is a 400 naming it (tools, tool_choice, logprobs...), never a 200 that ignored it;
+    seed makes a sampled answer reproducible; fields without effect on the answer (user) are accepted."""
+    import openai
+
+    c = _client(server)
+    msgs = [{"role": "user", "content": "Tell me about cards."}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for extra, field in [({"tools": [tool]}, "tools"), ({"tool_choice": "required"}, "tool_choice"), ({"logprobs": True}, "logprobs"),
+                         ({"top_logprobs": 2, "logprobs": False}, "top_logprobs"), ({"frequency_penalty": 0.5}, "frequency_penalty")]:
+        with pytest.raises(openai.BadRequestError, match=f"{field}: .* not supported by this server"):
+            c.chat.completions.create(model="base", messages=msgs, max_tokens=4, **extra)
+    ok = c.chat.completions.create(model="base", messages=msgs, max_tokens=4, user="u-1", logprobs=False, tool_choice="none")
+    assert ok.choices[0].message.content is not None
+    a = [c.chat.completions.create(model="base", messages=msgs, max_tokens=8, temperature=1.0, seed=s).choices[0].message.content
+         for s in (7, 7, 8)]
+    assert a[0] == a[1]  # the same seed, the same sampled answer
+    with pytest.raises(openai.BadRequestError, match="tools: tool calls are not supported"):
+        c.completions.create(model="base", prompt="hi", max_tokens=4, extra_body={"tools": [tool]})

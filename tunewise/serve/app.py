@@ -61,7 +61,7 @@ class Message(BaseModel):
 
 
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI parameters (user, seed, logprobs...) are accepted and ignored
+    model_config = ConfigDict(extra="allow")  # other OpenAI parameters: see UNSUPPORTED (refused) and what is honoured
     model: str
     max_tokens: int | None = Field(None, gt=0)
     max_completion_tokens: int | None = Field(None, gt=0)
@@ -70,6 +70,24 @@ class Sampling(BaseModel):
     n: int = Field(1, ge=1, le=8)
     stop: str | list[str] | None = None
     stream: bool = False
+    seed: int | None = Field(None, description="Sampling reproducible: a request with a seed is decoded in a batch of its own.")
+
+
+# OpenAI parameters this server does not honour: a request that sets one (to anything but its no-op value) is a 400
+# that names it, never a 200 that ignored it. Accepted and without effect on the answer: user, metadata, store,
+# stream_options (usage is always in the last chunk).
+UNSUPPORTED = {"tools": "tool calls", "tool_choice": "tool calls", "parallel_tool_calls": "tool calls", "functions": "function calls",
+               "function_call": "function calls", "logprobs": "log-probabilities", "top_logprobs": "log-probabilities",
+               "logit_bias": "logit bias", "presence_penalty": "penalties", "frequency_penalty": "penalties", "audio": "audio",
+               "modalities": "other modalities", "prediction": "predicted outputs", "reasoning_effort": "reasoning effort"}
+NO_OP = (None, False, 0, 0.0, "none", [], {}, ["text"])
+
+
+def refuse_unsupported(req: BaseModel) -> None:
+    for key, value in (req.model_extra or {}).items():
+        if key in UNSUPPORTED and value not in NO_OP:
+            raise ApiError(400, f"{key}: {UNSUPPORTED[key]} are not supported by this server (the request would be answered as if "
+                                "it were not set); remove it", code="unsupported_parameter")
 
 
 class ChatRequest(Sampling):
@@ -347,6 +365,7 @@ def chat_conversation(models: Models, turns: list[dict], rag: bool, tok):
 
 @router.post("/v1/chat/completions")
 async def chat(req: ChatRequest, request: Request):
+    refuse_unsupported(req)
     models = request.app.state.models
     entry = models.entry(req.model)
     rag = models.resolve(req.model).endswith("+kb")
@@ -373,6 +392,7 @@ async def chat(req: ChatRequest, request: Request):
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
+    refuse_unsupported(req)
     if isinstance(req.prompt, list) and len(req.prompt) != 1:
         raise ApiError(400, "prompt: one prompt per request (send a list of one, or a string)", code="invalid_request")
     models = request.app.state.models
@@ -453,7 +473,7 @@ async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, c
     loop = asyncio.get_running_loop()
     queue_: asyncio.Queue | None = asyncio.Queue() if req.stream else None
     field, (ckind, cvalue) = choices if choices else (None, (None, None))
-    job = Job(prepare=prepare, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop, group=req.model,
+    job = Job(prepare=prepare, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop, group=req.model, seed=req.seed,
               choices=cvalue if ckind == "choices" else None, grammar=(ckind, cvalue) if ckind not in (None, "choices") else None)
     if req.stream:
         job.on_token = lambda k, ids: loop.call_soon_threadsafe(queue_.put_nowait, (k, list(ids)))

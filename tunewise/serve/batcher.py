@@ -34,13 +34,15 @@ class Job:
     choices: tuple[str, ...] | None = None  # the closed answer set decoding is restricted to (None: free)
     grammar: tuple[str, str] | None = None  # or the grammar: (json | json_schema | regex | ebnf, source)
     on_token: Callable[[int, list[int]], None] | None = None
+    seed: int | None = None  # a seeded request runs in a batch of its own, its generator seeded: the same request, the same answer
     future: Future = field(default_factory=Future)
     cancelled: bool = False
     prepared: tuple | None = None
 
     @property
     def key(self) -> tuple:
-        return (self.group, self.max_tokens, self.temperature, self.top_p, self.stop, self.choices, self.grammar)
+        alone = id(self) if self.seed is not None else None  # another request's rows would change the random draws
+        return (self.group, self.max_tokens, self.temperature, self.top_p, self.stop, self.choices, self.grammar, self.seed, alone)
 
 
 @dataclass
@@ -136,7 +138,7 @@ class Batcher:
         try:
             outs = engine.generate(prompts, max_new_tokens=first.max_tokens, temperature=first.temperature, top_p=first.top_p,
                                    stop=list(first.stop) or None, batch_size=len(prompts), adapter=adapter, on_token=on_token,
-                                   choices=list(first.choices) if first.choices else None, grammar=first.grammar)
+                                   choices=list(first.choices) if first.choices else None, grammar=first.grammar, seed=first.seed)
         except BaseException as e:  # noqa: BLE001
             for j in jobs:
                 j.future.set_exception(e)
