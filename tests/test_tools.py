@@ -6,6 +6,8 @@ calls and never a tool's result."""
 import json
 import random
 
+import pytest
+
 
 from tunewise.data.formats import read_records
 from tunewise.data.records import BadRecord
@@ -141,3 +143,24 @@ def test_data_prepare_keeps_good_tool_records_and_quarantines_bad_ones(tmp_path,
     assert len(q) == 5 and all("'nope' is not one of the record's tools" in x["reason"] and x["where"].startswith("line 3") for x in q)
     kept = sum(json.loads((tmp_path / "runs" / "tools" / "data" / "summary.json").read_text())["outputs"][s]["records"] for s in ("train", "validation", "test"))
     assert kept == 30
+
+
+def test_tool_call_metrics_against_hand_computed_values():
+    from tunewise.metrics import score
+
+    def call(name, **args):
+        return "<tool_call>\n" + json.dumps({"name": name, "arguments": args}) + "\n</tool_call>"
+
+    ref = call("get_weather", city="Paris", unit="c") + call("freeze_card", card=4)
+    preds = [call("freeze_card", card=4) + call("get_weather", unit="c", city="Paris"),  # both calls, other order: exact
+             call("get_weather", city="Paris", unit="f") + call("freeze_card", card=4),  # one argument wrong
+             call("get_weather", city="Paris", unit="c"),  # one call missing
+             "It is sunny.",  # no call at all
+             "<tool_call>{not json}</tool_call>"]  # a malformed call counts as a wrong call
+    assert score("tool_calls_exact", preds, [ref] * 5) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert score("tool_call_names", preds, [ref] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    # triples: ref has 3 (city, unit, card); pred 2 shares 2 of its 3 -> 2*2/6; pred 3 shares 2 of its 2 -> 2*2/5
+    assert score("tool_args_f1", preds, [ref] * 5) == pytest.approx([1.0, 4 / 6, 4 / 5, 0.0, 0.0])
+    # irrelevance: no call expected, none made
+    assert score("tool_calls_exact", ["No tool fits that.", call("freeze_card", card=1)], ["I cannot help with that."] * 2) == [1.0, 0.0]
+    assert score("tool_args_f1", ["No tool fits that."], ["Nothing to call."]) == [1.0]

@@ -262,7 +262,7 @@ class EvalConfig(Section):
         "auto", description="labels: every answer is one of the training data's labels (decoding through a token trie over the label set); "
                             "none: free decoding; auto: labels when use_case.task is classification and the data has labels.")
     batch_size: int = Field(64, gt=0, description="Prompts per generation batch (decode steps get cheaper per row up to ~64-128 rows on CPU).")
-    metrics: list[str] = Field(["accuracy", "exact_match", "token_f1"], description="Quality metrics (accuracy, exact_match, token_f1, rouge_l, chrf, bleu).")
+    metrics: list[str] = Field(["accuracy", "exact_match", "token_f1"], description="Quality metrics (accuracy, exact_match, answer_em, token_f1, rouge_l, chrf, bleu; tool calls: tool_calls_exact, tool_call_names, tool_args_f1).")
     perplexity: bool = Field(True, description="Also score the perplexity of the reference answers (teacher-forced; one extra forward pass).")
     variants: list[VariantConfig] = Field(default_factory=_default_variants, description="What `tunewise compare` puts side by side.")
     graders: list[str | dict[str, Any]] = Field(default_factory=list, description="OpenAI grader definitions, each a file (JSON/YAML) or inline: string_check, text_similarity, python, score_model, multi. Each is a metric named by its name (goal.metric may name one); the same file is a GRPO reward (training.grpo.rewards: [{name: grader, args: {file: ...}}]).")

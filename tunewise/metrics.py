@@ -130,3 +130,72 @@ def bleu(preds: list[str], refs: list[str]) -> list[float]:
 
     m = BLEU(effective_order=True)
     return [m.sentence_score(p, [r]).score / 100 for p, r in zip(preds, refs)]
+
+
+# ---------------------------------------------------------------- tool calls (in the text form data/tools.py renders)
+
+TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+
+
+def parse_calls(text: str) -> list[dict]:
+    """The calls in a reply in tunewise's tool-call text form ({"name", "arguments"} each; a block that is not JSON with a
+    name counts as a call named None, so a malformed call is wrong rather than absent)."""
+    import json
+
+    calls = []
+    for raw in TOOL_CALL.findall(text):
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            obj = None
+        ok = isinstance(obj, dict) and isinstance(obj.get("name"), str)
+        calls.append({"name": obj["name"] if ok else None,
+                      "arguments": obj.get("arguments") if ok and isinstance(obj.get("arguments"), dict) else {}})
+    return calls
+
+
+def _call_key(call: dict) -> tuple:
+    import json
+
+    return call["name"], json.dumps(call["arguments"], sort_keys=True)
+
+
+@metric("tool_calls_exact")
+def tool_calls_exact(preds: list[str], refs: list[str]) -> list[float]:
+    """1 when the reply makes exactly the reference's calls (names and arguments; parallel calls in any order), including
+    none when the reference makes none (irrelevance: no call when no tool fits)."""
+    from collections import Counter
+
+    return [float(Counter(map(_call_key, parse_calls(p))) == Counter(map(_call_key, parse_calls(r)))) for p, r in zip(preds, refs)]
+
+
+@metric("tool_call_names")
+def tool_call_names(preds: list[str], refs: list[str]) -> list[float]:
+    """1 when the reply calls the reference's functions (as a multiset of names; arguments not compared)."""
+    from collections import Counter
+
+    return [float(Counter(c["name"] for c in parse_calls(p)) == Counter(c["name"] for c in parse_calls(r))) for p, r in zip(preds, refs)]
+
+
+@metric("tool_args_f1")
+def tool_args_f1(preds: list[str], refs: list[str]) -> list[float]:
+    """F1 over (function, argument, value) triples of the reply's calls against the reference's; 1 when neither calls."""
+    import json
+    from collections import Counter
+
+    def triples(text):
+        return Counter((c["name"], k, json.dumps(v, sort_keys=True)) for c in parse_calls(text) for k, v in c["arguments"].items())
+
+    out = []
+    for p, r in zip(preds, refs):
+        pc, rc = parse_calls(p), parse_calls(r)
+        if not pc and not rc:
+            out.append(1.0)
+            continue
+        pt, rt = triples(p), triples(r)
+        if not pt and not rt:  # calls without arguments: the names decide
+            out.append(float(Counter(c["name"] for c in pc) == Counter(c["name"] for c in rc)))
+            continue
+        common = sum((pt & rt).values())
+        out.append(0.0 if common == 0 else 2 * common / (sum(pt.values()) + sum(rt.values())))
+    return out

@@ -22,9 +22,9 @@ what evaluation and serving then see too, so a model is asked in the form it was
 from __future__ import annotations
 
 import json
-import re
 
-TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+from ..metrics import TOOL_CALL  # the text form's call block, which the tool-call metrics parse too
+
 TOOLS_FORMAT = "hermes"  # the name recorded with a trained model: the text form below
 
 TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query. The functions, as JSON schemas, "
@@ -196,16 +196,3 @@ def render_text(messages: list[dict], tools: list[dict]) -> list[dict]:
         else:
             out.append(m)
     return out
-
-
-def parse_calls(text: str) -> list[dict]:
-    """The calls in a reply in TOOLS_FORMAT ({"name", "arguments"} each; a block that is not JSON is left out)."""
-    calls = []
-    for raw in TOOL_CALL.findall(text):
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
-            calls.append({"name": obj["name"], "arguments": obj.get("arguments") if isinstance(obj.get("arguments"), dict) else {}})
-    return calls
