@@ -404,14 +404,103 @@ def test_fields_the_server_does_not_honour_are_refused_and_seed_is_honoured(serv
     c = _client(server)
     msgs = [{"role": "user", "content": "Tell me about cards."}]
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
-    for extra, field in [({"tools": [tool]}, "tools"), ({"tool_choice": "required"}, "tool_choice"), ({"logprobs": True}, "logprobs"),
+    for extra, field in [({"functions": [tool["function"]]}, "functions"), ({"logprobs": True}, "logprobs"),
                          ({"top_logprobs": 2, "logprobs": False}, "top_logprobs"), ({"frequency_penalty": 0.5}, "frequency_penalty")]:
         with pytest.raises(openai.BadRequestError, match=f"{field}: .* not supported by this server"):
             c.chat.completions.create(model="base", messages=msgs, max_tokens=4, **extra)
-    ok = c.chat.completions.create(model="base", messages=msgs, max_tokens=4, user="u-1", logprobs=False, tool_choice="none")
+    ok = c.chat.completions.create(model="base", messages=msgs, max_tokens=4, user="u-1", logprobs=False)
     assert ok.choices[0].message.content is not None
     a = [c.chat.completions.create(model="base", messages=msgs, max_tokens=8, temperature=1.0, seed=s).choices[0].message.content
          for s in (7, 7, 8)]
     assert a[0] == a[1]  # the same seed, the same sampled answer
-    with pytest.raises(openai.BadRequestError, match="tools: tool calls are not supported"):
+    with pytest.raises(openai.BadRequestError, match="tools: tool calls are a chat feature"):
         c.completions.create(model="base", prompt="hi", max_tokens=4, extra_body={"tools": [tool]})
+
+
+# closed argument types: a random model's free strings could run past any token budget, an enum or a bounded integer cannot
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lima", "Oslo"]}, "unit": {"type": "string", "enum": ["c", "f"]}},
+    "required": ["city"]}}}
+FREEZE = {"type": "function", "function": {"name": "freeze_card", "parameters": {
+    "type": "object", "properties": {"card": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["card"]}}}
+
+
+@pytest.fixture(scope="module")
+def tool_server(server):
+    """The same project served with room for a whole call (the module's server caps answers at 16 tokens)."""
+    from tunewise.config import replace
+
+    app = create_app(replace(server["cfg"], "serve", max_tokens_cap=128))
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield {**server, "url": f"http://127.0.0.1:{port}", "app": app}
+    srv.should_exit = True
+    t.join(timeout=10)
+
+
+def _valid_calls(message, tools):
+    import jsonschema
+
+    by_name = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    for call in message.tool_calls:
+        assert call.id.startswith("call_") and call.type == "function" and call.function.name in by_name
+        jsonschema.validate(json.loads(call.function.arguments), by_name[call.function.name])  # parses, and fits the schema
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls]
+
+
+def test_tool_calls_for_every_tool_choice_parse_and_validate(tool_server):
+    """On a random tiny model the constraint is what makes the calls valid: required and a named function always give a
+    call of one of the tools whose arguments validate; auto gives text or valid calls; none never calls."""
+    c = _client(tool_server)
+    tools = [WEATHER, FREEZE]
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for seed in range(3):
+        r = c.chat.completions.create(model="base", messages=msgs, tools=tools, tool_choice="required", max_tokens=64, temperature=1.0, seed=seed)
+        assert r.choices[0].finish_reason == "tool_calls" and len(_valid_calls(r.choices[0].message, tools)) == 1
+    named = c.chat.completions.create(model="base", messages=msgs, tools=tools, max_tokens=64, temperature=1.0, seed=5,
+                                      tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert [n for n, _ in _valid_calls(named.choices[0].message, tools)] == ["get_weather"]
+    auto = c.chat.completions.create(model="base", messages=msgs, tools=tools, tool_choice="auto", max_tokens=16, temperature=0)
+    m = auto.choices[0].message
+    assert (m.tool_calls and _valid_calls(m, tools)) or (m.content is not None and auto.choices[0].finish_reason in ("stop", "length"))
+    none = c.chat.completions.create(model="base", messages=msgs, tools=tools, tool_choice="none", max_tokens=8, temperature=0)
+    assert none.choices[0].message.tool_calls is None and none.choices[0].message.content is not None
+    # a conversation that carries a call and its result goes on
+    history = msgs + [{"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                       "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                      {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 21}"}]
+    after = c.chat.completions.create(model="base", messages=history, tools=tools, max_tokens=8, temperature=0)
+    assert after.choices[0].message is not None
+
+
+def test_streamed_tool_calls_equal_non_streamed_and_bad_tool_requests_are_400s(tool_server):
+    import openai
+
+    c = _client(tool_server)
+    tools = [WEATHER, FREEZE]
+    msgs = [{"role": "user", "content": "Freeze my card 4"}]
+    whole = c.chat.completions.create(model="base", messages=msgs, tools=tools, tool_choice="required", max_tokens=64, temperature=0)
+    calls = {}
+    finish = None
+    for chunk in c.chat.completions.create(model="base", messages=msgs, tools=tools, tool_choice="required", max_tokens=64, temperature=0,
+                                           stream=True):
+        for d in chunk.choices[0].delta.tool_calls or []:
+            calls[d.index] = (d.function.name, json.loads(d.function.arguments))
+        finish = chunk.choices[0].finish_reason or finish
+    assert list(calls.values()) == _valid_calls(whole.choices[0].message, tools) and finish == "tool_calls"
+    for kwargs, message in [({"tool_choice": {"type": "function", "function": {"name": "launch"}}}, "tool_choice: function 'launch' is not one of tools"),
+                            ({"tool_choice": "sometimes"}, "tool_choice: 'sometimes'"),
+                            ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, r"tools\[0\]: expected a function with a name")]:
+        with pytest.raises(openai.BadRequestError, match=message):
+            c.chat.completions.create(model="base", messages=msgs, **({"tools": tools} | kwargs), max_tokens=8)
+    with pytest.raises(openai.BadRequestError, match="tool_choice: given without tools"):
+        c.chat.completions.create(model="base", messages=msgs, tool_choice="required", max_tokens=8)
+    orphan = msgs + [{"role": "tool", "tool_call_id": "call_9", "content": "x"}]
+    with pytest.raises(openai.BadRequestError, match=r"messages\[1\]: a tool message with no call before it"):
+        c.chat.completions.create(model="base", messages=orphan, tools=tools, max_tokens=8)

@@ -76,8 +76,7 @@ class Sampling(BaseModel):
 # OpenAI parameters this server does not honour: a request that sets one (to anything but its no-op value) is a 400
 # that names it, never a 200 that ignored it. Accepted and without effect on the answer: user, metadata, store,
 # stream_options (usage is always in the last chunk).
-UNSUPPORTED = {"tools": "tool calls", "tool_choice": "tool calls", "parallel_tool_calls": "tool calls", "functions": "function calls",
-               "function_call": "function calls", "logprobs": "log-probabilities", "top_logprobs": "log-probabilities",
+UNSUPPORTED = {"functions": "legacy function calls (send tools)", "function_call": "legacy function calls (send tool_choice)", "logprobs": "log-probabilities", "top_logprobs": "log-probabilities",
                "logit_bias": "logit bias", "presence_penalty": "penalties", "frequency_penalty": "penalties", "audio": "audio",
                "modalities": "other modalities", "prediction": "predicted outputs", "reasoning_effort": "reasoning effort"}
 NO_OP = (None, False, 0, 0.0, "none", [], {}, ["text"])
@@ -345,9 +344,91 @@ async def list_models(request: Request):
     return {"object": "list", "data": request.app.state.models.listing()}
 
 
-def chat_turns(req: ChatRequest) -> list[dict]:
-    """The request's messages as engine turns (developer counts as system; tool turns are dropped)."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages if m.role != "tool"]
+def chat_turns(req: ChatRequest, tools=None) -> list[dict]:
+    """The request's messages as engine turns (developer counts as system). With tools (a ToolRequest), earlier calls and
+    tool results are rendered in the text form training used (data/tools.py); without, tool turns are dropped."""
+    if tools is None:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages if m.role != "tool"]
+    return tools.turns(req)
+
+
+class ToolRequest:
+    """A chat request's `tools`, `tool_choice` and `parallel_tool_calls`: how its conversation is rendered, what decoding is
+    constrained to (required or a named function: a JSON schema that admits only a call of one of the tools, its arguments
+    valid against that tool's parameters), and how an answer becomes `tool_calls`."""
+
+    def __init__(self, extra: dict):
+        from ..data.tools import ToolError, _tool_list
+
+        choice = extra.get("tool_choice", "auto")
+        try:
+            self.tools = _tool_list(extra["tools"], "tools")
+        except ToolError as e:
+            raise ApiError(400, str(e), code="invalid_tools") from None
+        names = [t["function"]["name"] for t in self.tools]
+        self.parallel = extra.get("parallel_tool_calls", True) is not False
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            if name not in names:
+                raise ApiError(400, f"tool_choice: function {name!r} is not one of tools ({', '.join(names)})", code="invalid_tool_choice")
+            self.mode, self.names = "named", [name]
+        elif choice in ("none", "auto", "required"):
+            self.mode, self.names = choice, names
+        else:
+            raise ApiError(400, f"tool_choice: {choice!r}: expected none, auto, required or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                           code="invalid_tool_choice")
+
+    def turns(self, req: ChatRequest) -> list[dict]:
+        from ..data.tools import ToolError, normalize_openai, render_text
+
+        msgs = []
+        for m in req.messages:
+            d = {"role": "system" if m.role == "developer" else m.role, "content": m.text() if m.content is not None else None}
+            d |= {k: v for k, v in (m.model_extra or {}).items() if k in ("tool_calls", "tool_call_id", "name")}
+            msgs.append(d)
+        try:
+            msgs, tools = normalize_openai({"messages": msgs, "tools": self.tools})
+        except ToolError as e:
+            raise ApiError(400, str(e), code="invalid_messages") from None
+        return render_text(msgs, [] if self.mode == "none" else tools)
+
+    def constraint(self):
+        """(field, (kind, source)) for the decoder: a call's JSON under required or named; None under auto and none."""
+        if self.mode not in ("required", "named"):
+            return None
+        schemas = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]}, "arguments": t["function"]["parameters"]},
+                    "required": ["name", "arguments"], "additionalProperties": False}
+                   for t in self.tools if t["function"]["name"] in self.names]
+        return "tool_choice", ("json_schema", json.dumps(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}))
+
+    def shape(self, text: str, finish: str) -> tuple[dict, str]:
+        """The assistant message and finish reason of one answer: tool_calls with ids where the answer holds valid calls."""
+        from ..data.tools import ToolError, check_call
+        from ..metrics import TOOL_CALL, parse_calls
+
+        if self.mode == "none":
+            return {"role": "assistant", "content": text}, finish
+        if self.mode in ("required", "named"):
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                return {"role": "assistant", "content": text}, "length"  # cut off before the call was complete
+            calls, rest = [{"name": obj.get("name"), "arguments": obj.get("arguments") or {}}], None
+        else:
+            calls, rest = parse_calls(text), TOOL_CALL.sub("", text).strip() or None
+            valid = []
+            for c in calls[: None if self.parallel else 1]:
+                try:
+                    check_call(c["name"], c["arguments"], self.tools, "call")
+                    valid.append(c)
+                except (ToolError, TypeError):
+                    pass
+            calls = valid
+            if not calls:
+                return {"role": "assistant", "content": text}, finish
+        return ({"role": "assistant", "content": rest, "tool_calls": [
+            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+            for c in calls]}, "tool_calls")
 
 
 def chat_conversation(models: Models, turns: list[dict], rag: bool, tok):
@@ -366,13 +447,17 @@ def chat_conversation(models: Models, turns: list[dict], rag: bool, tok):
 @router.post("/v1/chat/completions")
 async def chat(req: ChatRequest, request: Request):
     refuse_unsupported(req)
+    extra_fields = req.model_extra or {}
+    tools = ToolRequest(extra_fields) if extra_fields.get("tools") else None
+    if tools is None and extra_fields.get("tool_choice") not in (None, "none"):
+        raise ApiError(400, "tool_choice: given without tools", code="invalid_tool_choice")
     models = request.app.state.models
     entry = models.entry(req.model)
     rag = models.resolve(req.model).endswith("+kb")
     if rag and not models.kb_ready():
         raise ApiError(400, f"model {req.model!r}: no knowledge-base index (configure rag.knowledge_base and run `tunewise kb index`)",
                        code="no_knowledge_base")
-    turns = chat_turns(req)
+    turns = chat_turns(req, tools)
     ctx_box: dict = {}
 
     def prepare():
@@ -387,12 +472,21 @@ async def chat(req: ChatRequest, request: Request):
         return {"citations": ctx.cited(text),
                 "retrieved": [{"n": i, "source": h.chunk.citation, "chunk": h.chunk.id} for i, h in enumerate(ctx.hits, 1)]}
 
-    return await _respond(request, req, prepare, "chat.completion", extra, _choices(req), logged=(turns, _version(models, entry)))
+    constraint = _choices(req)
+    if tools is not None and tools.constraint() is not None:
+        if constraint is not None:
+            raise ApiError(400, f"tool_choice {tools.mode} and {constraint[0]}: give one constraint per request", code="unsupported_structured_output")
+        constraint = tools.constraint()
+    return await _respond(request, req, prepare, "chat.completion", extra, constraint, logged=(turns, _version(models, entry)),
+                          shape=tools.shape if tools is not None else None)
 
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
     refuse_unsupported(req)
+    for key in ("tools", "tool_choice", "parallel_tool_calls"):
+        if (req.model_extra or {}).get(key) not in (None, False, "none", []):
+            raise ApiError(400, f"{key}: tool calls are a chat feature: use /v1/chat/completions", code="unsupported_parameter")
     if isinstance(req.prompt, list) and len(req.prompt) != 1:
         raise ApiError(400, "prompt: one prompt per request (send a list of one, or a string)", code="invalid_request")
     models = request.app.state.models
@@ -464,7 +558,7 @@ async def embeddings(req: EmbeddingRequest, request: Request):
             "data": [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vecs)]}
 
 
-async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, choices: tuple | None = None, logged=None):
+async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, choices: tuple | None = None, logged=None, shape=None):
     """Queue the generation on the batcher; the whole answer, or a stream of server-sent events. `logged` (the
     request's input and the model version) goes to the production log with the answers."""
     s = request.app.state.cfg.serve
@@ -475,7 +569,7 @@ async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, c
     field, (ckind, cvalue) = choices if choices else (None, (None, None))
     job = Job(prepare=prepare, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop, group=req.model, seed=req.seed,
               choices=cvalue if ckind == "choices" else None, grammar=(ckind, cvalue) if ckind not in (None, "choices") else None)
-    if req.stream:
+    if req.stream and shape is None:  # a tool call is sent whole, once decoded (as tool_calls deltas)
         job.on_token = lambda k, ids: loop.call_soon_threadsafe(queue_.put_nowait, (k, list(ids)))
     try:
         fut = request.app.state.batcher.submit(job)
@@ -494,7 +588,7 @@ async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, c
         if plog is not None and logged is not None:
             plog.log_error(rid, req.model, logged[1], kind, error, time.perf_counter() - t0)
 
-    if not req.stream:
+    if not req.stream or shape is not None:
         try:
             outs = await asyncio.wait_for(afut, s.request_timeout_s)
         except asyncio.TimeoutError:
@@ -511,15 +605,18 @@ async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, c
             raise ApiError(500, f"generation failed: {type(e).__name__}", "server_error") from None
         choices = []
         for i, o in enumerate(outs):
-            body = {"role": "assistant", "content": o.text} if kind == "chat.completion" else None
-            choices.append({"index": i, "finish_reason": o.finish_reason, "logprobs": None}
-                           | ({"message": body} if body else {"text": o.text}))
+            body, finish = shape(o.text, o.finish_reason) if shape else ({"role": "assistant", "content": o.text}, o.finish_reason)
+            choices.append({"index": i, "finish_reason": finish, "logprobs": None}
+                           | ({"message": body} if kind == "chat.completion" else {"text": o.text}))
         usage = {"prompt_tokens": outs[0].prompt_tokens * len(outs) if outs else 0,
                  "completion_tokens": sum(o.completion_tokens for o in outs)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         await asyncio.to_thread(write_log, outs)
-        return {"id": rid, "object": kind, "created": created, "model": req.model, "choices": choices, "usage": usage,
-                **extra(outs[0].text if outs else "")}
+        result = {"id": rid, "object": kind, "created": created, "model": req.model, "choices": choices, "usage": usage,
+                  **extra(outs[0].text if outs else "")}
+        if req.stream:  # tool requests stream the finished answer as OpenAI's deltas
+            return StreamingResponse(_stream_whole(result), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return result
     return StreamingResponse(_stream(req, job, afut, queue_, rid, created, kind, stop, extra, s.request_timeout_s, write_log),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
@@ -581,6 +678,24 @@ async def _stream(req, job, afut, queue_, rid, created, kind, stop, extra, timeo
     except asyncio.CancelledError:  # the client went away: stop streaming; the batch it shared goes on
         job.cancelled = True
         raise
+
+
+async def _stream_whole(result: dict):
+    """A finished chat answer as server-sent chunks, as OpenAI streams tool calls: the role, the content (if any), each
+    call's id, name and arguments as a tool_calls delta, then the finish reason with usage."""
+    def chunk(i, delta, finish=None, **more):
+        return "data: " + json.dumps({"id": result["id"], "object": "chat.completion.chunk", "created": result["created"], "model": result["model"],
+                                      "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}], **more}) + "\n\n"
+
+    for c in result["choices"]:
+        msg, i = c["message"], c["index"]
+        yield chunk(i, {"role": "assistant", "content": ""})
+        if msg.get("content"):
+            yield chunk(i, {"content": msg["content"]})
+        for k, call in enumerate(msg.get("tool_calls") or []):
+            yield chunk(i, {"tool_calls": [{"index": k, **call}]})
+        yield chunk(i, {}, c["finish_reason"], usage=result["usage"])
+    yield "data: [DONE]\n\n"
 
 
 def _access(request: Request, status: int, t0: float, rid: str) -> None:
