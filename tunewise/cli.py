@@ -359,8 +359,13 @@ def eval_cmd(
     variant: str = typer.Option("fine-tuned", "--variant", "-v", help="A name from evaluation.variants."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     processes: Optional[int] = typer.Option(None, help="Processes generating the answers (default: evaluation.processes)."),
+    suite: Optional[str] = typer.Option(None, help="bfcl: the Berkeley Function Calling Leaderboard's non-live AST categories, scored by its checker."),
+    categories: Optional[str] = typer.Option(None, help="--suite bfcl: comma-separated categories (default: simple_python, multiple, parallel, parallel_multiple, irrelevance)."),
+    samples: Optional[int] = typer.Option(None, help="--suite bfcl: a seeded sample of N questions per category (default: all)."),
+    max_new_tokens: int = typer.Option(128, help="--suite bfcl: tokens per answer."),
 ):
-    """Score one variant on the evaluation split: per-item JSONL and a summary with 95% CIs, latency, cost."""
+    """Score one variant on the evaluation split: per-item JSONL and a summary with 95% CIs, latency, cost. With --suite bfcl,
+    on BFCL's function-calling categories instead."""
     cfg = _load(config, (set_ or []) + ([f"evaluation.processes={processes}"] if processes else []))
 
     from .eval.evaluate import evaluate, track_evaluation
@@ -369,6 +374,24 @@ def eval_cmd(
     chosen = next((v for v in cfg.evaluation.variants if v.name == variant), None)
     if chosen is None:
         _fail(f"unknown variant {variant!r}; configured: {[v.name for v in cfg.evaluation.variants]}")
+    if suite is not None:
+        if suite != "bfcl":
+            _fail(f"--suite: {suite!r} is not a suite (bfcl)")
+        from .eval.bfcl import CATEGORIES, run_bfcl
+
+        cats = tuple(c.strip() for c in categories.split(",")) if categories else CATEGORIES
+        with console.status(f"bfcl: {variant}") as status:
+            s = run_bfcl(cfg, chosen, cats, samples, max_new_tokens, progress=lambda msg: status.update(msg))
+        t = Table(title=f"BFCL ({variant}, {s['model']}): accuracy by category, 95% bootstrap CIs")
+        for h in ("category", "items", "accuracy [95% CI]", "s"):
+            t.add_column(h)
+        for cat, m in s["categories"].items():
+            t.add_row(cat, str(m["n"]), f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]", f"{m['wall_s']:.0f}")
+        console.print(t)
+        if s["non_live_ast_mean"] is not None:
+            console.print(f"non-live AST mean (simple_python, multiple, parallel, parallel_multiple): {s['non_live_ast_mean']:.3f}")
+        console.print(f"items: {s['dir']}")
+        return
     require(cfg.tracking)
     with console.status(f"evaluating {variant}") as status:
         s = evaluate(cfg, chosen, progress=lambda msg: status.update(f"evaluating {msg}"))
