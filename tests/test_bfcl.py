@@ -3,7 +3,6 @@ against hand-made answers, the function schemas converted, and `tunewise eval --
 
 import json
 
-import pytest
 
 from tunewise.eval import bfcl
 

@@ -164,3 +164,24 @@ def test_tool_call_metrics_against_hand_computed_values():
     # irrelevance: no call expected, none made
     assert score("tool_calls_exact", ["No tool fits that.", call("freeze_card", card=1)], ["I cannot help with that."] * 2) == [1.0, 0.0]
     assert score("tool_args_f1", ["No tool fits that."], ["Nothing to call."]) == [1.0]
+
+
+def test_training_evaluation_and_serving_render_a_tool_conversation_to_the_same_ids(tmp_path, smol_tokenizer):
+    """One record with tools and a call: the prompt training sees before the last answer, the one evaluation builds
+    (build_prompt) and the one serve builds from the same request (ToolRequest) are the same token ids."""
+    from tunewise.eval.evaluate import build_prompt
+    from tunewise.serve.app import ChatRequest, ToolRequest
+
+    raw = good(3)
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(raw) + "\n")
+    (rec,) = read_records(path, "openai")
+    ids = lambda msgs: smol_tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]  # noqa: E731
+    train = ids([{"role": m["role"], "content": m["content"]} for m in rec.messages[:-1]])
+    evaluation = ids(build_prompt(rec, None, None))
+    req = ChatRequest(model="base", messages=raw["messages"][:-1], tools=raw["tools"])
+    serving = ids(ToolRequest(req.model_extra).turns(req))
+    assert train == evaluation == serving
+    # a configured system prompt keeps the tools in evaluation
+    with_system = build_prompt(rec, "You route tickets.", None)[0]["content"]
+    assert with_system.startswith("You route tickets.") and "<tools>" in with_system

@@ -77,6 +77,8 @@ def build_prompt(record: Record, system: str | None, shots: list[Record] | None)
     base and few-shot variants; RAG variants: rag.answer.rag_conversation)."""
     turns = [m for m in record.messages if m["role"] != "system"][:-1]
     own_system = next((m["content"] for m in record.messages if m["role"] == "system"), None)
+    if system and own_system and record.meta.get("tools") and "# Tools\n" in own_system:  # a configured prompt keeps the tools
+        system = f"{system}\n\n{own_system[own_system.index('# Tools' + chr(10)):]}"
     msgs = []
     if system or own_system:
         msgs.append({"role": "system", "content": system or own_system})
