@@ -2,6 +2,7 @@
 from the registry, RAG with citations, embeddings, and every bad request answered with the right 4xx
 while the server keeps serving."""
 
+import contextlib
 import json
 import re
 import socket
@@ -72,6 +73,13 @@ def server(tmp_path_factory, tiny_model):
     reg.promote(entry.id, {"passed": True})
     reg.close()
     app = create_app(cfg)
+    with _serving(app) as url:
+        yield {"url": url, "cfg": cfg, "app": app, "tiny": tiny_model, "adapter": entry}
+
+
+@contextlib.contextmanager
+def _serving(app):
+    """The app under uvicorn on a free loopback port, in a thread, until the block ends."""
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
     t = threading.Thread(target=srv.run, daemon=True)
@@ -80,9 +88,11 @@ def server(tmp_path_factory, tiny_model):
         if srv.started:
             break
         time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "cfg": cfg, "app": app, "tiny": tiny_model, "adapter": entry}
-    srv.should_exit = True
-    t.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        t.join(timeout=10)
 
 
 def _client(server, key="sk-test"):
@@ -431,17 +441,8 @@ def tool_server(server):
     from tunewise.config import replace
 
     app = create_app(replace(server["cfg"], "serve", max_tokens_cap=128))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield {**server, "url": f"http://127.0.0.1:{port}", "app": app}
-    srv.should_exit = True
-    t.join(timeout=10)
+    with _serving(app) as url:
+        yield {**server, "url": url, "app": app}
 
 
 def _valid_calls(message, tools):
