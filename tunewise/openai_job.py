@@ -139,8 +139,9 @@ def import_job(job_path: Path, files: dict[str, str] | None = None, model: str |
         for k in ("response_format",):
             if details.get(k) is not None:
                 notes.append(f"method.reinforcement.{k}: not carried over (tunewise's GRPO samples free text; a grammar in serve can enforce a schema)")
-    if kind == "supervised" and _tools_in(raw["data"]["train"]):
-        notes.append(f"training_file: {_tools_in(raw['data']['train'])} records carry tools or tool calls: read, each call checked against "
+    with_tools = _tools_in(raw["data"]["train"]) if kind == "supervised" else 0
+    if with_tools:
+        notes.append(f"training_file: {with_tools} records carry tools or tool calls: read, each call checked against "
                      "its tool's schema (a bad one is quarantined with its field), and trained in tunewise's text form (docs/data.md#tool-use); "
                      "evaluating and serving tool calls is not there yet")
     if job.get("fine_tuned_model"):

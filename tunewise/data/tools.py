@@ -43,7 +43,7 @@ def has_tool_use(obj: dict) -> bool:
         isinstance(m, dict) and (m.get("tool_calls") or m.get("function_call") or m.get("role") in ("tool", "function")) for m in msgs))
 
 
-def _tool_list(raw, field: str) -> list[dict]:
+def tool_list(raw, field: str) -> list[dict]:
     if isinstance(raw, str):
         try:
             raw = json.loads(raw) if raw.strip() else []
@@ -92,7 +92,7 @@ def check_call(name: str, args: dict, tools: list[dict], field: str) -> None:
 
 def normalize_openai(obj: dict) -> tuple[list[dict], list[dict]]:
     """(messages, tools) of an OpenAI record, legacy functions turned into tools; every call checked. Raises ToolError."""
-    tools = _tool_list(obj.get("tools") if obj.get("tools") is not None else obj.get("functions") or [],
+    tools = tool_list(obj.get("tools") if obj.get("tools") is not None else obj.get("functions") or [],
                        "tools" if obj.get("tools") is not None else "functions")
     parallel = obj.get("parallel_tool_calls", True)
     out, pending = [], {}

@@ -105,10 +105,11 @@ def judge(item: dict, category: str, text: str) -> tuple[bool, list, str | None]
     """(correct, the calls as BFCL reads them, the checker's error)."""
     from ..metrics import parse_calls
 
-    calls = [{c["name"]: c["arguments"]} for c in parse_calls(text) if c["name"] is not None]
-    malformed = len(calls) != len(parse_calls(text))
+    parsed = parse_calls(text)
+    calls = [{c["name"]: c["arguments"]} for c in parsed if c["name"] is not None]
+    malformed = len(calls) != len(parsed)
     if category == "irrelevance":
-        return not parse_calls(text), calls, None if not parse_calls(text) else "made a call where no function fits"
+        return not parsed, calls, None if not parsed else "made a call where no function fits"
     if malformed:
         return False, calls, "a <tool_call> block that is not a JSON call"
     check, python = checker()

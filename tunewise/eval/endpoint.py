@@ -202,7 +202,7 @@ class EndpointClient:
 
         with ThreadPoolExecutor(max_workers=self.ep.concurrency, thread_name_prefix=f"endpoint-{self.name}") as pool:
             futures = [pool.submit(one, i) for i in range(len(conversations))]
-            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            wait(futures, return_when=FIRST_EXCEPTION)
             failed = next((f for f in futures if f.done() and f.exception() is not None), None)
             if failed is not None:
                 for f in futures:

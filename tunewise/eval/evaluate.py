@@ -217,13 +217,13 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
             saved["reused"] = True
             return saved
         for root in reuse_from:
-            found = next((d for d in sorted(Path(root).glob("*")) if d.is_dir() and _saved(d, fp, ev.perplexity)), None)
+            found = next(((d, s) for d in sorted(Path(root).glob("*")) if d.is_dir() and (s := _saved(d, fp, ev.perplexity))), None)
             if found is not None:
                 import shutil
 
+                found, saved = found
                 out_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(found / "items.jsonl", out_dir / "items.jsonl")
-                saved = _saved(found, fp, ev.perplexity)
                 saved["variant"] = variant.model_dump(mode="json")
                 saved["reused_from"] = str(found)
                 atomic_write_json(out_dir / "summary.json", saved)

@@ -358,11 +358,11 @@ class ToolRequest:
     valid against that tool's parameters), and how an answer becomes `tool_calls`."""
 
     def __init__(self, extra: dict):
-        from ..data.tools import ToolError, _tool_list
+        from ..data.tools import ToolError, tool_list
 
         choice = extra.get("tool_choice", "auto")
         try:
-            self.tools = _tool_list(extra["tools"], "tools")
+            self.tools = tool_list(extra["tools"], "tools")
         except ToolError as e:
             raise ApiError(400, str(e), code="invalid_tools") from None
         names = [t["function"]["name"] for t in self.tools]
