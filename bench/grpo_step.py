@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tunewise.config import load_config
 from tunewise.data.prepare import ensure_prepared
 from tunewise.models import load_model
-from tunewise.train.grpo import GRPOLoss, Rollouts, prompts_of
+from tunewise.train.objectives.grpo import GRPOLoss, Rollouts, prompts_of
 from tunewise.train.methods import apply_method
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

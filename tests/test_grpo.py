@@ -44,7 +44,7 @@ def test_reward_functions_on_edge_cases():
 
 
 def test_advantages_are_normalised_within_each_group():
-    from tunewise.train.grpo import group_advantages
+    from tunewise.train.objectives.grpo import group_advantages
 
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 3.0, 3.0, 3.0, 0.0, 0.0, 0.0, 5.0], dtype=torch.float64)
     a = group_advantages(rewards, 4).view(3, 4)
@@ -58,7 +58,7 @@ def test_advantages_are_normalised_within_each_group():
 def test_grpo_loss_and_gradient_equal_a_direct_computation(tiny_model):
     from tunewise.data.tokenize import IGNORE, Tokenized, collate
     from tunewise.models import load_model
-    from tunewise.train.grpo import GRPOLoss
+    from tunewise.train.objectives.grpo import GRPOLoss
 
     loaded = load_model(str(tiny_model))
     model, tok = loaded.model.double(), loaded.tokenizer
@@ -95,7 +95,7 @@ def test_grouped_layouts_give_the_padded_loss_and_gradient(tiny64):
     """beta 0: one Layout per prompt (the prompt run once as the prefix row, its samples' completions as rows) gives the
     padded rows' loss and gradients on every parameter (float64)."""
     from tunewise.data.tokenize import IGNORE, Tokenized, collate
-    from tunewise.train.grpo import GRPOLoss
+    from tunewise.train.objectives.grpo import GRPOLoss
     from tunewise.train.layout import make_layout
 
     model, tok = tiny64
@@ -190,7 +190,7 @@ def test_flat_groups_are_left_out_of_the_loss_pass_and_carry_no_gradient(tiny64)
     """A group whose rewards are all equal has zero advantages: leaving it out of the grouped loss changes neither
     the summed loss nor any gradient (float64); only the step's token count, which skip_flat makes the teaching tokens'."""
     from tunewise.data.tokenize import IGNORE, Tokenized
-    from tunewise.train.grpo import GRPOLoss, group_advantages, informative_groups
+    from tunewise.train.objectives.grpo import GRPOLoss, group_advantages, informative_groups
     from tunewise.train.layout import make_layout
 
     assert informative_groups(group_advantages(torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0]), 2), 2) == [2, 4]

@@ -66,7 +66,7 @@ def test_the_shared_hh_rlhf_file_reads_with_few_rejects():
 
 def _pairs(tok):
     from tunewise.data.records import Record
-    from tunewise.train.preference import tokenize_pairs
+    from tunewise.train.objectives.preference import tokenize_pairs
 
     recs = [Record([{"role": "user", "content": q}, {"role": "assistant", "content": c}], f"t:{i}", meta={"rejected": r})
             for i, (q, c, r) in enumerate([("Is the sky blue?", "Yes, on a clear day.", "No."),
@@ -85,7 +85,7 @@ def _direct_logp(model, ids, labels):
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
 def test_dpo_and_orpo_losses_equal_a_direct_computation(tiny_model, objective):
     from tunewise.models import load_model
-    from tunewise.train.preference import PreferenceLoss, pair_batch
+    from tunewise.train.objectives.preference import PreferenceLoss, pair_batch
 
     loaded = load_model(str(tiny_model))
     model, tok = loaded.model.double(), loaded.tokenizer
@@ -120,7 +120,7 @@ def test_dpo_reference_is_the_base_with_the_adapter_disabled(tiny_model):
     from tunewise.config import TrainConfig
     from tunewise.models import load_model
     from tunewise.train.methods import apply_method
-    from tunewise.train.preference import PreferenceLoss, pair_batch, reference_logps, sequence_logps
+    from tunewise.train.objectives.preference import PreferenceLoss, pair_batch, reference_logps, sequence_logps
 
     loaded = load_model(str(tiny_model))
     tok = loaded.tokenizer
@@ -235,7 +235,7 @@ def test_trl_kto_reader_keeps_labelled_completions_and_says_why_bad_ones_are_set
 def test_kto_loss_equals_a_direct_computation(tiny_model):
     from tunewise.data.records import Record
     from tunewise.models import load_model
-    from tunewise.train.preference import PreferenceLoss, pair_batch, tokenize_unpaired
+    from tunewise.train.objectives.preference import PreferenceLoss, pair_batch, tokenize_unpaired
 
     loaded = load_model(str(tiny_model))
     model, tok = loaded.model.double(), loaded.tokenizer

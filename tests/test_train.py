@@ -321,3 +321,33 @@ def test_qlora_trains_only_the_adapters_on_a_fixed_4bit_base(tiny_project, tmp_p
     eng = Engine.load(str(cfg.model.name))
     eng.add_adapter("q", r.model_dir)  # on the unquantised base
     assert eng.generate([[{"role": "user", "content": "hi"}]], max_new_tokens=3, adapter="q")[0].completion_tokens > 0
+
+
+def test_every_objective_the_config_names_is_one_class_and_the_loop_never_asks_which():
+    """Adding an objective is one file in train/objectives/ and its name in the schema: the two lists agree, and
+    the loop, the defaults, the CLI and evaluation hold no branch on an objective's name (the schema's trait tables
+    in config.py are where the names are listed)."""
+    import ast
+    import typing
+    from pathlib import Path
+
+    from tunewise.config import OBJECTIVES, RAW_TEXT_OBJECTIVES, SHARDED_OBJECTIVES, TrainConfig
+    from tunewise.train.objectives import REGISTRY, Objective
+
+    assert set(typing.get_args(TrainConfig.model_fields["objective"].annotation)) == set(OBJECTIVES) == set(REGISTRY)
+    assert set(RAW_TEXT_OBJECTIVES) | set(SHARDED_OBJECTIVES) <= set(OBJECTIVES)
+    for name, cls in REGISTRY.items():
+        assert issubclass(cls, Objective) and cls.name == name
+    root = Path(__file__).resolve().parents[1] / "tunewise"
+    found = []
+    for path in root.rglob("*.py"):
+        if "objectives" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                named = any(isinstance(x, ast.Constant) or (isinstance(x, (ast.Tuple, ast.List, ast.Set))
+                                                             and all(isinstance(e, ast.Constant) for e in x.elts)) for x in sides)
+                if named and any(isinstance(x, ast.Attribute) and x.attr == "objective" and "tune" not in ast.unparse(x) for x in sides):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "objective branches outside train/objectives/:\n" + "\n".join(found)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -266,10 +265,11 @@ def train(
         v = getattr(r, k)
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     if r.base_val_loss is not None and r.best_val_loss is not None:  # pretrain: held-out perplexity; grpo: reward
-        if cfg.training.objective == "grpo":
-            table.add_row("val reward before -> best", f"{-r.base_val_loss:.4f} -> {-r.best_val_loss:.4f}")
-        else:
-            table.add_row("val perplexity before -> best", f"{math.exp(min(r.base_val_loss, 50)):.2f} -> {math.exp(min(r.best_val_loss, 50)):.2f}")
+        from .train.objectives import objective_of
+
+        gain = objective_of(cfg).describe_gain(r.base_val_loss, r.best_val_loss)
+        if gain:
+            table.add_row(*gain)
     console.print(table)
     if r.interrupted:
         console.print(f"checkpoint saved; continue with: tunewise train {config} --resume")

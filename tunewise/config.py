@@ -136,8 +136,15 @@ class GrpoConfig(Section):
                             "the reward's spread is between labels; none: free decoding; auto: as evaluation.constrain resolves (labels on classification data).")
 
 
+# The objectives' names and what the schema checks about them before anything loads; each objective's behaviour is
+# its class in train/objectives/ (tests/test_train.py checks that the two name the same objectives).
+OBJECTIVES = ("sft", "dpo", "orpo", "kto", "grpo", "pretrain")
+RAW_TEXT_OBJECTIVES = ("pretrain",)  # the objectives that train on data.format: text, and the only ones that can
+SHARDED_OBJECTIVES = ("sft", "pretrain")  # the objectives FSDP can shard (the others' reference and rollouts run unsharded)
+
+
 class TrainConfig(Section):
-    objective: Literal["sft", "dpo", "orpo", "kto", "grpo", "pretrain"] = Field(
+    objective: Literal[OBJECTIVES] = Field(
         "sft", description="sft (next-token loss on the answers) | dpo | orpo (preference pairs: data.format openai-preference, trl-preference or hh-rlhf) | kto (unpaired feedback: trl-kto, or pairs split into a desirable and an undesirable answer) | grpo (reinforcement learning: rollouts of the prompts scored by training.grpo.rewards) | pretrain (continued pre-training: next-token loss on every token of data.max_length blocks; data.format text)."
     )
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
@@ -463,13 +470,13 @@ class ProjectConfig(Section):
 
     @model_validator(mode="after")
     def _objective_fits_the_data(self):
-        if self.data.format == "text" and self.training.objective != "pretrain":
+        if self.data.format == "text" and self.training.objective not in RAW_TEXT_OBJECTIVES:
             raise ValueError(f"training.objective: {self.training.objective} cannot train on data.format: text (raw documents have "
                              "no answers to learn or to prefer); set training.objective: pretrain")
         t = self.training
-        if t.fsdp and (t.objective not in ("sft", "pretrain") or t.method == "qlora"):
-            raise ValueError(f"training.fsdp: shards sft and pretrain training with full, freeze, lora or dora, not "
-                             f"{t.objective if t.objective not in ('sft', 'pretrain') else 'method qlora'} (4-bit weights and the "
+        if t.fsdp and (t.objective not in SHARDED_OBJECTIVES or t.method == "qlora"):
+            raise ValueError(f"training.fsdp: shards {' and '.join(SHARDED_OBJECTIVES)} training with full, freeze, lora or dora, not "
+                             f"{t.objective if t.objective not in SHARDED_OBJECTIVES else 'method qlora'} (4-bit weights and the "
                              "preference/RL objectives' reference and rollouts run unsharded: use DDP, training.fsdp: false)")
         return self
 

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import ProjectConfig
+from ..errors import TunewiseError
 from ..util import read_jsonl, sha256_file
 from .records import Record
 
@@ -26,6 +27,27 @@ class Prepared:
         if self._splits is None:
             self._splits = {name: [Record.from_json(r) for r in read_jsonl(self.dir / f"{name}.jsonl")] for name in SPLITS}
         return self._splits
+
+
+class NoLabels(TunewiseError, ValueError):
+    """A closed label set was asked for (constrain: labels) and the data has none."""
+
+
+def label_set(cfg: ProjectConfig, prepared: Prepared, mode: str | None = None) -> list[str] | None:
+    """The closed answer set decoding is constrained to (mode: evaluation.constrain unless given), or None for
+    free decoding. The training split's labels, or every split's when it has none."""
+    mode = mode or cfg.evaluation.constrain
+    if mode == "none":
+        return None
+    labels = sorted({r.label for r in prepared.splits.get("train", []) if r.label}) or \
+        sorted({r.label for split in prepared.splits.values() for r in split if r.label})
+    if not labels:
+        if mode == "labels":
+            raise NoLabels("the data has no labels")
+        return None
+    if mode == "auto" and cfg.use_case.task != "classification":
+        return None
+    return labels
 
 
 def inputs_of(cfg: ProjectConfig) -> dict[str, dict]:

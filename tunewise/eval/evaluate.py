@@ -16,7 +16,8 @@ from pathlib import Path
 from ..errors import TunewiseError
 from ..config import ProjectConfig, VariantConfig
 from ..data.prepare import ensure_prepared
-from ..data.prepared import Prepared
+from ..data.prepared import NoLabels, Prepared
+from ..data.prepared import label_set as labels_of
 from ..data.records import Record
 from ..data.split import sample_records
 from ..engine import Engine, model_ref_of
@@ -32,19 +33,11 @@ class EvalError(TunewiseError, RuntimeError):
 
 def label_set(cfg: ProjectConfig, prepared: Prepared) -> list[str] | None:
     """The closed answer set evaluation decodes into (evaluation.constrain), or None for free decoding."""
-    mode = cfg.evaluation.constrain
-    if mode == "none":
-        return None
-    labels = sorted({r.label for r in prepared.splits.get("train", []) if r.label}) or \
-        sorted({r.label for split in prepared.splits.values() for r in split if r.label})
-    if not labels:
-        if mode == "labels":
-            raise EvalError("evaluation.constrain: labels, but the data has no labels (set data.columns.label to the label "
-                            "column, or evaluation.constrain: none)")
-        return None
-    if mode == "auto" and cfg.use_case.task != "classification":
-        return None
-    return labels
+    try:
+        return labels_of(cfg, prepared)
+    except NoLabels:
+        raise EvalError("evaluation.constrain: labels, but the data has no labels (set data.columns.label to the label "
+                        "column, or evaluation.constrain: none)") from None
 
 
 def _user_text(r: Record) -> str:
@@ -397,11 +390,9 @@ def _objective_metrics(cfg: ProjectConfig, eng: Engine, adapter, items: list[Rec
     chosen answer a higher log-likelihood than the rejected one)."""
     from ..data.preference import is_pair
 
-    out: dict[str, list] = {}
-    if cfg.training.objective == "grpo":
-        from ..train.rewards import Rewards
+    from ..train.objectives import objective_of
 
-        out["reward"] = Rewards(cfg.training.grpo.rewards, cfg)(preds, items)
+    out: dict[str, list] = objective_of(cfg).eval_metrics(preds, items)
     if items and all(is_pair(r) for r in items):
         chosen = eng.reference_nll(convs, [r.answer for r in items], batch_size=cfg.evaluation.batch_size, adapter=adapter)
         rejected = eng.reference_nll(convs, [r.meta["rejected"] for r in items], batch_size=cfg.evaluation.batch_size, adapter=adapter)

@@ -25,6 +25,8 @@ set), and each choice comes with its reason. The choices come from the learning 
 
 from __future__ import annotations
 
+from .objectives import objective_of
+
 CLASSIFICATION_MAX_ANSWER_TOKENS = 16  # answers this short (a label) make a closed-set task
 
 
@@ -49,15 +51,16 @@ def auto_training(cfg, examples: int, mean_tokens: float, params: int, answer_to
 
     closed = (labelled or cfg.use_case.task == "classification") and answer_tokens is not None \
         and answer_tokens <= CLASSIFICATION_MAX_ANSWER_TOKENS
-    if closed and params < 1e9 and n_layers and t.objective == "sft":
+    objective = objective_of(cfg)
+    if closed and params < 1e9 and n_layers and objective.closed_set_freeze:
         choose("method", "freeze", f"short closed-set answers (~{answer_tokens:.0f} tokens) on a {params / 1e6:.0f}M model: "
                                    "the last layers learn the labels; no backward through the rest")
     method = now("method")
     if method == "freeze" and n_layers:
         choose("trainable_layers", max(1, round(0.2 * n_layers)), f"the last 20% of {n_layers} layers")
-    if t.objective not in ("sft", "pretrain"):  # preference steps move far with a small rate: DPO's own papers use 5e-7 (full) to 5e-6
-        choose("learning_rate", {"full": 1e-6, "freeze": 1e-5}.get(method, 5e-5),
-               f"{t.objective} with {method}: preference and RL tuning want a rate far below supervised tuning's")
+    low = objective.default_learning_rate(method, params)
+    if low:  # preference and RL objectives
+        choose("learning_rate", *low)
     elif method in ("lora", "dora", "qlora"):
         choose("learning_rate", 1e-3 if params < 5e8 else 2e-4, f"{method} on a {params / 1e6:.0f}M-parameter model")
         if "lora" not in given:
@@ -69,11 +72,10 @@ def auto_training(cfg, examples: int, mean_tokens: float, params: int, answer_to
     else:
         choose("learning_rate", 1e-3, "freeze on a short budget: 1e-3 beat 5e-4 (0.877 vs 0.834 on BANKING77 in 10 min)")
     choose("epochs", 3.0 if examples < 1000 else 2.0 if examples < 5000 else 1.0, f"{examples:,} examples")
-    if t.objective == "grpo":
-        choose("batch_size", 8, f"prompts per step, each sampled {t.grpo.group_size} times")
-    elif t.objective == "pretrain":
-        choose("batch_size", 8 if mean_tokens <= 512 else 4, f"blocks of ~{mean_tokens:.0f} tokens")
-        choose("packing", False, "pretrain blocks are already packed (documents end to end, no padding)")
+    batch = objective.default_batch(mean_tokens)
+    if batch:  # grpo: prompts; pretrain: blocks
+        for key, value, why in batch:
+            choose(key, value, why)
     elif mean_tokens <= 256:
         choose("batch_size", 16, f"~{mean_tokens:.0f} tokens per example")
         choose("packing", False, "short examples in length-grouped batches: little padding to remove")

@@ -24,11 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.records import Record
-from ..data.tokenize import IGNORE, Tokenized, collate
-from ..models import Loaded
-from .preference import token_logps
-from .rewards import Rewards
+from ...data.prepared import NoLabels, label_set
+from ...data.records import Record
+from ...data.tokenize import IGNORE, Tokenized, collate
+from ...models import Loaded
+from .base import Context, Objective, Setup, TrainError, padded_stats, token_count
+from .preference import low_rate, token_logps
+from ..rewards import Rewards
 
 
 @dataclass
@@ -73,7 +75,7 @@ class GRPOLoss(torch.nn.Module):
         self.stats: dict = {}
         self._layout = None
         if not beta:
-            from .forward import LayoutLoss, llama_parts
+            from ..forward import LayoutLoss, llama_parts
 
             self._layout = [LayoutLoss(model)] if llama_parts(model) is not None else None  # a list: not a submodule
 
@@ -108,7 +110,7 @@ class Rollouts:
 
     def __init__(self, loaded: Loaded, model, g, seed: int, pad_id: int, device, groups: bool = False, labels: list[str] | None = None,
                  cfg=None):
-        from ..engine import Engine, LabelTrie
+        from ...engine import Engine, LabelTrie
 
         self.model, self.g, self.seed, self.pad_id, self.device = model, g, seed, pad_id, device
         self.groups = groups  # lay a step out as one Layout per prompt (GRPOLoss.groups)
@@ -150,7 +152,7 @@ class Rollouts:
             rows.append(Tokenized(p + c, [IGNORE] * len(p) + c))
         advantages = group_advantages(rewards, self.g.group_size).to(self.device)
         if self.groups:
-            from .layout import make_layout
+            from ..layout import make_layout
 
             n = self.g.group_size
             starts = informative_groups(advantages, n) if self.g.skip_flat else range(0, len(rows), n)
@@ -192,3 +194,63 @@ class Rollouts:
         texts, _, _ = self._sample(prompts, 0.0, 1, self.seed)
         got = self.rewards(texts, [p.record for p in prompts])
         return {"reward": sum(got) / len(got), "n": len(got)}
+
+
+def rollout_labels(cfg, prepared) -> list[str] | None:
+    """The label set GRPO's rollouts decode into (training.grpo.constrain; auto: as evaluation.constrain resolves)."""
+    mode = cfg.training.grpo.constrain
+    if mode == "none":
+        return None
+    try:
+        return label_set(cfg, prepared, mode="labels" if mode == "labels" else None)
+    except NoLabels:
+        raise TrainError("training.grpo.constrain: labels, but the data has no labels (set data.columns.label, or training.grpo.constrain: none)") from None
+
+
+class Grpo(Objective):
+    """Prompts replace the examples; each step samples and scores their completions (Rollouts). The validation loss
+    is minus the mean reward of greedy completions, measured before training too."""
+
+    name = "grpo"
+    measures_base = True
+
+    def setup(self, ctx: Context) -> Setup:
+        t, tok = ctx.t, ctx.loaded.tokenizer
+        train, val = prompts_of(tok, ctx.train_records), prompts_of(tok, ctx.val_records)
+        loss = GRPOLoss(ctx.model, t.grpo.beta, t.grpo.epsilon)
+        batches = Rollouts(ctx.loaded, ctx.model, t.grpo, t.seed, tok.pad_token_id, ctx.device, groups=loss.groups,
+                           labels=rollout_labels(self.cfg, ctx.prepared), cfg=self.cfg)
+        ctx.model.train()  # the engine put it in eval mode
+        return Setup(loss, batches, train, val)
+
+    def n_loss(self, b) -> int:
+        if "groups" in b:
+            return sum(layout.n_loss for layout, _ in b["groups"])
+        return token_count(b)
+
+    def stats(self, b):
+        if "groups" in b:  # the prompt (the prefix row) is computed once per group and counted per sample
+            return tuple(sum(x) for x in zip(*((lay.n_tokens, lay.prefix_len + lay.input_ids.numel(),
+                                                 lay.input_ids.shape[0] + (1 if lay.prefix_len else 0)) for lay, _ in b["groups"])))
+        return padded_stats(b)
+
+    def validate(self, setup, val_batches):
+        reward = setup.batches.validate(val_batches)["reward"]
+        return -reward, {"val_reward": round(reward, 6)}
+
+    def step_fields(self, setup) -> dict:
+        """KL of the step, the rollouts' rewards, their spread and the completion length."""
+        stats = setup.loss_module.stats or {}
+        return ({"kl": round(stats["kl"], 6)} if "kl" in stats else {}) | (setup.batches.last_stats or {})
+
+    def describe_gain(self, base, best):
+        return "val reward before -> best", f"{-base:.4f} -> {-best:.4f}"
+
+    def eval_metrics(self, preds, items):
+        return {"reward": Rewards(self.t.grpo.rewards, self.cfg)(preds, items)}
+
+    def default_learning_rate(self, method, params):
+        return low_rate(self.name, method)
+
+    def default_batch(self, mean_tokens):
+        return [("batch_size", 8, f"prompts per step, each sampled {self.t.grpo.group_size} times")]

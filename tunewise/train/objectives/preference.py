@@ -2,7 +2,7 @@
 
 A micro-batch holds B pairs as 2B rows (the chosen conversations, then the rejected ones), right-padded;
 only the last answer's tokens carry labels. The loss module returns the *sum* of per-pair losses, and the
-loop divides by the pairs of the whole step (`_n_loss`), as it divides token losses for SFT.
+loop divides by the pairs of the whole step (`Preference.n_loss`), as it divides token losses for SFT.
 
 - DPO: -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))), with label smoothing
   (the conservative DPO of Mitchell 2023) and an optional SFT term on the chosen answer. The reference is the
@@ -26,15 +26,16 @@ share of pairs whose margin is positive; KTO: of examples whose reward has the l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ..data.preference import is_pair, is_unpaired, rejected_messages
-from ..data.tokenize import IGNORE, Tokenized, collate, tokenize_many, truncate
+from ...data.preference import is_pair, is_unpaired, rejected_messages
+from ...data.tokenize import IGNORE, Tokenized, collate, tokenize_many, truncate
+from .base import Context, Objective, Setup, TrainError, padded_stats
 
 OBJECTIVES = ("dpo", "orpo", "kto")
-REFERENCE = ("dpo", "kto")  # the objectives that compare with the model before training
 
 
 @dataclass
@@ -223,3 +224,77 @@ def preference_validation(loss_fn, batches) -> dict:
     loss_fn.model.train()
     n = max(pairs, 1)
     return {"loss": total / n, "accuracy": correct / n, "margin": margin / n, "pairs": int(pairs)}
+
+
+def low_rate(objective: str, method: str) -> tuple[float, str]:
+    """Preference and RL steps move far with a small rate: DPO's own papers use 5e-7 (full) to 5e-6."""
+    return ({"full": 1e-6, "freeze": 1e-5}.get(method, 5e-5),
+            f"{objective} with {method}: preference and RL tuning want a rate far below supervised tuning's")
+
+
+class Preference(Objective):
+    """DPO, ORPO and KTO: pairs (KTO: an example and its KL row) replace the tokenized examples."""
+
+    unpaired: ClassVar[bool] = False
+    reference: ClassVar[bool] = True  # compares with the model before training (its log-probs, once)
+
+    def setup(self, ctx: Context) -> Setup:
+        t, tok = ctx.t, ctx.loaded.tokenizer
+        fn = tokenize_unpaired if self.unpaired else tokenize_pairs
+        train, dropped = fn(tok, ctx.train_records, self.cfg.data.max_length)
+        if not train:
+            wanted = ("unpaired feedback or preference pairs, and the training split has neither (use trl-kto, openai-preference, "
+                      "trl-preference or hh-rlhf" if self.unpaired else
+                      "preference pairs, and the training split has none (use openai-preference, trl-preference or hh-rlhf")
+            raise TrainError(f"training.objective: {self.name} needs {wanted}; data.format is {self.cfg.data.format})"
+                             + (f"; {dropped} do not fit data.max_length={self.cfg.data.max_length}" if dropped else ""))
+        val = fn(tok, ctx.val_records, self.cfg.data.max_length)[0]
+        if self.reference:  # the reference is the model as it is now
+            if ctx.say:
+                ctx.say(f"{self.name}: the reference log-probs of {len(train) + len(val):,} {'examples' if self.unpaired else 'pairs'}, "
+                        "once, from the model before training")
+            reference_logps(ctx.model, train + val, tok.pad_token_id, ctx.loaded.device, t.batch_size)
+        p = t.preference
+        loss = PreferenceLoss(ctx.model, self.name, p.beta, p.label_smoothing, p.sft_weight, p.desirable_weight, p.undesirable_weight)
+        if t.share_prefix or t.packing or (t.method == "freeze" and t.cache_frozen):
+            ctx.notes.append(f"share_prefix/packing/cache_frozen: off for objective {self.name} (pairs run as padded rows)")
+        return Setup(loss, PairBatches(tok.pad_token_id, ctx.device), train, val)
+
+    def n_loss(self, b) -> int:
+        """The loss is summed per pair (chosen rows, then rejected): divided by the pairs of the step."""
+        return b["input_ids"].shape[0] // 2
+
+    def stats(self, b):
+        return padded_stats(b)
+
+    def validate(self, setup, val_batches):
+        v = preference_validation(setup.loss_module, val_batches)
+        return v["loss"], {"val_pref_accuracy": round(v["accuracy"], 4), "val_reward_margin": round(v["margin"], 6)}
+
+    def step_fields(self, setup) -> dict:
+        """Preference margin and accuracy of the step's last micro-batch; KTO's KL estimate."""
+        stats = setup.loss_module.stats or {}
+        out = {}
+        if "pairs" in stats:
+            out["reward_margin"] = round(stats["margin_sum"] / max(stats["pairs"], 1), 6)
+            out["pref_accuracy"] = round(stats["correct"] / max(stats["pairs"], 1), 4)
+        if "kl" in stats:
+            out["kl"] = round(stats["kl"], 6)
+        return out
+
+    def default_learning_rate(self, method, params):
+        return low_rate(self.name, method)
+
+
+class Dpo(Preference):
+    name = "dpo"
+
+
+class Orpo(Preference):
+    name = "orpo"
+    reference = False
+
+
+class Kto(Preference):
+    name = "kto"
+    unpaired = True
