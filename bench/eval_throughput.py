@@ -69,7 +69,7 @@ def main():
             single_text.append(tok.decode(gen, skip_special_tokens=True).strip())
     single_s = time.time() - t0
 
-    from tunewise.engine import _common_prefix
+    from tunewise.engine.prefill import _common_prefix
 
     prompts = eng._prompts(convs)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -99,7 +99,7 @@ def main():
                       f"{gen_tokens / floor_s:.1f}", f"{floor_s:.1f}", f"{single_s / floor_s:.2f}x", "")
         # what evaluation.perplexity adds: the reference answers' teacher-forced NLL, with the batch's shared prefix run
         # once (as decoding does) and, for comparison, every prompt whole; "speed-up" is against this batch's generation
-        import tunewise.engine as engine_module
+        import tunewise.engine.prefill as engine_module
 
         refs = [r.label or r.answer for r in items]
         default_min = engine_module.MIN_SHARED_PREFIX

@@ -43,7 +43,7 @@ def test_batched_greedy_equals_single_generate(tiny_model):
 def test_chunked_prefill_and_dropping_finished_rows_are_exact(tiny_model, monkeypatch, system):
     """Many rows of different lengths, prefilled in several chunks; rows end at different steps (extra end
     tokens), so finished rows are dropped from the batch mid-way. Every answer must equal generate's."""
-    import tunewise.engine as engine_mod
+    import tunewise.engine.prefill as engine_mod
 
     plain = load_model(str(tiny_model))
     eng = Engine(load_model(str(tiny_model)))
@@ -70,7 +70,7 @@ def test_chunked_prefill_and_dropping_finished_rows_are_exact(tiny_model, monkey
 def test_identical_prompts_are_prefilled_once_and_answer_exactly(tiny_model, monkeypatch):
     """n samples of one prompt (GRPO's groups, serve's n): the distinct prompts are prefilled once and their cache copied
     to each copy. Greedy answers equal one-at-a-time generate; sampled ones equal the engine without the sharing."""
-    import tunewise.engine as engine_mod
+    import tunewise.engine.prefill as engine_mod
 
     plain = load_model(str(tiny_model))
     eng = Engine(load_model(str(tiny_model)))
@@ -119,7 +119,7 @@ def test_adapter_selected_per_request(tiny_project, tmp_path):
 
 def test_shared_prefix_path_equals_single_generate(tiny_model):
     """Prompts with a long common system prompt take the prefix-cache path; answers must not change."""
-    from tunewise.engine import MIN_SHARED_PREFIX, _common_prefix
+    from tunewise.engine.prefill import MIN_SHARED_PREFIX, _common_prefix
 
     eng = Engine(load_model(str(tiny_model)))
     system = {"role": "system", "content": "You are a careful banking assistant. Answer with one intent label only."}
@@ -134,7 +134,7 @@ def test_shared_prefix_path_equals_single_generate(tiny_model):
 
 
 def test_shared_prefix_path_is_exact_with_an_adapter(tiny_project, tmp_path, monkeypatch):
-    import tunewise.engine as engine_mod
+    import tunewise.engine.prefill as engine_mod
     from tunewise.config import load_config
     from tunewise.train.loop import train
 
@@ -295,3 +295,70 @@ def test_reference_nll_with_the_shared_prefix_equals_each_item_alone(tiny_model)
         logits = eng.model(input_ids=torch.tensor([ids])).logits[0, :-1]
         want = F.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=-100, reduction="sum")
         assert n == sum(x != -100 for x in labels) and abs(nll - float(want)) < 1e-9
+
+
+# The engine's parts, one at a time (prefill.py, decode.py, constraints.py).
+
+def test_prefill_gives_each_row_the_logits_of_its_whole_prompt(tiny_model):
+    """Duplicates prefilled once, a shared prefix run once, the rest in chunks: each row's next-token logits equal
+    one forward of that row's whole prompt. float64 (model.dtype), so the bound is float64 rounding of the
+    different summation order (prefix and suffix in separate calls), far below any real difference (~1e-2)."""
+    from tunewise.engine.prefill import prefill_rows, shared_length
+
+    loaded = load_model(str(tiny_model), dtype="float64")
+    tok, model = loaded.tokenizer, loaded.model.eval()
+    head = [{"role": "system", "content": "You are a careful banking assistant."}]
+    convs = [head + [{"role": "user", "content": q}] for q in ("card?", "card?", "Where is my new card", "pin blocked please")]
+    prompts = sorted((tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for c in convs),
+                     key=len)
+    assert shared_length(prompts) > 0  # the prefix pass is taken
+    with torch.no_grad():
+        pre = prefill_rows(model, prompts, tok.pad_token_id, torch.device("cpu"), model.config.num_hidden_layers, 4)
+        for row, p in enumerate(prompts):
+            want = model(input_ids=torch.tensor([p])).logits[0, -1]
+            assert torch.allclose(pre.logits[row], want, atol=1e-10, rtol=0)
+    assert pre.next_pos.tolist() == [len(p) for p in prompts] and pre.prompts == prompts
+
+
+def test_a_row_ends_on_end_of_turn_or_a_stop_string_and_keeps_its_tokens(smol_tokenizer):
+    """The per-row state: end-of-turn ends the row without its token; a stop string ends it after the token that
+    completes it; other tokens are appended and reported."""
+    import time
+
+    from tunewise.engine.decode import RowState, Step, advance, stop_window
+
+    tok = smol_tokenizer
+    seen = []
+    s = Step(8, 0.0, 1.0, torch.Generator(), eos={tok.eos_token_id}, stop=["END"], on_token=lambda row, ids: seen.append(list(ids)))
+    window = stop_window(s.stop)
+    st = RowState()
+    for t in tok.encode("hello there", add_special_tokens=False):
+        advance(tok, st, 0, t, s, time.time(), window)
+    assert not st.finished and tok.decode(st.ids) == "hello there" and seen[-1] == st.ids
+    advance(tok, st, 0, tok.eos_token_id, s, time.time(), window)
+    assert st.finished and st.reason == "stop" and tok.eos_token_id not in st.ids
+    st = RowState()
+    for t in tok.encode("a b END c", add_special_tokens=False):
+        if not st.finished:
+            advance(tok, st, 0, t, s, time.time(), window)
+    assert st.finished and tok.decode(st.ids).endswith("END")
+
+
+def test_a_label_trie_allows_only_continuations_and_fills_in_a_single_answer_left(smol_tokenizer):
+    from tunewise.engine.constraints import LabelTrie, TrieRows
+
+    tok = smol_tokenizer
+    labels = ["card_arrival", "card_linking", "cash_withdrawal"]
+    trie = LabelTrie(tok, labels)
+    rows = TrieRows(trie, 2, eos={tok.eos_token_id})
+    logits = torch.zeros(2, len(tok))
+    masked = rows.mask(logits, [0, 1])
+    firsts = {tok.encode(x, add_special_tokens=False)[0] for x in labels}
+    assert set(torch.isfinite(masked[0]).nonzero().flatten().tolist()) == firsts
+    cash = tok.encode("cash_withdrawal", add_special_tokens=False)
+    rest = rows.accept(1, cash[0])  # only one label starts this way: the rest comes without model steps
+    assert rest == cash[1:]
+    card = tok.encode("card_arrival", add_special_tokens=False)
+    if card[0] == tok.encode("card_linking", add_special_tokens=False)[0]:
+        assert rows.accept(0, card[0]) is None  # two labels still possible
+    assert not rows.complete(0)

@@ -301,7 +301,7 @@ def test_answers_restricted_to_a_choice_list_in_the_shapes_clients_send(server, 
     ({"guided_choice": INTENTS, "guided_regex": "[a-z]+"}, "guided_choice and guided_regex"),
 ])
 def test_constraints_that_cannot_be_enforced_are_a_400_naming_the_field(server, extra, field, monkeypatch):
-    monkeypatch.setattr("tunewise.engine.MAX_CHOICES", 50)  # the real limit (10,000) does not fit the test server's body limit
+    monkeypatch.setattr("tunewise.engine.constraints.MAX_CHOICES", 50)  # the real limit (10,000) does not fit the test server's body limit
     msgs = [{"role": "user", "content": "hi"}]
     r = _post(server, "/v1/chat/completions", {"model": "base", "messages": msgs, **extra})
     assert r.status_code == 400, r.text
