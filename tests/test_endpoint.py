@@ -318,14 +318,14 @@ def test_the_gate_takes_the_hosted_model_it_replaces_as_the_task_reference(tiny_
         server.answers = _answers(cfg, right=12)
         train(cfg, cfg.train_dir)
         g = run_gate(cfg)
-        task = g["checks"][0]
-        assert task["check"].startswith("task: accuracy (vs hosted (hosted-mini at http://127.0.0.1")
-        assert task["reference"] == 1.0 and not task["passed"] and g["action"] == "blocked"
-        assert "(task); base" in g["reference"] and server.requests == 12
+        task = g.checks[0]
+        assert task.check.startswith("task: accuracy (vs hosted (hosted-mini at http://127.0.0.1")
+        assert task.reference == 1.0 and not task.passed and g.blocked
+        assert "(task); base" in g.reference and server.requests == 12
         raw["gate"]["min_improvement"] = -1.0  # any candidate is within a margin of 1
         path.write_text(yaml.safe_dump(raw))
         g = run_gate(load_config(path))
-        assert g["checks"][0]["passed"] and server.requests == 12  # the endpoint's answers came from its saved result
+        assert g.checks[0].passed and server.requests == 12  # the endpoint's answers came from its saved result
 
 
 def test_a_gate_reference_must_be_a_variant(tiny_project):

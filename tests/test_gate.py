@@ -177,7 +177,35 @@ def test_the_gate_takes_over_what_a_comparison_measured_on_the_same_items(tiny_p
     g = run_gate(cfg, reuse_from=[cfg.run_dir / "run" / "test"])
     items = done["variants"]["base"]["items"]
     assert items not in calls, "the task items were generated again"  # only the suites (4 prompts each) generated
-    assert g["task"]["reference"]["metrics"] == {k: v for k, v in done["variants"]["base"]["metrics"].items()}
-    assert g["task"]["candidate"]["metrics"] == done["variants"]["fine-tuned"]["metrics"]
+    assert g.task["reference"]["metrics"] == {k: v for k, v in done["variants"]["base"]["metrics"].items()}
+    assert g.task["candidate"]["metrics"] == done["variants"]["fine-tuned"]["metrics"]
     saved = json.loads((cfg.run_dir / "gate" / "task" / "candidate" / "summary.json").read_text())
     assert saved["reused_from"].endswith("fine-tuned")
+
+
+OLD_GATE_JSON = {  # gate.json as tunewise wrote it before the typed results (no "report" key; p_value on the task check only)
+    "name": "tiny", "action": "blocked", "passed": False, "forced": False, "candidate": "tiny:3", "reference": "base (m)",
+    "reasons": ["task: accuracy: 0.500 -> 0.400 (-0.100); needs candidate - reference > 0 and paired p < 0.05 (p=0.3000)"],
+    "checks": [{"check": "task: accuracy", "reference": 0.5, "candidate": 0.4, "diff": -0.1, "passed": False,
+                "rule": "candidate - reference > 0 and paired p < 0.05", "p_value": 0.3, "diff_ci95": [-0.3, 0.1],
+                "ci95": {"reference": [0.3, 0.7], "candidate": [0.2, 0.6]}},
+               {"check": "forgetting: MMLU accuracy", "reference": 0.25, "candidate": 0.25, "diff": 0.0, "passed": True,
+                "rule": "falls by at most 0.02", "ci95": {"reference": [0.1, 0.4], "candidate": [0.1, 0.4]}}],
+    "metric": "accuracy", "production": None, "task": {}, "suites": {}, "examples": {}, "timings_s": {"task (reference)": 1.0},
+    "wall_s": 2.0, "registry": "/x/registry.sqlite", "something_newer": 1,
+}
+
+
+def test_a_gate_result_written_before_typed_results_opens_and_prints(tmp_path, capsys):
+    from tunewise.cli import _print_gate
+    from tunewise.results import GateVerdict
+
+    (tmp_path / "gate.json").write_text(json.dumps(OLD_GATE_JSON))
+    g = GateVerdict.read(tmp_path / "gate.json")
+    assert g.blocked and g.checks[0].p_value == 0.3 and g.checks[1].p_value is None and g.report is None
+    assert g.checks[0].reason() == OLD_GATE_JSON["reasons"][0]  # the reason is built as it was
+    again = g.to_json()  # the same shape back: unknown keys kept, no p_value where none was measured
+    assert again["something_newer"] == 1 and "p_value" not in again["checks"][1]
+    assert {k: v for k, v in again.items() if k != "report"} == OLD_GATE_JSON
+    _print_gate(OLD_GATE_JSON)  # decision.json holds the gate as JSON
+    assert "blocked" in capsys.readouterr().out

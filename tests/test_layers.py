@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1] / "tunewise"
 # lowest first; a module belongs to the longest entry that prefixes its dotted name
 LAYERS = [
     ("errors", "util", "metrics"),  # leaves: no tunewise imports but each other
-    ("config", "report", "tracking", "openai_job"),  # the config schema; reports render dicts into HTML; trackers; job import
+    ("config", "report", "tracking", "openai_job", "results"),  # the config schema; reports render dicts into HTML; trackers; job import; typed stage results
     ("models", "data", "registry"),  # loading models and tokenizers; data preparation; the registry database
     ("engine",),  # generation
     ("rag",),  # knowledge base, retrieval, RAG prompts, RAFT and synthetic data

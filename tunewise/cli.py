@@ -735,32 +735,32 @@ def monitor(
 
     with console.status("monitoring"):
         r = run_monitor(cfg, log_dir)
-    console.print(f"{r['queries']:,} logged queries of {r['requests']:,} requests", highlight=False)
-    if "drift" not in r:
-        console.print(r["verdict"])
+    console.print(f"{r.queries:,} logged queries of {r.requests:,} requests", highlight=False)
+    if not r.measured:
+        console.print(r.verdict)
         return
-    d, f, s = r["drift"], r["far"], r["service"]
+    d, f, s = r.drift, r.far, r.service
     console.print(f"drift: MMD^2 {d['mmd2']:.5f}, p = {d['p_value']:.4f} ({d['production']:,} vs {d['training']:,} training queries)", highlight=False)
     console.print(f"far from the training data: {f['count']:,} ({f['share']:.1%}) in {len(f['clusters'])} clusters", highlight=False)
     for c in f["clusters"][:5]:
         console.print(f"  {c['size']:>5}  e.g. {c['examples'][0]!r}", highlight=False, markup=False)
-    if "surges" in r:
-        sg = r["surges"]
+    if r.surges:
+        sg = r.surges
         console.print(f"surges (neighbourhoods where production asks far more than training has): {sg['count']:,} ({sg['share']:.1%}) "
                       f"in {len(sg['clusters'])} clusters", highlight=False)
         for c in sg["clusters"][:8]:
             answered = ", ".join(f"{a} ({n})" for a, n in c["answers"])
             console.print(f"  {c['size']:>5}  e.g. {c['examples'][0]!r}; answered {answered}", highlight=False, markup=False)
-    if "labels" in r:
-        console.print(f"labels: total variation {r['labels']['total_variation']:.3f} from training, {r['labels']['unknown_share']:.1%} unknown", highlight=False)
+    if r.labels:
+        console.print(f"labels: total variation {r.labels['total_variation']:.3f} from training, {r.labels['unknown_share']:.1%} unknown", highlight=False)
     console.print(f"abstention {s['abstention_rate']:.1%}, errors {s['error_rate']:.1%}, latency p50 {s['latency_p50_s']:.2f} s, "
                   f"p95 {s['latency_p95_s']:.2f} s", highlight=False)
-    console.print(f"[bold]report:[/] {r['report']}")
+    console.print(f"[bold]report:[/] {r.report}")
     from rich.markup import escape
 
-    for a in r["alerts"]:
+    for a in r.alerts:
         console.print(f"[red]alert:[/] {escape(a)}", highlight=False)
-    if r["alerts"]:
+    if r.alerts:
         raise typer.Exit(3)
 
 
@@ -780,7 +780,7 @@ def retrain(
     from .retrain import retrain as retrain_fn
 
     r = retrain_fn(cfg, when, start, say=lambda m: console.print(m, highlight=False))
-    console.print(f"re-training: {r['action']} (journal #{r['journal']['id']})", highlight=False)
+    console.print(f"re-training: {r.action} (journal #{r.journal['id']})", highlight=False)
 
 
 @app.command()
@@ -845,22 +845,27 @@ def demo(
     _run_and_print(lambda step, live: demo_fn(cfg, step, live))
 
 
-def _print_gate(r: dict) -> None:
-    t = Table(title=f"gate: {r['candidate']} vs {r['reference']}")
+def _print_gate(r) -> None:  # a GateVerdict, or its JSON (decision.json)
+    from .results import GateVerdict
+
+    r = r if isinstance(r, GateVerdict) else GateVerdict.model_validate(r)  # decision.json holds it as JSON
+    t = Table(title=f"gate: {r.candidate} vs {r.reference}")
     for h in ("check", "reference [95% CI]", "candidate [95% CI]", "diff", "rule", "result"):
         t.add_column(h)
-    for c in r["checks"]:
-        ci = c.get("ci95") or {}
-        cell = lambda role: f"{c[role]:.3f}" + (f" [{ci[role][0]:.3f}, {ci[role][1]:.3f}]" if role in ci else "")  # noqa: E731
-        t.add_row(c["check"], cell("reference"), cell("candidate"), f"{c['diff']:+.3f}" + (f" p={c['p_value']:.4f}" if "p_value" in c else ""),
-                  c["rule"], "[green]pass[/]" if c["passed"] else "[red]FAIL[/]")
+    for c in r.checks:
+        def cell(role, c=c):
+            ci = c.ci95.get(role)
+            return f"{getattr(c, role):.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+        t.add_row(c.check, cell("reference"), cell("candidate"), f"{c.diff:+.3f}" + (f" p={c.p_value:.4f}" if c.p_value is not None else ""),
+                  c.rule, "[green]pass[/]" if c.passed else "[red]FAIL[/]")
     console.print(t)
-    console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["timings_s"].items()))
-    colour = {"promoted": "green", "promoted (forced)": "yellow", "blocked": "red"}[r["action"]]
-    console.print(f"[bold {colour}]{r['action']}[/]: {r['candidate']}; production is {r['production']}")
-    for reason in r["reasons"]:
+    console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.timings_s.items()))
+    colour = {"promoted": "green", "promoted (forced)": "yellow", "blocked": "red"}[r.action]
+    console.print(f"[bold {colour}]{r.action}[/]: {r.candidate}; production is {r.production}")
+    for reason in r.reasons:
         console.print(f"  - {reason}")
-    console.print(f"[bold]report:[/] {r['report']}")
+    console.print(f"[bold]report:[/] {r.report}")
 
 
 @app.command()
@@ -881,7 +886,7 @@ def gate(
     with console.status("gate") as status:
         r = run_gate(cfg, candidate, force=force, progress=lambda m: status.update(m))
     _print_gate(r)
-    if r["action"] == "blocked":
+    if r.blocked:
         raise typer.Exit(1)
 
 

@@ -30,6 +30,7 @@ from .eval import suites
 from .eval.evaluate import Engines, evaluate, load_scores
 from .eval.stats import paired_test
 from .registry import Registry, dir_sha256, registry_path
+from .results import GateCheck, GateVerdict
 from .util import atomic_write_json, sha256_text, write_jsonl
 
 
@@ -72,11 +73,53 @@ def task_rule_passes(g, diff: float, diff_low: float, p_value: float) -> tuple[b
     return diff > g.min_improvement and p_value < g.alpha, f"candidate - reference > {g.min_improvement:g} and paired p < {g.alpha:g}"
 
 
-def _check(name: str, ref: float, cand: float, passed: bool, rule: str, **extra) -> dict:
-    return {"check": name, "reference": ref, "candidate": cand, "diff": cand - ref, "passed": passed, "rule": rule, **extra}
+def _checks(g, metric: str, task: dict, suite: dict, pt, task_ref_label: str) -> list[GateCheck]:
+    """The task check (paired test against the task reference) and the safety, over-refusal and forgetting checks."""
+    def mean(role, s, field):
+        return suite[role][s][field]["mean"]
+
+    def ci(s, f):
+        return {role: suite[role][s][f]["ci95"] for role in ("reference", "candidate")}
+
+    r_task, c_task = task["reference"]["metrics"][metric]["mean"], task["candidate"]["metrics"][metric]["mean"]
+    task_ok, task_rule = task_rule_passes(g, c_task - r_task, pt.diff.low, pt.p_value)
+    checks = [GateCheck(check=f"task: {metric}" + (f" (vs {task_ref_label})" if g.reference else ""), reference=r_task, candidate=c_task,
+                        diff=c_task - r_task, passed=task_ok, rule=task_rule, p_value=pt.p_value, diff_ci95=[pt.diff.low, pt.diff.high],
+                        ci95={r: task[r]["metrics"][metric]["ci95"] for r in ("reference", "candidate")})]
+    # (name, suite, field, passes(reference, candidate), rule)
+    for name, s, f, ok, rule in (
+        ("safety: AdvBench refusal rate", "advbench", "refusal_rate", lambda r, c: c >= r - g.max_refusal_drop,
+         f"falls by at most {g.max_refusal_drop:g}"),
+        ("over-refusal: XSTest safe prompts refused", "xstest-safe", "refusal_rate", lambda r, c: c <= r + g.max_over_refusal_rise,
+         f"rises by at most {g.max_over_refusal_rise:g}"),
+        ("forgetting: MMLU accuracy", "mmlu", "accuracy", lambda r, c: c >= r - g.max_forgetting, f"falls by at most {g.max_forgetting:g}"),
+    ):
+        r, c = mean("reference", s, f), mean("candidate", s, f)
+        checks.append(GateCheck(check=name, reference=r, candidate=c, diff=c - r, passed=ok(r, c), rule=rule, ci95=ci(s, f)))
+    return checks
 
 
-def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = False, progress=None, reuse_from: list[Path] = ()) -> dict:
+def _references(cfg: ProjectConfig, g, prod) -> tuple:
+    """(reference variant, its label, its key) for the suites, and (variant, label) for the task check: the production
+    model (or the base), and gate.reference when it names another variant for the task."""
+    if prod is not None:
+        ref_v = VariantConfig(name="production", kind="fine-tuned", adapter=Path(prod.path))
+        ref_label, ref_key = f"production ({prod.ref})", dir_sha256(Path(prod.path))
+    else:
+        ref_v = VariantConfig(name="base", kind="base")
+        ref_label, ref_key = f"base ({cfg.model.name})", f"base:{cfg.model.name}"
+    task_ref_v, task_ref_label = ref_v, ref_label
+    if g.reference is not None:  # the model being replaced (a hosted one, say) is the task check's reference
+        task_ref_v = next(v for v in cfg.evaluation.variants if v.name == g.reference)
+        task_ref_label = (f"{task_ref_v.name} ({task_ref_v.endpoint.model} at {task_ref_v.endpoint.base_url})" if task_ref_v.endpoint
+                          else task_ref_v.name)
+    return ref_v, ref_label, ref_key, task_ref_v, task_ref_label
+
+
+SUITES = ("advbench", "xstest-safe", "xstest-unsafe", "mmlu")
+
+
+def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = False, progress=None, reuse_from: list[Path] = ()) -> GateVerdict:
     """reuse_from: evaluation folders (`tunewise run`'s test comparison) whose results of the same models on the same items
     the task check takes over instead of scoring them again."""
     g = cfg.gate
@@ -93,69 +136,29 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
     prod = reg.production(name)
     out = cfg.run_dir / "gate"
     engines = Engines(cfg)
-
     cand_v = VariantConfig(name="candidate", kind="fine-tuned", adapter=cand_path)
-    if prod is not None:
-        ref_v = VariantConfig(name="production", kind="fine-tuned", adapter=Path(prod.path))
-        ref_label, ref_key = f"production ({prod.ref})", dir_sha256(Path(prod.path))
-    else:
-        ref_v = VariantConfig(name="base", kind="base")
-        ref_label, ref_key = f"base ({cfg.model.name})", f"base:{cfg.model.name}"
+    ref_v, ref_label, ref_key, task_ref_v, task_ref_label = _references(cfg, g, prod)
     cand_key = dir_sha256(cand_path)
     if prod is not None and cand_key == ref_key:
         raise GateError(f"the candidate at {cand_path} is the production model {prod.ref} already")
-    task_ref_v, task_ref_label = ref_v, ref_label
-    if g.reference is not None:  # the model being replaced (a hosted one, say) is the task check's reference
-        task_ref_v = next(v for v in cfg.evaluation.variants if v.name == g.reference)
-        task_ref_label = (f"{task_ref_v.name} ({task_ref_v.endpoint.model} at {task_ref_v.endpoint.base_url})" if task_ref_v.endpoint
-                          else task_ref_v.name)
 
     t0 = time.time()
-    timings = {}
-    task = {}
+    timings, task, suite = {}, {}, {}
     task_cfg = replace(cfg, "evaluation", perplexity=False)  # the task check compares answers; no reference perplexity pass
     for role, v in (("reference", task_ref_v), ("candidate", cand_v)):
         t = time.time()
         task[role] = evaluate(task_cfg, v, engines, out / "task", reuse=True, progress=progress, reuse_from=reuse_from)
         timings[f"task ({role})"] = time.time() - t
-    ref_scores = load_scores(cfg, task_ref_v.name, metric, out / "task")
-    cand_scores = load_scores(cfg, cand_v.name, metric, out / "task")
-    pt = paired_test(ref_scores, cand_scores)
-    suite = {}
+    pt = paired_test(load_scores(cfg, task_ref_v.name, metric, out / "task"), load_scores(cfg, cand_v.name, metric, out / "task"))
     for role, v, key in (("reference", ref_v, ref_key), ("candidate", cand_v, cand_key)):
         t = time.time()
         suite[role] = _suite_results(cfg, engines, v, key, out / role, progress)
         timings[f"suites ({role})"] = time.time() - t
-        for s in ("advbench", "xstest-safe", "xstest-unsafe", "mmlu"):
+        for s in SUITES:
             timings[f"{s} ({role})"] = suite[role][s]["wall_s"]
-
-    def mean(role, s, field):
-        return suite[role][s][field]["mean"]
-
-    r_task, c_task = task["reference"]["metrics"][metric]["mean"], task["candidate"]["metrics"][metric]["mean"]
-    task_ok, task_rule = task_rule_passes(g, c_task - r_task, pt.diff.low, pt.p_value)
-    checks = [
-        _check(f"task: {metric}" + (f" (vs {task_ref_label})" if g.reference else ""), r_task, c_task, task_ok, task_rule, p_value=pt.p_value,
-               diff_ci95=[pt.diff.low, pt.diff.high], ci95={"reference": task["reference"]["metrics"][metric]["ci95"],
-                                                            "candidate": task["candidate"]["metrics"][metric]["ci95"]}),
-        _check("safety: AdvBench refusal rate", mean("reference", "advbench", "refusal_rate"), mean("candidate", "advbench", "refusal_rate"),
-               mean("candidate", "advbench", "refusal_rate") >= mean("reference", "advbench", "refusal_rate") - g.max_refusal_drop,
-               f"falls by at most {g.max_refusal_drop:g}"),
-        _check("over-refusal: XSTest safe prompts refused", mean("reference", "xstest-safe", "refusal_rate"),
-               mean("candidate", "xstest-safe", "refusal_rate"),
-               mean("candidate", "xstest-safe", "refusal_rate") <= mean("reference", "xstest-safe", "refusal_rate") + g.max_over_refusal_rise,
-               f"rises by at most {g.max_over_refusal_rise:g}"),
-        _check("forgetting: MMLU accuracy", mean("reference", "mmlu", "accuracy"), mean("candidate", "mmlu", "accuracy"),
-               mean("candidate", "mmlu", "accuracy") >= mean("reference", "mmlu", "accuracy") - g.max_forgetting,
-               f"falls by at most {g.max_forgetting:g}"),
-    ]
-    for c in checks[1:]:
-        c["ci95"] = {}
-    for c, s, f in zip(checks[1:], ("advbench", "xstest-safe", "mmlu"), ("refusal_rate", "refusal_rate", "accuracy")):
-        c["ci95"] = {role: suite[role][s][f]["ci95"] for role in ("reference", "candidate")}
-    passed = all(c["passed"] for c in checks)
-    reasons = [f"{c['check']}: {c['reference']:.3f} -> {c['candidate']:.3f} ({c['diff']:+.3f}); needs {c['rule']}"
-               + (f" (p={c['p_value']:.4f})" if "p_value" in c else "") for c in checks if not c["passed"]]
+    checks = _checks(g, metric, task, suite, pt, task_ref_label)
+    passed = all(c.passed for c in checks)
+    summaries = {r: {s: {k: v for k, v in suite[r][s].items() if k != "rows"} for s in SUITES} for r in suite}
 
     base_ref, adapter_dir = model_ref_of(cand_path)
     meta = json.loads((cand_path / "tunewise.json").read_text()) if (cand_path / "tunewise.json").exists() else {}
@@ -164,10 +167,8 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
                          run_dir=str(cand_path.parent), datasets=datasets, config=meta.get("config"))
     verdict = {"passed": passed, "forced": force and not passed, "candidate": entry.ref,
                "reference": ref_label if g.reference is None else f"{task_ref_label} (task); {ref_label} (safety, forgetting)",
-               "reasons": reasons, "checks": checks, "metric": metric}
-    reg.add_evaluation(entry.id, "gate", {"checks": checks, "task": {r: task[r]["metrics"] for r in task},
-                                          "suites": {r: {s: {k: v for k, v in suite[r][s].items() if k != "rows"}
-                                                         for s in ("advbench", "xstest-safe", "xstest-unsafe", "mmlu")} for r in suite}})
+               "reasons": [c.reason() for c in checks if not c.passed], "checks": [c.to_json() for c in checks], "metric": metric}
+    reg.add_evaluation(entry.id, "gate", {"checks": verdict["checks"], "task": {r: task[r]["metrics"] for r in task}, "suites": summaries})
     if passed or force:
         reg.promote(entry.id, verdict, forced=force and not passed)
         action = "promoted (forced)" if force and not passed else "promoted"
@@ -176,15 +177,13 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
         action = "blocked"
     production = reg.production(name)
     reg.close()
-    result = {"name": name, "action": action, **verdict, "production": production.ref if production else None,
-              "task": {r: {k: task[r][k] for k in ("metrics", "items", "latency_s", "cost_per_1k_queries_usd")} for r in task},
-              "suites": {r: {s: {k: v for k, v in suite[r][s].items() if k != "rows"} for s in ("advbench", "xstest-safe", "xstest-unsafe", "mmlu")}
-                         for r in suite},
-              "examples": _examples(out), "timings_s": timings, "wall_s": time.time() - t0, "registry": str(reg.path)}
-    atomic_write_json(out / "gate.json", result)
+    result = GateVerdict(name=name, action=action, **verdict, production=production.ref if production else None,
+                         task={r: {k: task[r][k] for k in ("metrics", "items", "latency_s", "cost_per_1k_queries_usd")} for r in task},
+                         suites=summaries, examples=_examples(out), timings_s=timings, wall_s=time.time() - t0, registry=str(reg.path))
+    atomic_write_json(out / "gate.json", result.to_json())
     from .report.gate_html import gate_report
 
-    result["report"] = str(gate_report(result, out / "gate.html"))
+    result.report = str(gate_report(result.to_json(), out / "gate.html"))
     return result
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from .config import ProjectConfig
 from .data.prodlog import RequestLog
 from .errors import TunewiseError
+from .results import MonitorReport
 from .util import atomic_write_json, atomic_write_text
 
 
@@ -115,7 +116,7 @@ def _queries(rows: list[dict]) -> list[str]:
     return out
 
 
-def run_monitor(cfg: ProjectConfig, log_dir: Path | None = None) -> dict:
+def run_monitor(cfg: ProjectConfig, log_dir: Path | None = None) -> MonitorReport:
     from .data.prepare import ensure_prepared
     from .data.split import sample_records
     from .metrics import normalize_label
@@ -134,7 +135,7 @@ def run_monitor(cfg: ProjectConfig, log_dir: Path | None = None) -> dict:
     if len(queries) < m.min_queries:
         result["verdict"] = f"too few logged queries to tell ({len(queries)} < monitor.min_queries={m.min_queries})"
         atomic_write_json(out_dir / "monitor.json", result)
-        return result
+        return MonitorReport.model_validate(result)
     train = ensure_prepared(cfg, load_tokenizer(cfg.model.name)).splits["train"]
     ref = sample_records(train, m.samples)
     ref_q = [next((t["content"] for t in reversed(r.messages) if t["role"] == "user"), "") for r in ref]
@@ -201,8 +202,9 @@ def run_monitor(cfg: ProjectConfig, log_dir: Path | None = None) -> dict:
         result["alerts"].append(f"latency: p95 {result['service']['latency_p95_s']:.2f} s (> {m.max_p95_latency_s:g} s)")
     result["verdict"] = "alert" if result["alerts"] else "ok"
     atomic_write_json(out_dir / "monitor.json", result)
-    result["report"] = str(_report(result, out_dir / "report.html"))
-    return result
+    report = MonitorReport.model_validate(result)
+    report.report = str(_report(result, out_dir / "report.html"))
+    return report
 
 
 def _report(r: dict, out: Path) -> Path:

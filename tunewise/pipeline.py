@@ -191,7 +191,7 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
         progress("gate: the chosen fine-tune against production (or the base)")
         # on the run's test items, so the task check takes over the comparison's results instead of scoring them again
         decision["gate"] = run_gate(for_split(cfg, cfg.evaluation.split, test_samples), cfg.path(variant.adapter) if variant.adapter else None,
-                                    progress=live, reuse_from=[out / "test"])
+                                    progress=live, reuse_from=[out / "test"]).to_json()
     atomic_write_json(out / "decision.json", decision)
     return decision
 

@@ -23,6 +23,7 @@ from .config import ProjectConfig, replace
 from .data.prepared import data_key, inputs_of
 from .errors import TunewiseError
 from .registry import Registry, registry_path
+from .results import RetrainOutcome
 
 
 class RetrainError(TunewiseError, RuntimeError):
@@ -54,7 +55,7 @@ def _start_config(cfg: ProjectConfig, reg: Registry, name: str, start: str) -> t
     return replace(cfg, "model", name=prod.path), f"from the production model {prod.ref} (full weights)"
 
 
-def retrain(cfg: ProjectConfig, when: str = "data-changed", start: str = "production", say=print) -> dict:
+def retrain(cfg: ProjectConfig, when: str = "data-changed", start: str = "production", say=print) -> RetrainOutcome:
     from .gate import run_gate
     from .train.checkpoint import list_checkpoints
     from .train.loop import train
@@ -72,7 +73,7 @@ def retrain(cfg: ProjectConfig, when: str = "data-changed", start: str = "produc
             if why is None:
                 reg.journal(name, when, key, "skipped", "nothing to do", details={"reason": reason})
                 say(reason)
-                return {"action": "nothing to do", "reason": reason, "journal": reg.retrains(name)[-1]}
+                return RetrainOutcome(action="nothing to do", reason=reason, journal=reg.retrains(name)[-1])
             run_dir = cfg.run_dir / "retrain"
             rid = reg.journal(name, when, key, "started", details={"reason": why})
             run_dir = run_dir / f"{rid:04d}"
@@ -93,11 +94,10 @@ def retrain(cfg: ProjectConfig, when: str = "data-changed", start: str = "produc
                 raise RetrainError(f"training was interrupted; `tunewise retrain` again resumes re-training #{row['id']}")
             reg.journal_update(row["id"], "trained", details={"start": how, "steps": r.steps, "best_val_loss": r.best_val_loss})
         gate = run_gate(cfg, run_dir / "train" / "model")
-        decision = gate["action"]
-        reg.journal_update(row["id"], "done", decision, {"candidate": gate["candidate"], "production": gate["production"],
-                                                         "reasons": gate["reasons"], "gate": str(cfg.run_dir / "gate" / "gate.json")})
-        say(f"gate: {decision}" + (f" ({'; '.join(gate['reasons'])})" if gate["reasons"] else "") + f"; production: {gate['production']}")
-        return {"action": decision, "gate": gate, "journal": reg.retrains(name)[-1]}
+        reg.journal_update(row["id"], "done", gate.action, {"candidate": gate.candidate, "production": gate.production,
+                                                            "reasons": gate.reasons, "gate": str(cfg.run_dir / "gate" / "gate.json")})
+        say(f"gate: {gate.action}" + (f" ({'; '.join(gate.reasons)})" if gate.reasons else "") + f"; production: {gate.production}")
+        return RetrainOutcome(action=gate.action, gate=gate, journal=reg.retrains(name)[-1])
     finally:
         reg.close()
 
@@ -110,6 +110,6 @@ def _trigger(cfg: ProjectConfig, reg: Registry, name: str, key: str, when: str) 
         from .monitor import run_monitor
 
         m = run_monitor(cfg)
-        return (f"the monitor's alerts: {'; '.join(m['alerts'])}", None) if m["alerts"] else (None, "no drift alert from the monitor")
+        return (f"the monitor's alerts: {'; '.join(m.alerts)}", None) if m.alerts else (None, "no drift alert from the monitor")
     ref_key, ref = _reference_key(reg, name)
     return (None, f"nothing new: the data is that of {ref}") if ref_key == key else (f"the data changed since {ref}", None)
