@@ -139,3 +139,15 @@ def test_no_import_cycles_between_modules():
     # the check itself: one added import back is a cycle it reports
     graph["data.records"] = graph["data.records"] | {"data.formats"}
     assert any({"data.formats", "data.records"} <= set(c) for c in cycles(graph))
+
+
+MAX_FUNCTION_LINES = 80  # docs/design.md: a function that needs more says why there (none does today)
+
+
+def test_no_function_is_longer_than_the_limit():
+    long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "functions over the limit (split them, or say why in docs/design.md and here):\n" + "\n".join(long)

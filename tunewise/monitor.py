@@ -116,10 +116,36 @@ def _queries(rows: list[dict]) -> list[str]:
     return out
 
 
+def _label_shift(labels: list[str], outputs: list[str], m, seed: int, alerts: list[str]) -> dict:
+    """How far the answered labels are from the training labels' distribution (total variation, with a p-value from
+    samples of the same size drawn from the training distribution), the share of answers that are no label, and the
+    most answered labels beside their expected counts."""
+    from .metrics import normalize_label
+
+    known = {normalize_label(x): x for x in labels}
+    train_dist = Counter(normalize_label(x) for x in labels)
+    got = Counter(normalize_label(o) for o in outputs)
+    keys = set(train_dist) | set(got)
+    order = sorted(keys)
+    q = np.array([train_dist[k] / len(labels) for k in order])
+    tv = 0.5 * float(np.abs(q - np.array([got[k] / len(outputs) for k in order])).sum())
+    # how far a sample of this size drawn from the training distribution itself falls: small samples of many
+    # labels are far from any distribution, so the distance alone would alert on noise
+    rng = np.random.default_rng(seed)
+    null = 0.5 * np.abs(rng.multinomial(len(outputs), q, size=m.permutations) / len(outputs) - q).sum(1)
+    p_labels = float(((null >= tv).sum() + 1) / (m.permutations + 1))
+    unknown = sum(v for k, v in got.items() if k not in known) / len(outputs)
+    found = {"total_variation": tv, "p_value": p_labels, "unknown_share": unknown,
+             "top": [[known.get(k, k), v, round(train_dist[k] / len(labels) * len(outputs), 1)] for k, v in got.most_common(10)]}
+    if tv > m.max_label_shift and p_labels < m.alert_p_value:
+        alerts.append(f"labels: the answered labels are {tv:.2f} (total variation) from training's distribution "
+                      f"(> {m.max_label_shift:g}, p = {p_labels:.4f})")
+    return found
+
+
 def run_monitor(cfg: ProjectConfig, log_dir: Path | None = None) -> MonitorReport:
     from .data.prepare import ensure_prepared
     from .data.split import sample_records
-    from .metrics import normalize_label
     from .models import load_tokenizer
     from .rag.answer import is_abstention
     from .rag.embed import Embedder
@@ -171,24 +197,7 @@ def run_monitor(cfg: ProjectConfig, log_dir: Path | None = None) -> MonitorRepor
     outputs = [(r.get("outputs") or [""])[0] for r in answered]
     labels = [r.label for r in train if r.label]
     if labels:
-        known = {normalize_label(x): x for x in labels}
-        train_dist = Counter(normalize_label(x) for x in labels)
-        got = Counter(normalize_label(o) for o in outputs)
-        keys = set(train_dist) | set(got)
-        order = sorted(keys)
-        q = np.array([train_dist[k] / len(labels) for k in order])
-        tv = 0.5 * float(np.abs(q - np.array([got[k] / len(outputs) for k in order])).sum())
-        # how far a sample of this size drawn from the training distribution itself falls: small samples of many
-        # labels are far from any distribution, so the distance alone would alert on noise
-        rng = np.random.default_rng(cfg.data.split.seed)
-        null = 0.5 * np.abs(rng.multinomial(len(outputs), q, size=m.permutations) / len(outputs) - q).sum(1)
-        p_labels = float(((null >= tv).sum() + 1) / (m.permutations + 1))
-        unknown = sum(v for k, v in got.items() if k not in known) / len(outputs)
-        result["labels"] = {"total_variation": tv, "p_value": p_labels, "unknown_share": unknown,
-                            "top": [[known.get(k, k), v, round(train_dist[k] / len(labels) * len(outputs), 1)] for k, v in got.most_common(10)]}
-        if tv > m.max_label_shift and p_labels < m.alert_p_value:
-            result["alerts"].append(f"labels: the answered labels are {tv:.2f} (total variation) from training's distribution "
-                                    f"(> {m.max_label_shift:g}, p = {p_labels:.4f})")
+        result["labels"] = _label_shift(labels, outputs, m, cfg.data.split.seed, result["alerts"])
     abst = sum(is_abstention(o) for o in outputs) / len(outputs)
     lat = [r.get("latency_ms", 0) / 1000 for r in answered]
     errors = (len(rows) - len(answered)) / len(rows)

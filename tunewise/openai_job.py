@@ -64,6 +64,64 @@ def _tools_in(path: str) -> int:
     return n
 
 
+def _hyperparameters(hp: dict, t: dict, notes: list[str]) -> None:
+    """The job's hyperparameters into training: (what each became, or why not) in notes."""
+    for key, target in (("n_epochs", "epochs"), ("batch_size", "batch_size"), ("eval_interval", "eval_every"), ("eval_samples", "eval_samples")):
+        v = hp.pop(key, None)
+        if v is not None and v != "auto":
+            t[target] = v
+        elif v == "auto":
+            notes.append(f"{key}: auto -> training.{target} left unset (tunewise picks it from the task and the data)")
+    m = hp.pop("learning_rate_multiplier", None)
+    if m is not None and m != "auto":
+        t["learning_rate"] = float(m) * LORA_RATE
+        notes.append(f"learning_rate_multiplier {m} -> training.learning_rate {t['learning_rate']:g} (the multiplier x 2e-4, "
+                     "tunewise's LoRA rate; OpenAI does not publish the rate it scales)")
+    elif m == "auto":
+        notes.append("learning_rate_multiplier: auto -> training.learning_rate left unset (tunewise picks it)")
+    beta = hp.pop("beta", None)
+    if beta is not None and beta != "auto":
+        t["preference"] = {"beta": float(beta)}
+    for k, v in hp.items():
+        notes.append(f"hyperparameters.{k} ({v}): no tunewise equivalent; not carried over")
+
+
+def _reinforcement(details: dict, out: Path, raw: dict, has_validation: bool, notes: list[str], where: str) -> None:
+    """A reinforcement job's grader: written beside the config, the GRPO reward and the evaluation metric."""
+    t = raw["training"]
+    grader = details.get("grader")
+    if not isinstance(grader, dict):
+        raise JobImportError(f"{where}: method.reinforcement.grader: missing (a reinforcement job is graded)")
+    gpath = out.parent / "grader.json"
+    gpath.parent.mkdir(parents=True, exist_ok=True)
+    gpath.write_text(json.dumps(grader, indent=2) + "\n")
+    t["grpo"] = {"rewards": [{"name": "grader", "args": {"file": gpath.name}}]}
+    gname = grader.get("name") or grader.get("type")
+    raw["evaluation"] = {"graders": [gpath.name], "metrics": ["exact_match"], "split": "validation" if has_validation else "test"}
+    raw["goal"] = {"metric": gname}
+    notes.append(f"grader ({grader.get('type')}) -> {gpath.name}: the GRPO reward (training.grpo.rewards) and the evaluation metric {gname!r}")
+    for k in ("response_format",):
+        if details.get(k) is not None:
+            notes.append(f"method.reinforcement.{k}: not carried over (tunewise's GRPO samples free text; a grammar in serve can enforce a schema)")
+
+
+def _serving_and_tracking(job: dict, raw: dict, project: str, notes: list[str]) -> None:
+    """The fine-tuned model's name as a serve alias, the wandb integration, and what is not carried over."""
+    if job.get("fine_tuned_model"):
+        raw["serve"] = {"aliases": {job["fine_tuned_model"]: f"{project}:production"}}
+        notes.append(f"fine_tuned_model {job['fine_tuned_model']} -> serve.aliases: clients that send it reach this project's production model")
+    for integ in job.get("integrations") or []:
+        if isinstance(integ, dict) and integ.get("type") == "wandb":
+            raw["tracking"] = ["wandb"]
+            notes.append("integrations wandb -> tracking: [wandb] (project and entity from WANDB_* variables)")
+        else:
+            notes.append(f"integrations {integ}: not carried over")
+    for k in sorted(set(job) - KNOWN):
+        notes.append(f"{k}: not a fine-tuning job field tunewise knows; ignored")
+    if job.get("metadata"):
+        notes.append("metadata: kept in the notes only")
+
+
 def import_job(job_path: Path, files: dict[str, str] | None = None, model: str | None = None,
                out: Path | None = None) -> tuple[Path, list[str]]:
     """Write tunewise.yaml (and grader.json for reinforcement) from a job file; returns (config path, notes)."""
@@ -103,61 +161,18 @@ def import_job(job_path: Path, files: dict[str, str] | None = None, model: str |
     notes.append(f"model {job.get('model', '(none)')}: OpenAI's weights are not available; training uses model.name {raw['model']['name']}"
                  + ("" if model else " (import with --model to choose another)"))
     t = raw["training"]
-    for key, target in (("n_epochs", "epochs"), ("batch_size", "batch_size"), ("eval_interval", "eval_every"), ("eval_samples", "eval_samples")):
-        v = hp.pop(key, None)
-        if v is not None and v != "auto":
-            t[target] = v
-        elif v == "auto":
-            notes.append(f"{key}: auto -> training.{target} left unset (tunewise picks it from the task and the data)")
-    m = hp.pop("learning_rate_multiplier", None)
-    if m is not None and m != "auto":
-        t["learning_rate"] = float(m) * LORA_RATE
-        notes.append(f"learning_rate_multiplier {m} -> training.learning_rate {t['learning_rate']:g} (the multiplier x 2e-4, "
-                     "tunewise's LoRA rate; OpenAI does not publish the rate it scales)")
-    elif m == "auto":
-        notes.append("learning_rate_multiplier: auto -> training.learning_rate left unset (tunewise picks it)")
-    beta = hp.pop("beta", None)
-    if beta is not None and beta != "auto":
-        t["preference"] = {"beta": float(beta)}
-    for k, v in hp.items():
-        notes.append(f"hyperparameters.{k} ({v}): no tunewise equivalent; not carried over")
+    _hyperparameters(hp, t, notes)
     if job.get("seed") is not None:
         t["seed"] = int(job["seed"])
 
     if kind == "reinforcement":
-        grader = details.get("grader")
-        if not isinstance(grader, dict):
-            raise JobImportError(f"{where}: method.reinforcement.grader: missing (a reinforcement job is graded)")
-        gpath = out.parent / "grader.json"
-        gpath.parent.mkdir(parents=True, exist_ok=True)
-        gpath.write_text(json.dumps(grader, indent=2) + "\n")
-        t["grpo"] = {"rewards": [{"name": "grader", "args": {"file": gpath.name}}]}
-        gname = grader.get("name") or grader.get("type")
-        raw["evaluation"] = {"graders": [gpath.name], "metrics": ["exact_match"], "split": "validation" if val else "test"}
-        raw["goal"] = {"metric": gname}
-        notes.append(f"grader ({grader.get('type')}) -> {gpath.name}: the GRPO reward (training.grpo.rewards) and the evaluation metric {gname!r}")
-        for k in ("response_format",):
-            if details.get(k) is not None:
-                notes.append(f"method.reinforcement.{k}: not carried over (tunewise's GRPO samples free text; a grammar in serve can enforce a schema)")
+        _reinforcement(details, out, raw, bool(val), notes, where)
     with_tools = _tools_in(raw["data"]["train"]) if kind == "supervised" else 0
     if with_tools:
         notes.append(f"training_file: {with_tools} records carry tools or tool calls: read, each call checked against "
                      "its tool's schema (a bad one is quarantined with its field), and trained in tunewise's text form (docs/data.md#tool-use); "
-                     "evaluating and serving tool calls is not there yet")
-    if job.get("fine_tuned_model"):
-        raw["serve"] = {"aliases": {job["fine_tuned_model"]: f"{project}:production"}}
-        notes.append(f"fine_tuned_model {job['fine_tuned_model']} -> serve.aliases: clients that send it reach this project's production model")
-    for integ in job.get("integrations") or []:
-        if isinstance(integ, dict) and integ.get("type") == "wandb":
-            raw["tracking"] = ["wandb"]
-            notes.append("integrations wandb -> tracking: [wandb] (project and entity from WANDB_* variables)")
-        else:
-            notes.append(f"integrations {integ}: not carried over")
-    for k in sorted(set(job) - KNOWN):
-        notes.append(f"{k}: not a fine-tuning job field tunewise knows; ignored")
-    if job.get("metadata"):
-        notes.append("metadata: kept in the notes only")
-
+                     "`tunewise eval --suite bfcl` scores tool calls and `tunewise serve` answers with them")
+    _serving_and_tracking(job, raw, project, notes)
     try:  # what we write must load: every key checked as `tunewise train` will
         ProjectConfig.model_validate({**raw, "data": {**raw["data"]}})
     except Exception as e:  # noqa: BLE001 - a bug of ours, said plainly

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from .config import ProjectConfig, VariantConfig, replace
 from .data.prepare import ensure_prepared
@@ -81,6 +82,25 @@ def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
+class _Journal:
+    """steps.json: each step of the run as it finishes, with when (seconds since the start) and what it found."""
+
+    def __init__(self, out: Path, t0: float):
+        self.out, self.t0, self.data = out, t0, {"steps": []}
+
+    def __call__(self, name: str, **info) -> None:
+        self.data["steps"].append({"step": name, "at_s": round(time.time() - self.t0, 1), **info})
+        atomic_write_json(self.out / "steps.json", self.data)
+
+    @property
+    def steps(self) -> list[dict]:
+        return self.data["steps"]
+
+
+def _for_split(c: ProjectConfig, split: str, samples: int | None) -> ProjectConfig:
+    return replace(c, "evaluation", split=split, max_samples=samples or None)
+
+
 def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, validation_samples: int | None = 200,
                  test_samples: int | None = None, gate: bool = True, live=None) -> dict:
     """The workflow; returns the decision dict (also written to <run>/run/decision.json and report.html).
@@ -90,33 +110,23 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
     evaluation.max_samples or TEST_SAMPLES, 0 the whole split. gate: when the chosen route is a trained model,
     the promotion gate judges it (decision["gate"])."""
     from .advise.decide import advise
-    from .train.defaults import auto_training, is_labelled
 
     progress = progress or (lambda msg: None)
     t0 = time.time()
-    goal = cfg.goal
-    if goal.threshold is None:
+    if cfg.goal.threshold is None:
         raise EvalError("goal.threshold is not set: tunewise run needs a target (e.g. goal: {metric: accuracy, threshold: 0.85})")
     from .eval.graders import grader_names
 
-    if goal.metric not in cfg.evaluation.metrics and goal.metric not in grader_names(cfg):  # a grader is a metric by its name
-        cfg = replace(cfg, "evaluation", metrics=[*cfg.evaluation.metrics, goal.metric])
+    if cfg.goal.metric not in cfg.evaluation.metrics and cfg.goal.metric not in grader_names(cfg):  # a grader is a metric by its name
+        cfg = replace(cfg, "evaluation", metrics=[*cfg.evaluation.metrics, cfg.goal.metric])
     if test_samples is None:
         test_samples = cfg.evaluation.max_samples or TEST_SAMPLES
     out = cfg.run_dir / "run"
     out.mkdir(parents=True, exist_ok=True)
-    journal: dict = {"steps": []}
-
-    def step(name: str, **info):
-        journal["steps"].append({"step": name, "at_s": round(time.time() - t0, 1), **info})
-        atomic_write_json(out / "steps.json", journal)
-
-    def for_split(c: ProjectConfig, split: str, samples: int | None) -> ProjectConfig:
-        return replace(c, "evaluation", split=split, max_samples=samples or None)
-
+    step = _Journal(out, t0)
     tok = load_tokenizer(cfg.model.name)
     routes = route_variants(cfg)
-    val_cfg = for_split(cfg, "validation", validation_samples)
+    val_cfg = _for_split(cfg, "validation", validation_samples)
     engines = Engines(val_cfg)
     not_measured = _check_endpoints(engines, routes, progress)
     progress("preparing data")
@@ -133,10 +143,43 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
     progress(f"plan: {order}, {'every route' if all_routes else 'until one meets the goal'}; each variant on {n_val:,} validation "
              f"items, then the variants tried on {n_test:,} of {len(prepared.splits[cfg.evaluation.split]):,} "
              f"{cfg.evaluation.split} items (--test-samples)")
+    cfg, tried, validation, met_at, training = _search(cfg, val_cfg, routes, prepared, before, engines, out, step, not_measured,
+                                                       all_routes, n_test, progress, live)
+    eta = sum(n_test / validation[v.name]["items_per_s"] for _, v in tried)
+    progress(f"final comparison on the test split: {n_test:,} items x {len(tried)} variants, about {_minutes(eta)} at the validation rates")
+    final = _test_compare(_for_split(cfg, cfg.evaluation.split, test_samples), tried, not_measured, engines, out, live)
+    step("test compare", variants=[v.name for _, v in tried])
+    decision = decide(cfg, before, tried, validation, final, training, met_at, not_measured)
+    decision["wall_s"] = round(time.time() - t0, 1)
+    decision["steps"] = step.steps
+    atomic_write_json(out / "decision.json", decision)
+    from .report.decision_html import decision_report
+
+    decision["report"] = str(decision_report(decision, out / "report.html"))
+    decision["compare_report"] = final["report"]
+    if gate and decision["chosen"] in ("fine-tune", "hybrid"):
+        from .gate import run_gate
+
+        variant = next(v for _, v in tried if v.name == decision["chosen_variant"])
+        progress("gate: the chosen fine-tune against production (or the base)")
+        # on the run's test items, so the task check takes over the comparison's results instead of scoring them again
+        decision["gate"] = run_gate(_for_split(cfg, cfg.evaluation.split, test_samples), cfg.path(variant.adapter) if variant.adapter else None,
+                                    progress=live, reuse_from=[out / "test"]).to_json()
+    atomic_write_json(out / "decision.json", decision)
+    return decision
+
+
+def _search(cfg: ProjectConfig, val_cfg: ProjectConfig, routes: dict, prepared, before: dict, engines: Engines, out: Path, step: _Journal,
+            not_measured: list[dict], all_routes: bool, n_test: int, progress, live):
+    """The routes in order (prompting, RAG, fine-tuning, hybrid), each variant on the validation split, until one meets
+    the goal (or through every route). Returns (cfg with the training defaults, tried, validation summaries, the route
+    that met the goal, the training summary)."""
+    from .train.defaults import auto_training, is_labelled
+
+    goal = cfg.goal
     tried: list[tuple[str, VariantConfig]] = []
     validation: dict[str, dict] = {}
-    met_at = None
-    training = None
+    met_at, training = None, None
     for route in ROUTE_ORDER:
         if not routes[route]:
             step(route, skipped=_skip_reason(route, not_measured))
@@ -146,7 +189,7 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
             cfg, notes = auto_training(cfg, len(prepared.splits["train"]), facts["mean_tokens"], before["model"]["params"], facts.get("answer_tokens"),
                                        before["model"].get("layers"), is_labelled(prepared.splits["train"]))
             val_cfg = val_cfg.model_copy(update={"training": cfg.training})
-            training = _ensure_trained(cfg, prepared, journal, progress)
+            training = _ensure_trained(cfg, prepared, step.data, progress)
             step("train", defaults=notes, steps=training.get("steps"), wall_s=training.get("wall_s"), reused=training.get("reused"))
         measured = []
         for v in routes[route]:
@@ -171,29 +214,7 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
             step("goal met", route=route, value=best, threshold=goal.threshold)
             if not all_routes:
                 break
-
-    eta = sum(n_test / validation[v.name]["items_per_s"] for _, v in tried)
-    progress(f"final comparison on the test split: {n_test:,} items x {len(tried)} variants, about {_minutes(eta)} at the validation rates")
-    final = _test_compare(for_split(cfg, cfg.evaluation.split, test_samples), tried, not_measured, engines, out, live)
-    step("test compare", variants=[v.name for _, v in tried])
-    decision = decide(cfg, before, tried, validation, final, training, met_at, not_measured)
-    decision["wall_s"] = round(time.time() - t0, 1)
-    decision["steps"] = journal["steps"]
-    atomic_write_json(out / "decision.json", decision)
-    from .report.decision_html import decision_report
-
-    decision["report"] = str(decision_report(decision, out / "report.html"))
-    decision["compare_report"] = final["report"]
-    if gate and decision["chosen"] in ("fine-tune", "hybrid"):
-        from .gate import run_gate
-
-        variant = next(v for _, v in tried if v.name == decision["chosen_variant"])
-        progress("gate: the chosen fine-tune against production (or the base)")
-        # on the run's test items, so the task check takes over the comparison's results instead of scoring them again
-        decision["gate"] = run_gate(for_split(cfg, cfg.evaluation.split, test_samples), cfg.path(variant.adapter) if variant.adapter else None,
-                                    progress=live, reuse_from=[out / "test"]).to_json()
-    atomic_write_json(out / "decision.json", decision)
-    return decision
+    return cfg, tried, validation, met_at, training
 
 
 def _check_endpoints(engines: Engines, routes: dict, progress) -> list[dict]:

@@ -191,6 +191,89 @@ def _saved(out_dir: Path, fp: str, perplexity: bool) -> dict | None:
     return saved
 
 
+def _summary(cfg: ProjectConfig, variant: VariantConfig, prepared: Prepared, model_id: str, outs, labels, per_metric: dict, extra: dict,
+             nll, wall: float, fp: str, client, graders, grader_errors: dict) -> dict:
+    """summary.json: each metric with its bootstrap CI, latency, throughput, tokens, cost per 1k queries, what was
+    measured (fingerprint, config, data) and, for an endpoint, its request statistics."""
+    ev = cfg.evaluation
+    n = len(outs)
+    prompt_tokens = sum(o.prompt_tokens for o in outs) / n
+    completion_tokens = sum(o.completion_tokens for o in outs) / n
+    if client is not None:  # what the endpoint reported, at its prices
+        cost_1k = 1000 * (prompt_tokens * client.in_price + completion_tokens * client.out_price)
+    else:
+        cost_1k = 1000 * (prompt_tokens * ev.price_per_1k_input_tokens + completion_tokens * ev.price_per_1k_output_tokens) / 1000
+    summary = {
+        "variant": variant.model_dump(mode="json"),
+        "model": model_id,
+        "split": ev.split,
+        "items": n,
+        "constrained_to": len(labels) if labels else None,
+        "metrics": {m: bootstrap_ci(per_metric[m]).as_dict() for m in ev.metrics}
+                   | {m: bootstrap_ci([x for x in v if x is not None]).as_dict() for m, v in extra.items() if any(x is not None for x in v)},
+        "reference_perplexity": _perplexity(nll),
+        "latency_s": {"p50": percentile([o.latency_s for o in outs], 50), "p95": percentile([o.latency_s for o in outs], 95)},
+        "items_per_s": n / wall,
+        "processes": ev.processes,
+        "generated_tokens_per_s": sum(o.completion_tokens for o in outs) / wall,
+        "prompt_tokens_mean": prompt_tokens,
+        "completion_tokens_mean": completion_tokens,
+        "cost_per_1k_queries_usd": cost_1k,
+        "wall_s": wall,
+        "data": prepared.summary.get("outputs"),
+        "config_sha256": sha256_text(json.dumps(cfg.resolved(), sort_keys=True)),
+        "fingerprint": fp,
+        "config": cfg.resolved(),
+    }
+    if graders:
+        summary["graders"] = [g.name for g in graders]
+        summary["grader_errors"] = grader_errors  # items a grader could not score (scored 0), with why
+    if client is not None:
+        summary["endpoint"] = {"base_url": variant.endpoint.base_url, "model": variant.endpoint.model, **client.stats.as_dict(),
+                               "cache": str(client.cache.path) if client.cache else None,
+                               "price_per_1m_usd": {"input": client.in_price * 1e6, "output": client.out_price * 1e6}}
+    return summary
+
+
+def _item_rows(items: list[Record], refs: list[str], outs, per_metric: dict, extra: dict, contexts, nll) -> list[dict]:
+    """items.jsonl: each item's input, reference, output, scores, tokens, latency (and retrieval, reference NLL)."""
+    rows = []
+    for i, (r, o) in enumerate(zip(items, outs)):
+        rows.append({"i": i, "source": r.source, "input": _user_text(r), "reference": refs[i], "output": o.text,
+                     "scores": {m: v[i] for m, v in per_metric.items()} | {m: v[i] for m, v in extra.items()},
+                     "prompt_tokens": o.prompt_tokens,
+                     "completion_tokens": o.completion_tokens, "latency_s": round(o.latency_s, 4), "finish_reason": o.finish_reason})
+        if contexts:
+            rows[-1]["retrieved"] = [h.chunk.citation for h in contexts[i].hits]
+            rows[-1]["citations"] = contexts[i].cited(o.text)
+        if nll:
+            rows[-1]["reference_nll"], rows[-1]["reference_tokens"] = round(nll[i][0], 5), nll[i][1]
+    return rows
+
+
+def _reused(out_dir: Path, fp: str, perplexity: bool, variant: VariantConfig, reuse_from: list[Path]) -> dict | None:
+    """A saved result with this fingerprint: this variant's own, or one in another evaluation folder (copied under
+    this variant's name); None when there is none."""
+    saved = _saved(out_dir, fp, perplexity)
+    if saved is not None:
+        saved["reused"] = True
+        return saved
+    for root in reuse_from:
+        found = next(((d, s) for d in sorted(Path(root).glob("*")) if d.is_dir() and (s := _saved(d, fp, perplexity))), None)
+        if found is not None:
+            import shutil
+
+            found, saved = found
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(found / "items.jsonl", out_dir / "items.jsonl")
+            saved["variant"] = variant.model_dump(mode="json")
+            saved["reused_from"] = str(found)
+            atomic_write_json(out_dir / "summary.json", saved)
+            saved["reused"] = True
+            return saved
+    return None
+
+
 def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None = None, out_root: Path | None = None,
              prepared: Prepared | None = None, reuse: bool = False, progress=None, reuse_from: list[Path] = ()) -> dict:
     """Score one variant; with reuse, a saved result with the same fingerprint is returned as it is. reuse_from: other
@@ -205,23 +288,9 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     fp = fingerprint(cfg, variant, prepared)
     out_dir = (out_root or cfg.run_dir / "eval") / variant.name
     if reuse:
-        saved = _saved(out_dir, fp, ev.perplexity)
+        saved = _reused(out_dir, fp, ev.perplexity, variant, reuse_from)
         if saved is not None:
-            saved["reused"] = True
             return saved
-        for root in reuse_from:
-            found = next(((d, s) for d in sorted(Path(root).glob("*")) if d.is_dir() and (s := _saved(d, fp, ev.perplexity))), None)
-            if found is not None:
-                import shutil
-
-                found, saved = found
-                out_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(found / "items.jsonl", out_dir / "items.jsonl")
-                saved["variant"] = variant.model_dump(mode="json")
-                saved["reused_from"] = str(found)
-                atomic_write_json(out_dir / "summary.json", saved)
-                saved["reused"] = True
-                return saved
     items = sample_records(prepared.splits[ev.split], ev.max_samples)
     if not items:
         raise EvalError(f"the {ev.split} split is empty")
@@ -278,54 +347,9 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
         scored, grader_errors = grade_all(graders, preds, items)
         extra |= scored
 
-    rows = []
-    for i, (r, c, o) in enumerate(zip(items, convs, outs)):
-        rows.append({"i": i, "source": r.source, "input": _user_text(r), "reference": refs[i], "output": o.text,
-                     "scores": {m: per_metric[m][i] for m in ev.metrics} | {m: v[i] for m, v in extra.items()},
-                     "prompt_tokens": o.prompt_tokens,
-                     "completion_tokens": o.completion_tokens, "latency_s": round(o.latency_s, 4), "finish_reason": o.finish_reason})
-        if contexts:
-            rows[-1]["retrieved"] = [h.chunk.citation for h in contexts[i].hits]
-            rows[-1]["citations"] = contexts[i].cited(o.text)
-        if nll:
-            rows[-1]["reference_nll"], rows[-1]["reference_tokens"] = round(nll[i][0], 5), nll[i][1]
+    rows = _item_rows(items, refs, outs, per_metric, extra, contexts, nll)
     write_jsonl(out_dir / "items.jsonl", rows)
-    n = len(outs)
-    prompt_tokens = sum(o.prompt_tokens for o in outs) / n
-    completion_tokens = sum(o.completion_tokens for o in outs) / n
-    if client is not None:  # what the endpoint reported, at its prices
-        cost_1k = 1000 * (prompt_tokens * client.in_price + completion_tokens * client.out_price)
-    else:
-        cost_1k = 1000 * (prompt_tokens * ev.price_per_1k_input_tokens + completion_tokens * ev.price_per_1k_output_tokens) / 1000
-    summary = {
-        "variant": variant.model_dump(mode="json"),
-        "model": model_id,
-        "split": ev.split,
-        "items": n,
-        "constrained_to": len(labels) if labels else None,
-        "metrics": {m: bootstrap_ci(per_metric[m]).as_dict() for m in ev.metrics}
-                   | {m: bootstrap_ci([x for x in v if x is not None]).as_dict() for m, v in extra.items() if any(x is not None for x in v)},
-        "reference_perplexity": _perplexity(nll),
-        "latency_s": {"p50": percentile([o.latency_s for o in outs], 50), "p95": percentile([o.latency_s for o in outs], 95)},
-        "items_per_s": n / wall,
-        "processes": ev.processes,
-        "generated_tokens_per_s": sum(o.completion_tokens for o in outs) / wall,
-        "prompt_tokens_mean": prompt_tokens,
-        "completion_tokens_mean": completion_tokens,
-        "cost_per_1k_queries_usd": cost_1k,
-        "wall_s": wall,
-        "data": prepared.summary.get("outputs"),
-        "config_sha256": sha256_text(json.dumps(cfg.resolved(), sort_keys=True)),
-        "fingerprint": fp,
-        "config": cfg.resolved(),
-    }
-    if graders:
-        summary["graders"] = [g.name for g in graders]
-        summary["grader_errors"] = grader_errors  # items a grader could not score (scored 0), with why
-    if client is not None:
-        summary["endpoint"] = {"base_url": variant.endpoint.base_url, "model": variant.endpoint.model, **client.stats.as_dict(),
-                               "cache": str(client.cache.path) if client.cache else None,
-                               "price_per_1m_usd": {"input": client.in_price * 1e6, "output": client.out_price * 1e6}}
+    summary = _summary(cfg, variant, prepared, model_id, outs, labels, per_metric, extra, nll, wall, fp, client, graders, grader_errors)
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
