@@ -991,24 +991,41 @@ def export(
     config: Path = typer.Argument(..., help="Project config (tunewise.yaml)."),
     ref: str = typer.Argument("production", help="Registry model (NAME:VERSION, NAME:production, production) or a trained output directory."),
     out: Path = typer.Option(Path("export"), help="Output directory."),
-    merge: bool = typer.Option(True, help="Write merged/: base + adapter as plain safetensors weights."),
-    adapter: bool = typer.Option(True, help="Write adapter/: the PEFT adapter for vLLM's --enable-lora."),
+    format_: str = typer.Option("vllm", "--format", help="vllm (adapter/ and merged/ safetensors), gguf (one .gguf for llama.cpp) "
+                                                          "or ollama (the .gguf and a Modelfile)."),
+    quant: str = typer.Option("f16", help="gguf/ollama: f32, f16 or q8_0 (K-quants: llama.cpp's llama-quantize on the f16 file)."),
+    gguf_pre: Optional[str] = typer.Option(None, help="gguf/ollama: llama.cpp's pre-tokenizer name (taken from the base model's GGUF "
+                                                      "when it came from one; otherwise required, e.g. llama-bpe, qwen2)."),
+    merge: bool = typer.Option(True, help="vllm: write merged/: base + adapter as plain safetensors weights."),
+    adapter: bool = typer.Option(True, help="vllm: write adapter/: the PEFT adapter for vLLM's --enable-lora."),
 ):
-    """Export a model for vLLM: the PEFT adapter and/or merged safetensors weights, and the exact `vllm serve` command."""
+    """Export a model: for vLLM (the PEFT adapter and/or merged safetensors, and the `vllm serve` command), as a GGUF for
+    llama.cpp, or for Ollama (GGUF + Modelfile whose template renders the chat template, with its stop tokens)."""
     cfg = _load(config, None)
 
-    from .serve.export import export_model
+    from .serve.export import FORMATS, export_gguf, export_model
 
+    if format_ not in FORMATS:
+        raise typer.BadParameter(f"--format {format_}: one of {', '.join(FORMATS)}")
     if Path(ref).is_dir():
         src, name = Path(ref), Path(ref).name
     else:
         reg = _registry(cfg)
         m = reg.get(f"{cfg.gate.name or cfg.project}:production" if ref == "production" else ref)
         src, name = Path(m.path), m.ref
-    done = export_model(src, out, name, merge=merge, adapter=adapter)
+    if format_ == "vllm":
+        done = export_model(src, out, name, merge=merge, adapter=adapter)
+        written = "serve.sh, export.json"
+    else:
+        with console.status(f"writing {format_} ({quant})"):
+            done = export_gguf(src, out, name, quant=quant, pre=gguf_pre, ollama=format_ == "ollama")
+        g = done["gguf"]
+        console.print(f"{g['path']}: {g['arch']}, {g['quant']} ({', '.join(f'{n} {k}' for k, n in g['tensors'].items())}), "
+                      f"{g['bytes'] / 2**20:.1f} MiB; stops on {', '.join(done['stop_tokens'])}", highlight=False)
+        written = "export.json" + (", Modelfile" if format_ == "ollama" else "")
     for k, v in done["commands"].items():
         console.print(f"[bold]{k}:[/] {v}")
-    console.print(f"written: {out}/ (serve.sh, export.json)")
+    console.print(f"written: {out}/ ({written})")
 
 
 def main():  # pragma: no cover

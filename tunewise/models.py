@@ -84,6 +84,14 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> Path:
     return out_dir
 
 
+def source_gguf(ref: str) -> Path | None:
+    """The GGUF file a bundled model was converted from (its tokenizer metadata is what a GGUF export carries over)."""
+    if not ref.startswith("bundled:") or ref.split(":", 1)[1] not in BUNDLED:
+        return None
+    package, fname = BUNDLED[ref.split(":", 1)[1]]
+    return _package_dir(package) / fname
+
+
 def resolve_model(ref: str) -> str:
     """Turn a reference into something `from_pretrained` accepts (a directory or a hub id)."""
     if ref.startswith("bundled:"):

@@ -6,6 +6,9 @@
 - `merged/`: base + adapter merged into plain weights (PEFT's merge_and_unload) with the tokenizer and
   chat template: a standalone model for `vllm serve DIR`;
 - `serve.sh` and `export.json`: the exact commands and what was exported from where.
+
+`--format gguf` writes `NAME-QUANT.gguf` for llama.cpp (gguf_export.py: what is written exactly and what is refused);
+`--format ollama` adds a `Modelfile` (ollama.py). Everything that can be refused is checked before any file is written.
 """
 
 from __future__ import annotations
@@ -15,7 +18,93 @@ import shlex
 import shutil
 from pathlib import Path
 
+from ..errors import TunewiseError
 from ..util import atomic_write_json, atomic_write_text
+
+
+FORMATS = ("vllm", "gguf", "ollama")
+
+
+def _merged(model_dir: Path, base_ref: str, adapter_dir: str | None):
+    """Base + adapter merged into plain float32 weights (PEFT's merge_and_unload), or the full model as it is."""
+    from ..models import load_model
+
+    if adapter_dir is None:
+        return load_model(str(model_dir), device="cpu", dtype="float32").model
+    from peft import PeftModel
+
+    loaded = load_model(base_ref, device="cpu", dtype="float32")
+    try:
+        return PeftModel.from_pretrained(loaded.model, adapter_dir).merge_and_unload()
+    except RuntimeError as e:  # a size mismatch: the adapter was trained on another base
+        raise ExportError(f"{adapter_dir}: the adapter does not fit the base model {base_ref} it names (trained on another base?): "
+                          f"{str(e).splitlines()[0][:200]}") from None
+
+
+def tokenizer_of(model_dir: Path, base_ref: str):
+    """The tokenizer training saved with the model (its chat template is the one trained on), else the base model's."""
+    from transformers import AutoTokenizer
+
+    from ..models import load_tokenizer
+
+    if (model_dir / "tokenizer_config.json").exists():
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+    return load_tokenizer(base_ref)
+
+
+def stop_ids(model_dir: Path, tok) -> list[int]:
+    """The tokens that end an answer, as the engine stops on them: the generation config's eos ids and the tokenizer's."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        eos = None
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    return ids
+
+
+def export_gguf(model_dir: Path, out: Path, name: str, quant: str = "f16", pre: str | None = None, ollama: bool = False) -> dict:
+    """A GGUF of the merged model (and, with ollama, a Modelfile beside it); refusals before any file is written."""
+    from transformers import AutoConfig
+
+    from ..engine import model_ref_of
+    from ..models import resolve_model, source_gguf
+    from .gguf_export import plan_gguf, source_pre, write_gguf
+
+    model_dir, out = Path(model_dir), Path(out)
+    base_ref, adapter_dir = model_ref_of(model_dir)
+    tok = tokenizer_of(model_dir, base_ref)
+    config = AutoConfig.from_pretrained(resolve_model(base_ref) if adapter_dir else str(model_dir))
+    meta = json.loads((model_dir / "tunewise.json").read_text()) if (model_dir / "tunewise.json").exists() else {}
+    origin = meta.get("base_model", base_ref)  # a full fine-tune's own directory is its base_ref; its origin is in tunewise.json
+    plan = plan_gguf(config, tok, quant, pre or source_pre(source_gguf(origin)))
+    stops = stop_ids(Path(resolve_model(base_ref)) if adapter_dir else model_dir, tok)
+    text = None
+    if ollama:
+        from .ollama import modelfile
+
+        text = modelfile(tok, f"{name.replace(':', '-')}-{plan.quant}.gguf", tok.convert_ids_to_tokens(stops))
+    model = _merged(model_dir, base_ref, adapter_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name.replace(':', '-')}-{plan.quant}.gguf"
+    done = {"source": str(model_dir), "base_model": base_ref, "name": name, "gguf": write_gguf(model, tok, path, plan, name, stops),
+            "stop_tokens": tok.convert_ids_to_tokens(stops), "commands": {"llama.cpp": f"llama-server -m {shlex.quote(str(path))} --jinja"}}
+    if text is not None:
+        atomic_write_text(out / "Modelfile", text)
+        done["modelfile"] = str(out / "Modelfile")
+        done["commands"]["ollama"] = f"cd {shlex.quote(str(out))} && ollama create {shlex.quote(name.replace(':', '-'))} -f Modelfile"
+    atomic_write_json(out / "export.json", done)
+    return done
+
+
+class ExportError(TunewiseError, ValueError):
+    pass
 
 
 def export_model(model_dir: Path, out: Path, name: str, merge: bool = True, adapter: bool = True) -> dict:
@@ -51,15 +140,9 @@ def export_model(model_dir: Path, out: Path, name: str, merge: bool = True, adap
     if merge:
         dst = out / "merged"
         shutil.rmtree(dst, ignore_errors=True)
-        if adapter_dir is not None:
-            from peft import PeftModel
-
-            loaded = load_model(base_ref, device="cpu", dtype="float32")
-            merged = PeftModel.from_pretrained(loaded.model, adapter_dir).merge_and_unload()
-        else:
-            merged = load_model(str(model_dir), device="cpu", dtype="float32").model
+        merged = _merged(model_dir, base_ref, adapter_dir)
         merged.save_pretrained(dst, safe_serialization=True)
-        load_tokenizer(str(model_dir) if (model_dir / "tokenizer_config.json").exists() else base_ref).save_pretrained(dst)
+        tokenizer_of(model_dir, base_ref).save_pretrained(dst)
         done["commands"]["merged"] = f"vllm serve {shlex.quote(str(dst))} --served-model-name {shlex.quote(lora_name)}"
         done["merged"] = str(dst)
     atomic_write_text(out / "serve.sh", "#!/bin/sh\n# Serve the exported model with vLLM (on a machine with a GPU and vllm installed).\n"

@@ -1,0 +1,76 @@
+"""A trained model against its GGUF exports: greedy answers on test items through the trained model (our engine) and
+through each GGUF as an implementation that is not ours loads it (transformers' GGUF loader, which dequantises; and
+llama.cpp itself through llama-cpp-python when it is installed). Prints agreement and accuracy side by side.
+
+    python bench/gguf_agreement.py runs/support-intents/train/model runs/support-intents/data/test.jsonl --items 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("test", type=Path, help="prepared test split (JSONL records)")
+    ap.add_argument("--items", type=int, default=200)
+    ap.add_argument("--quants", default="f16,q8_0")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--llama-cpp", action="store_true", help="also answer through llama.cpp (llama-cpp-python)")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunewise.data.records import Record
+    from tunewise.engine import Engine
+    from tunewise.metrics import normalize_label
+    from tunewise.models import Loaded, load_model
+    from tunewise.serve.export import export_gguf
+
+    records = [Record.from_json(json.loads(x))
+               for x in args.test.read_text().splitlines()[: args.items]]
+    convs = [r.messages[:-1] for r in records]
+    refs = [r.label or r.answer for r in records]
+    t = time.time()
+    trained = Engine(load_model(str(args.model_dir), device="cpu", dtype="float32"))
+    ours = [o.text for o in trained.generate(convs, max_new_tokens=args.max_new_tokens, batch_size=16)]
+    rows = [("trained model (tunewise engine)", ours, None, time.time() - t)]
+    out = Path(tempfile.mkdtemp(prefix="gguf-agreement-"))
+    for quant in args.quants.split(","):
+        done = export_gguf(args.model_dir, out / quant, "model", quant=quant)
+        path = Path(done["gguf"]["path"])
+        t = time.time()
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        eng = Engine(Loaded(model, tok, str(path), torch.device("cpu"), torch.float32))
+        got = [o.text for o in eng.generate(convs, max_new_tokens=args.max_new_tokens, batch_size=16)]
+        rows.append((f"{quant} GGUF via transformers' loader ({done['gguf']['bytes'] / 2**20:.0f} MiB)", got, path, time.time() - t))
+        if args.llama_cpp:
+            from llama_cpp import Llama
+
+            t = time.time()
+            llm = Llama(model_path=str(path), n_ctx=1024, verbose=False, n_threads=2)
+            got = []
+            for c in convs:
+                r = llm.create_chat_completion(messages=c, max_tokens=args.max_new_tokens, temperature=0.0)
+                got.append((r["choices"][0]["message"]["content"] or "").strip())
+            rows.append((f"{quant} GGUF via llama.cpp (llama-cpp-python)", got, path, time.time() - t))
+    print(f"{len(records)} test items, greedy, max {args.max_new_tokens} new tokens\n")
+    print("| answered by | agrees with the trained model | accuracy | wall s |\n|---|---:|---:|---:|")
+    for name, answers, _, wall in rows:
+        agree = sum(a == b for a, b in zip(answers, ours)) / len(ours)
+        acc = sum(normalize_label(a) == normalize_label(r) for a, r in zip(answers, refs)) / len(refs)
+        print(f"| {name} | {agree:.3f} | {acc:.3f} | {wall:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
