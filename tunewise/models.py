@@ -155,6 +155,10 @@ def _rms_norm_in_float64(self, x):
     return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
+def _gemma_rms_norm_in_float64(self, x):
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * (1.0 + self.weight)
+
+
 def norms_in_float64(model: torch.nn.Module) -> int:
     """transformers' RMSNorms compute in float32 whatever their input; a float64 model (model.dtype: float64, for exactness
     checks) keeps float64 through them too, so its results do not depend on float32 rounding anywhere."""
@@ -162,9 +166,15 @@ def norms_in_float64(model: torch.nn.Module) -> int:
 
     n = 0
     for m in model.modules():
-        if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None:
+        if not type(m).__name__.endswith("RMSNorm") or getattr(m, "weight", None) is None:
+            continue
+        if hasattr(m, "variance_epsilon"):
             m.forward = types.MethodType(_rms_norm_in_float64, m)
-            n += 1
+        elif type(m).__name__.startswith("Gemma") and hasattr(m, "eps"):  # Gemma scales by (1 + weight)
+            m.forward = types.MethodType(_gemma_rms_norm_in_float64, m)
+        else:
+            continue
+        n += 1
     return n
 
 

@@ -22,19 +22,43 @@ from ..data.tokenize import IGNORE
 from .layout import Layout
 
 
-def llama_parts(model):
-    """(decoder, head) when the model is Llama-shaped and its logits are lm_head(norm(hidden)); else None."""
+# The model types whose decoder our layer-by-layer forward reproduces exactly, each proven in float64 against the model's
+# own forward (tests/test_families.py): embeddings -> layers(position_embeddings) -> final norm -> head, with nothing
+# else in the model's forward. Any other type takes the plain path, with the reason.
+EXACT_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3")
+
+
+def fast_path_reason(model) -> str | None:
+    """Why our layer-by-layer forward (prefix sharing, packing, cached frozen layers) is not used for this model, or
+    None when it is: it is used only where it is exact."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
     decoder = getattr(base, "model", None)
+    kind = getattr(cfg, "model_type", "?")
+    if kind not in EXACT_TYPES:
+        return f"model type {kind} is not one whose layer-by-layer forward is proven exact ({', '.join(EXACT_TYPES)})"
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        return None
+        return "the logits are soft-capped or scaled after the head"
     if cfg._attn_implementation not in ("sdpa", "eager"):
-        return None
+        return f"attention implementation {cfg._attn_implementation} (the layout masks need sdpa or eager)"
+    layer_types = getattr(cfg, "layer_types", None) or []
+    window = getattr(cfg, "sliding_window", None)
+    if any(t != "full_attention" for t in layer_types) or (window and getattr(cfg, "use_sliding_window", True) is not False
+                                                           and not layer_types):
+        return f"sliding-window attention (window {window}; the layout masks are full causal)"
     if decoder is None or not all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "the decoder has no embed_tokens, layers, norm and rotary_emb"
+    if base.get_output_embeddings() is None:
+        return "no output head"
+    return None
+
+
+def llama_parts(model):
+    """(decoder, head) when our layer-by-layer forward is exact for the model (fast_path_reason); else None."""
+    if fast_path_reason(model) is not None:
         return None
-    head = base.get_output_embeddings()
-    return (decoder, head) if head is not None else None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model, base.get_output_embeddings()
 
 
 class _PrefixKV:

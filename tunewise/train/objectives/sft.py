@@ -12,7 +12,7 @@ import os
 import torch
 
 from ...data.tokenize import IGNORE, collate
-from ..forward import FrozenCache, LayoutLoss, llama_parts, summed_cross_entropy
+from ..forward import FrozenCache, LayoutLoss, fast_path_reason, llama_parts, summed_cross_entropy
 from ..layout import make_layout, shared_prefix
 from ..methods import decoder_layers
 from .base import Context, Objective, Setup, padded_stats
@@ -100,7 +100,7 @@ class Sft(Objective):
         pad = ctx.loaded.tokenizer.pad_token_id
         if llama_parts(model) is None:
             if t.share_prefix or t.packing or (t.method == "freeze" and t.cache_frozen):
-                ctx.notes.append("share_prefix/packing/cache_frozen: off (the model is not Llama-shaped; plain padded batches)")
+                ctx.notes.append(f"share_prefix/packing/cache_frozen: off ({fast_path_reason(model)}; plain padded batches)")
             return Setup(TokenLoss(model), Batches(t, pad, ctx.device, False, 0), ctx.train_ex, ctx.val_ex)
         start = shared_prefix(ctx.train_ex + ctx.val_ex) if t.share_prefix else 0
         first, cache = 0, None

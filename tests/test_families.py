@@ -1,0 +1,152 @@
+"""Model families beyond the bundled one: Llama 3, Qwen2.5, Qwen3, Gemma 2, Gemma 3 (text), Mistral, Phi-3 and SmolLM3.
+
+Each is a tiny random model built offline from its family's config class with the family's own settings (rope scaling,
+tied heads, q/k norms, sliding windows, soft-capping, fused projections, NoPE layers) and the sizes scaled down. For
+each: our training loss and gradients, with prefix sharing, packing and cached frozen layers on and off, equal the
+cross-entropy of the model's own forward run one example at a time, in float64; or the family takes the plain path
+and the reason is said. Every method finds its targets, and the engine's greedy answers equal `generate`.
+
+Why the bound holds: float64 throughout (the RMSNorms too, models.norms_in_float64), so the only differences are
+summation orders (prefix and rows in separate calls, packed rows, padded batches), ~1e-15 relative; a real mechanism
+error (a wrong position, mask or cache entry) moves the loss by more than 1e-3 (tests/test_layout.py shows each)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunewise.data.tokenize import IGNORE, collate
+from tunewise.models import norms_in_float64
+from tunewise.train.forward import FrozenCache, LayoutLoss, fast_path_reason
+from tunewise.train.layout import make_layout, shared_prefix
+from tunewise.train.objectives.sft import TokenLoss
+
+from .test_layout import examples, grads_of
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=512)
+
+# family -> (config class name, the family's own settings as its released config.json has them, fast path expected)
+FAMILIES = {
+    "llama3": ("LlamaConfig", dict(rope_theta=500000.0, tie_word_embeddings=True, rope_scaling={
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}), True),  # Llama 3.2 1B
+    "qwen2.5": ("Qwen2Config", dict(rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False,
+                                    sliding_window=32768), True),  # Qwen2.5 0.5B: biases on q, k, v
+    "qwen3": ("Qwen3Config", dict(rope_theta=1000000.0, tie_word_embeddings=True, head_dim=32, use_sliding_window=False), True),
+    "mistral": ("MistralConfig", dict(rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False), True),  # v0.3
+    "phi3": ("Phi3Config", dict(rope_theta=10000.0, sliding_window=None, tie_word_embeddings=False, pad_token_id=None,
+                                bos_token_id=1, eos_token_id=2), True),  # fused qkv_proj, gate_up_proj
+    "smollm3": ("SmolLM3Config", dict(rope_theta=2000000.0, tie_word_embeddings=True, no_rope_layer_interval=2,
+                                      use_sliding_window=False, pad_token_id=None), True),  # NoPE every other layer
+    "gemma2": ("Gemma2Config", dict(final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=16,
+                                    sliding_window=4096, head_dim=16), False),
+    "gemma3": ("Gemma3TextConfig", dict(sliding_window=512, query_pre_attn_scalar=16, head_dim=16, rope_local_base_freq=10000.0,
+                                        rope_theta=1000000.0), False),
+    "mistral-swa": ("MistralConfig", dict(sliding_window=4096, tie_word_embeddings=False), False),  # v0.1: sliding windows
+}
+
+
+def build(family: str, tok, dtype=torch.float64):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls, own, _ = FAMILIES[family]
+    cfg = getattr(transformers, cls)(vocab_size=len(tok), **SMALL, **own, initializer_range=0.2)  # large enough weights that attention
+    # depends on position strongly (at 0.02 a position error moves the loss by ~1e-9 only)
+    cfg._attn_implementation = "eager" if family == "gemma2" else "sdpa"  # transformers runs Gemma 2 in eager only
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    for name, p in model.named_parameters():  # biases and norm weights start at 0 or 1: make them count
+        if name.endswith("bias") or "norm" in name:
+            torch.nn.init.normal_(p, mean=1.0 if "norm" in name else 0.0, std=0.2)
+    norms_in_float64(model)
+    return model
+
+
+def reference(model, exs):
+    """The model's own forward, one example at a time (no padding, no packing): summed cross-entropy of its targets."""
+    total = 0.0
+    for e in exs:
+        logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1]
+        targets = torch.tensor(e.labels[1:])
+        keep = targets != IGNORE
+        total = total + F.cross_entropy(logits[keep], targets[keep], reduction="sum")
+    return total
+
+
+def same(a, b):
+    return torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_our_loss_and_gradients_equal_the_family_forward_or_the_plain_path_says_why(family, smol_tokenizer):
+    model = build(family, smol_tokenizer).train()
+    for m in model.modules():  # dropout off (Phi-3 and Gemma configs carry some): the comparison is of the arithmetic
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    exs = examples(smol_tokenizer)
+    ref = reference(model, exs)
+    g_ref = grads_of(model, ref)
+    reason = fast_path_reason(model)
+    expected_fast = FAMILIES[family][2]
+    assert (reason is None) == expected_fast, reason
+    plain = TokenLoss(model)(**collate(exs, smol_tokenizer.pad_token_id))
+    assert same(plain, ref), f"{family}: plain padded batch {plain} != {ref}"
+    g = grads_of(model, plain)
+    assert g.keys() == g_ref.keys() and all(same(g[k], g_ref[k]) for k in g)
+    if not expected_fast:
+        print(f"{family}: plain path ({reason})")
+        return
+    for share, pack in ((True, False), (False, True), (True, True)):
+        loss = LayoutLoss(model)(make_layout(exs, smol_tokenizer.pad_token_id, share_prefix=share, packing=pack))
+        assert same(loss, ref), f"{family} share_prefix={share} packing={pack}: {loss} != {ref}"
+        g = grads_of(model, loss)
+        assert all(same(g[k], g_ref[k]) for k in g_ref), f"{family} share_prefix={share} packing={pack}: gradients differ"
+    start = shared_prefix(exs)
+    fn = LayoutLoss(model, first_trainable=1, cache=FrozenCache(start))
+    keys = [("t", i) for i in range(len(exs))]
+    for _ in range(2):  # fills the cache, then reads it
+        loss = fn(make_layout(exs, smol_tokenizer.pad_token_id, share_prefix=True, packing=False, at_least=start), keys)
+        assert same(loss, ref), f"{family} cached frozen layers: {loss} != {ref}"
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2.5", "qwen3", "mistral", "phi3", "smollm3", "gemma3"])
+@pytest.mark.parametrize("method", ["lora", "dora", "freeze", "full"])
+def test_every_method_finds_its_targets(family, method, smol_tokenizer):
+    from tunewise.config import TrainConfig
+    from tunewise.train.methods import apply_method, count_params, decoder_layers
+
+    model = build(family, smol_tokenizer, dtype=torch.float32)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in decoder_layers(model).modules())
+    t = TrainConfig(method=method, trainable_layers=1)
+    trained = apply_method(model, t)
+    trainable, total = count_params(trained)
+    assert 0 < trainable <= total
+    if method in ("lora", "dora"):
+        wrapped = [n for n, m in trained.named_modules() if hasattr(m, "lora_A") and "layers." in n]
+        assert len(wrapped) == n_linear, f"{family}: {len(wrapped)} of {n_linear} decoder linears carry an adapter"
+    if method == "freeze":
+        last = decoder_layers(trained)[-1]
+        assert all(p.requires_grad for p in last.parameters())
+        assert not any(p.requires_grad for p in decoder_layers(trained)[0].parameters())
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2.5", "qwen3", "mistral", "phi3", "smollm3", "gemma2", "gemma3"])
+def test_the_engine_answers_as_generate_does(family, smol_tokenizer):
+    """Greedy decoding through the engine (shared prefix, KV buffer, finished rows dropped) equals transformers'
+    generate, one conversation at a time."""
+    from tunewise.engine import Engine
+    from tunewise.models import Loaded
+
+    model = build(family, smol_tokenizer, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = smol_tokenizer.eos_token_id
+    eng = Engine(Loaded(model, smol_tokenizer, family, torch.device("cpu"), torch.float32), pack=False)
+    convs = [[{"role": "system", "content": "Classify the intent."}, {"role": "user", "content": q}]
+             for q in ("Where is my card?", "top up failed twice", "pin")]
+    outs = eng.generate(convs, max_new_tokens=8, batch_size=3)
+    for conv, out in zip(convs, outs):
+        ids = smol_tokenizer.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        gen = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=smol_tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:]
+        gen = gen.tolist()
+        gen = gen[: gen.index(smol_tokenizer.eos_token_id)] if smol_tokenizer.eos_token_id in gen else gen
+        assert out.text == smol_tokenizer.decode(gen, skip_special_tokens=True).strip(), family
