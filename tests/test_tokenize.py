@@ -87,3 +87,47 @@ def test_collate_right_pads():
     assert b["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert b["labels"].tolist() == [[IGNORE, 2, 3], [4, IGNORE, IGNORE]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+GEMMA_LIKE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # its turns end with a token that is not EOS
+NO_END = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # nothing closes a turn
+
+
+def test_the_end_of_turn_token_is_trained_and_is_what_generation_stops_on(smol_tokenizer):
+    import copy
+
+    from tunewise.data.tokenize import TemplateError, check_end_of_turn
+
+    assert smol_tokenizer.convert_ids_to_tokens(check_end_of_turn(smol_tokenizer, [2])) == ["<|im_end|>"]  # the bundled model
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = GEMMA_LIKE
+    with pytest.raises(TemplateError, match=r"ends an assistant turn with \['<\|endoftext\|>'\].*stops on \['<\|im_end\|>'\]"):
+        check_end_of_turn(tok, [2])
+    assert check_end_of_turn(tok, [2, 0]) == [0]  # with it among the stop tokens, it passes
+    tok.chat_template = NO_END
+    with pytest.raises(TemplateError, match="writes no end-of-turn token"):
+        check_end_of_turn(tok, [2])
+
+
+def test_data_prepare_refuses_a_template_whose_end_of_turn_is_not_a_stop_token(tiny_project, tiny_model, tmp_path):
+    """Before any work: the tiny model with a template whose turns end in <|endoftext|> while generation stops on
+    <|im_end|> (the Gemma case) stops `tunewise data prepare` with the reason, and nothing is written."""
+    import shutil
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+
+    model = tmp_path / "gemma-like"
+    shutil.copytree(tiny_model, model)
+    (model / "chat_template.jinja").write_text(GEMMA_LIKE)
+    path = tiny_project()
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["name"] = str(model)
+    path.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(app, ["data", "prepare", str(path)])
+    assert res.exit_code == 2 and "<|endoftext|>" in res.output and "generation_config.json" in res.output, res.output
+    assert not (tmp_path / "runs" / "tiny" / "data" / "train.jsonl").exists()

@@ -92,6 +92,21 @@ def source_gguf(ref: str) -> Path | None:
     return _package_dir(package) / fname
 
 
+def stop_token_ids(ref: str, tok) -> list[int]:
+    """The tokens generation stops on, as the engine, serve and export stop: the generation config's eos ids and the
+    tokenizer's eos."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(resolve_model(ref)).eos_token_id
+    except (OSError, ValueError):
+        eos = None
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    return ids
+
+
 def resolve_model(ref: str) -> str:
     """Turn a reference into something `from_pretrained` accepts (a directory or a hub id)."""
     if ref.startswith("bundled:"):

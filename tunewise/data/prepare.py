@@ -296,6 +296,11 @@ def prepare_data(cfg: ProjectConfig, out_dir: Path | None = None, tokenizer=None
     interrupted, resume=True goes on from there (with the same inputs, data config and chunk_size; otherwise
     it starts over), giving the same outputs as an uninterrupted run. Raises PrepareError (after writing
     everything) when the data does not fit the config: nothing kept, or nearly all set aside for one reason."""
+    if tokenizer is not None and cfg.data.format != "text":  # before any work: a model that would not learn to stop
+        from ..models import stop_token_ids
+        from .tokenize import check_end_of_turn
+
+        check_end_of_turn(tokenizer, stop_token_ids(cfg.model.name, tokenizer))
     run = _start(cfg, Path(out_dir or cfg.run_dir / "data"), chunk_size, progress or (lambda stage, n: None), resume)
     finished = False
     try:

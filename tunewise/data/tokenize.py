@@ -77,6 +77,33 @@ def tokenize_messages(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     return enc["input_ids"], _mask(enc["input_ids"], enc["offset_mapping"], spans)
 
 
+PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Fine."}]
+
+
+def end_of_turn(tok) -> list[int]:
+    """The tokens the loss mask trains after an assistant answer's text: the template's end-of-turn marker."""
+    text, spans = assistant_spans(tok, PROBE)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    start, end = spans[0]
+    after = text.index("Fine.", start) + len("Fine.")
+    return [t for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if a >= after and b <= end and b > a]
+
+
+def check_end_of_turn(tok, stop_ids: list[int]) -> list[int]:
+    """The end-of-turn token is trained (inside the loss mask) and is one the engine, serve and export stop on; a
+    TemplateError that names both otherwise (Gemma's <end_of_turn> against an <eos> that is the only stop token, a
+    template that writes nothing after an answer). Returns the trained end-of-turn tokens."""
+    eot = end_of_turn(tok)
+    if not eot:
+        raise TemplateError("the chat template writes no end-of-turn token after an assistant answer, so none is trained: a fine-tuned "
+                            "model would not learn to stop (use a template that closes the assistant turn)")
+    if stop_ids and not set(eot) & set(stop_ids):
+        raise TemplateError(f"the chat template ends an assistant turn with {tok.convert_ids_to_tokens(eot)}, which training teaches, but "
+                            f"generation stops on {tok.convert_ids_to_tokens(list(stop_ids))} only: the model would run past its answers. "
+                            "Add the end-of-turn token to the model's generation_config.json eos_token_id")
+    return eot
+
+
 def tokenize_many(tok, conversations: list[list[dict]], sources: list[str] | None = None) -> list[tuple[list[int], list[int]]]:
     """tokenize_messages for many conversations, encoded in one batch call (a fast tokenizer does that ~2.4x
     faster than one at a time; the ids and masks are the same). A template problem names its record's source."""

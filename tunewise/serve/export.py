@@ -55,26 +55,12 @@ def tokenizer_of(model_dir: Path, base_ref: str):
     return load_tokenizer(base_ref)
 
 
-def stop_ids(model_dir: Path, tok) -> list[int]:
-    """The tokens that end an answer, as the engine stops on them: the generation config's eos ids and the tokenizer's."""
-    from transformers import GenerationConfig
-
-    try:
-        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-    except OSError:
-        eos = None
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
-        ids.append(tok.eos_token_id)
-    return ids
-
-
 def export_gguf(model_dir: Path, out: Path, name: str, quant: str = "f16", pre: str | None = None, ollama: bool = False) -> dict:
     """A GGUF of the merged model (and, with ollama, a Modelfile beside it); refusals before any file is written."""
     from transformers import AutoConfig
 
     from ..engine import model_ref_of
-    from ..models import resolve_model, source_gguf
+    from ..models import resolve_model, source_gguf, stop_token_ids
     from .gguf_export import plan_gguf, source_pre, write_gguf
 
     model_dir, out = Path(model_dir), Path(out)
@@ -84,7 +70,7 @@ def export_gguf(model_dir: Path, out: Path, name: str, quant: str = "f16", pre: 
     meta = json.loads((model_dir / "tunewise.json").read_text()) if (model_dir / "tunewise.json").exists() else {}
     origin = meta.get("base_model", base_ref)  # a full fine-tune's own directory is its base_ref; its origin is in tunewise.json
     plan = plan_gguf(config, tok, quant, pre or source_pre(source_gguf(origin)))
-    stops = stop_ids(Path(resolve_model(base_ref)) if adapter_dir else model_dir, tok)
+    stops = stop_token_ids(base_ref if adapter_dir else str(model_dir), tok)
     text = None
     if ollama:
         from .ollama import modelfile
