@@ -17,6 +17,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+LLAMA_CPP = """
+import json, sys
+from llama_cpp import Llama
+path, convs, max_tokens = sys.argv[1], json.load(open(sys.argv[2])), int(sys.argv[3])
+# n_batch=1: llama-cpp-python 0.3.36 built here (AVX512/AMX CPU) segfaults in batched prompt evaluation of quantised
+# files, llama.cpp's own Q4_1 SmolLM2 included; one token at a time it runs
+llm = Llama(model_path=path, n_ctx=1024, verbose=False, n_threads=2, n_batch=1)
+out = []
+for c in convs:  # the GGUF's own chat template (its metadata), greedy
+    r = llm.create_chat_completion(messages=c, max_tokens=max_tokens, temperature=0.0, top_k=1)
+    out.append((r["choices"][0]["message"]["content"] or "").strip())
+print(json.dumps(out))
+"""
+
+
+def _llama_cpp(python: str, path: Path, convs: list, max_tokens: int, work: Path) -> list[str]:
+    import subprocess
+
+    (work / "convs.json").write_text(json.dumps(convs))
+    done = subprocess.run([python, "-c", LLAMA_CPP, str(path), str(work / "convs.json"), str(max_tokens)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model_dir", type=Path)
@@ -24,7 +48,8 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=200)
     ap.add_argument("--quants", default="f16,q8_0")
     ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--llama-cpp", action="store_true", help="also answer through llama.cpp (llama-cpp-python)")
+    ap.add_argument("--llama-cpp", metavar="PYTHON", help="also answer through llama.cpp: a Python interpreter that has llama-cpp-python "
+                                                        "(run in its own process: llama.cpp and torch in one process can crash)")
     args = ap.parse_args()
 
     import torch
@@ -55,14 +80,8 @@ def main() -> None:
         got = [o.text for o in eng.generate(convs, max_new_tokens=args.max_new_tokens, batch_size=16)]
         rows.append((f"{quant} GGUF via transformers' loader ({done['gguf']['bytes'] / 2**20:.0f} MiB)", got, path, time.time() - t))
         if args.llama_cpp:
-            from llama_cpp import Llama
-
             t = time.time()
-            llm = Llama(model_path=str(path), n_ctx=1024, verbose=False, n_threads=2)
-            got = []
-            for c in convs:
-                r = llm.create_chat_completion(messages=c, max_tokens=args.max_new_tokens, temperature=0.0)
-                got.append((r["choices"][0]["message"]["content"] or "").strip())
+            got = _llama_cpp(args.llama_cpp, path, convs, args.max_new_tokens, out)
             rows.append((f"{quant} GGUF via llama.cpp (llama-cpp-python)", got, path, time.time() - t))
     print(f"{len(records)} test items, greedy, max {args.max_new_tokens} new tokens\n")
     print("| answered by | agrees with the trained model | accuracy | wall s |\n|---|---:|---:|---:|")
