@@ -92,19 +92,25 @@ def source_gguf(ref: str) -> Path | None:
     return _package_dir(package) / fname
 
 
-def stop_token_ids(ref: str, tok) -> list[int]:
-    """The tokens generation stops on, as the engine, serve and export stop: the generation config's eos ids and the
-    tokenizer's eos."""
-    from transformers import GenerationConfig
-
-    try:
-        eos = GenerationConfig.from_pretrained(resolve_model(ref)).eos_token_id
-    except (OSError, ValueError):
-        eos = None
+def stop_ids(generation_config, tok) -> list[int]:
+    """The tokens generation stops on, the one definition (the engine, serve, prepare's end-of-turn check and export):
+    the generation config's eos ids and the tokenizer's eos."""
+    eos = getattr(generation_config, "eos_token_id", None)
     ids = [eos] if isinstance(eos, int) else list(eos or [])
     if tok.eos_token_id is not None and tok.eos_token_id not in ids:
         ids.append(tok.eos_token_id)
     return ids
+
+
+def stop_token_ids(ref: str, tok) -> list[int]:
+    """stop_ids of a model on disk (its generation_config.json), without loading its weights."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(resolve_model(ref))
+    except (OSError, ValueError):
+        config = None
+    return stop_ids(config, tok)
 
 
 def resolve_model(ref: str) -> str:
@@ -157,7 +163,10 @@ class Loaded:
 def load_tokenizer(ref: str):
     from transformers import AutoTokenizer
 
-    path = resolve_model(ref)
+    p = Path(ref).expanduser()
+    # a trained adapter's directory holds the tokenizer (and the chat template) it was trained with, but no config.json
+    adapter_dir = p.is_dir() and (p / "tokenizer_config.json").exists() and not (p / "config.json").exists()
+    path = str(p) if adapter_dir else resolve_model(ref)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

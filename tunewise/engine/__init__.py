@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import Loaded, load_model
+from ..models import Loaded, load_model, stop_ids
 from .constraints import (GRAMMAR_KINDS, MAX_CHOICES, ChoiceError, Grammar, GrammarRows, LabelTrie, TrieRows,
                           check_choices)
 from .cpu import pack_linears
@@ -41,7 +41,6 @@ def model_ref_of(path: str | Path) -> tuple[str, str | None]:
     if (p / "config.json").exists():
         return str(p), None
     raise FileNotFoundError(f"{p}: neither a model directory nor a PEFT adapter")
-
 
 
 class Engine:
@@ -158,11 +157,7 @@ class Engine:
         return getattr(cfg, "vocab_size", None) or cfg.get_text_config().vocab_size
 
     def _eos_ids(self) -> set[int]:
-        eos = self.model.generation_config.eos_token_id
-        ids = {eos} if isinstance(eos, int) else set(eos or [])
-        if self.tok.eos_token_id is not None:
-            ids.add(self.tok.eos_token_id)
-        return ids
+        return set(stop_ids(self.model.generation_config, self.tok))
 
     def _num_layers(self) -> int:
         cfg = self.model.config

@@ -25,6 +25,10 @@ from ..util import atomic_write_json, atomic_write_text
 FORMATS = ("vllm", "gguf", "ollama")
 
 
+class ExportError(TunewiseError, ValueError):
+    pass
+
+
 def _merged(model_dir: Path, base_ref: str, adapter_dir: str | None):
     """Base + adapter merged into plain float32 weights (PEFT's merge_and_unload), or the full model as it is."""
     from ..models import load_model
@@ -41,44 +45,30 @@ def _merged(model_dir: Path, base_ref: str, adapter_dir: str | None):
                           f"{str(e).splitlines()[0][:200]}") from None
 
 
-def tokenizer_of(model_dir: Path, base_ref: str):
-    """The tokenizer training saved with the model (its chat template is the one trained on), else the base model's."""
-    from transformers import AutoTokenizer
-
-    from ..models import load_tokenizer
-
-    if (model_dir / "tokenizer_config.json").exists():
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return tok
-    return load_tokenizer(base_ref)
-
-
 def export_gguf(model_dir: Path, out: Path, name: str, quant: str = "f16", pre: str | None = None, ollama: bool = False) -> dict:
     """A GGUF of the merged model (and, with ollama, a Modelfile beside it); refusals before any file is written."""
     from transformers import AutoConfig
 
     from ..engine import model_ref_of
-    from ..models import resolve_model, source_gguf, stop_token_ids
+    from ..models import load_tokenizer, resolve_model, source_gguf, stop_token_ids
     from .gguf_export import plan_gguf, source_pre, write_gguf
 
     model_dir, out = Path(model_dir), Path(out)
-    base_ref, adapter_dir = model_ref_of(model_dir)
-    tok = tokenizer_of(model_dir, base_ref)
-    config = AutoConfig.from_pretrained(resolve_model(base_ref) if adapter_dir else str(model_dir))
+    base_ref, adapter_dir = model_ref_of(model_dir)  # a full model's base_ref is its own directory
+    tok = load_tokenizer(str(model_dir) if (model_dir / "tokenizer_config.json").exists() else base_ref)
+    config = AutoConfig.from_pretrained(resolve_model(base_ref))
     meta = json.loads((model_dir / "tunewise.json").read_text()) if (model_dir / "tunewise.json").exists() else {}
     origin = meta.get("base_model", base_ref)  # a full fine-tune's own directory is its base_ref; its origin is in tunewise.json
     plan = plan_gguf(config, tok, quant, pre or source_pre(source_gguf(origin)))
-    stops = stop_token_ids(base_ref if adapter_dir else str(model_dir), tok)
+    stops = stop_token_ids(base_ref, tok)
+    path = out / f"{name.replace(':', '-')}-{plan.quant}.gguf"
     text = None
     if ollama:
         from .ollama import modelfile
 
-        text = modelfile(tok, f"{name.replace(':', '-')}-{plan.quant}.gguf", tok.convert_ids_to_tokens(stops))
+        text = modelfile(tok, path.name, tok.convert_ids_to_tokens(stops))
     model = _merged(model_dir, base_ref, adapter_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name.replace(':', '-')}-{plan.quant}.gguf"
     done = {"source": str(model_dir), "base_model": base_ref, "name": name, "gguf": write_gguf(model, tok, path, plan, name, stops),
             "stop_tokens": tok.convert_ids_to_tokens(stops), "commands": {"llama.cpp": f"llama-server -m {shlex.quote(str(path))} --jinja"}}
     if text is not None:
@@ -88,9 +78,6 @@ def export_gguf(model_dir: Path, out: Path, name: str, quant: str = "f16", pre: 
     atomic_write_json(out / "export.json", done)
     return done
 
-
-class ExportError(TunewiseError, ValueError):
-    pass
 
 
 def export_model(model_dir: Path, out: Path, name: str, merge: bool = True, adapter: bool = True) -> dict:
@@ -128,7 +115,7 @@ def export_model(model_dir: Path, out: Path, name: str, merge: bool = True, adap
         shutil.rmtree(dst, ignore_errors=True)
         merged = _merged(model_dir, base_ref, adapter_dir)
         merged.save_pretrained(dst, safe_serialization=True)
-        tokenizer_of(model_dir, base_ref).save_pretrained(dst)
+        load_tokenizer(str(model_dir) if (model_dir / "tokenizer_config.json").exists() else base_ref).save_pretrained(dst)
         done["commands"]["merged"] = f"vllm serve {shlex.quote(str(dst))} --served-model-name {shlex.quote(lora_name)}"
         done["merged"] = str(dst)
     atomic_write_text(out / "serve.sh", "#!/bin/sh\n# Serve the exported model with vLLM (on a machine with a GPU and vllm installed).\n"

@@ -17,7 +17,7 @@ config.py's `training.objective` names it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -58,7 +58,6 @@ class Setup:
     validation: list
     start: int = 0  # the prefix every example shares (sft with share_prefix), which the frozen cache is keyed on
     cache: Any = None  # forward.FrozenCache when freeze runs its frozen layers once per example
-    extra: dict = field(default_factory=dict)
 
 
 def token_count(b) -> int:
