@@ -85,8 +85,10 @@ def test_demo_fills_only_keys_the_user_did_not_set(tiny_project, monkeypatch):
 
     def fake_run(cfg, progress=None, **kw):
         seen["cfg"], seen["kw"] = cfg, kw
-        return {"goal": {"metric": "accuracy", "threshold": 0.5}, "evidence": [], "steps": [], "met": False, "chosen": "prompt",
-                "chosen_variant": "base", "wall_s": 0.0, "report": "r.html"}
+        from tunewise.results import Decision
+
+        return Decision(goal={"metric": "accuracy", "threshold": 0.5}, evidence=[], met=False, chosen="prompt", chosen_variant="base",
+                        report="r.html")
 
     monkeypatch.setattr(pipeline, "run_workflow", fake_run)
     path = tiny_project(max_steps=None)

@@ -58,26 +58,26 @@ def test_compare_local_variants_with_an_endpoint(tiny_project, tmp_path):
         server.answers = _answers(cfg, right=9)
         train(cfg, cfg.train_dir)
         result = compare(cfg)
-        assert list(result["variants"]) == ["base", "few-shot", "fine-tuned", "hosted"]
-        s = result["variants"]["hosted"]
-        assert s["items"] == 12 and server.requests == 12
-        assert s["metrics"]["accuracy"]["mean"] == pytest.approx(9 / 12)
+        assert list(result.variants) == ["base", "few-shot", "fine-tuned", "hosted"]
+        s = result.variants["hosted"]
+        assert s.items == 12 and server.requests == 12
+        assert s.metrics["accuracy"].mean == pytest.approx(9 / 12)
         rows = [json.loads(x) for x in (cfg.run_dir / "eval" / "hosted" / "items.jsonl").read_text().splitlines()]
         # cost per 1k queries is what the server reported, at the configured prices (2 and 8 USD per 1M tokens)
         expected = 1000 * (sum(r["prompt_tokens"] for r in rows) / 12 * 2e-6 + sum(r["completion_tokens"] for r in rows) / 12 * 8e-6)
-        assert s["cost_per_1k_queries_usd"] == pytest.approx(expected) and expected > 0
+        assert s.cost_per_1k_queries_usd == pytest.approx(expected) and expected > 0
         assert all(r["prompt_tokens"] > 0 and r["latency_s"] > 0 for r in rows)
-        assert s["endpoint"]["answered"] == 12 and s["endpoint"]["cache_hits"] == 0
-        assert s["endpoint"]["spent_usd"] == pytest.approx(expected * 12 / 1000)
+        assert s.endpoint["answered"] == 12 and s.endpoint["cache_hits"] == 0
+        assert s.endpoint["spent_usd"] == pytest.approx(expected * 12 / 1000)
         # the labels were given to the hosted model in its system turn (the local variants decode through the trie)
         assert "Answer with exactly one of these labels" in server.seen[0]["messages"][0]["content"]
-        assert "hosted" in result["paired_vs_reference"]
+        assert "hosted" in result.paired_vs_reference
         # a second compare, evaluating everything again: every answer from the cache, no request sent
         again = compare(cfg, reuse=False)
         assert server.requests == 12
-        h = again["variants"]["hosted"]
-        assert h["endpoint"]["cache_hits"] == 12 and h["endpoint"]["requests"] == 0 and h["endpoint"]["spent_usd"] == 0
-        assert h["metrics"] == s["metrics"] and h["cost_per_1k_queries_usd"] == pytest.approx(s["cost_per_1k_queries_usd"])
+        h = again.variants["hosted"]
+        assert h.endpoint["cache_hits"] == 12 and h.endpoint["requests"] == 0 and h.endpoint["spent_usd"] == 0
+        assert h.metrics == s.metrics and h.cost_per_1k_queries_usd == pytest.approx(s.cost_per_1k_queries_usd)
 
 
 def test_429_and_500_are_retried_and_counted(tiny_project):
@@ -87,10 +87,10 @@ def test_429_and_500_are_retried_and_counted(tiny_project):
         cfg = load_config(_project(tiny_project, server.url, concurrency=1))
         server.answers = _answers(cfg, right=12)
         server.failures = [429, 500, 503]
-        s = compare(cfg)["variants"]["hosted"]
-        assert s["metrics"]["accuracy"]["mean"] == 1.0
-        assert s["endpoint"]["retries"] == {"429": 1, "500": 1, "503": 1}
-        assert s["endpoint"]["requests"] == server.requests == 15
+        s = compare(cfg).variants["hosted"]
+        assert s.metrics["accuracy"].mean == 1.0
+        assert s.endpoint["retries"] == {"429": 1, "500": 1, "503": 1}
+        assert s.endpoint["requests"] == server.requests == 15
 
 
 def test_a_timeout_is_an_error_naming_the_variant(tiny_project):
@@ -111,7 +111,7 @@ def test_the_spending_cap_stops_before_it_is_crossed(tiny_project):
         path = _project(tiny_project, server.url, concurrency=3)
         cfg = load_config(path)
         server.answers = _answers(cfg, right=12)
-        spent = compare(cfg)["variants"]["hosted"]["endpoint"]["spent_usd"]  # uncapped: what the 12 answers cost
+        spent = compare(cfg).variants["hosted"].endpoint["spent_usd"]  # uncapped: what the 12 answers cost
         # a request is sent only while spent + in flight + its worst case (prompt bytes as tokens at 2 USD/1M, 8 output
         # tokens at 8 USD/1M) stays within the cap: with the cap at half the bill plus the largest worst case, at least
         # one request goes and never all 12
@@ -132,8 +132,8 @@ def test_the_spending_cap_stops_before_it_is_crossed(tiny_project):
         raw["evaluation"]["variants"][0]["endpoint"]["max_usd"] = None
         path.write_text(yaml.safe_dump(raw))
         before = server.requests
-        s = compare(load_config(path), reuse=False)["variants"]["hosted"]
-        assert s["endpoint"]["cache_hits"] == before and server.requests == 12
+        s = compare(load_config(path), reuse=False).variants["hosted"]
+        assert s.endpoint["cache_hits"] == before and server.requests == 12
 
 
 def test_endpoint_errors_come_before_any_work(tiny_project, monkeypatch):
@@ -259,7 +259,7 @@ def test_on_premises_keeps_data_off_hosted_endpoints(tiny_project):
         raw = yaml.safe_load(path.read_text())
         raw["use_case"] = {"on_premises": True}
         path.write_text(yaml.safe_dump(raw))
-        assert compare(load_config(path))["variants"]["hosted"]["items"] == 12
+        assert compare(load_config(path)).variants["hosted"].items == 12
 
 
 def test_a_goal_met_on_validation_but_not_on_test_is_not_met(tmp_path, tiny_model):

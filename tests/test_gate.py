@@ -175,10 +175,10 @@ def test_the_gate_takes_over_what_a_comparison_measured_on_the_same_items(tiny_p
     monkeypatch.setattr(Engine, "generate", lambda self, convs, **kw: calls.append(len(convs)) or real(self, convs, **kw))
     monkeypatch.setattr(Engine, "reference_nll", lambda *a, **k: pytest.fail("the gate's task check needs no reference perplexity"))
     g = run_gate(cfg, reuse_from=[cfg.run_dir / "run" / "test"])
-    items = done["variants"]["base"]["items"]
+    items = done.variants["base"].items
     assert items not in calls, "the task items were generated again"  # only the suites (4 prompts each) generated
-    assert g.task["reference"]["metrics"] == {k: v for k, v in done["variants"]["base"]["metrics"].items()}
-    assert g.task["candidate"]["metrics"] == done["variants"]["fine-tuned"]["metrics"]
+    assert g.task["reference"]["metrics"] == done.variants["base"].to_json()["metrics"]
+    assert g.task["candidate"]["metrics"] == done.variants["fine-tuned"].to_json()["metrics"]
     saved = json.loads((cfg.run_dir / "gate" / "task" / "candidate" / "summary.json").read_text())
     assert saved["reused_from"].endswith("fine-tuned")
 

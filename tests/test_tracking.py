@@ -91,9 +91,9 @@ def test_compare_logs_each_variants_summary(tiny_project, tmp_path, monkeypatch)
     run = mlflow.search_runs(experiment_names=["tiny"]).iloc[0]
     assert run["tags.tunewise.stage"] == "compare"
     for name in ("base", "two-shot"):
-        acc = result["variants"][name]["metrics"]["accuracy"]
-        assert run[f"metrics.{name}.accuracy"] == pytest.approx(acc["mean"])
-        assert run[f"metrics.{name}.accuracy.ci_high"] == pytest.approx(acc["ci95"][1])
+        acc = result.variants[name].metrics["accuracy"]
+        assert run[f"metrics.{name}.accuracy"] == pytest.approx(acc.mean)
+        assert run[f"metrics.{name}.accuracy.ci_high"] == pytest.approx(acc.ci95[1])
     assert "metrics.two-shot.accuracy.p_vs_reference" in run
     assert {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"])} >= {"compare.json", "report.html"}
 

@@ -395,8 +395,11 @@ def eval_cmd(
     require(cfg.tracking)
     with console.status(f"evaluating {variant}") as status:
         s = evaluate(cfg, chosen, progress=lambda msg: status.update(f"evaluating {msg}"))
-    track_evaluation(cfg, "eval", {variant: s}, files=[cfg.run_dir / "eval" / variant / "summary.json"])
-    _print_compare({"variants": {variant: s}, "paired_vs_reference": {}, "reference_variant": variant}, cfg)
+    from .results import Comparison
+
+    alone = Comparison(reference_variant=variant, variants={variant: s})
+    track_evaluation(cfg, "eval", alone, files=[cfg.run_dir / "eval" / variant / "summary.json"])
+    _print_compare(alone, cfg)
     console.print(f"items: {cfg.run_dir / 'eval' / variant / 'items.jsonl'}")
 
 
@@ -421,38 +424,36 @@ def compare(
         result = compare_fn(cfg, variants, progress=lambda name: status.update(f"evaluating {name}"), reuse=not rerun)
     _print_compare(result, cfg)
     console.print(f"results: {cfg.run_dir / 'eval' / 'compare.json'}")
-    console.print(f"[bold]report:[/] {result['report']}")
+    console.print(f"[bold]report:[/] {result.report}")
 
 
-def _print_compare(result: dict, cfg) -> None:
+def _print_compare(result, cfg) -> None:
+    """A Comparison (results.Comparison) as a table: each metric with its CI and paired p-value, latency, rate, cost."""
     from .metrics import reported_metrics
 
-    metrics = reported_metrics(cfg, result["variants"].values())
-    ref = result["reference_variant"]
-    first = next(iter(result["variants"].values()))
-    table = Table(title=f"{cfg.project}: {first['split']} split, {first['items']} items (95% bootstrap CIs; p: paired test vs {ref})")
+    metrics = reported_metrics(cfg, result.variants.values())
+    ref = result.reference_variant
+    first = next(iter(result.variants.values()))
+    table = Table(title=f"{cfg.project}: {first.split} split, {first.items} items (95% bootstrap CIs; p: paired test vs {ref})")
     table.add_column("variant")
     for m in metrics:
         table.add_column(m, justify="right")
     for col in ("ref. perplexity", "latency p50/p95 s", "items/s", "prompt tok", "$/1k queries"):
         table.add_column(col, justify="right")
-    for name, s in result["variants"].items():
+    for name, s in result.variants.items():
         cells = []
         for m in metrics:
-            e = s["metrics"].get(m)
+            e = s.metrics.get(m)
             if e is None:
                 cells.append("-")
                 continue
-            cell = f"{e['mean']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]"
-            p = result["paired_vs_reference"].get(name, {}).get(m)
-            if p:
-                cell += f" p={p['p_value']:.3g}"
-            cells.append(cell)
-        lat, ppl = s["latency_s"], s.get("reference_perplexity")
-        if s.get("reused"):
+            p = result.paired(name, m)
+            cells.append(str(e) + (f" p={p.p_value:.3g}" if p else ""))
+        lat, ppl = s.latency_s, s.reference_perplexity
+        if s.reused:
             name += " (saved)"
-        table.add_row(name, *cells, f"{ppl['mean']:.2f} [{ppl['ci95'][0]:.2f}, {ppl['ci95'][1]:.2f}]" if ppl else "-", f"{lat['p50']:.2f}/{lat['p95']:.2f}", f"{s['items_per_s']:.2f}",
-                      f"{s['prompt_tokens_mean']:.0f}", f"{s['cost_per_1k_queries_usd']:.4f}")
+        table.add_row(name, *cells, f"{ppl.mean:.2f} [{ppl.ci95[0]:.2f}, {ppl.ci95[1]:.2f}]" if ppl else "-", f"{lat['p50']:.2f}/{lat['p95']:.2f}",
+                      f"{s.items_per_s:.2f}", f"{s.prompt_tokens_mean:.0f}", f"{s.cost_per_1k_queries_usd:.4f}")
     console.print(table)
 
 
@@ -647,45 +648,43 @@ def _run_and_print(fn) -> None:
         d = fn(out.step, out.live)
     finally:
         out.close()
-    g = d["goal"]
-    t = Table(title=f"decision: {g['metric']} >= {g['threshold']:g}")
+    g = d.goal
+    t = Table(title=f"decision: {g.metric} >= {g.threshold:g}")
     for h in ("route", "variant", "validation", "test [95% CI]", "goal", "latency p50 s", "$ / 1k q", "training", "first year"):
         t.add_column(h)
-    for r in d["evidence"]:
-        ci = r["test_ci95"] or [0, 0]
-        t.add_row(r["route"], r["variant"], f"{r['validation']:.3f}", f"{r['test']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]",
-                  "met" if r["meets_goal"] else "short", f"{r['latency_p50_s']:.2f}", f"{r['per_1k_queries_usd']:.4f}",
-                  f"${r['training_usd']:.2f}" if r["training_hours"] else "-", f"${r['first_year_usd']:,.2f}")
-    for n in d.get("not_measured") or []:
+    for r in d.evidence:
+        ci = r.test_ci95 or [0, 0]
+        t.add_row(r.route, r.variant, f"{r.validation:.3f}", f"{r.test:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]",
+                  "met" if r.meets_goal else "short", f"{r.latency_p50_s:.2f}", f"{r.per_1k_queries_usd:.4f}",
+                  f"${r.training_usd:.2f}" if r.training_hours else "-", f"${r.first_year_usd:,.2f}")
+    for n in d.not_measured:
         t.add_row(n["route"], n["variant"], "not measured", n["reason"], "", "", "", "", "")
     console.print(t)
     from .report.decision_html import step_sentence
 
-    for i, s in enumerate(d.get("steps", []), 1):
+    for i, s in enumerate(d.steps, 1):
         console.print(f"  {i}. {step_sentence(s)}")
-    if d["met"]:
-        console.print(f"[bold green]chosen:[/] {d['chosen']} ({d['chosen_variant']}): meets the goal at the lowest first-year cost")
-        if d.get("why"):
-            console.print(d["why"])
+    if d.met:
+        console.print(f"[bold green]chosen:[/] {d.chosen} ({d.chosen_variant}): meets the goal at the lowest first-year cost")
     else:
-        console.print(f"[bold yellow]goal not met[/]; best: {d['chosen']} ({d['chosen_variant']})")
-        if d.get("why"):
-            console.print(d["why"])
-    if d.get("roi"):
-        r = d["roi"]
-        console.print(f"vs {r['against']}: {r['accuracy_gain']:+.3f} {g['metric']} for ${r['extra_cost_usd_per_year']:,.2f}/yr more"
-                      + (f", ${r['cost_per_extra_correct_answer_usd']:.2g} per extra correct answer" if r.get("cost_per_extra_correct_answer_usd") else "")
-                      + (f"; ROI {r['roi']:.0f}x at the configured value per correct answer" if r.get("roi") is not None else ""))
-    if d.get("hosted_vs_local"):
-        h = d["hosted_vs_local"]
-        be = h["break_even_queries_per_day"]
-        console.print(f"hosted or local: {h['local']} {h['quality_diff']:+.3f} {g['metric']} vs {h['hosted']}; ${h['local_per_1k_usd']:.4f} vs "
-                      f"${h['hosted_per_1k_usd']:.4f} per 1k queries; "
+        console.print(f"[bold yellow]goal not met[/]; best: {d.chosen} ({d.chosen_variant})")
+    if d.why:
+        console.print(d.why)
+    if d.roi:
+        r = d.roi
+        console.print(f"vs {r.against}: {r.accuracy_gain:+.3f} {g.metric} for ${r.extra_cost_usd_per_year:,.2f}/yr more"
+                      + (f", ${r.cost_per_extra_correct_answer_usd:.2g} per extra correct answer" if r.cost_per_extra_correct_answer_usd else "")
+                      + (f"; ROI {r.roi:.0f}x at the configured value per correct answer" if r.roi is not None else ""))
+    if d.hosted_vs_local:
+        h = d.hosted_vs_local
+        be = h.break_even_queries_per_day
+        console.print(f"hosted or local: {h.local} {h.quality_diff:+.3f} {g.metric} vs {h.hosted}; ${h.local_per_1k_usd:.4f} vs "
+                      f"${h.hosted_per_1k_usd:.4f} per 1k queries; "
                       + (f"the trained model costs less above {be:,.0f} queries/day" if be is not None else "the hosted model stays cheaper at any volume"))
-    console.print(f"wall time {d['wall_s']:.0f} s")
-    console.print(f"[bold]report:[/] {d['report']}")
-    if d.get("gate"):
-        _print_gate(d["gate"])
+    console.print(f"wall time {d.wall_s:.0f} s")
+    console.print(f"[bold]report:[/] {d.report}")
+    if d.gate:
+        _print_gate(d.gate)
 
 
 @app.command()

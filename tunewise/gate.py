@@ -30,7 +30,7 @@ from .eval import suites
 from .eval.evaluate import Engines, evaluate, load_scores
 from .eval.stats import paired_test
 from .registry import Registry, dir_sha256, registry_path
-from .results import GateCheck, GateVerdict
+from .results import EvalSummary, GateCheck, GateVerdict
 from .util import atomic_write_json, sha256_text, write_jsonl
 
 
@@ -73,7 +73,7 @@ def task_rule_passes(g, diff: float, diff_low: float, p_value: float) -> tuple[b
     return diff > g.min_improvement and p_value < g.alpha, f"candidate - reference > {g.min_improvement:g} and paired p < {g.alpha:g}"
 
 
-def _checks(g, metric: str, task: dict, suite: dict, pt, task_ref_label: str) -> list[GateCheck]:
+def _checks(g, metric: str, task: dict[str, EvalSummary], suite: dict, pt, task_ref_label: str) -> list[GateCheck]:
     """The task check (paired test against the task reference) and the safety, over-refusal and forgetting checks."""
     def mean(role, s, field):
         return suite[role][s][field]["mean"]
@@ -81,11 +81,11 @@ def _checks(g, metric: str, task: dict, suite: dict, pt, task_ref_label: str) ->
     def ci(s, f):
         return {role: suite[role][s][f]["ci95"] for role in ("reference", "candidate")}
 
-    r_task, c_task = task["reference"]["metrics"][metric]["mean"], task["candidate"]["metrics"][metric]["mean"]
+    r_task, c_task = task["reference"].value(metric), task["candidate"].value(metric)
     task_ok, task_rule = task_rule_passes(g, c_task - r_task, pt.diff.low, pt.p_value)
     checks = [GateCheck(check=f"task: {metric}" + (f" (vs {task_ref_label})" if g.reference else ""), reference=r_task, candidate=c_task,
                         diff=c_task - r_task, passed=task_ok, rule=task_rule, p_value=pt.p_value, diff_ci95=[pt.diff.low, pt.diff.high],
-                        ci95={r: task[r]["metrics"][metric]["ci95"] for r in ("reference", "candidate")})]
+                        ci95={r: task[r].metrics[metric].ci95 for r in ("reference", "candidate")})]
     # (name, suite, field, passes(reference, candidate), rule)
     for name, s, f, ok, rule in (
         ("safety: AdvBench refusal rate", "advbench", "refusal_rate", lambda r, c: c >= r - g.max_refusal_drop,
@@ -162,13 +162,14 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
 
     base_ref, adapter_dir = model_ref_of(cand_path)
     meta = json.loads((cand_path / "tunewise.json").read_text()) if (cand_path / "tunewise.json").exists() else {}
-    datasets = {k: {**v, "path": str(cfg.run_dir / "data" / f"{k}.jsonl")} for k, v in (task["candidate"].get("data") or {}).items()}
+    datasets = {k: {**v, "path": str(cfg.run_dir / "data" / f"{k}.jsonl")} for k, v in (task["candidate"].data or {}).items()}
     entry = reg.register(name, cand_path, base_model=meta.get("base_model", base_ref), adapter=adapter_dir is not None,
                          run_dir=str(cand_path.parent), datasets=datasets, config=meta.get("config"))
     verdict = {"passed": passed, "forced": force and not passed, "candidate": entry.ref,
                "reference": ref_label if g.reference is None else f"{task_ref_label} (task); {ref_label} (safety, forgetting)",
                "reasons": [c.reason() for c in checks if not c.passed], "checks": [c.to_json() for c in checks], "metric": metric}
-    reg.add_evaluation(entry.id, "gate", {"checks": verdict["checks"], "task": {r: task[r]["metrics"] for r in task}, "suites": summaries})
+    reg.add_evaluation(entry.id, "gate", {"checks": verdict["checks"], "task": {r: task[r].to_json()["metrics"] for r in task},
+                                           "suites": summaries})
     if passed or force:
         reg.promote(entry.id, verdict, forced=force and not passed)
         action = "promoted (forced)" if force and not passed else "promoted"
@@ -178,7 +179,7 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
     production = reg.production(name)
     reg.close()
     result = GateVerdict(name=name, action=action, **verdict, production=production.ref if production else None,
-                         task={r: {k: task[r][k] for k in ("metrics", "items", "latency_s", "cost_per_1k_queries_usd")} for r in task},
+                         task={r: {k: task[r].to_json()[k] for k in ("metrics", "items", "latency_s", "cost_per_1k_queries_usd")} for r in task},
                          suites=summaries, examples=_examples(out), timings_s=timings, wall_s=time.time() - t0, registry=str(reg.path))
     atomic_write_json(out / "gate.json", result.to_json())
     from .report.gate_html import gate_report

@@ -15,14 +15,14 @@ METRICS: dict[str, Callable[[list[str], list[str]], list[float]]] = {}
 EXTRA_METRICS = ("reward", "pref_accuracy", "hallucination", "recall@5", "mrr", "citation_precision")
 
 
-def reported_metrics(cfg, summaries) -> list[str]:
+def reported_metrics(cfg, summaries) -> list[str]:  # summaries: results.EvalSummary
     """The metric columns of a comparison: held-out text has its per-token NLL only; otherwise evaluation.metrics
     and the extra ones some variant has."""
     if cfg.data.format == "text":
         return ["nll_per_token"]
     summaries = list(summaries)
-    graders = list(dict.fromkeys(g for s in summaries for g in s.get("graders", [])))
-    return list(cfg.evaluation.metrics) + graders + [m for m in EXTRA_METRICS if any(m in s["metrics"] for s in summaries)]
+    graders = list(dict.fromkeys(g for s in summaries for g in s.graders or []))
+    return list(cfg.evaluation.metrics) + graders + [m for m in EXTRA_METRICS if any(m in s.metrics for s in summaries)]
 
 
 def metric(name: str):

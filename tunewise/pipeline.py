@@ -21,6 +21,7 @@ from .data.prepare import ensure_prepared
 from .eval.endpoint import EndpointError
 from .eval.evaluate import EvalError, compare, evaluate, Engines
 from .models import load_tokenizer
+from .results import Comparison, Decision, EvalSummary, EvidenceRow, HostedVsLocal, Roi
 from .util import atomic_write_json, sha256_text
 
 ROUTE_OF_KIND = {"base": "prompt", "few-shot": "prompt", "endpoint": "hosted", "rag": "rag", "fine-tuned": "fine-tune", "ft+rag": "hybrid"}
@@ -70,11 +71,6 @@ def _ensure_trained(cfg: ProjectConfig, prepared, journal: dict, progress) -> di
     return journal["training"]
 
 
-def _value(summary: dict, metric: str) -> float | None:
-    m = summary["metrics"].get(metric)
-    return None if m is None else m["mean"]
-
-
 TEST_SAMPLES = 1000  # the final comparison's default sample: +-0.02 on an accuracy near 0.85 (95% CI), minutes not hours
 
 
@@ -102,13 +98,13 @@ def _for_split(c: ProjectConfig, split: str, samples: int | None) -> ProjectConf
 
 
 def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, validation_samples: int | None = 200,
-                 test_samples: int | None = None, gate: bool = True, live=None) -> dict:
-    """The workflow; returns the decision dict (also written to <run>/run/decision.json and report.html).
+                 test_samples: int | None = None, gate: bool = True, live=None) -> Decision:
+    """The workflow; returns the decision (also written to <run>/run/decision.json and report.html).
 
     progress(text): one line per step (the plan, each evaluation's measured rate and what the test step will
     take). live(text): transient updates inside a step (items done, rate, time left). test_samples: None is
     evaluation.max_samples or TEST_SAMPLES, 0 the whole split. gate: when the chosen route is a trained model,
-    the promotion gate judges it (decision["gate"])."""
+    the promotion gate judges it (decision.gate)."""
     from .advise.decide import advise
 
     progress = progress or (lambda msg: None)
@@ -145,27 +141,27 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
              f"{cfg.evaluation.split} items (--test-samples)")
     cfg, tried, validation, met_at, training = _search(cfg, val_cfg, routes, prepared, before, engines, out, step, not_measured,
                                                        all_routes, n_test, progress, live)
-    eta = sum(n_test / validation[v.name]["items_per_s"] for _, v in tried)
+    eta = sum(n_test / validation[v.name].items_per_s for _, v in tried)
     progress(f"final comparison on the test split: {n_test:,} items x {len(tried)} variants, about {_minutes(eta)} at the validation rates")
     final = _test_compare(_for_split(cfg, cfg.evaluation.split, test_samples), tried, not_measured, engines, out, live)
     step("test compare", variants=[v.name for _, v in tried])
     decision = decide(cfg, before, tried, validation, final, training, met_at, not_measured)
-    decision["wall_s"] = round(time.time() - t0, 1)
-    decision["steps"] = step.steps
-    atomic_write_json(out / "decision.json", decision)
+    decision.wall_s = round(time.time() - t0, 1)
+    decision.steps = step.steps
+    atomic_write_json(out / "decision.json", decision.to_json())
     from .report.decision_html import decision_report
 
-    decision["report"] = str(decision_report(decision, out / "report.html"))
-    decision["compare_report"] = final["report"]
-    if gate and decision["chosen"] in ("fine-tune", "hybrid"):
+    decision.report = str(decision_report(decision, out / "report.html"))
+    decision.compare_report = final.report
+    if gate and decision.chosen in ("fine-tune", "hybrid"):
         from .gate import run_gate
 
-        variant = next(v for _, v in tried if v.name == decision["chosen_variant"])
+        variant = next(v for _, v in tried if v.name == decision.chosen_variant)
         progress("gate: the chosen fine-tune against production (or the base)")
         # on the run's test items, so the task check takes over the comparison's results instead of scoring them again
-        decision["gate"] = run_gate(_for_split(cfg, cfg.evaluation.split, test_samples), cfg.path(variant.adapter) if variant.adapter else None,
-                                    progress=live, reuse_from=[out / "test"]).to_json()
-    atomic_write_json(out / "decision.json", decision)
+        decision.gate = run_gate(_for_split(cfg, cfg.evaluation.split, test_samples), cfg.path(variant.adapter) if variant.adapter else None,
+                                 progress=live, reuse_from=[out / "test"])
+    atomic_write_json(out / "decision.json", decision.to_json())
     return decision
 
 
@@ -178,7 +174,7 @@ def _search(cfg: ProjectConfig, val_cfg: ProjectConfig, routes: dict, prepared, 
 
     goal = cfg.goal
     tried: list[tuple[str, VariantConfig]] = []
-    validation: dict[str, dict] = {}
+    validation: dict[str, EvalSummary] = {}
     met_at, training = None, None
     for route in ROUTE_ORDER:
         if not routes[route]:
@@ -203,12 +199,12 @@ def _search(cfg: ProjectConfig, val_cfg: ProjectConfig, routes: dict, prepared, 
             measured.append(v)
             validation[v.name] = s
             tried.append((route, v))
-            if not s.get("reused"):
-                progress(f"  {v.name}: {s['items_per_s']:.2f} items/s; on {n_test:,} test items about {_minutes(n_test / s['items_per_s'])}")
-            step(f"validate {v.name}", route=route, value=_value(s, goal.metric), reused=bool(s.get("reused")))
+            if not s.reused:
+                progress(f"  {v.name}: {s.items_per_s:.2f} items/s; on {n_test:,} test items about {_minutes(n_test / s.items_per_s)}")
+            step(f"validate {v.name}", route=route, value=s.value(goal.metric), reused=s.reused)
         if not measured:
             continue
-        best = max(_value(validation[v.name], goal.metric) or 0.0 for v in measured)
+        best = max(validation[v.name].value(goal.metric) or 0.0 for v in measured)
         if best >= goal.threshold and met_at is None:
             met_at = route
             step("goal met", route=route, value=best, threshold=goal.threshold)
@@ -238,7 +234,7 @@ def _skip_reason(route: str, not_measured: list[dict]) -> str:
     return "no knowledge base configured (rag.knowledge_base)"
 
 
-def _test_compare(test_cfg: ProjectConfig, tried: list, not_measured: list[dict], engines: Engines, out, live) -> dict:
+def _test_compare(test_cfg: ProjectConfig, tried: list, not_measured: list[dict], engines: Engines, out, live) -> Comparison:
     """The variants tried, side by side on the test split. An endpoint that fails there (its spending cap, say) leaves the
     comparison with its reason, and the rest is compared (their results are reused)."""
     while True:
@@ -251,8 +247,8 @@ def _test_compare(test_cfg: ProjectConfig, tried: list, not_measured: list[dict]
             not_measured.append({"route": "hosted", "variant": e.variant, "reason": f"on the test split: {e}"})
 
 
-def decide(cfg: ProjectConfig, before: dict, tried, validation: dict, final: dict, training: dict | None, met_at: str | None,
-           not_measured: list[dict] | None = None) -> dict:
+def decide(cfg: ProjectConfig, before: dict, tried, validation: dict[str, EvalSummary], final: Comparison, training: dict | None,
+           met_at: str | None, not_measured: list[dict] | None = None) -> Decision:
     """The evidence table per route (its best variant on validation) and the decision with its ROI."""
     from .advise import costs
     from .advise.decide import Facts, route_costs
@@ -262,106 +258,111 @@ def decide(cfg: ProjectConfig, before: dict, tried, validation: dict, final: dic
     hw = costs.Hardware(**before["hardware"])
     best: dict[str, str] = {}
     for route, v in tried:
-        if route not in best or (_value(validation[v.name], goal.metric) or 0) > (_value(validation[best[route]], goal.metric) or 0):
+        if route not in best or (validation[v.name].value(goal.metric) or 0) > (validation[best[route]].value(goal.metric) or 0):
             best[route] = v.name
-    rows = []
-    for route, v in tried:  # one row per variant measured (base, few-shot, fine-tuned...), each with its own costs
-        name = v.name
-        s, val = final["variants"][name], validation[name]
-        measured = {route: {"prompt_tokens": s["prompt_tokens_mean"], "completion_tokens": s["completion_tokens_mean"],
-                            "items_per_s": s["items_per_s"]}}
-        if route == "hosted":  # the bill the endpoint's reported usage makes at its prices
-            measured[route]["per_query_usd"] = s["cost_per_1k_queries_usd"] / 1000
-        if route in ("fine-tune", "hybrid") and training and training.get("wall_s"):
-            measured[route]["training_s"] = training["wall_s"]
-        costs_of = route_costs(cfg, Facts(**before["facts"]), shape, hw, measured)
-        m = s["metrics"].get(goal.metric, {})
-        c = costs_of[route]
-        ci = m.get("ci95")
-        rows.append({"route": route, "variant": name, "best_of_route": best[route] == name,
-                     "validation": _value(val, goal.metric), "test": m.get("mean"), "test_ci95": ci,
-                     "meets_goal": (_value(val, goal.metric) or 0) >= goal.threshold,
-                     "test_below_goal": bool(ci) and ci[1] < goal.threshold, "latency_p50_s": s["latency_s"].get("p50"),
-                     "latency_p95_s": s["latency_s"].get("p95"), "items_per_s": s["items_per_s"], "prompt_tokens": s["prompt_tokens_mean"],
-                     "per_1k_queries_usd": c["per_query_usd"] * 1000, "hosted": c["hosted"], "training_usd": c["training_usd"],
-                     "training_hours": c["training_hours"], "retraining_usd_per_year": c["retraining_usd_per_year"],
-                     "serving_usd_per_year": c["serving_usd_per_year"], "first_year_usd": c["first_year_usd"]})
+    rows = [_evidence(cfg, route, v.name, final.variants[v.name], validation[v.name], training, before, shape, hw, best[route] == v.name)
+            for route, v in tried]  # one row per variant measured (base, few-shot, fine-tuned...), each with its own costs
     rc = route_costs(cfg, Facts(**before["facts"]), shape, hw, {})  # estimates, for the routes not tried
     # a goal met on validation whose test CI lies wholly below it is not met: validation did not stand for the test data
-    meeting = [r for r in rows if r["meets_goal"] and not r["test_below_goal"]]
-    short = [r for r in rows if r not in meeting]
-    chosen = min(meeting, key=lambda r: r["first_year_usd"]) if meeting else max(rows, key=lambda r: r["test"] or 0)
-    cheapest_short = min(short, key=lambda r: r["first_year_usd"]) if short else None
-    roi = None
-    beaten = [r for r in rows if r is not chosen and (r not in meeting or r["first_year_usd"] > chosen["first_year_usd"])]
-    if meeting and cheapest_short:
-        extra = chosen["first_year_usd"] - cheapest_short["first_year_usd"]
-        gain = (chosen["test"] or 0) - (cheapest_short["test"] or 0)
-        more_correct = gain * uc.queries_per_day * 365
-        roi = {"against": f"{cheapest_short['variant']} ({cheapest_short['route']})", "extra_cost_usd_per_year": extra, "accuracy_gain": gain,
-               "more_correct_answers_per_year": more_correct,
-               "cost_per_extra_correct_answer_usd": extra / more_correct if more_correct > 0 else None}
-        if uc.value_per_correct_answer_usd is not None and extra > 0:
-            roi["roi"] = (more_correct * uc.value_per_correct_answer_usd - extra) / extra
+    meeting = [r for r in rows if r.meets]
+    short = [r for r in rows if not r.meets]
+    chosen = min(meeting, key=lambda r: r.first_year_usd) if meeting else max(rows, key=lambda r: r.test or 0)
+    cheapest_short = min(short, key=lambda r: r.first_year_usd) if short else None
+    beaten = [r for r in rows if r is not chosen and (not r.meets or r.first_year_usd > chosen.first_year_usd)]
+    roi = _roi(chosen, cheapest_short, uc) if meeting and cheapest_short else None
     untried = [r for r in ROUTE_ORDER if r not in best]
-    return {"goal": {"metric": goal.metric, "threshold": goal.threshold}, "met": bool(meeting), "met_at": met_at,
-            "chosen": chosen["route"], "chosen_variant": chosen["variant"], "evidence": rows, "roi": roi,
-            "why": _why(chosen, beaten, goal, not_measured or [], meeting, (before.get("split_shift") or {})),
-            "not_measured": not_measured or [], "validation_only": [r["variant"] for r in rows if r["meets_goal"] and r["test_below_goal"]],
-            "hosted_vs_local": hosted_vs_local(rows, uc.queries_per_day),
-            "advice_before": {"recommendation": before["recommendation"], "ranking": [{k: r[k] for k in ("route", "points", "reasons")} for r in before["ranking"]]},
-            "estimates_for_untried": {r: {k: rc[r][k] for k in ("per_query_usd", "training_usd", "training_hours", "first_year_usd")} for r in untried if r in rc},
-            "hardware": before["hardware"], "prices": before["prices"], "use_case": before["use_case"], "training": training,
-            "config_sha256": sha256_text(json.dumps(cfg.resolved(), sort_keys=True))}
+    return Decision(goal={"metric": goal.metric, "threshold": goal.threshold}, met=bool(meeting), met_at=met_at, chosen=chosen.route,
+                    chosen_variant=chosen.variant, evidence=rows, roi=roi,
+                    why=_why(chosen, beaten, goal, not_measured or [], meeting, (before.get("split_shift") or {})),
+                    not_measured=not_measured or [], validation_only=[r.variant for r in rows if r.meets_goal and r.test_below_goal],
+                    hosted_vs_local=hosted_vs_local(rows, uc.queries_per_day),
+                    advice_before={"recommendation": before["recommendation"],
+                                   "ranking": [{k: r[k] for k in ("route", "points", "reasons")} for r in before["ranking"]]},
+                    estimates_for_untried={r: {k: rc[r][k] for k in ("per_query_usd", "training_usd", "training_hours", "first_year_usd")}
+                                           for r in untried if r in rc},
+                    hardware=before["hardware"], prices=before["prices"], use_case=before["use_case"], training=training,
+                    config_sha256=sha256_text(json.dumps(cfg.resolved(), sort_keys=True)))
 
 
-def hosted_vs_local(rows: list[dict], queries_per_day: int) -> dict | None:
+def _evidence(cfg: ProjectConfig, route: str, name: str, s: EvalSummary, val: EvalSummary, training: dict | None, before: dict, shape, hw,
+              best_of_route: bool) -> EvidenceRow:
+    """One variant's row: its validation and test quality, and its costs from what the test comparison measured."""
+    from .advise.decide import Facts, route_costs
+
+    goal = cfg.goal
+    measured = {route: {"prompt_tokens": s.prompt_tokens_mean, "completion_tokens": s.completion_tokens_mean, "items_per_s": s.items_per_s}}
+    if route == "hosted":  # the bill the endpoint's reported usage makes at its prices
+        measured[route]["per_query_usd"] = s.cost_per_1k_queries_usd / 1000
+    if route in ("fine-tune", "hybrid") and training and training.get("wall_s"):
+        measured[route]["training_s"] = training["wall_s"]
+    c = route_costs(cfg, Facts(**before["facts"]), shape, hw, measured)[route]
+    m = s.metrics.get(goal.metric)
+    ci = m.ci95 if m else None
+    return EvidenceRow(route=route, variant=name, best_of_route=best_of_route, validation=val.value(goal.metric), test=m.mean if m else None,
+                       test_ci95=ci, meets_goal=(val.value(goal.metric) or 0) >= goal.threshold, test_below_goal=bool(ci) and ci[1] < goal.threshold,
+                       latency_p50_s=s.latency_s.get("p50"), latency_p95_s=s.latency_s.get("p95"), items_per_s=s.items_per_s,
+                       prompt_tokens=s.prompt_tokens_mean, per_1k_queries_usd=c["per_query_usd"] * 1000, hosted=c["hosted"],
+                       training_usd=c["training_usd"], training_hours=c["training_hours"], retraining_usd_per_year=c["retraining_usd_per_year"],
+                       serving_usd_per_year=c["serving_usd_per_year"], first_year_usd=c["first_year_usd"])
+
+
+def _roi(chosen: EvidenceRow, cheapest_short: EvidenceRow, uc) -> Roi:
+    """What the chosen route's extra cost buys over the cheapest route that fell short: more correct answers a year."""
+    extra = chosen.first_year_usd - cheapest_short.first_year_usd
+    gain = (chosen.test or 0) - (cheapest_short.test or 0)
+    more_correct = gain * uc.queries_per_day * 365
+    return Roi(against=f"{cheapest_short.variant} ({cheapest_short.route})", extra_cost_usd_per_year=extra, accuracy_gain=gain,
+               more_correct_answers_per_year=more_correct, cost_per_extra_correct_answer_usd=extra / more_correct if more_correct > 0 else None,
+               roi=(more_correct * uc.value_per_correct_answer_usd - extra) / extra
+               if uc.value_per_correct_answer_usd is not None and extra > 0 else None)
+
+
+def hosted_vs_local(rows: list[EvidenceRow], queries_per_day: int) -> HostedVsLocal | None:
     """The question teams start from: the best hosted variant against the best trained local one (test split), their
     cost per 1k queries and first-year cost at the configured volume, and the volume at which they cost the same."""
     from .advise.decide import break_even
 
-    hosted = [r for r in rows if r["route"] == "hosted"]
-    local = [r for r in rows if r["route"] in ("fine-tune", "hybrid")]
+    hosted = [r for r in rows if r.route == "hosted"]
+    local = [r for r in rows if r.route in ("fine-tune", "hybrid")]
     if not hosted or not local:
         return None
-    h = max(hosted, key=lambda r: r["test"] or 0)
-    lo = max(local, key=lambda r: r["test"] or 0)
-    cost = lambda r: {"training_usd": r["training_usd"], "retraining_usd_per_year": r["retraining_usd_per_year"],  # noqa: E731
-                      "per_query_usd": r["per_1k_queries_usd"] / 1000}
-    qpd = break_even(cost(h), cost(lo))
-    return {"hosted": h["variant"], "local": lo["variant"], "hosted_test": h["test"], "local_test": lo["test"],
-            "quality_diff": (lo["test"] or 0) - (h["test"] or 0), "hosted_per_1k_usd": h["per_1k_queries_usd"],
-            "local_per_1k_usd": lo["per_1k_queries_usd"], "hosted_first_year_usd": h["first_year_usd"], "local_first_year_usd": lo["first_year_usd"],
-            "break_even_queries_per_day": qpd, "queries_per_day": queries_per_day,
-            "cheaper": lo["variant"] if lo["first_year_usd"] < h["first_year_usd"] else h["variant"]}
+    h = max(hosted, key=lambda r: r.test or 0)
+    lo = max(local, key=lambda r: r.test or 0)
+    cost = lambda r: {"training_usd": r.training_usd, "retraining_usd_per_year": r.retraining_usd_per_year,  # noqa: E731
+                      "per_query_usd": r.per_1k_queries_usd / 1000}
+    return HostedVsLocal(hosted=h.variant, local=lo.variant, hosted_test=h.test, local_test=lo.test, quality_diff=(lo.test or 0) - (h.test or 0),
+                         hosted_per_1k_usd=h.per_1k_queries_usd, local_per_1k_usd=lo.per_1k_queries_usd,
+                         hosted_first_year_usd=h.first_year_usd, local_first_year_usd=lo.first_year_usd,
+                         break_even_queries_per_day=break_even(cost(h), cost(lo)), queries_per_day=queries_per_day,
+                         cheaper=lo.variant if lo.first_year_usd < h.first_year_usd else h.variant)
 
 
-def _why(chosen: dict, beaten: list[dict], goal, not_measured: list[dict] = (), meeting: list[dict] = (), shift: dict | None = None) -> str:
+def _why(chosen: EvidenceRow, beaten: list[EvidenceRow], goal, not_measured: list[dict] = (), meeting: list[EvidenceRow] = (),
+         shift: dict | None = None) -> str:
     """The decision in a sentence: what was chosen, and why over each route it beat. A goal is 'met' only where the
     test CI agrees; one met on validation alone is said to be."""
     def q(r):
-        return f"{r['test']:.3f}" if r.get("test") is not None else "n/a"
+        return f"{r.test:.3f}" if r.test is not None else "n/a"
 
     def test_ci(r):
-        ci = r.get("test_ci95") or [None, None]
-        return f"{q(r)} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else q(r)
+        return f"{q(r)} [{r.test_ci95[0]:.3f}, {r.test_ci95[1]:.3f}]" if r.test_ci95 else q(r)
 
     met = chosen in meeting
-    parts = [f"{chosen['variant']} ({chosen['route']}) {'meets' if met else 'comes closest to'} "
-             f"{goal.metric} >= {goal.threshold:g} ({q(chosen)} on test) at ${chosen['first_year_usd']:,.0f} in the first year"]
+    parts = [f"{chosen.variant} ({chosen.route}) {'meets' if met else 'comes closest to'} "
+             f"{goal.metric} >= {goal.threshold:g} ({q(chosen)} on test) at ${chosen.first_year_usd:,.0f} in the first year"]
     for r in [chosen, *beaten]:
-        if r["meets_goal"] and r["test_below_goal"]:
-            parts.append(f"{r['variant']} met the goal on validation ({r['validation']:.3f}) but not on test: its 95% CI {test_ci(r)} lies below "
+        if r.meets_goal and r.test_below_goal:
+            parts.append(f"{r.variant} met the goal on validation ({r.validation:.3f}) but not on test: its 95% CI {test_ci(r)} lies below "
                          f"{goal.threshold:g}" + (f" (validation and test label distributions differ by {shift['total_variation']:.1%}, "
                                                  "see the data report)" if shift and shift.get("warning") else ""))
     for r in beaten:
-        if r["meets_goal"] and r["test_below_goal"]:
+        if r.meets_goal and r.test_below_goal:
             continue
         if r not in meeting:
-            parts.append(f"{r['variant']} falls short ({q(r)})")
+            parts.append(f"{r.variant} falls short ({q(r)})")
         else:
-            parts.append(f"{r['variant']} also meets it but costs ${r['first_year_usd']:,.0f} "
-                         f"(${r['per_1k_queries_usd']:.3f} per 1k queries against ${chosen['per_1k_queries_usd']:.3f})")
+            parts.append(f"{r.variant} also meets it but costs ${r.first_year_usd:,.0f} "
+                         f"(${r.per_1k_queries_usd:.3f} per 1k queries against ${chosen.per_1k_queries_usd:.3f})")
     parts += [f"{n['variant']} ({n['route']}) was not measured: {n['reason']}" for n in not_measured]
     return "; ".join(parts) + "."
 
@@ -379,7 +380,7 @@ def demo_config(cfg: ProjectConfig) -> ProjectConfig:
     return replace(cfg, "evaluation", variants=[v for v in cfg.evaluation.variants if not (v.kind in seen or seen.add(v.kind))])
 
 
-def demo(cfg: ProjectConfig, progress=None, live=None) -> dict:
+def demo(cfg: ProjectConfig, progress=None, live=None) -> Decision:
     """`tunewise run` on the example with every route measured (all_routes), so the decision table holds
     base, few-shot and the fine-tune."""
     return run_workflow(demo_config(cfg), progress, all_routes=True, validation_samples=DEMO["validation_samples"],

@@ -1,7 +1,8 @@
-"""The typed results of the stages that judge and maintain a model: what `run_gate`, `run_monitor` and `retrain`
+"""The typed results of the stages: what `evaluate`, `compare`, `run_workflow`, `run_gate`, `run_monitor` and `retrain`
 return, with the JSON they write (`to_json`) and read back (`read`).
 
-Each is a pydantic model whose fields are the keys of the JSON file the stage writes (gate.json, monitor.json), so
+Each is a pydantic model whose fields are the keys of the JSON file the stage writes (summary.json, compare.json,
+decision.json, gate.json, monitor.json), so
 the shape of a result is written down here, a typo is an AttributeError at the line that makes it, and a file
 written by an older version still opens: unknown keys are kept (extra="allow") and keys added later have
 defaults. Training's result is `train.loop.TrainResult` (a dataclass, train_summary.json).
@@ -13,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Result(BaseModel):
@@ -25,6 +26,178 @@ class Result(BaseModel):
     @classmethod
     def read(cls, path: Path):
         return cls.model_validate(json.loads(Path(path).read_text()))
+
+
+class Estimate(Result):
+    """A metric's mean over the items with its 95% bootstrap CI (`eval.stats.bootstrap_ci`)."""
+
+    mean: float
+    ci95: list[float] | None = None
+    n: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f}" + (f" [{self.ci95[0]:.3f}, {self.ci95[1]:.3f}]" if self.ci95 else "")
+
+
+class PairedTest(Result):
+    """A variant against the comparison's reference on the same items: the mean difference (variant - reference) with
+    its CI, and the two-sided sign-flip permutation p-value (`eval.stats.paired_test`)."""
+
+    diff: Estimate
+    p_value: float
+
+
+class EvalSummary(Result):
+    """`tunewise eval`: one variant scored on the evaluation split (summary.json beside its items.jsonl)."""
+
+    variant: dict[str, Any]  # the VariantConfig as configured
+    model: str  # what answered: a model reference, or "MODEL @ BASE_URL" for an endpoint
+    split: str
+    items: int
+    metrics: dict[str, Estimate] = {}
+    reference_perplexity: Estimate | None = None  # the reference answers' perplexity under the variant (evaluation.perplexity)
+    latency_s: dict[str, float] = {}  # p50, p95
+    items_per_s: float = 0.0
+    generated_tokens_per_s: float | None = None
+    processes: int = 1
+    prompt_tokens_mean: float = 0.0
+    completion_tokens_mean: float = 0.0
+    cost_per_1k_queries_usd: float = 0.0
+    wall_s: float = 0.0
+    constrained_to: int | None = None  # the size of the label set decoding was held to
+    documents: int | None = None  # held-out text (data.format text): the documents the blocks came from
+    data: Any = None  # the prepared data's outputs (paths and hashes)
+    config_sha256: str = ""
+    fingerprint: str = ""
+    config: dict[str, Any] = {}
+    graders: list[str] | None = None
+    grader_errors: dict[str, Any] | None = None  # items a grader could not score (scored 0), with why
+    endpoint: dict[str, Any] | None = None  # an endpoint variant's request statistics, spend and prices
+    reused_from: str | None = None  # the evaluation folder this result was taken over from
+    reused: bool = Field(False, exclude=True)  # returned from disk rather than measured now (never written)
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)  # the optional parts only where they were measured
+
+    @property
+    def kind(self) -> str:
+        return self.variant.get("kind", "")
+
+    def value(self, metric: str) -> float | None:
+        """The metric's mean, None where this evaluation did not measure it."""
+        m = self.metrics.get(metric)
+        return None if m is None else m.mean
+
+
+class Comparison(Result):
+    """`tunewise compare`: the variants on the same items, each against the first (compare.json)."""
+
+    reference_variant: str
+    variants: dict[str, EvalSummary]
+    paired_vs_reference: dict[str, dict[str, PairedTest]] = {}
+    report: str | None = None  # compare.html
+
+    def paired(self, variant: str, metric: str) -> PairedTest | None:
+        return self.paired_vs_reference.get(variant, {}).get(metric)
+
+    def to_json(self) -> dict:
+        return {**self.model_dump(mode="json"), "variants": {k: v.to_json() for k, v in self.variants.items()}}
+
+
+class Goal(Result):
+    metric: str
+    threshold: float
+
+
+class EvidenceRow(Result):
+    """One variant measured by `tunewise run`: its quality on validation and test, and its costs."""
+
+    route: str
+    variant: str
+    best_of_route: bool = False
+    validation: float | None = None
+    test: float | None = None
+    test_ci95: list[float] | None = None
+    meets_goal: bool = False  # on the validation split
+    test_below_goal: bool = False  # the test CI lies wholly below the goal: met on validation alone
+    latency_p50_s: float | None = None
+    latency_p95_s: float | None = None
+    items_per_s: float = 0.0
+    prompt_tokens: float = 0.0
+    per_1k_queries_usd: float = 0.0
+    hosted: bool = False
+    training_usd: float = 0.0
+    training_hours: float = 0.0
+    retraining_usd_per_year: float = 0.0
+    serving_usd_per_year: float = 0.0
+    first_year_usd: float = 0.0
+
+    @property
+    def meets(self) -> bool:
+        """Met on validation, and the test CI does not say otherwise."""
+        return self.meets_goal and not self.test_below_goal
+
+
+class Roi(Result):
+    """The chosen route against the cheapest one that fell short."""
+
+    against: str
+    extra_cost_usd_per_year: float
+    accuracy_gain: float
+    more_correct_answers_per_year: float
+    cost_per_extra_correct_answer_usd: float | None = None
+    roi: float | None = None  # (value of the extra correct answers - extra cost) / extra cost, with use_case.value_per_correct_answer_usd
+
+
+class HostedVsLocal(Result):
+    """The best hosted variant against the best trained local one, and the volume at which they cost the same."""
+
+    hosted: str
+    local: str
+    hosted_test: float | None = None
+    local_test: float | None = None
+    quality_diff: float
+    hosted_per_1k_usd: float
+    local_per_1k_usd: float
+    hosted_first_year_usd: float
+    local_first_year_usd: float
+    break_even_queries_per_day: float | None = None
+    queries_per_day: int
+    cheaper: str
+
+
+class Decision(Result):
+    """`tunewise run` (and `tunewise demo`): the routes measured, the one chosen and why (decision.json, report.html)."""
+
+    goal: Goal
+    met: bool
+    met_at: str | None = None  # the route whose best variant met the goal on validation first
+    chosen: str  # the route
+    chosen_variant: str
+    evidence: list[EvidenceRow]
+    roi: Roi | None = None
+    why: str = ""
+    not_measured: list[dict[str, Any]] = []  # route, variant, reason
+    validation_only: list[str] = []  # variants that met the goal on validation but not on test
+    hosted_vs_local: HostedVsLocal | None = None
+    advice_before: dict[str, Any] = {}  # the recommendation and ranking before anything was measured
+    estimates_for_untried: dict[str, dict[str, float]] = {}
+    hardware: dict[str, Any] = {}
+    prices: dict[str, Any] = {}
+    use_case: dict[str, Any] = {}
+    training: dict[str, Any] | None = None  # the training summary of the fine-tune route
+    config_sha256: str = ""
+    wall_s: float = 0.0
+    steps: list[dict[str, Any]] = []  # the journal (steps.json)
+    report: str | None = None  # report.html
+    compare_report: str | None = None  # the test comparison's report
+    gate: GateVerdict | None = None  # the promotion gate's verdict on the chosen fine-tune
+
+    def row(self, variant: str) -> EvidenceRow:
+        return next(r for r in self.evidence if r.variant == variant)
+
+    def to_json(self) -> dict:
+        return {**self.model_dump(mode="json"), "gate": self.gate.to_json() if self.gate is not None else None}
 
 
 class GateCheck(Result):
@@ -106,3 +279,6 @@ class RetrainOutcome(Result):
     reason: str | None = None  # why there was nothing to do
     gate: GateVerdict | None = None
     journal: dict[str, Any]
+
+
+Decision.model_rebuild()  # its gate is a GateVerdict, defined after it

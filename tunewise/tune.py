@@ -107,11 +107,11 @@ def _train_and_score(cfg: ProjectConfig, out: Path, name: str, on_step=None) -> 
     else:
         ev = replace(cfg, "evaluation", split="validation", max_samples=cfg.tune.eval_samples, perplexity=False)
         s = evaluate(ev, VariantConfig(name=name, kind="fine-tuned", adapter=out / "model"), out_root=cfg.run_dir / "tune" / "eval")
-        if cfg.goal.metric not in s["metrics"]:
-            raise TuneError(f"goal.metric: {cfg.goal.metric} is not measured (evaluation.metrics has {', '.join(s['metrics'])})")
-        m = s["metrics"][cfg.goal.metric]
-        value = m["mean"]
-        attrs["ci95"] = m["ci95"]
+        m = s.metrics.get(cfg.goal.metric)
+        if m is None:
+            raise TuneError(f"goal.metric: {cfg.goal.metric} is not measured (evaluation.metrics has {', '.join(s.metrics)})")
+        value = m.mean
+        attrs["ci95"] = m.ci95
     attrs["wall_s"] = round(time.time() - t0, 1)
     return value, attrs
 

@@ -22,6 +22,7 @@ from ..data.records import Record
 from ..data.split import sample_records
 from ..engine import Engine, model_ref_of
 from ..models import load_tokenizer
+from ..results import Comparison, EvalSummary
 from ..util import atomic_write_json, rate_and_eta, sha256_file, sha256_text, write_jsonl
 from ..metrics import reported_metrics, score
 from .stats import bootstrap_ci, paired_test, percentile
@@ -181,18 +182,18 @@ def fingerprint(cfg: ProjectConfig, variant: VariantConfig, prepared: Prepared) 
                                    "data": prepared.summary.get("outputs")}, sort_keys=True))
 
 
-def _saved(out_dir: Path, fp: str, perplexity: bool) -> dict | None:
+def _saved(out_dir: Path, fp: str, perplexity: bool) -> EvalSummary | None:
     """A saved result with this fingerprint that has what is asked (the reference perplexity, when asked), else None."""
     if not ((out_dir / "summary.json").exists() and (out_dir / "items.jsonl").exists()):
         return None
-    saved = json.loads((out_dir / "summary.json").read_text())
-    if saved.get("fingerprint") != fp or (perplexity and saved.get("reference_perplexity") is None):
+    saved = EvalSummary.read(out_dir / "summary.json")
+    if saved.fingerprint != fp or (perplexity and saved.reference_perplexity is None):
         return None
     return saved
 
 
 def _summary(cfg: ProjectConfig, variant: VariantConfig, prepared: Prepared, model_id: str, outs, labels, per_metric: dict, extra: dict,
-             nll, wall: float, fp: str, client, graders, grader_errors: dict) -> dict:
+             nll, wall: float, fp: str, client, graders, grader_errors: dict) -> EvalSummary:
     """summary.json: each metric with its bootstrap CI, latency, throughput, tokens, cost per 1k queries, what was
     measured (fingerprint, config, data) and, for an endpoint, its request statistics."""
     ev = cfg.evaluation
@@ -203,36 +204,22 @@ def _summary(cfg: ProjectConfig, variant: VariantConfig, prepared: Prepared, mod
         cost_1k = 1000 * (prompt_tokens * client.in_price + completion_tokens * client.out_price)
     else:
         cost_1k = 1000 * (prompt_tokens * ev.price_per_1k_input_tokens + completion_tokens * ev.price_per_1k_output_tokens) / 1000
-    summary = {
-        "variant": variant.model_dump(mode="json"),
-        "model": model_id,
-        "split": ev.split,
-        "items": n,
-        "constrained_to": len(labels) if labels else None,
-        "metrics": {m: bootstrap_ci(per_metric[m]).as_dict() for m in ev.metrics}
-                   | {m: bootstrap_ci([x for x in v if x is not None]).as_dict() for m, v in extra.items() if any(x is not None for x in v)},
-        "reference_perplexity": _perplexity(nll),
-        "latency_s": {"p50": percentile([o.latency_s for o in outs], 50), "p95": percentile([o.latency_s for o in outs], 95)},
-        "items_per_s": n / wall,
-        "processes": ev.processes,
-        "generated_tokens_per_s": sum(o.completion_tokens for o in outs) / wall,
-        "prompt_tokens_mean": prompt_tokens,
-        "completion_tokens_mean": completion_tokens,
-        "cost_per_1k_queries_usd": cost_1k,
-        "wall_s": wall,
-        "data": prepared.summary.get("outputs"),
-        "config_sha256": sha256_text(json.dumps(cfg.resolved(), sort_keys=True)),
-        "fingerprint": fp,
-        "config": cfg.resolved(),
-    }
-    if graders:
-        summary["graders"] = [g.name for g in graders]
-        summary["grader_errors"] = grader_errors  # items a grader could not score (scored 0), with why
+    endpoint = None
     if client is not None:
-        summary["endpoint"] = {"base_url": variant.endpoint.base_url, "model": variant.endpoint.model, **client.stats.as_dict(),
-                               "cache": str(client.cache.path) if client.cache else None,
-                               "price_per_1m_usd": {"input": client.in_price * 1e6, "output": client.out_price * 1e6}}
-    return summary
+        endpoint = {"base_url": variant.endpoint.base_url, "model": variant.endpoint.model, **client.stats.as_dict(),
+                    "cache": str(client.cache.path) if client.cache else None,
+                    "price_per_1m_usd": {"input": client.in_price * 1e6, "output": client.out_price * 1e6}}
+    return EvalSummary(
+        variant=variant.model_dump(mode="json"), model=model_id, split=ev.split, items=n, constrained_to=len(labels) if labels else None,
+        metrics={m: bootstrap_ci(per_metric[m]).as_dict() for m in ev.metrics}
+        | {m: bootstrap_ci([x for x in v if x is not None]).as_dict() for m, v in extra.items() if any(x is not None for x in v)},
+        reference_perplexity=_perplexity(nll),
+        latency_s={"p50": percentile([o.latency_s for o in outs], 50), "p95": percentile([o.latency_s for o in outs], 95)},
+        items_per_s=n / wall, processes=ev.processes, generated_tokens_per_s=sum(o.completion_tokens for o in outs) / wall,
+        prompt_tokens_mean=prompt_tokens, completion_tokens_mean=completion_tokens, cost_per_1k_queries_usd=cost_1k, wall_s=wall,
+        data=prepared.summary.get("outputs"), config_sha256=sha256_text(json.dumps(cfg.resolved(), sort_keys=True)), fingerprint=fp,
+        config=cfg.resolved(), graders=[g.name for g in graders] if graders else None, grader_errors=grader_errors if graders else None,
+        endpoint=endpoint)
 
 
 def _item_rows(items: list[Record], refs: list[str], outs, per_metric: dict, extra: dict, contexts, nll) -> list[dict]:
@@ -251,12 +238,12 @@ def _item_rows(items: list[Record], refs: list[str], outs, per_metric: dict, ext
     return rows
 
 
-def _reused(out_dir: Path, fp: str, perplexity: bool, variant: VariantConfig, reuse_from: list[Path]) -> dict | None:
+def _reused(out_dir: Path, fp: str, perplexity: bool, variant: VariantConfig, reuse_from: list[Path]) -> EvalSummary | None:
     """A saved result with this fingerprint: this variant's own, or one in another evaluation folder (copied under
     this variant's name); None when there is none."""
     saved = _saved(out_dir, fp, perplexity)
     if saved is not None:
-        saved["reused"] = True
+        saved.reused = True
         return saved
     for root in reuse_from:
         found = next(((d, s) for d in sorted(Path(root).glob("*")) if d.is_dir() and (s := _saved(d, fp, perplexity))), None)
@@ -266,16 +253,15 @@ def _reused(out_dir: Path, fp: str, perplexity: bool, variant: VariantConfig, re
             found, saved = found
             out_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(found / "items.jsonl", out_dir / "items.jsonl")
-            saved["variant"] = variant.model_dump(mode="json")
-            saved["reused_from"] = str(found)
-            atomic_write_json(out_dir / "summary.json", saved)
-            saved["reused"] = True
+            saved.variant, saved.reused_from = variant.model_dump(mode="json"), str(found)
+            atomic_write_json(out_dir / "summary.json", saved.to_json())
+            saved.reused = True
             return saved
     return None
 
 
 def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None = None, out_root: Path | None = None,
-             prepared: Prepared | None = None, reuse: bool = False, progress=None, reuse_from: list[Path] = ()) -> dict:
+             prepared: Prepared | None = None, reuse: bool = False, progress=None, reuse_from: list[Path] = ()) -> EvalSummary:
     """Score one variant; with reuse, a saved result with the same fingerprint is returned as it is. reuse_from: other
     evaluation folders (a run's test comparison) whose result of the same model on the same items is taken over
     (copied under this variant's name) instead of being measured again."""
@@ -350,7 +336,7 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     rows = _item_rows(items, refs, outs, per_metric, extra, contexts, nll)
     write_jsonl(out_dir / "items.jsonl", rows)
     summary = _summary(cfg, variant, prepared, model_id, outs, labels, per_metric, extra, nll, wall, fp, client, graders, grader_errors)
-    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_json(out_dir / "summary.json", summary.to_json())
     return summary
 
 
@@ -425,7 +411,7 @@ def _objective_metrics(cfg: ProjectConfig, eng: Engine, adapter, items: list[Rec
 
 
 def _evaluate_text(cfg: ProjectConfig, variant: VariantConfig, eng: Engine, adapter, model_id: str, items: list[Record], out_dir: Path,
-                   fp: str, prepared: Prepared) -> dict:
+                   fp: str, prepared: Prepared) -> EvalSummary:
     """Perplexity of held-out documents (data.format text) in data.max_length blocks, with a bootstrap CI over blocks."""
     from ..data.text import text_blocks
 
@@ -436,12 +422,12 @@ def _evaluate_text(cfg: ProjectConfig, variant: VariantConfig, eng: Engine, adap
     per_token = [x / max(n, 1) for x, n in nll]
     write_jsonl(out_dir / "items.jsonl", [{"i": i, "source": b.source, "scores": {"nll_per_token": round(pt, 6)}, "nll": round(x, 5), "tokens": n}
                                           for i, (b, (x, n), pt) in enumerate(zip(blocks, nll, per_token))])
-    summary = {"variant": variant.model_dump(mode="json"), "model": model_id, "split": cfg.evaluation.split, "items": len(blocks),
-               "documents": len(items), "metrics": {"nll_per_token": bootstrap_ci(per_token).as_dict()}, "reference_perplexity": _perplexity(nll),
-               "latency_s": {"p50": 0.0, "p95": 0.0}, "items_per_s": len(blocks) / max(wall, 1e-9), "prompt_tokens_mean": 0.0,
-               "completion_tokens_mean": 0.0, "cost_per_1k_queries_usd": 0.0, "wall_s": wall, "data": prepared.summary.get("outputs"),
-               "config_sha256": sha256_text(json.dumps(cfg.resolved(), sort_keys=True)), "fingerprint": fp, "config": cfg.resolved()}
-    atomic_write_json(out_dir / "summary.json", summary)
+    summary = EvalSummary(variant=variant.model_dump(mode="json"), model=model_id, split=cfg.evaluation.split, items=len(blocks),
+                          documents=len(items), metrics={"nll_per_token": bootstrap_ci(per_token).as_dict()}, reference_perplexity=_perplexity(nll),
+                          latency_s={"p50": 0.0, "p95": 0.0}, items_per_s=len(blocks) / max(wall, 1e-9), wall_s=wall,
+                          data=prepared.summary.get("outputs"), config_sha256=sha256_text(json.dumps(cfg.resolved(), sort_keys=True)),
+                          fingerprint=fp, config=cfg.resolved())
+    atomic_write_json(out_dir / "summary.json", summary.to_json())
     return summary
 
 
@@ -521,7 +507,7 @@ def load_scores(cfg: ProjectConfig, name: str, metric: str, out_root: Path | Non
 
 
 def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path | None = None, progress=None,
-            reuse: bool = True, engines: Engines | None = None) -> dict:
+            reuse: bool = True, engines: Engines | None = None) -> Comparison:
     """Evaluate the variants on the same items (reusing results whose fingerprint still matches), then
     paired tests against the first, compare.json and the HTML report."""
     from ..tracking import require
@@ -548,17 +534,17 @@ def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path |
     for v in variants[1:]:
         paired[v.name] = {m: paired_test(load_scores(cfg, first, m, out_root), load_scores(cfg, v.name, m, out_root)).as_dict()
                           for m in metrics}
-    result = {"reference_variant": first, "variants": summaries, "paired_vs_reference": paired}
+    result = Comparison(reference_variant=first, variants=summaries, paired_vs_reference=paired)
     eval_dir = out_root or cfg.run_dir / "eval"
-    atomic_write_json(eval_dir / "compare.json", result)
+    atomic_write_json(eval_dir / "compare.json", result.to_json())
     from ..report.html import compare_report
 
-    result["report"] = str(compare_report(result, eval_dir, reported_metrics(cfg, summaries.values())))
-    track_evaluation(cfg, "compare", summaries, paired, [eval_dir / "compare.json", Path(result["report"])])
+    result.report = str(compare_report(result, eval_dir, reported_metrics(cfg, summaries.values())))
+    track_evaluation(cfg, "compare", result, [eval_dir / "compare.json", Path(result.report)])
     return result
 
 
-def track_evaluation(cfg: ProjectConfig, stage: str, summaries: dict, paired: dict | None = None, files=()) -> None:
+def track_evaluation(cfg: ProjectConfig, stage: str, result: Comparison, files=()) -> None:
     """The evaluation summaries (each metric's mean and CI per variant, latency, cost, paired p-values) and the
     report to the project's trackers, as one run of the stage."""
     from ..tracking import Tracker
@@ -567,21 +553,20 @@ def track_evaluation(cfg: ProjectConfig, stage: str, summaries: dict, paired: di
     if not tracker:
         return
     tracker.params({"evaluation": {k: v for k, v in cfg.evaluation.model_dump(mode="json").items() if k != "variants"},
-                    "variants": {s_name: s.get("model") for s_name, s in summaries.items()}})
+                    "variants": {name: s.model for name, s in result.variants.items()}})
     values = {}
-    for name, s in summaries.items():
-        for metric, m in (s.get("metrics") or {}).items():
-            values[f"{name}.{metric}"] = m["mean"]
-            if m.get("ci95"):
-                values[f"{name}.{metric}.ci_low"], values[f"{name}.{metric}.ci_high"] = m["ci95"]
-        for key, v in (("latency_p50_s", (s.get("latency_s") or {}).get("p50")), ("items_per_s", s.get("items_per_s")),
-                       ("cost_per_1k_queries_usd", s.get("cost_per_1k_queries_usd")), ("items", s.get("items"))):
+    for name, s in result.variants.items():
+        for metric, m in s.metrics.items():
+            values[f"{name}.{metric}"] = m.mean
+            if m.ci95:
+                values[f"{name}.{metric}.ci_low"], values[f"{name}.{metric}.ci_high"] = m.ci95
+        for key, v in (("latency_p50_s", s.latency_s.get("p50")), ("items_per_s", s.items_per_s),
+                       ("cost_per_1k_queries_usd", s.cost_per_1k_queries_usd), ("items", s.items)):
             if v is not None:
                 values[f"{name}.{key}"] = v
-    for name, tests in (paired or {}).items():
+    for name, tests in result.paired_vs_reference.items():
         for metric, test in tests.items():
-            if test.get("p_value") is not None:
-                values[f"{name}.{metric}.p_vs_reference"] = test["p_value"]
+            values[f"{name}.{metric}.p_vs_reference"] = test.p_value
     tracker.metrics(values, 0)
     for f in files:
         tracker.artifact(Path(f))

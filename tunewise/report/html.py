@@ -53,26 +53,29 @@ def _curves(series: dict[str, list[tuple[int, float]]], x_label: str = "step") -
     return "".join(out) + "</svg>"
 
 
-def compare_report(result: dict, eval_dir: Path, metrics: list[str], out: Path | None = None) -> Path:
-    variants = result["variants"]
+def compare_report(result, eval_dir: Path, metrics: list[str], out: Path | None = None) -> Path:
+    """compare.html from a results.Comparison: bars with CIs per metric, the side-by-side table, training curves of the
+    trained variants and a few items where the variants disagree."""
+    variants = result.variants
     names = list(variants)
     items = {n: [json.loads(x) for x in (eval_dir / n / "items.jsonl").read_text().splitlines()] for n in names}
-    parts = [f"<h1>tunewise compare</h1><p>{variants[names[0]]['items']} items of the {html.escape(variants[names[0]]['split'])} split; "
-             f"bars are means with 95% bootstrap CIs; p-values are paired sign-flip tests against <b>{html.escape(result['reference_variant'])}</b>.</p>"]
+    parts = [f"<h1>tunewise compare</h1><p>{variants[names[0]].items} items of the {html.escape(variants[names[0]].split)} split; "
+             f"bars are means with 95% bootstrap CIs; p-values are paired sign-flip tests against <b>{html.escape(result.reference_variant)}</b>.</p>"]
 
     for m in metrics:
-        parts.append(_bars(m, [(n, s["metrics"][m]["mean"], *s["metrics"][m]["ci95"]) for n, s in variants.items() if m in s["metrics"]]))
+        parts.append(_bars(m, [(n, s.metrics[m].mean, *s.metrics[m].ci95) for n, s in variants.items() if m in s.metrics and s.metrics[m].ci95]))
     rows = []
     for n, s in variants.items():
-        p = result["paired_vs_reference"].get(n, {})
-        rows.append([n] + [(f"{s['metrics'][m]['mean']:.3f}" if m in s["metrics"] else "-") + (f" (p={p[m]['p_value']:.3g})" if m in p else "") for m in metrics]
-                    + [(lambda p: f"{p['mean']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]" if p else "-")(s.get("reference_perplexity")),
-                       f"{s['latency_s']['p50']:.2f}/{s['latency_s']['p95']:.2f}", f"{s['items_per_s']:.2f}",
-                       f"{s['prompt_tokens_mean']:.0f}", f"{s['cost_per_1k_queries_usd']:.4f}"])
+        p = result.paired_vs_reference.get(n, {})
+        ppl = s.reference_perplexity
+        rows.append([n] + [(f"{s.metrics[m].mean:.3f}" if m in s.metrics else "-") + (f" (p={p[m].p_value:.3g})" if m in p else "") for m in metrics]
+                    + [f"{ppl.mean:.2f} [{ppl.ci95[0]:.2f}, {ppl.ci95[1]:.2f}]" if ppl else "-",
+                       f"{s.latency_s['p50']:.2f}/{s.latency_s['p95']:.2f}", f"{s.items_per_s:.2f}",
+                       f"{s.prompt_tokens_mean:.0f}", f"{s.cost_per_1k_queries_usd:.4f}"])
     parts.append("<h2>Side by side</h2>" + table(["variant", *metrics, "reference perplexity", "latency p50/p95 s", "items/s", "prompt tokens", "$ / 1k queries"], rows))
 
-    logs = {n: [json.loads(x) for x in (Path(s["model"]).parent / "metrics.jsonl").read_text().splitlines()]
-            for n, s in variants.items() if s["variant"]["kind"] == "fine-tuned" and (Path(s["model"]).parent / "metrics.jsonl").exists()}
+    logs = {n: [json.loads(x) for x in (Path(s.model).parent / "metrics.jsonl").read_text().splitlines()]
+            for n, s in variants.items() if s.kind == "fine-tuned" and (Path(s.model).parent / "metrics.jsonl").exists()}
     titles = {"loss": "Training loss", "reward": "Rollout reward (grpo, mean per step)", "val_reward": "Validation reward (grpo, greedy)",
               "val_perplexity": "Validation perplexity (pretrain; step 0 is the model before training)",
               "val_pref_accuracy": "Validation preference accuracy"}
@@ -97,8 +100,8 @@ def compare_report(result: dict, eval_dir: Path, metrics: list[str], out: Path |
                                                            *[items[n][i]["output"] for n in names]] for i in disagree[:40]]))
     parts.append("<h2>Lineage</h2>" + table(
         ["variant", "model", "config sha256", "train data sha256", "test data sha256"],
-        [[n, s["model"], s["config_sha256"][:16], (s.get("data") or {}).get("train", {}).get("sha256", "")[:16],
-          (s.get("data") or {}).get(s["split"], {}).get("sha256", "")[:16]] for n, s in variants.items()]))
+        [[n, s.model, s.config_sha256[:16], (s.data or {}).get("train", {}).get("sha256", "")[:16],
+          (s.data or {}).get(s.split, {}).get("sha256", "")[:16]] for n, s in variants.items()]))
 
     out = out or eval_dir / "report.html"
     atomic_write_text(out, document("tunewise compare", "".join(parts)))

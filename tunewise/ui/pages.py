@@ -16,6 +16,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
+from ..results import Comparison, Decision, Estimate
 from ..report.page import Markup, script_json, table
 from .common import UiError, page, project
 
@@ -131,38 +132,34 @@ async def data_page(pid: int, request: Request):
     return page(f"{p.cfg.project}: data", scripts() + body)
 
 
-def _compare_source(p, which: str) -> tuple[Path, dict]:
+def _compare_source(p, which: str) -> tuple[Path, Comparison]:
     for name, d in (("eval", p.cfg.run_dir / "eval"), ("run", p.cfg.run_dir / "run" / "test")):
         if (not which or which == name) and (d / "compare.json").exists():
-            return d, json.loads((d / "compare.json").read_text())
+            return d, Comparison.read(d / "compare.json")
     raise UiError(404, f"{p.cfg.project} has no comparison yet (run `tunewise compare` or `tunewise run`)")
 
 
-def _metric_cell(m: dict | None) -> str:
-    if not m:
-        return "-"
-    ci = m.get("ci95")
-    return f"{m['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+def _metric_cell(m: Estimate | None) -> str:
+    return "-" if m is None else str(m)
 
 
 @router.get("/p/{pid}/compare", response_class=HTMLResponse)
 async def compare_page(pid: int, request: Request):
     p = project(request, pid)
     d, result = _compare_source(p, _q(request, "source"))
-    variants = list(result.get("variants") or {})
-    summaries = result["variants"]
-    metric = next(iter(summaries[variants[0]].get("metrics") or {"accuracy": None}), "accuracy") if variants else "accuracy"
-    metrics = sorted({m for s in summaries.values() for m in (s.get("metrics") or {})})
+    summaries = result.variants
+    variants = list(summaries)
+    metric = next(iter(summaries[variants[0]].metrics or {"accuracy": None}), "accuracy") if variants else "accuracy"
+    metrics = sorted({m for s in summaries.values() for m in s.metrics})
     rows = []
     for v in variants:
         s = summaries[v]
-        paired = (result.get("paired_vs_reference") or {}).get(v, {}).get(metric) or {}
-        rows.append([v] + [_metric_cell((s.get("metrics") or {}).get(m)) for m in metrics]
-                    + [f"{(s.get('latency_s') or {}).get('p50', float('nan')):.2f}", f"{s.get('cost_per_1k_queries_usd') or 0:.4f}",
-                       f"p = {paired['p_value']:.3g}" if "p_value" in paired else "reference"])
-    bars = [{"variant": v, "value": summaries[v]["metrics"][metric]["mean"], "low": summaries[v]["metrics"][metric]["ci95"][0],
-             "high": summaries[v]["metrics"][metric]["ci95"][1]} for v in variants if metric in (summaries[v].get("metrics") or {})
-            and summaries[v]["metrics"][metric].get("ci95")]
+        paired = result.paired(v, metric)
+        rows.append([v] + [_metric_cell(s.metrics.get(m)) for m in metrics]
+                    + [f"{s.latency_s.get('p50', float('nan')):.2f}", f"{s.cost_per_1k_queries_usd:.4f}",
+                       f"p = {paired.p_value:.3g}" if paired else "reference"])
+    bars = [{"variant": v, "value": m.mean, "low": m.ci95[0], "high": m.ci95[1]}
+            for v in variants if (m := summaries[v].metrics.get(metric)) is not None and m.ci95]
     ci_chart = chart("quality", {
         "data": {"values": bars}, "width": 420, "height": 40 * max(1, len(bars)),
         "layer": [{"mark": "bar", "encoding": {"y": {"field": "variant", "type": "nominal", "sort": None, "title": None},
@@ -211,23 +208,21 @@ async def compare_page(pid: int, request: Request):
 @router.get("/p/{pid}/decision", response_class=HTMLResponse)
 async def decision_page(pid: int, request: Request):
     p = project(request, pid)
-    dec = _stage_file(p, "run/decision.json", "decision", "tunewise run", "run")
-    goal = dec.get("goal") or {}
-    metric = goal.get("metric", "score")
-    ev = dec.get("evidence") or []
+    dec = Decision.model_validate(_stage_file(p, "run/decision.json", "decision", "tunewise run", "run"))
+    goal = dec.goal
+    metric = goal.metric
+    ev = dec.evidence
     rows = []
     for e in ev:
-        chosen = e.get("variant") == dec.get("chosen_variant")
-        ci = e.get("test_ci95")
-        rows.append([Markup("<b>{}</b> (chosen)").format(e.get("route", "")) if chosen else e.get("route", ""), e.get("variant", ""),
-                     f"{e['validation']:.3f}" if e.get("validation") is not None else "-",
-                     (f"{e['test']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")) if e.get("test") is not None else "-",
-                     Markup('<span class="ok">met</span>' if e.get("meets_goal") else '<span class="bad">short</span>'),
-                     f"{e.get('latency_p50_s') or 0:.2f}", f"{e.get('per_1k_queries_usd') or 0:.4f}", f"${e.get('training_usd') or 0:,.2f}",
-                     f"${e.get('first_year_usd') or 0:,.2f}"])
-    points = [{"variant": e["variant"], "route": e["route"], "quality": e["test"], "low": (e.get("test_ci95") or [e["test"]] * 2)[0],
-               "high": (e.get("test_ci95") or [e["test"]] * 2)[1], "cost": max(e.get("first_year_usd") or 0, 1e-3)}
-              for e in ev if e.get("test") is not None]
+        ci = e.test_ci95
+        rows.append([Markup("<b>{}</b> (chosen)").format(e.route) if e.variant == dec.chosen_variant else e.route, e.variant,
+                     f"{e.validation:.3f}" if e.validation is not None else "-",
+                     (f"{e.test:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")) if e.test is not None else "-",
+                     Markup('<span class="ok">met</span>' if e.meets_goal else '<span class="bad">short</span>'),
+                     f"{e.latency_p50_s or 0:.2f}", f"{e.per_1k_queries_usd:.4f}", f"${e.training_usd:,.2f}", f"${e.first_year_usd:,.2f}"])
+    points = [{"variant": e.variant, "route": e.route, "quality": e.test, "low": (e.test_ci95 or [e.test] * 2)[0],
+               "high": (e.test_ci95 or [e.test] * 2)[1], "cost": max(e.first_year_usd, 1e-3)}
+              for e in ev if e.test is not None]
     plot = chart("tradeoff", {
         "data": {"values": points}, "width": 520, "height": 300,
         "layer": [{"mark": {"type": "rule"}, "encoding": {"x": {"field": "cost", "type": "quantitative"}, "y": {"field": "low", "type": "quantitative"},
@@ -238,14 +233,14 @@ async def decision_page(pid: int, request: Request):
                                 "color": {"field": "route", "type": "nominal"}, "tooltip": [{"field": "variant"}, {"field": "quality"}, {"field": "cost"}]}},
                   {"mark": {"type": "text", "dx": 8, "align": "left"}, "encoding": {"x": {"field": "cost", "type": "quantitative"},
                                                                                    "y": {"field": "quality", "type": "quantitative"}, "text": {"field": "variant"}}},
-                  {"data": {"values": [{"goal": goal.get("threshold", 0)}]}, "mark": {"type": "rule", "strokeDash": [4, 4], "color": "#888"},
+                  {"data": {"values": [{"goal": goal.threshold}]}, "mark": {"type": "rule", "strokeDash": [4, 4], "color": "#888"},
                    "encoding": {"y": {"field": "goal", "type": "quantitative"}}}]})
-    roi = dec.get("roi") or {}
-    roi_text = (f"<p>ROI against {html.escape(str(roi.get('against')))}: {roi.get('accuracy_gain', 0):+.3f} {metric}, "
-                f"${roi.get('extra_cost_usd_per_year', 0):,.2f} a year more, ROI {roi.get('roi', 0):,.0f}x at the configured value per correct answer</p>"
-                if roi.get("against") else "")
-    body = (f"<p>goal: {html.escape(metric)} &gt;= {goal.get('threshold')}; chosen: <b>{html.escape(str(dec.get('chosen')))} "
-            f"({html.escape(str(dec.get('chosen_variant')))})</b></p><p>{html.escape(dec.get('why', ''))}</p>{roi_text}"
+    roi = dec.roi
+    roi_text = (f"<p>ROI against {html.escape(roi.against)}: {roi.accuracy_gain:+.3f} {metric}, "
+                f"${roi.extra_cost_usd_per_year:,.2f} a year more"
+                + (f", ROI {roi.roi:,.0f}x at the configured value per correct answer" if roi.roi is not None else "") + "</p>" if roi else "")
+    body = (f"<p>goal: {html.escape(metric)} &gt;= {goal.threshold:g}; chosen: <b>{html.escape(dec.chosen)} "
+            f"({html.escape(dec.chosen_variant)})</b></p><p>{html.escape(dec.why)}</p>{roi_text}"
             + table(["route", "variant", "validation", "test [95% CI]", "goal", "latency p50 s", "$ / 1k queries", "training", "first year"], rows)
             + "<h2>Quality against cost</h2>" + plot
             + f'<p><a href="/p/{pid}/report/decision">the decision report</a> · <a href="/p/{pid}/compare?source=run">the items behind it</a></p>')
