@@ -123,7 +123,7 @@ def data_prepare(
                     resumed.append(n)
                 status.update(f"{stage}: {n:,} records")
 
-            tokenizer = load_tokenizer(cfg.model.name)
+            tokenizer = load_tokenizer(cfg.model.name, cfg.data.template_kwargs)
             with prepare_lock(out_dir):  # not while training or tune prepares the same folder
                 prepared = prepare_data(cfg, out_dir, tokenizer=tokenizer, progress=show, resume=resume)
     except KeyboardInterrupt:
@@ -292,7 +292,7 @@ def _launch(config: Path, set_, fresh: bool, output, processes: int) -> int:
     out = output or cfg.train_dir
     if fresh and out.exists():
         shutil.rmtree(out)
-    ensure_prepared(cfg, load_tokenizer(cfg.model.name))
+    ensure_prepared(cfg, load_tokenizer(cfg.model.name, cfg.data.template_kwargs))
     args = list(sys.argv[1:])
     for flag in ("--processes", "--fresh"):
         if any(a == flag or a.startswith(flag + "=") for a in args):
@@ -596,7 +596,7 @@ def advise(
     from .advise.decide import advise as advise_fn
     from .models import load_tokenizer
 
-    a = advise_fn(cfg, load_tokenizer(cfg.model.name))
+    a = advise_fn(cfg, load_tokenizer(cfg.model.name, cfg.data.template_kwargs))
     if as_json:
         print(json.dumps(a, indent=2, default=str))
         return

@@ -96,6 +96,22 @@ class DataConfig(Section):
     max_length: int = Field(512, gt=8, description="Maximum tokens per example after the chat template.")
     limit: int | None = Field(None, gt=0, description="Use only the first N training records (quick runs).")
     include: list["IncludeConfig"] = Field(default_factory=list, description="More training files, each with its own format (e.g. what `tunewise data harvest` wrote): read after data.train, cleaned, deduplicated and split with it.")
+    reasoning: Literal["keep", "drop"] = Field(
+        "keep", description="Assistant reasoning (reasoning_content, or a leading <think>...</think> block): keep trains it with the answer; drop trains the answers alone. Evaluation scores answers without it either way.")
+    enable_thinking: bool | None = Field(
+        None, description="Passed to chat templates that take it (Qwen3, SmolLM3) in training, evaluation, serve and export (saved with the trained model's tokenizer); false is their non-thinking mode (an empty think block in the prompt). Unset: the template's default.")
+
+    @model_validator(mode="after")
+    def _thinking(self):
+        if self.enable_thinking is False and self.reasoning == "keep" and "reasoning" in self.model_fields_set:
+            raise ValueError("enable_thinking: false renders an empty think block before every answer, so reasoning cannot be kept: "
+                             "set reasoning: drop (or leave enable_thinking unset)")
+        return self
+
+    @property
+    def template_kwargs(self) -> dict:
+        """What the chat template is rendered with, besides the messages."""
+        return {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
 
 
 class LoraConfig(Section):

@@ -160,7 +160,18 @@ class Loaded:
     dtype: torch.dtype
 
 
-def load_tokenizer(ref: str):
+CHAT_KWARGS = "chat_template_kwargs"  # in tokenizer_config.json: what the chat template is always rendered with
+
+
+def render_chat(tok, messages, **kw):
+    """tok.apply_chat_template with the template arguments the tokenizer carries (data.enable_thinking, saved with a
+    trained model's tokenizer), so training, evaluation, serving and export render the same text."""
+    return tok.apply_chat_template(messages, **{**(tok.init_kwargs.get(CHAT_KWARGS) or {}), **kw})
+
+
+def load_tokenizer(ref: str, chat_kwargs: dict | None = None):
+    """The tokenizer of a model reference or a trained adapter's directory; chat_kwargs (data.template_kwargs) are
+    passed to its chat template from now on, and saved with it (save_pretrained)."""
     from transformers import AutoTokenizer
 
     p = Path(ref).expanduser()
@@ -172,6 +183,8 @@ def load_tokenizer(ref: str):
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
         raise ModelError(f"{ref}: tokenizer has no chat template; tunewise trains chat models only")
+    if chat_kwargs:
+        tok.init_kwargs[CHAT_KWARGS] = {**(tok.init_kwargs.get(CHAT_KWARGS) or {}), **chat_kwargs}
     return tok
 
 

@@ -162,7 +162,7 @@ def run_monitor(cfg: ProjectConfig, log_dir: Path | None = None) -> MonitorRepor
         result["verdict"] = f"too few logged queries to tell ({len(queries)} < monitor.min_queries={m.min_queries})"
         atomic_write_json(out_dir / "monitor.json", result)
         return MonitorReport.model_validate(result)
-    train = ensure_prepared(cfg, load_tokenizer(cfg.model.name)).splits["train"]
+    train = ensure_prepared(cfg, load_tokenizer(cfg.model.name, cfg.data.template_kwargs)).splits["train"]
     ref = sample_records(train, m.samples)
     ref_q = [next((t["content"] for t in reversed(r.messages) if t["role"] == "user"), "") for r in ref]
     emb = Embedder(cfg.rag.embedding_model, cache=cfg.run_dir / "monitor" / "embeddings.sqlite", url=cfg.rag.embedding_url)

@@ -120,7 +120,7 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
     out = cfg.run_dir / "run"
     out.mkdir(parents=True, exist_ok=True)
     step = _Journal(out, t0)
-    tok = load_tokenizer(cfg.model.name)
+    tok = load_tokenizer(cfg.model.name, cfg.data.template_kwargs)
     routes = route_variants(cfg)
     val_cfg = _for_split(cfg, "validation", validation_samples)
     engines = Engines(val_cfg)

@@ -52,13 +52,15 @@ def gather_facts(cfg: ProjectConfig, tokenizer=None, sample: int = 200) -> Facts
     from ..data.formats import read_records
     from ..data.records import BadRecord
 
-    recs = [r for r in read_records(cfg.path(cfg.data.train), cfg.data.format, cfg.data.columns, cfg.data.system_prompt)
+    recs = [r for r in read_records(cfg.path(cfg.data.train), cfg.data.format, cfg.data.columns, cfg.data.system_prompt, cfg.data.reasoning)
             if not isinstance(r, BadRecord)]
     rng = random.Random(0)
     some = rng.sample(recs, min(sample, len(recs))) if recs else []
     if tokenizer is not None and some:
+        from ..models import render_chat
+
         count = lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
-        full = [count(tokenizer.apply_chat_template(r.messages, tokenize=False)) for r in some]
+        full = [count(render_chat(tokenizer, r.messages, tokenize=False)) for r in some]
     else:
         count = lambda t: max(1, len(t) // 4)  # noqa: E731
         full = [sum(count(m["content"]) + 4 for m in r.messages) for r in some]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .readers import READERS, FormatError, Item, finish, json_reader, reader
-from .records import BadRecord
+from .records import BadRecord, Record
 from .tools import ToolError, has_tool_use, normalize_openai, normalize_sharegpt, render_text
 
 _SURROGATES = re.compile("[\udc80-\udcff]")
@@ -35,7 +35,8 @@ def read_openai(path: Path, where: str, obj: dict, system_prompt: str | None) ->
             return BadRecord(str(path), where, str(e), obj)
         messages = render_text(messages, meta["tools"])
     elif isinstance(messages, list):  # keep only the keys we understand
-        messages = [{k: v for k, v in m.items() if k in ("role", "content", "weight")} if isinstance(m, dict) else m for m in messages]
+        messages = [{k: v for k, v in m.items() if k in ("role", "content", "weight", "reasoning_content")} if isinstance(m, dict) else m
+                    for m in messages]
     label = obj.get("label")
     return finish(path, where, messages, None if label is None else str(label), meta, obj, system_prompt)
 
@@ -175,10 +176,20 @@ def read_parquet(path: Path, columns=None, system_prompt: str | None = None, **_
             n += 1
 
 
-def read_records(path: Path, fmt: str, columns=None, system_prompt: str | None = None) -> Iterator[Item]:
+def read_records(path: Path, fmt: str, columns=None, system_prompt: str | None = None, reasoning: str = "keep") -> Iterator[Item]:
+    """The records of a file in a format, each assistant turn's reasoning kept inline or dropped (data/reasoning.py)."""
     from . import preference, text  # noqa: F401 - register the preference and raw-text readers
     if fmt not in READERS:
         raise FormatError(f"unknown format {fmt!r}; one of {', '.join(READERS)}")
     if not (Path(path).is_file() or (fmt == "text" and Path(path).is_dir())):
         raise FormatError(f"{path}: file not found")
-    return READERS[fmt](Path(path), columns=columns, system_prompt=system_prompt)
+    return _with_reasoning(READERS[fmt](Path(path), columns=columns, system_prompt=system_prompt), reasoning)
+
+
+def _with_reasoning(items: Iterator[Item], mode: str) -> Iterator[Item]:
+    from .reasoning import apply
+
+    for item in items:
+        if isinstance(item, Record):
+            item.messages = apply(item.messages, mode)
+        yield item

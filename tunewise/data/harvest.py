@@ -32,7 +32,7 @@ def _existing_prompts(cfg: ProjectConfig) -> set[str]:
     keys = set()
     for path in (cfg.data.train, cfg.data.validation, cfg.data.test):
         if path is not None and cfg.path(path).exists():
-            keys |= {r.prompt_key for r in read_records(cfg.path(path), cfg.data.format, cfg.data.columns, cfg.data.system_prompt)
+            keys |= {r.prompt_key for r in read_records(cfg.path(path), cfg.data.format, cfg.data.columns, cfg.data.system_prompt, cfg.data.reasoning)
                      if isinstance(r, Record)}
     return keys
 

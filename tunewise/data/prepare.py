@@ -376,7 +376,7 @@ def _read_and_clean(run: _Run) -> None:
             continue
         read_counts.setdefault(name, 0)
         skip = state["position"].get(name, 0)
-        items = itertools.islice(read_records(Path(run.inputs[name]["path"]), fmt, columns, cfg.data.system_prompt), skip, None)
+        items = itertools.islice(read_records(Path(run.inputs[name]["path"]), fmt, columns, cfg.data.system_prompt, cfg.data.reasoning), skip, None)
         for chunk, taken in _chunks(items, run.chunk_size, cfg.data.limit if name == "train" else None, bad, already=read_counts[name]):
             read_counts[name] += len(chunk)
             state["done"] += len(chunk)

@@ -21,6 +21,7 @@ from typing import Iterator
 
 from .readers import FormatError, Item, json_items, reader
 from .records import BadRecord, Record
+from ..models import render_chat
 from .tokenize import TokenStats, Tokenized
 
 SECTION_WORDS = 1000
@@ -101,7 +102,7 @@ def read_text(path: Path, **_) -> Iterator[Item]:
 def _ids(tok, r: Record) -> list[int]:
     """A document's tokens, closed by EOS (BOS first where the tokenizer adds one); a conversation as the chat
     template renders it."""
-    text = r.messages[0]["content"] if is_text(r) else tok.apply_chat_template(r.messages, tokenize=False)
+    text = r.messages[0]["content"] if is_text(r) else render_chat(tok, r.messages, tokenize=False)
     ids = tok(text, add_special_tokens=is_text(r))["input_ids"]
     if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
         ids.append(tok.eos_token_id)

@@ -1,9 +1,17 @@
 """Chat template -> token ids with a loss mask on assistant tokens only; truncation; batching.
 
-The mask is derived from the rendered template itself: each assistant turn's character span (its text
-plus the end-of-turn marker the template writes after it) is located in the rendered conversation, and
-exactly the tokens inside those spans are trained. Nothing assumes a particular template, and a
-template that renders a conversation inconsistently with its own prefixes fails loudly.
+The mask is derived from the rendered template itself. For each assistant turn, the render of the conversation
+before it (with the generation prompt) is the context, and what the render up to and including the turn adds to it
+is what the model writes: its text (and its reasoning, where the turn has one) plus the end-of-turn marker the template
+writes after it (up to the first line break: `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|end|>`, `</s>`). Exactly
+the tokens of that span are trained. Nothing assumes a particular template.
+
+The rule for templates that render a turn differently once later turns follow (Qwen3 drops the reasoning of earlier
+assistant turns; Phi-3 ends a conversation with an extra token): a turn is trained inside the whole conversation's
+render where it appears there as it did when it was written; otherwise it is trained in its own sequence, the render
+of the conversation up to and including it, so every turn is trained exactly as the template renders it when the
+model writes it. A template whose render of a conversation does not start with the render of its beginning (the
+context itself changes) fails loudly.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import TunewiseError
+from .reasoning import has_reasoning
 
 IGNORE = -100
 
@@ -34,32 +43,69 @@ class Tokenized:
 
 
 def _render(tok, messages, add_generation_prompt=False) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    from jinja2 import TemplateError as JinjaError
+
+    from ..models import render_chat
+
+    try:
+        return render_chat(tok, messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except JinjaError as e:  # raise_exception in the template: Gemma 2 refuses a system turn, Mistral tool call ids
+        raise TemplateError(f"the chat template refuses this conversation: {e}") from None
 
 
-def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render the conversation; return the text and the (start, end) char spans to train on."""
+def _turn(tok, msgs: list[dict], i: int, reasoning: bool) -> tuple[str, int, int]:
+    """Assistant turn i as the model writes it: the sequence (its context, the render before it with the generation
+    prompt, then the turn) and the (start, end) of what is trained there: from its text (or its reasoning) to the
+    end-of-turn marker."""
+    prefix = _render(tok, msgs[:i], add_generation_prompt=True)
+    upto = _render(tok, msgs[: i + 1])
+    content = msgs[i]["content"].strip()
+    if upto.startswith(prefix):
+        seq, base = upto, len(prefix)
+    else:  # the template renders the context differently when the answer follows (Mistral moves the system prompt into
+        # the last user turn): the answer after its context as the template writes answers, its text and marker
+        at = upto.rfind(content) if content else -1
+        if at < 0:
+            raise TemplateError(f"assistant message {i} text not found in the rendered template")
+        seq, base = prefix + upto[at:], len(prefix)
+    delta = seq[base:]
+    at = delta.find(content) if content else len(delta) - len(delta.lstrip())
+    if at < 0:
+        raise TemplateError(f"assistant message {i} text not found in the rendered template")
+    after = at + len(content)
+    rest = delta[after:]
+    marker = rest.lstrip().split("\n", 1)[0]  # the end-of-turn marker: what the template writes next, up to the line's end
+    end = after + (len(rest) - len(rest.lstrip())) + len(marker) if marker else after
+    start = len(delta) - len(delta.lstrip()) if reasoning else at  # a turn's reasoning is written by the model too
+    return seq[: base + end], base + start, base + end
+
+
+def training_renders(tok, messages: list[dict]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """The sequences one conversation trains as, each (text, char spans to train): one for each turn the template renders
+    differently once later turns follow (the module's rule), then the whole conversation's render, with every turn the
+    template renders there, and its context, as when the turn was written."""
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
     text = _render(tok, msgs)
-    spans = []
+    spans, alone = [], []
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
-        prefix = _render(tok, msgs[:i], add_generation_prompt=True)
-        upto = _render(tok, msgs[: i + 1])
-        if not (upto.startswith(prefix) and text.startswith(upto)):
-            raise TemplateError(
-                "the chat template renders a conversation differently from its prefixes "
-                f"(at message {i}); assistant-only loss masks cannot be derived safely"
-            )
-        delta = upto[len(prefix) :]
-        content = m["content"].strip()
-        start = delta.find(content)
-        if start < 0:
-            raise TemplateError(f"assistant message {i} text not found in the rendered template")
-        end = len(delta.rstrip())  # the text plus the template's end-of-turn marker, without trailing whitespace
-        spans.append((len(prefix) + start, len(prefix) + end))
-    return text, spans
+        written, start, end = _turn(tok, msgs, i, has_reasoning(m["content"]))
+        if text[:end] == written:
+            spans.append((start, end))
+        else:  # the template rewrites this turn (or its context) once later turns follow: trained as it was written
+            alone.append((written, [(start, end)]))
+    return alone + ([(text, spans)] if spans or not alone else [])  # the whole conversation last
+
+
+def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render the conversation; return the text and the (start, end) char spans to train on, for a template that
+    renders every assistant turn as it was written (TemplateError otherwise: use training_renders)."""
+    renders = training_renders(tok, messages)
+    if len(renders) != 1:
+        raise TemplateError("the chat template renders earlier assistant turns differently once later turns follow; "
+                            "this conversation trains as several sequences (training_renders)")
+    return renders[0]
 
 
 def _mask(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
@@ -72,7 +118,9 @@ def _mask(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int,
 
 
 def tokenize_messages(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
-    text, spans = assistant_spans(tok, messages)
+    """One conversation's ids and labels, in one sequence (a template that rewrites earlier turns: the last sequence of
+    training_renders, the one whose last turn is the conversation's last answer)."""
+    text, spans = training_renders(tok, messages)[-1]
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     return enc["input_ids"], _mask(enc["input_ids"], enc["offset_mapping"], spans)
 
@@ -107,16 +155,24 @@ def check_end_of_turn(tok, stop_ids: list[int]) -> list[int]:
 def tokenize_many(tok, conversations: list[list[dict]], sources: list[str] | None = None) -> list[tuple[list[int], list[int]]]:
     """tokenize_messages for many conversations, encoded in one batch call (a fast tokenizer does that ~2.4x
     faster than one at a time; the ids and masks are the same). A template problem names its record's source."""
+    return [seqs[-1] for seqs in tokenize_sequences(tok, conversations, sources)]
+
+
+def tokenize_sequences(tok, conversations: list[list[dict]], sources: list[str] | None = None) -> list[list[tuple[list[int], list[int]]]]:
+    """Each conversation's training sequences (training_renders: one, or more where the template rewrites earlier turns),
+    as (ids, labels), encoded in one batch call."""
     rendered = []
     for i, messages in enumerate(conversations):
         try:
-            rendered.append(assistant_spans(tok, messages))
+            rendered.append(training_renders(tok, messages))
         except TemplateError as e:  # a template problem stops the run, but says on which record it showed
             raise TemplateError(f"{sources[i]}: {e}" if sources else str(e)) from None
-    if not rendered:
-        return []
-    enc = tok([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-    return [(ids, _mask(ids, offsets, spans)) for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"])]
+    flat = [r for rs in rendered for r in rs]
+    if not flat:
+        return [[] for _ in rendered]
+    enc = tok([text for text, _ in flat], add_special_tokens=False, return_offsets_mapping=True)
+    seqs = iter([(ids, _mask(ids, offsets, spans)) for (_, spans), ids, offsets in zip(flat, enc["input_ids"], enc["offset_mapping"])])
+    return [[next(seqs) for _ in rs] for rs in rendered]
 
 
 @dataclass
@@ -177,7 +233,8 @@ def tokenize_records(tok, records, max_length: int, stats: TokenStats | None = N
     stats = stats if stats is not None else TokenStats()
     out = []
     records = list(records)
-    for r, (ids, labels) in zip(records, tokenize_many(tok, [r.messages for r in records], [r.source for r in records])):
+    for r, (ids, labels) in ((r, seq) for r, seqs in zip(records, tokenize_sequences(tok, [r.messages for r in records],
+                                                                                      [r.source for r in records])) for seq in seqs):
         kept = truncate(ids, labels, max_length)
         if kept is None:
             stats.dropped_too_long += 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import Loaded, load_model, stop_ids
+from ..models import Loaded, load_model, render_chat, stop_ids
 from .constraints import (GRAMMAR_KINDS, MAX_CHOICES, ChoiceError, Grammar, GrammarRows, LabelTrie, TrieRows,
                           check_choices)
 from .cpu import pack_linears
@@ -80,7 +80,7 @@ class Engine:
         """Chat turns through the model's template; a plain string is a raw prompt (/v1/completions)."""
         return [
             self.tok(c, add_special_tokens=False)["input_ids"] if isinstance(c, str)
-            else self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            else render_chat(self.tok, c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
             for c in conversations
         ]
 

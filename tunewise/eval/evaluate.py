@@ -18,10 +18,11 @@ from ..config import ProjectConfig, VariantConfig
 from ..data.prepare import ensure_prepared
 from ..data.prepared import NoLabels, Prepared
 from ..data.prepared import label_set as labels_of
+from ..data.reasoning import strip_reasoning
 from ..data.records import Record
 from ..data.split import sample_records
 from ..engine import Engine, model_ref_of
-from ..models import load_tokenizer
+from ..models import CHAT_KWARGS, load_tokenizer
 from ..results import Comparison, EvalSummary
 from ..util import atomic_write_json, rate_and_eta, sha256_file, sha256_text, write_jsonl
 from ..metrics import reported_metrics, score
@@ -124,7 +125,7 @@ class Engines:
     def tokenizer(self):
         """The local model's tokenizer: endpoint variants' RAG context is budgeted with it (the endpoint's own is unknown)."""
         if getattr(self, "_tok", None) is None:
-            self._tok = load_tokenizer(self.cfg.model.name)
+            self._tok = load_tokenizer(self.cfg.model.name, self.cfg.data.template_kwargs)
         return self._tok
 
     def get(self, variant: VariantConfig) -> tuple[Engine, str | None, str]:
@@ -152,6 +153,8 @@ class Engines:
     def _engine(self, ref: str) -> Engine:
         if ref not in self.by_ref:
             self.by_ref[ref] = Engine.load(ref, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
+            if self.cfg.data.template_kwargs:  # prompts rendered as training rendered them (data.enable_thinking)
+                self.by_ref[ref].tok.init_kwargs[CHAT_KWARGS] = self.cfg.data.template_kwargs
         return self.by_ref[ref]
 
 
@@ -270,7 +273,7 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     if variant.kind == "endpoint":
         engines.endpoint(variant)  # key, reachability and model checked before any work
     graders = engines.graders()  # every definition checked before any work
-    prepared = prepared or ensure_prepared(cfg, load_tokenizer(cfg.model.name))
+    prepared = prepared or ensure_prepared(cfg, load_tokenizer(cfg.model.name, cfg.data.template_kwargs))
     fp = fingerprint(cfg, variant, prepared)
     out_dir = (out_root or cfg.run_dir / "eval") / variant.name
     if reuse:
@@ -285,7 +288,7 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
 
         check_items(graders, [item_of(r) for r in items])  # a template's field missing from an item: before generating
     rag = variant.strategy == "rag"
-    refs = [r.label or r.answer for r in items]
+    refs = [r.label or strip_reasoning(r.answer) for r in items]  # answers are scored without their reasoning
     client = engines.endpoint(variant) if variant.kind == "endpoint" else None
     if client is not None:
         eng, adapter, model_id, tok = None, None, f"{variant.endpoint.model} @ {variant.endpoint.base_url}", engines.tokenizer()
@@ -317,9 +320,9 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     if rag:
         from ..rag.answer import strip_citations
 
-        preds = [strip_citations(o.text) for o in outs]
+        preds = [strip_reasoning(strip_citations(o.text)) for o in outs]
     else:
-        preds = [o.text for o in outs]
+        preds = [strip_reasoning(o.text) for o in outs]
     per_metric = {m: _score_alternatives(m, preds, items, refs) for m in ev.metrics}
     extra = _grounding_metrics(items, preds, [o.text for o in outs], contexts, _gold_text_lookup(cfg, engines))
 
@@ -522,7 +525,7 @@ def compare(cfg: ProjectConfig, names: list[str] | None = None, out_root: Path |
         if v.kind == "endpoint":
             engines.endpoint(v)
     engines.graders()
-    prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name))  # once for all variants
+    prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name, cfg.data.template_kwargs))  # once for all variants
     summaries = {}
     for v in variants:
         if progress:

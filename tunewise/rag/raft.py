@@ -58,7 +58,7 @@ def write_raft(cfg, out: Path, distractors: int = 2, p_oracle: float = 0.8, seed
     from ..data.prepare import ensure_prepared
     from ..models import load_tokenizer
 
-    prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name))
+    prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name, cfg.data.template_kwargs))
     rows, counts = raft_records(cfg, prepared.splits["train"], distractors, p_oracle, seed)
     write_jsonl(out, rows)
     return counts

@@ -124,6 +124,10 @@ class Models:
             from ..engine import Engine
 
             self._base = Engine.load(self.cfg.model.name, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
+            if self.cfg.data.template_kwargs:  # prompts rendered as training rendered them (data.enable_thinking)
+                from ..models import CHAT_KWARGS
+
+                self._base.tok.init_kwargs[CHAT_KWARGS] = self.cfg.data.template_kwargs
         return self._base
 
     def entry(self, model: str):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 
+from ..models import render_chat
 from .gguf_export import GGUFError
 
 START, END = "<|im_start|>", "<|im_end|>"
@@ -37,7 +38,7 @@ def chatml(messages: list[dict], default_system: str | None) -> str:
 
 
 def _render_jinja(tok, messages: list[dict]) -> str:
-    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return render_chat(tok, messages, add_generation_prompt=True, tokenize=False)
 
 
 def chatml_default_system(tok) -> str | None:

@@ -27,7 +27,7 @@ import torch
 from ...data.prepared import NoLabels, label_set
 from ...data.records import Record
 from ...data.tokenize import IGNORE, Tokenized, collate
-from ...models import Loaded
+from ...models import Loaded, render_chat
 from .base import Context, Objective, Setup, TrainError, padded_stats, token_count
 from .preference import low_rate, token_logps
 from ..rewards import Rewards
@@ -43,7 +43,7 @@ def prompts_of(tok, records: list[Record]) -> list[Prompt]:
     """Each record's conversation up to its last answer, as a rollout prompt (the record keeps the reference)."""
     out = []
     for r in records:
-        ids = tok.apply_chat_template(r.messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        ids = render_chat(tok, r.messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
         out.append(Prompt(list(ids), r))
     return out
 
