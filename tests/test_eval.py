@@ -129,7 +129,10 @@ def test_report_renders_in_headless_chromium(tmp_path):
                        "metrics": {"accuracy": {"mean": acc, "ci95": [acc - 0.1, acc + 0.1], "n": 10}},
                        "latency_s": {"p50": 0.1, "p95": 0.2}, "items_per_s": 5.0, "prompt_tokens_mean": 50, "cost_per_1k_queries_usd": 0.01,
                        "config_sha256": "0" * 64, "data": {}}
-    result = {"reference_variant": "base", "variants": variants, "paired_vs_reference": {"fine-tuned": {"accuracy": {"p_value": 0.01}}}}
+    from tunewise.results import Comparison
+
+    result = Comparison.model_validate({"reference_variant": "base", "variants": variants, "paired_vs_reference": {
+        "fine-tuned": {"accuracy": {"diff": {"mean": 0.5, "ci95": [0.2, 0.8], "n": 10}, "p_value": 0.01}}}})
     page = compare_report(result, ev, ["accuracy"])
     png = screenshot(page, tmp_path / "report.png", height=900)
     import struct
