@@ -33,22 +33,22 @@ def _project(tmp_path, tiny_model, use_case: dict, rows: int, kb: bool = False, 
 def test_fast_changing_faq_with_citations_gets_rag(tmp_path, tiny_model, smol_tokenizer):
     cfg = _project(tmp_path, tiny_model, {"task": "qa", "knowledge_changes": "weekly", "citations": True, "queries_per_day": 2000}, rows=60, kb=True)
     a = advise(cfg, smol_tokenizer, hw=HW)
-    assert a["recommendation"] == "rag"
-    why = " ".join(a["ranking"][0]["reasons"])
+    assert a.recommendation == "rag"
+    why = " ".join(a.ranking[0].reasons)
     assert "cite" in why and "weekly" in why
-    ft = next(r for r in a["ranking"] if r["route"] == "fine-tune")
-    assert ft["points"] < 0 and any("stale" in x for x in ft["reasons"])
+    ft = a.route("fine-tune")
+    assert ft.points < 0 and any("stale" in x for x in ft.reasons)
 
 
 def test_high_volume_stable_classification_gets_fine_tuning(tmp_path, tiny_model, smol_tokenizer):
     cfg = _project(tmp_path, tiny_model, {"task": "classification", "knowledge_changes": "never", "queries_per_day": 50_000,
                                           "latency_ms": 300}, rows=1500)
     a = advise(cfg, smol_tokenizer, hw=HW)
-    assert a["recommendation"] == "fine-tune"
-    why = " ".join(a["ranking"][0]["reasons"])
-    assert "labelled examples to learn it from" in why and a["facts"]["examples"] > 1400 and "50,000 queries" in why and "latency" in why
-    ft = a["ranking"][0]["cost"]
-    prompt = next(r for r in a["ranking"] if r["route"] == "prompt")["cost"]
+    assert a.recommendation == "fine-tune"
+    why = " ".join(a.ranking[0].reasons)
+    assert "labelled examples to learn it from" in why and a.facts["examples"] > 1400 and "50,000 queries" in why and "latency" in why
+    ft = a.ranking[0].cost
+    prompt = a.route("prompt").cost
     assert ft["prompt_tokens"] < prompt["prompt_tokens"] and ft["per_query_usd"] < prompt["per_query_usd"]  # shorter prompts
     assert ft["training_usd"] > 0 and ft["break_even_vs_prompt_queries_per_day"] is not None
 
@@ -57,9 +57,9 @@ def test_tiny_context_formatting_task_gets_prompting(tmp_path, tiny_model, smol_
     rows = "text,category\n" + "\n".join(f"date {d} March 2024,2024-03-{d:02d}" for d in range(1, 31)) + "\n"
     cfg = _project(tmp_path, tiny_model, {"task": "formatting", "queries_per_day": 100}, rows=0, task_rows=rows)
     a = advise(cfg, smol_tokenizer, hw=HW)
-    assert a["recommendation"] == "prompt"
-    assert any("short prompt" in x for x in a["ranking"][0]["reasons"])
-    assert any("too few" in x for r in a["ranking"] if r["route"] == "fine-tune" for x in r["reasons"])
+    assert a.recommendation == "prompt"
+    assert any("short prompt" in x for x in a.ranking[0].reasons)
+    assert any("too few" in x for x in a.route("fine-tune").reasons)
 
 
 def test_three_use_cases_differ_from_the_cli(tmp_path, tiny_model):

@@ -82,3 +82,21 @@ def test_an_old_decision_json_opens_renders_and_prints(tmp_path, capsys):
     _run_and_print(lambda step, live: d)
     out = capsys.readouterr().out
     assert "chosen:" in out and "fine-tune (fine-tuned)" in out and "wall time 600 s" in out
+
+
+def test_an_old_trials_json_opens_and_renders(tmp_path):
+    from tunewise.report.html import tune_report
+    from tunewise.results import TuneResult
+
+    old = {"study": "tiny", "direction": "minimize", "objective": "validation loss",
+           "best": {"number": 1, "value": 2.5, "ci95": None, "params": {"training.learning_rate": 0.001}, "is_defaults": False},
+           "defaults": {"number": 0, "value": 2.7}, "importances": {"training.learning_rate": 1.0},
+           "trials": [{"number": 0, "state": "COMPLETE", "value": 2.7, "params": {"training.learning_rate": 0.0002}, "is_defaults": True,
+                       "defaults": ["learning_rate=2e-4"], "steps": 6, "best_val_loss": 2.7, "wall_s": 3.0, "duration_s": 3.1},
+                      {"number": 1, "state": "COMPLETE", "value": 2.5, "params": {"training.learning_rate": 0.001}, "pid": 7, "duration_s": 2.9},
+                      {"number": 2, "state": "PRUNED", "value": None, "params": {"training.learning_rate": 0.01}, "duration_s": 1.0}],
+           "best_yaml": "best.yaml", "set": "--set training.learning_rate=0.001"}
+    r = TuneResult.model_validate(old)
+    assert [t.number for t in r.completed] == [0, 1] and r.trials[0].is_defaults and r.trials[1].pid == 7  # unknown keys kept
+    page = tune_report(r, tmp_path / "report.html").read_text()
+    assert "0 (defaults)" in page and "pruned" in page and "--set training.learning_rate=0.001" in page

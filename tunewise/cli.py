@@ -184,12 +184,12 @@ def data_harvest(
     from .data.harvest import harvest
 
     r = harvest(cfg, out, log_dir)
-    console.print(f"{r['requests']:,} logged responses, {r['with_feedback']:,} with feedback ({r['neutral']} neutral, "
-                  f"{r['raw_prompt_skipped']} raw-prompt completions skipped)", highlight=False)
+    console.print(f"{r.requests:,} logged responses, {r.with_feedback:,} with feedback ({r.neutral} neutral, "
+                  f"{r.raw_prompt_skipped} raw-prompt completions skipped)", highlight=False)
     for name, fmt in (("sft", "openai"), ("preference", "openai-preference"), ("kto", "trl-kto")):
-        console.print(f"  {name}: {r['written'][name]:,} records -> {Path(r['out']) / (name + '.jsonl')} (data.format: {fmt})", highlight=False)
-    console.print(f"set aside: {r['set_aside']:,} (-> {Path(r['out']) / 'quarantine.jsonl'})", highlight=False)
-    for reason, n in r["reasons"].items():
+        console.print(f"  {name}: {r.written[name]:,} records -> {Path(r.out) / (name + '.jsonl')} (data.format: {fmt})", highlight=False)
+    console.print(f"set aside: {r.set_aside:,} (-> {Path(r.out) / 'quarantine.jsonl'})", highlight=False)
+    for reason, n in r.reasons.items():
         console.print(f"  {n:>6}  {reason}", highlight=False)
 
 
@@ -598,23 +598,23 @@ def advise(
 
     a = advise_fn(cfg, load_tokenizer(cfg.model.name, cfg.data.template_kwargs))
     if as_json:
-        print(json.dumps(a, indent=2, default=str))
+        print(json.dumps(a.to_json(), indent=2, default=str))
         return
-    console.print(f"[bold]recommended:[/] {a['recommendation']} - {a['recommendation_text']}")
-    t = Table(title=f"routes ({a['hardware']['name']}, {a['hardware']['tflops']:.3f} matmul TFLOP/s measured, "
+    console.print(f"[bold]recommended:[/] {a.recommendation} - {a.recommendation_text}")
+    t = Table(title=f"routes ({a.hardware['name']}, {a.hardware['tflops']:.3f} matmul TFLOP/s measured, "
                     f"{cfg.use_case.queries_per_day:,} queries/day)")
     for h in ("route", "points", "$ / 1k queries", "training", "re-training / yr", "first year", "why"):
         t.add_column(h, overflow="fold")
-    for r in a["ranking"]:
-        c = r["cost"]
-        t.add_row(r["route"], str(r["points"]), f"{c['per_query_usd'] * 1000:.4f}" + (" hosted" if c["hosted"] else ""),
+    for r in a.ranking:
+        c = r.cost
+        t.add_row(r.route, str(r.points), f"{c['per_query_usd'] * 1000:.4f}" + (" hosted" if c["hosted"] else ""),
                   f"${c['training_usd']:.2f} ({c['training_hours'] * 60:.0f} min)" if c["training_hours"] else "-",
-                  f"${c['retraining_usd_per_year']:.2f}", f"${c['first_year_usd']:,.2f}", "\n".join(r["reasons"]))
+                  f"${c['retraining_usd_per_year']:.2f}", f"${c['first_year_usd']:,.2f}", "\n".join(r.reasons))
     console.print(t)
-    te = a["training_estimate"]
+    te = a.training_estimate
     console.print(f"training estimate ({te['method']}): {te['steps']} steps, {te['tokens']:,} tokens, {te['flops']:.2e} FLOPs, "
                   f"{te['hours'] * 60:.1f} min, peak memory {te['memory_gb']:.2f} GB{'' if te['fits'] else ' (does NOT fit)'}")
-    console.print(f"to confirm, measure: {a['ranking'][0]['what_to_measure']} (`tunewise run` does it in order)")
+    console.print(f"to confirm, measure: {a.ranking[0].what_to_measure} (`tunewise run` does it in order)")
 
 
 class _Steps:
@@ -704,19 +704,18 @@ def tune(
     r = run_tune(config, set_ or [], trials, storage, workers, worker_rank, say=lambda m: console.print(m, highlight=False))
     if r is None:
         return
-    b = r["best"]
-    ci = f" [{b['ci95'][0]:.4f}, {b['ci95'][1]:.4f}]" if b.get("ci95") else ""
-    done = sum(t["state"] == "COMPLETE" for t in r["trials"])
-    who = f"the defaults (trial {b['number']})" if b.get("is_defaults") else f"trial {b['number']}"
-    console.print(f"best of {done} completed trials ({sum(t['state'] == 'PRUNED' for t in r['trials'])} pruned): {who}, "
-                  f"{r['objective']} {b['value']:.4f}{ci}", highlight=False)
-    if r.get("defaults") and not b.get("is_defaults"):
-        console.print(f"the defaults scored {r['defaults']['value']:.4f}", highlight=False)
-    if r["importances"]:
-        console.print("importance: " + ", ".join(f"{k} {v:.2f}" for k, v in r["importances"].items()), highlight=False)
-    console.print(f"apply: {r['set']}", highlight=False)
-    console.print(f"best: {r['best_yaml']}")
-    console.print(f"[bold]report:[/] {r['report']}")
+    b = r.best
+    ci = f" [{b.ci95[0]:.4f}, {b.ci95[1]:.4f}]" if b.ci95 else ""
+    who = f"the defaults (trial {b.number})" if b.is_defaults else f"trial {b.number}"
+    console.print(f"best of {len(r.completed)} completed trials ({sum(t.state == 'PRUNED' for t in r.trials)} pruned): {who}, "
+                  f"{r.objective} {b.value:.4f}{ci}", highlight=False)
+    if r.defaults and not b.is_defaults:
+        console.print(f"the defaults scored {r.defaults['value']:.4f}", highlight=False)
+    if r.importances:
+        console.print("importance: " + ", ".join(f"{k} {v:.2f}" for k, v in r.importances.items()), highlight=False)
+    console.print(f"apply: {r.set}", highlight=False)
+    console.print(f"best: {r.best_yaml}")
+    console.print(f"[bold]report:[/] {r.report}")
 
 
 @app.command()

@@ -21,7 +21,7 @@ from .data.prepare import ensure_prepared
 from .eval.endpoint import EndpointError
 from .eval.evaluate import EvalError, compare, evaluate, Engines
 from .models import load_tokenizer
-from .results import Comparison, Decision, EvalSummary, EvidenceRow, HostedVsLocal, Roi
+from .results import Advice, Comparison, Decision, EvalSummary, EvidenceRow, HostedVsLocal, Roi
 from .util import atomic_write_json, sha256_text
 
 ROUTE_OF_KIND = {"base": "prompt", "few-shot": "prompt", "endpoint": "hosted", "rag": "rag", "fine-tuned": "fine-tune", "ft+rag": "hybrid"}
@@ -130,8 +130,8 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
     step("data", outputs=prepared.summary.get("outputs"))
     progress("advising")
     before = advise(cfg, tok)
-    before["split_shift"] = prepared.summary.get("split_shift")
-    step("advise", recommendation=before["recommendation"])
+    before.split_shift = prepared.summary.get("split_shift")
+    step("advise", recommendation=before.recommendation)
 
     n_val = min(validation_samples or 10**12, len(prepared.splits["validation"]))
     n_test = min(test_samples or 10**12, len(prepared.splits[cfg.evaluation.split]))
@@ -165,7 +165,7 @@ def run_workflow(cfg: ProjectConfig, progress=None, all_routes: bool = False, va
     return decision
 
 
-def _search(cfg: ProjectConfig, val_cfg: ProjectConfig, routes: dict, prepared, before: dict, engines: Engines, out: Path, step: _Journal,
+def _search(cfg: ProjectConfig, val_cfg: ProjectConfig, routes: dict, prepared, before: Advice, engines: Engines, out: Path, step: _Journal,
             not_measured: list[dict], all_routes: bool, n_test: int, progress, live):
     """The routes in order (prompting, RAG, fine-tuning, hybrid), each variant on the validation split, until one meets
     the goal (or through every route). Returns (cfg with the training defaults, tried, validation summaries, the route
@@ -181,9 +181,9 @@ def _search(cfg: ProjectConfig, val_cfg: ProjectConfig, routes: dict, prepared, 
             step(route, skipped=_skip_reason(route, not_measured))
             continue
         if route == "fine-tune" or (route == "hybrid" and training is None):
-            facts = before["facts"]  # the training split's size, not the raw file's (advise reads that)
-            cfg, notes = auto_training(cfg, len(prepared.splits["train"]), facts["mean_tokens"], before["model"]["params"], facts.get("answer_tokens"),
-                                       before["model"].get("layers"), is_labelled(prepared.splits["train"]))
+            facts = before.facts  # the training split's size, not the raw file's (advise reads that)
+            cfg, notes = auto_training(cfg, len(prepared.splits["train"]), facts["mean_tokens"], before.model["params"], facts.get("answer_tokens"),
+                                       before.model.get("layers"), is_labelled(prepared.splits["train"]))
             val_cfg = val_cfg.model_copy(update={"training": cfg.training})
             training = _ensure_trained(cfg, prepared, step.data, progress)
             step("train", defaults=notes, steps=training.get("steps"), wall_s=training.get("wall_s"), reused=training.get("reused"))
@@ -247,7 +247,7 @@ def _test_compare(test_cfg: ProjectConfig, tried: list, not_measured: list[dict]
             not_measured.append({"route": "hosted", "variant": e.variant, "reason": f"on the test split: {e}"})
 
 
-def decide(cfg: ProjectConfig, before: dict, tried, validation: dict[str, EvalSummary], final: Comparison, training: dict | None,
+def decide(cfg: ProjectConfig, before: Advice, tried, validation: dict[str, EvalSummary], final: Comparison, training: dict | None,
            met_at: str | None, not_measured: list[dict] | None = None) -> Decision:
     """The evidence table per route (its best variant on validation) and the decision with its ROI."""
     from .advise import costs
@@ -255,14 +255,14 @@ def decide(cfg: ProjectConfig, before: dict, tried, validation: dict[str, EvalSu
 
     goal, uc = cfg.goal, cfg.use_case
     shape = costs.model_shape(cfg.model.name)
-    hw = costs.Hardware(**before["hardware"])
+    hw = costs.Hardware(**before.hardware)
     best: dict[str, str] = {}
     for route, v in tried:
         if route not in best or (validation[v.name].value(goal.metric) or 0) > (validation[best[route]].value(goal.metric) or 0):
             best[route] = v.name
     rows = [_evidence(cfg, route, v.name, final.variants[v.name], validation[v.name], training, before, shape, hw, best[route] == v.name)
             for route, v in tried]  # one row per variant measured (base, few-shot, fine-tuned...), each with its own costs
-    rc = route_costs(cfg, Facts(**before["facts"]), shape, hw, {})  # estimates, for the routes not tried
+    rc = route_costs(cfg, Facts(**before.facts), shape, hw, {})  # estimates, for the routes not tried
     # a goal met on validation whose test CI lies wholly below it is not met: validation did not stand for the test data
     meeting = [r for r in rows if r.meets]
     short = [r for r in rows if not r.meets]
@@ -273,18 +273,18 @@ def decide(cfg: ProjectConfig, before: dict, tried, validation: dict[str, EvalSu
     untried = [r for r in ROUTE_ORDER if r not in best]
     return Decision(goal={"metric": goal.metric, "threshold": goal.threshold}, met=bool(meeting), met_at=met_at, chosen=chosen.route,
                     chosen_variant=chosen.variant, evidence=rows, roi=roi,
-                    why=_why(chosen, beaten, goal, not_measured or [], meeting, (before.get("split_shift") or {})),
+                    why=_why(chosen, beaten, goal, not_measured or [], meeting, before.split_shift or {}),
                     not_measured=not_measured or [], validation_only=[r.variant for r in rows if r.meets_goal and r.test_below_goal],
                     hosted_vs_local=hosted_vs_local(rows, uc.queries_per_day),
-                    advice_before={"recommendation": before["recommendation"],
-                                   "ranking": [{k: r[k] for k in ("route", "points", "reasons")} for r in before["ranking"]]},
+                    advice_before={"recommendation": before.recommendation,
+                                   "ranking": [r.model_dump(include={"route", "points", "reasons"}) for r in before.ranking]},
                     estimates_for_untried={r: {k: rc[r][k] for k in ("per_query_usd", "training_usd", "training_hours", "first_year_usd")}
                                            for r in untried if r in rc},
-                    hardware=before["hardware"], prices=before["prices"], use_case=before["use_case"], training=training,
+                    hardware=before.hardware, prices=before.prices, use_case=before.use_case, training=training,
                     config_sha256=sha256_text(json.dumps(cfg.resolved(), sort_keys=True)))
 
 
-def _evidence(cfg: ProjectConfig, route: str, name: str, s: EvalSummary, val: EvalSummary, training: dict | None, before: dict, shape, hw,
+def _evidence(cfg: ProjectConfig, route: str, name: str, s: EvalSummary, val: EvalSummary, training: dict | None, before: Advice, shape, hw,
               best_of_route: bool) -> EvidenceRow:
     """One variant's row: its validation and test quality, and its costs from what the test comparison measured."""
     from .advise.decide import Facts, route_costs
@@ -295,7 +295,7 @@ def _evidence(cfg: ProjectConfig, route: str, name: str, s: EvalSummary, val: Ev
         measured[route]["per_query_usd"] = s.cost_per_1k_queries_usd / 1000
     if route in ("fine-tune", "hybrid") and training and training.get("wall_s"):
         measured[route]["training_s"] = training["wall_s"]
-    c = route_costs(cfg, Facts(**before["facts"]), shape, hw, measured)[route]
+    c = route_costs(cfg, Facts(**before.facts), shape, hw, measured)[route]
     m = s.metrics.get(goal.metric)
     ci = m.ci95 if m else None
     return EvidenceRow(route=route, variant=name, best_of_route=best_of_route, validation=val.value(goal.metric), test=m.mean if m else None,

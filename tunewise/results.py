@@ -104,6 +104,91 @@ class Comparison(Result):
         return {**self.model_dump(mode="json"), "variants": {k: v.to_json() for k, v in self.variants.items()}}
 
 
+class RouteAdvice(Result):
+    """One route as `tunewise advise` ranks it: its points and reasons from the use case, what to measure, its costs."""
+
+    route: str
+    points: int | float
+    reasons: list[str] = []
+    what_to_measure: str = ""
+    cost: dict[str, Any] = {}  # per_query_usd, prompt_tokens, training_usd, training_hours, first_year_usd, break-evens
+
+
+class Advice(Result):
+    """`tunewise advise`: the route the use case points to before anything is measured, with the facts it rests on."""
+
+    recommendation: str
+    recommendation_text: str = ""
+    ranking: list[RouteAdvice]
+    facts: dict[str, Any] = {}  # what the data and knowledge base are (examples, tokens, answer tokens, ...)
+    hardware: dict[str, Any] = {}
+    model: dict[str, Any] = {}  # name, params, matmul_params, layers
+    training_estimate: dict[str, Any] = {}
+    use_case: dict[str, Any] = {}
+    prices: dict[str, Any] = {}
+    split_shift: dict[str, Any] | None = None  # set by `tunewise run`: the label shift between the prepared splits
+
+    def route(self, name: str) -> RouteAdvice:
+        return next(r for r in self.ranking if r.route == name)
+
+
+class TuneTrial(Result):
+    """One Optuna trial of `tunewise tune`, with what it recorded (its training's steps and loss, the CI, its notes)."""
+
+    number: int
+    state: str  # COMPLETE, PRUNED, FAIL, RUNNING
+    value: float | None = None
+    params: dict[str, Any] = {}
+    duration_s: float | None = None
+    is_defaults: bool = False  # the settings train/defaults.py picks, tried first
+    ci95: list[float] | None = None
+    steps: int | None = None
+    best_val_loss: float | None = None
+    wall_s: float | None = None
+
+
+class TuneBest(Result):
+    number: int
+    value: float
+    ci95: list[float] | None = None
+    params: dict[str, Any] = {}
+    is_defaults: bool = False
+
+
+class TuneResult(Result):
+    """`tunewise tune`: the study's best trial, how to apply it, the importances and every trial (trials.json)."""
+
+    study: str
+    direction: str  # minimize | maximize
+    objective: str  # what was optimised, in words
+    best: TuneBest
+    defaults: dict[str, Any] | None = None  # the defaults' trial, when another won
+    importances: dict[str, float] = {}
+    trials: list[TuneTrial] = []
+    best_yaml: str
+    set: str  # the --set flags that apply the best trial
+    report: str | None = None
+
+    @property
+    def completed(self) -> list[TuneTrial]:
+        return [t for t in self.trials if t.state == "COMPLETE"]
+
+
+class HarvestReport(Result):
+    """`tunewise data harvest`: the served responses with feedback turned into training files (report.json)."""
+
+    log: str
+    out: str
+    requests: int = 0
+    with_feedback: int = 0
+    neutral: int = 0
+    raw_prompt_skipped: int = 0
+    written: dict[str, int] = {}  # sft, preference, kto: records written
+    set_aside: int = 0
+    reasons: dict[str, int] = {}
+    cleaning: dict[str, Any] = {}  # per cleaning step: changed, dropped, examples
+
+
 class Goal(Result):
     metric: str
     threshold: float

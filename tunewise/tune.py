@@ -28,6 +28,7 @@ import yaml
 
 from .config import ProjectConfig, VariantConfig, load_config, replace
 from .errors import TunewiseError
+from .results import TuneResult
 
 LOWER_IS_BETTER = ("loss", "perplexity", "hallucination", "nll")
 
@@ -212,7 +213,7 @@ class _EnoughTrials:
 
 
 def run_tune(config_path: Path, overrides: list[str] | None = None, trials: int | None = None, storage: str | None = None,
-             workers: int = 1, worker_rank: int = 0, say=print) -> dict | None:
+             workers: int = 1, worker_rank: int = 0, say=print) -> TuneResult | None:
     """Run (or resume) the study until `trials` trials are finished; the main process writes the outputs."""
     import optuna
     from optuna.trial import TrialState
@@ -249,7 +250,7 @@ def run_tune(config_path: Path, overrides: list[str] | None = None, trials: int 
     return write_outputs(cfg, optuna.load_study(study_name=cfg.project, storage=url))
 
 
-def write_outputs(cfg: ProjectConfig, study) -> dict:
+def write_outputs(cfg: ProjectConfig, study) -> TuneResult:
     """best.yaml, trials.json and report.html in <run>/tune."""
     from optuna.trial import TrialState
 
@@ -284,12 +285,13 @@ def write_outputs(cfg: ProjectConfig, study) -> dict:
         importances = optuna.importance.get_param_importances(study) if len(complete) >= 2 else {}
     except (RuntimeError, ValueError, ImportError):
         importances = {}
-    result = {"study": cfg.project, "direction": study.direction.name.lower(), "objective": metric, "best": {
-        "number": best.number, "value": best.value, "ci95": ci, "params": best.params, "is_defaults": bool(best.user_attrs.get("is_defaults"))},
-        "defaults": study.user_attrs.get("defaults"), "importances": importances,
-        "trials": trials, "best_yaml": str(out / "best.yaml"), "set": sets}
-    (out / "trials.json").write_text(json.dumps(result, indent=1, default=str))
+    result = TuneResult(study=cfg.project, direction=study.direction.name.lower(), objective=metric,
+                        best={"number": best.number, "value": best.value, "ci95": ci, "params": best.params,
+                              "is_defaults": bool(best.user_attrs.get("is_defaults"))},
+                        defaults=study.user_attrs.get("defaults"), importances=importances, trials=trials, best_yaml=str(out / "best.yaml"),
+                        set=sets)
+    (out / "trials.json").write_text(json.dumps({k: v for k, v in result.to_json().items() if k != "report"}, indent=1, default=str))
     from .report.html import tune_report
 
-    result["report"] = str(tune_report(result, out / "report.html"))
+    result.report = str(tune_report(result, out / "report.html"))
     return result

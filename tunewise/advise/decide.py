@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass, field
 
 from ..config import CHANGES_PER_YEAR, ProjectConfig
+from ..results import Advice
 from . import costs
 
 ROUTES = ("prompt", "hosted", "rag", "fine-tune", "hybrid", "pre-train")
@@ -248,7 +249,8 @@ WHAT_TO_MEASURE = {
 }
 
 
-def advise(cfg: ProjectConfig, tokenizer=None, hw: costs.Hardware | None = None, measured: dict | None = None) -> dict:
+def advise(cfg: ProjectConfig, tokenizer=None, hw: costs.Hardware | None = None, measured: dict | None = None) -> Advice:
+    """The use case's rules, then the routes ranked by points and, on a tie, first-year cost."""
     shape = costs.model_shape(cfg.model.name)
     hw = hw or costs.detect_hardware(cfg, shape)
     f = gather_facts(cfg, tokenizer)
@@ -258,15 +260,11 @@ def advise(cfg: ProjectConfig, tokenizer=None, hw: costs.Hardware | None = None,
     route_cost = route_costs(cfg, f, shape, hw, measured)
     ranked = sorted(ROUTES, key=lambda r: (-v.points[r], route_cost[r]["first_year_usd"]))
     top = ranked[0]
-    return {
-        "recommendation": top,
-        "recommendation_text": ROUTE_TEXT[top],
-        "ranking": [{"route": r, "points": v.points[r], "reasons": v.reasons[r], "what_to_measure": WHAT_TO_MEASURE[r],
-                     "cost": route_cost[r]} for r in ranked],
-        "facts": f.__dict__,
-        "hardware": hw.to_json(),
-        "model": {"name": cfg.model.name, "params": shape.params, "matmul_params": shape.matmul_params, "layers": shape.layers},
-        "training_estimate": route_cost["_training_estimate"],
-        "use_case": cfg.use_case.model_dump(mode="json"),
-        "prices": cfg.prices.model_dump(mode="json"),
-    }
+    return Advice(
+        recommendation=top, recommendation_text=ROUTE_TEXT[top],
+        ranking=[{"route": r, "points": v.points[r], "reasons": v.reasons[r], "what_to_measure": WHAT_TO_MEASURE[r], "cost": route_cost[r]}
+                 for r in ranked],
+        facts=f.__dict__, hardware=hw.to_json(),
+        model={"name": cfg.model.name, "params": shape.params, "matmul_params": shape.matmul_params, "layers": shape.layers},
+        training_estimate=route_cost["_training_estimate"], use_case=cfg.use_case.model_dump(mode="json"),
+        prices=cfg.prices.model_dump(mode="json"))

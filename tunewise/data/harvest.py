@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..config import ProjectConfig
+from ..results import HarvestReport
 from ..util import atomic_write_json, write_jsonl
 from .clean import Cleaner
 from .formats import read_records
@@ -37,7 +38,7 @@ def _existing_prompts(cfg: ProjectConfig) -> set[str]:
     return keys
 
 
-def harvest(cfg: ProjectConfig, out_dir: Path | None = None, log_dir: Path | None = None) -> dict:
+def harvest(cfg: ProjectConfig, out_dir: Path | None = None, log_dir: Path | None = None) -> HarvestReport:
     """Write sft.jsonl, preference.jsonl, kto.jsonl, quarantine.jsonl and report.json; return the report."""
     out_dir = Path(out_dir or cfg.run_dir / "harvest")
     plog = RequestLog(Path(log_dir or cfg.serve_log_dir))
@@ -108,8 +109,8 @@ def harvest(cfg: ProjectConfig, out_dir: Path | None = None, log_dir: Path | Non
     write_jsonl(out_dir / "kto.jsonl", [{"prompt": r.messages[:-1], "completion": [r.messages[-1]], "label": r.meta["desirable"],
                                          **{k: v for k, v in r.meta.items() if k != "desirable"}} for r in kept["kto"]])
     write_jsonl(out_dir / "quarantine.jsonl", [b.to_json() for b in bad])
-    report = {"log": str(plog.requests.dir), "out": str(out_dir), **{k: counts[k] for k in ("requests", "with_feedback", "neutral", "raw_prompt_skipped")},
-              "written": {k: len(v) for k, v in kept.items()}, "set_aside": len(bad),
-              "reasons": dict(Counter(b.reason for b in bad).most_common()), "cleaning": cleaner.report()["steps"]}
-    atomic_write_json(out_dir / "report.json", report)
+    report = HarvestReport(log=str(plog.requests.dir), out=str(out_dir), **{k: counts[k] for k in ("requests", "with_feedback", "neutral", "raw_prompt_skipped")},
+                           written={k: len(v) for k, v in kept.items()}, set_aside=len(bad),
+                           reasons=dict(Counter(b.reason for b in bad).most_common()), cleaning=cleaner.report()["steps"])
+    atomic_write_json(out_dir / "report.json", report.to_json())
     return report

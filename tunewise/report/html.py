@@ -108,30 +108,31 @@ def compare_report(result, eval_dir: Path, metrics: list[str], out: Path | None 
     return out
 
 
-def tune_report(result: dict, out: Path) -> Path:
-    """`tunewise tune`'s report: the optimisation history, parameter importances and the trials."""
-    trials = result["trials"]
-    done = [t for t in trials if t["state"] == "COMPLETE"]
+def tune_report(result, out: Path) -> Path:
+    """`tunewise tune`'s report (a results.TuneResult): the optimisation history, parameter importances and the trials."""
+    trials = result.trials
+    done = sorted(result.completed, key=lambda t: t.number)
     best_so_far, best = [], None
-    for t in sorted(done, key=lambda t: t["number"]):
-        better = best is None or (t["value"] < best if result["direction"] == "minimize" else t["value"] > best)
-        best = t["value"] if better else best
-        best_so_far.append((t["number"], best))
-    b = result["best"]
-    ci = f" [{b['ci95'][0]:.4f}, {b['ci95'][1]:.4f}]" if b.get("ci95") else ""
-    parts = [f"<h1>tunewise tune: {html.escape(result['study'])}</h1>",
-             f"<p>{len(done)} trials completed of {len(trials)} ({sum(t['state'] == 'PRUNED' for t in trials)} pruned); objective: "
-             f"{html.escape(result['objective'])} ({result['direction']}). Best: trial {b['number']}, {b['value']:.4f}{ci}.</p>",
-             f"<p>Apply: <code>{html.escape(result['set'])}</code> (or merge <code>{html.escape(result['best_yaml'])}</code>).</p>",
+    for t in done:
+        better = best is None or (t.value < best if result.direction == "minimize" else t.value > best)
+        best = t.value if better else best
+        best_so_far.append((t.number, best))
+    b = result.best
+    ci = f" [{b.ci95[0]:.4f}, {b.ci95[1]:.4f}]" if b.ci95 else ""
+    parts = [f"<h1>tunewise tune: {html.escape(result.study)}</h1>",
+             f"<p>{len(done)} trials completed of {len(trials)} ({sum(t.state == 'PRUNED' for t in trials)} pruned); objective: "
+             f"{html.escape(result.objective)} ({result.direction}). Best: trial {b.number}, {b.value:.4f}{ci}.</p>",
+             f"<p>Apply: <code>{html.escape(result.set)}</code> (or merge <code>{html.escape(result.best_yaml)}</code>).</p>",
              "<h2>Optimisation history (x: trial, y: objective)</h2>",
-             _curves({"trial": [(t["number"], t["value"]) for t in sorted(done, key=lambda t: t["number"])], "best so far": best_so_far}, "trial")]
-    if result["importances"]:
-        parts.append("<h2>Parameter importances</h2>" + _bars("importance", [(k, v, v, v) for k, v in result["importances"].items()]))
-    names = sorted({k for t in trials for k in t["params"]})
-    rank = sorted(trials, key=lambda t: (t["state"] != "COMPLETE", (t["value"] or 0) * (1 if result["direction"] == "minimize" else -1)))
-    rows = [[f"{t['number']} (defaults)" if t.get("is_defaults") else t["number"], t["state"].lower(), "-" if t["value"] is None else f"{t['value']:.4f}",
-             f"[{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]" if t.get("ci95") else "-", *(t["params"].get(k, "-") for k in names),
-             t.get("steps", "-"), t.get("best_val_loss") if t.get("best_val_loss") is not None else "-", t.get("wall_s", "-")] for t in rank]
+             _curves({"trial": [(t.number, t.value) for t in done], "best so far": best_so_far}, "trial")]
+    if result.importances:
+        parts.append("<h2>Parameter importances</h2>" + _bars("importance", [(k, v, v, v) for k, v in result.importances.items()]))
+    names = sorted({k for t in trials for k in t.params})
+    rank = sorted(trials, key=lambda t: (t.state != "COMPLETE", (t.value or 0) * (1 if result.direction == "minimize" else -1)))
+    rows = [[f"{t.number} (defaults)" if t.is_defaults else t.number, t.state.lower(), "-" if t.value is None else f"{t.value:.4f}",
+             f"[{t.ci95[0]:.4f}, {t.ci95[1]:.4f}]" if t.ci95 else "-", *(t.params.get(k, "-") for k in names),
+             "-" if t.steps is None else t.steps, "-" if t.best_val_loss is None else t.best_val_loss, "-" if t.wall_s is None else t.wall_s]
+            for t in rank]
     parts.append("<h2>Trials, best first</h2>" + table(["trial", "state", "value", "95% CI", *names, "steps", "best val loss", "s"], rows))
     atomic_write_text(out, document("tunewise tune", "".join(parts)))
     return out
