@@ -12,7 +12,9 @@ import pytest
 
 from tunewise.data.reasoning import apply as apply_reasoning
 from tunewise.data.reasoning import strip_reasoning
-from tunewise.data.tokenize import IGNORE, TemplateError, check_end_of_turn, tokenize_sequences
+from tunewise.data.tokenize import TemplateError, check_end_of_turn, tokenize_sequences
+
+from .test_tokenize import trained_spans as trained
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
 
@@ -43,19 +45,6 @@ def family_tokenizer(smol_tokenizer, family):
         tok.bos_token = bos
     tok.eos_token = eos
     return tok
-
-
-def trained(tok, ids, labels) -> list[str]:
-    """The trained spans of a sequence, decoded."""
-    spans, cur = [], []
-    for i, lab in zip(ids, labels):
-        if lab != IGNORE:
-            assert lab == i
-            cur.append(i)
-        elif cur:
-            spans.append(tok.decode(cur))
-            cur = []
-    return spans + ([tok.decode(cur)] if cur else [])
 
 
 def masks(tok, conv) -> list[list[str]]:
