@@ -120,6 +120,19 @@ def test_enable_thinking_false_puts_the_empty_think_block_in_the_prompt_and_it_i
     assert tok.decode(seqs[0][0]) == prompt + "Hello.<|im_end|>"  # the first answer trained right after that prompt
 
 
+def test_the_template_arguments_reach_the_engine_and_are_saved_with_the_tokenizer(tiny_model, tmp_path):
+    """data.template_kwargs given to Engine.load reach its tokenizer; saved with it (as training saves it beside the
+    model), they load back with it, so what loads the trained model renders as training did."""
+    from tunewise.engine import Engine
+    from tunewise.models import CHAT_KWARGS, load_tokenizer
+
+    eng = Engine.load(str(tiny_model), chat_kwargs={"enable_thinking": False})
+    assert eng.tok.init_kwargs[CHAT_KWARGS] == {"enable_thinking": False}
+    eng.tok.save_pretrained(tmp_path / "adapter")  # an adapter's directory: a tokenizer, no config.json
+    assert load_tokenizer(str(tmp_path / "adapter")).init_kwargs[CHAT_KWARGS] == {"enable_thinking": False}
+    assert CHAT_KWARGS not in Engine.load(str(tiny_model)).tok.init_kwargs  # none given, none added
+
+
 def test_enable_thinking_false_with_reasoning_kept_is_a_config_error():
     from tunewise.config import DataConfig
 

@@ -215,8 +215,10 @@ def norms_in_float64(model: torch.nn.Module) -> int:
     return n
 
 
-def load_model(ref: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", quantize_4bit: bool = False) -> Loaded:
-    """quantize_4bit: the linear layers' weights in 4-bit NF4 (bitsandbytes; QLoRA), computing in `dtype`."""
+def load_model(ref: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", quantize_4bit: bool = False,
+               chat_kwargs: dict | None = None) -> Loaded:
+    """quantize_4bit: the linear layers' weights in 4-bit NF4 (bitsandbytes; QLoRA), computing in `dtype`; chat_kwargs:
+    what its tokenizer's chat template is rendered with (load_tokenizer)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(ref)
@@ -237,7 +239,7 @@ def load_model(ref: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "aut
         model.to(dev)
     if dt == torch.float64:
         norms_in_float64(model)
-    return Loaded(model=model, tokenizer=load_tokenizer(ref), path=path, device=dev, dtype=dt)
+    return Loaded(model=model, tokenizer=load_tokenizer(ref, chat_kwargs), path=path, device=dev, dtype=dt)
 
 
 def tiny_model_dir(out_dir: str | Path, base: str = DEFAULT_MODEL, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:

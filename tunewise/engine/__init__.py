@@ -56,15 +56,17 @@ class Engine:
             pack_linears(self.model)
 
     @classmethod
-    def load(cls, model: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto") -> "Engine":
+    def load(cls, model: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
+             chat_kwargs: dict | None = None) -> "Engine":
+        """chat_kwargs: what prompts are rendered with besides the messages (data.template_kwargs)."""
         if adapter:
             base_ref, adapter_dir = model_ref_of(adapter)
             if adapter_dir is None:  # a full fine-tuned model: load it as the base
-                return cls(load_model(base_ref, device, dtype))
-            eng = cls(load_model(base_ref, device, dtype))
+                return cls(load_model(base_ref, device, dtype, chat_kwargs=chat_kwargs))
+            eng = cls(load_model(base_ref, device, dtype, chat_kwargs=chat_kwargs))
             eng.add_adapter("default", adapter_dir)
             return eng
-        return cls(load_model(model, device, dtype))
+        return cls(load_model(model, device, dtype, chat_kwargs=chat_kwargs))
 
     def add_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel

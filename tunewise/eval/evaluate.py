@@ -22,7 +22,7 @@ from ..data.reasoning import strip_reasoning
 from ..data.records import Record
 from ..data.split import sample_records
 from ..engine import Engine, model_ref_of
-from ..models import CHAT_KWARGS, load_tokenizer
+from ..models import load_tokenizer
 from ..results import Comparison, EvalSummary
 from ..util import atomic_write_json, rate_and_eta, sha256_file, sha256_text, write_jsonl
 from ..metrics import reported_metrics, score
@@ -152,9 +152,8 @@ class Engines:
 
     def _engine(self, ref: str) -> Engine:
         if ref not in self.by_ref:
-            self.by_ref[ref] = Engine.load(ref, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
-            if self.cfg.data.template_kwargs:  # prompts rendered as training rendered them (data.enable_thinking)
-                self.by_ref[ref].tok.init_kwargs[CHAT_KWARGS] = self.cfg.data.template_kwargs
+            self.by_ref[ref] = Engine.load(ref, device=self.cfg.model.device, dtype=self.cfg.model.dtype,
+                                           chat_kwargs=self.cfg.data.template_kwargs)  # prompts rendered as training rendered them
         return self.by_ref[ref]
 
 

@@ -123,11 +123,8 @@ class Models:
         if self._base is None:
             from ..engine import Engine
 
-            self._base = Engine.load(self.cfg.model.name, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
-            if self.cfg.data.template_kwargs:  # prompts rendered as training rendered them (data.enable_thinking)
-                from ..models import CHAT_KWARGS
-
-                self._base.tok.init_kwargs[CHAT_KWARGS] = self.cfg.data.template_kwargs
+            self._base = Engine.load(self.cfg.model.name, device=self.cfg.model.device, dtype=self.cfg.model.dtype,
+                                     chat_kwargs=self.cfg.data.template_kwargs)  # prompts rendered as training rendered them
         return self._base
 
     def entry(self, model: str):

@@ -32,7 +32,7 @@ import torch
 from ..config import ProjectConfig
 from ..data.prepare import ensure_prepared
 from ..data.tokenize import IGNORE, Tokenized, batch_order
-from ..models import CHAT_KWARGS, load_model
+from ..models import load_model
 from ..util import atomic_replace_dir, atomic_write_json, write_jsonl
 from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .budget import Plan, lr_factor
@@ -250,9 +250,9 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
         raise TrainError(f"{out_dir} already has checkpoints; pass --resume to continue or --fresh to start over")
 
     set_seed(cfg.training.seed)
-    loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, quantize_4bit=cfg.training.method == "qlora")
-    if cfg.data.template_kwargs:  # rendered with them in training, and saved with the model's tokenizer for what follows
-        loaded.tokenizer.init_kwargs[CHAT_KWARGS] = cfg.data.template_kwargs
+    # the template's arguments (data.enable_thinking) render training's text, and are saved with the model's tokenizer
+    loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, quantize_4bit=cfg.training.method == "qlora",
+                        chat_kwargs=cfg.data.template_kwargs)
     accelerator = Accelerator(cpu=loaded.device.type == "cpu")
     prepared = ensure_prepared(cfg, loaded.tokenizer)
     n_val = cfg.training.eval_samples
