@@ -168,8 +168,8 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
     verdict = {"passed": passed, "forced": force and not passed, "candidate": entry.ref,
                "reference": ref_label if g.reference is None else f"{task_ref_label} (task); {ref_label} (safety, forgetting)",
                "reasons": [c.reason() for c in checks if not c.passed], "checks": [c.to_json() for c in checks], "metric": metric}
-    reg.add_evaluation(entry.id, "gate", {"checks": verdict["checks"], "task": {r: task[r].to_json()["metrics"] for r in task},
-                                           "suites": summaries})
+    task_json = {r: task[r].to_json() for r in task}
+    reg.add_evaluation(entry.id, "gate", {"checks": verdict["checks"], "task": {r: t["metrics"] for r, t in task_json.items()}, "suites": summaries})
     if passed or force:
         reg.promote(entry.id, verdict, forced=force and not passed)
         action = "promoted (forced)" if force and not passed else "promoted"
@@ -179,7 +179,7 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
     production = reg.production(name)
     reg.close()
     result = GateVerdict(name=name, action=action, **verdict, production=production.ref if production else None,
-                         task={r: {k: task[r].to_json()[k] for k in ("metrics", "items", "latency_s", "cost_per_1k_queries_usd")} for r in task},
+                         task={r: {k: t[k] for k in ("metrics", "items", "latency_s", "cost_per_1k_queries_usd")} for r, t in task_json.items()},
                          suites=summaries, examples=_examples(out), timings_s=timings, wall_s=time.time() - t0, registry=str(reg.path))
     atomic_write_json(out / "gate.json", result.to_json())
     from .report.gate_html import gate_report

@@ -15,7 +15,6 @@ Evaluation scores answers without their reasoning (`strip_reasoning`), whatever 
 from __future__ import annotations
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-MODES = ("keep", "drop")
 
 
 def has_reasoning(text: str) -> bool:

@@ -7,11 +7,10 @@ writes after it (up to the first line break: `<|im_end|>`, `<|eot_id|>`, `<end_o
 the tokens of that span are trained. Nothing assumes a particular template.
 
 The rule for templates that render a turn differently once later turns follow (Qwen3 drops the reasoning of earlier
-assistant turns; Phi-3 ends a conversation with an extra token): a turn is trained inside the whole conversation's
-render where it appears there as it did when it was written; otherwise it is trained in its own sequence, the render
-of the conversation up to and including it, so every turn is trained exactly as the template renders it when the
-model writes it. A template whose render of a conversation does not start with the render of its beginning (the
-context itself changes) fails loudly.
+assistant turns; Mistral writes the system prompt into the last user turn only): a turn is trained inside the whole
+conversation's render where it appears there, with its context, as it did when it was written; otherwise it is trained
+in a sequence of its own, its context followed by the turn, so every turn is trained exactly as the template renders it
+when the model writes it. A turn whose text the template does not write fails loudly.
 """
 
 from __future__ import annotations
@@ -60,24 +59,23 @@ def _turn(tok, msgs: list[dict], i: int, reasoning: bool) -> tuple[str, int, int
     prefix = _render(tok, msgs[:i], add_generation_prompt=True)
     upto = _render(tok, msgs[: i + 1])
     content = msgs[i]["content"].strip()
+    missing = TemplateError(f"assistant message {i} text not found in the rendered template")
     if upto.startswith(prefix):
-        seq, base = upto, len(prefix)
-    else:  # the template renders the context differently when the answer follows (Mistral moves the system prompt into
-        # the last user turn): the answer after its context as the template writes answers, its text and marker
-        at = upto.rfind(content) if content else -1
-        if at < 0:
-            raise TemplateError(f"assistant message {i} text not found in the rendered template")
-        seq, base = prefix + upto[at:], len(prefix)
-    delta = seq[base:]
+        delta = upto[len(prefix) :]
+    elif content and content in upto:  # the template renders the context differently when the answer follows (Mistral
+        # moves the system prompt into the last user turn): the answer after its context as the template writes it
+        delta = upto[upto.rfind(content) :]
+    else:
+        raise missing
     at = delta.find(content) if content else len(delta) - len(delta.lstrip())
     if at < 0:
-        raise TemplateError(f"assistant message {i} text not found in the rendered template")
+        raise missing
     after = at + len(content)
     rest = delta[after:]
     marker = rest.lstrip().split("\n", 1)[0]  # the end-of-turn marker: what the template writes next, up to the line's end
     end = after + (len(rest) - len(rest.lstrip())) + len(marker) if marker else after
     start = len(delta) - len(delta.lstrip()) if reasoning else at  # a turn's reasoning is written by the model too
-    return seq[: base + end], base + start, base + end
+    return prefix + delta[:end], len(prefix) + start, len(prefix) + end
 
 
 def training_renders(tok, messages: list[dict]) -> list[tuple[str, list[tuple[int, int]]]]:
