@@ -169,7 +169,7 @@ def test_data_prepare_on_a_qwen3_template_with_reasoning(tiny_project, tiny_mode
     model = tmp_path / "qwen3-like"
     shutil.copytree(tiny_model, model)
     (model / "chat_template.jinja").write_text((TEMPLATES / "qwen3.jinja").read_text())
-    rows = []
+    rows = [json.dumps({"messages": [TURNS[0], {**TURNS[1], "reasoning_content": ["not", "text"]}]})]  # line 1: set aside
     for k in range(40):
         conv = [dict(m) for m in TURNS]
         conv[0]["content"] = f"Hi {k}"
@@ -187,7 +187,10 @@ def test_data_prepare_on_a_qwen3_template_with_reasoning(tiny_project, tiny_mode
     out = tmp_path / "runs" / "tiny" / "data"
     train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
     answers = [m["content"] for r in train for m in r["messages"] if m["role"] == "assistant"]
-    assert len(train) == 32 and len(answers) == 96
+    assert len(train) == 32 and len(answers) == 96  # every good record kept
+    bad = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert [(b["file"], b["where"], b["reason"]) for b in bad] == [
+        ("chat.jsonl", "line 1", "messages[1].reasoning_content: expected a string, got list")]
     thought = sum("<think>" in a for a in answers)
     assert thought == (64 if mode == "keep" else 0)
     stats = json.loads((out / "summary.json").read_text())["tokens"]["train"]

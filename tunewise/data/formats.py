@@ -187,9 +187,16 @@ def read_records(path: Path, fmt: str, columns=None, system_prompt: str | None =
 
 
 def _with_reasoning(items: Iterator[Item], mode: str) -> Iterator[Item]:
+    """Each record's reasoning inline or dropped; a record whose reasoning_content is not text is set aside, named."""
     from .reasoning import apply
 
     for item in items:
         if isinstance(item, Record):
-            item.messages = apply(item.messages, mode)
+            bad = next((i for i, m in enumerate(item.messages) if m.get("reasoning_content") is not None
+                        and not isinstance(m["reasoning_content"], str)), None)
+            if bad is not None:
+                item = BadRecord.of(item, f"messages[{bad}].reasoning_content: expected a string, "
+                                          f"got {type(item.messages[bad]['reasoning_content']).__name__}")
+            else:
+                item.messages = apply(item.messages, mode)
         yield item
