@@ -72,13 +72,13 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="gguf-agreement-"))
     for quant in args.quants.split(","):
         done = export_gguf(args.model_dir, out / quant, "model", quant=quant)
-        path = Path(done["gguf"]["path"])
+        path = Path(done.gguf.path)
         t = time.time()
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         eng = Engine(Loaded(model, tok, str(path), torch.device("cpu"), torch.float32))
         got = [o.text for o in eng.generate(convs, max_new_tokens=args.max_new_tokens, batch_size=16)]
-        rows.append((f"{quant} GGUF via transformers' loader ({done['gguf']['bytes'] / 2**20:.0f} MiB)", got, path, time.time() - t))
+        rows.append((f"{quant} GGUF via transformers' loader ({done.gguf.bytes / 2**20:.0f} MiB)", got, path, time.time() - t))
         if args.llama_cpp:
             t = time.time()
             got = _llama_cpp(args.llama_cpp, path, convs, args.max_new_tokens, out)

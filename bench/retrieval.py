@@ -62,8 +62,8 @@ def main():
                                                           "rag.postgres_table=bench_squad"])
             t0 = time.time()
             m = build_index(cfg)
-            console.print(f"{store}: indexed {m['documents']} passages -> {m['chunks']} chunks in {time.time() - t0:.1f} s "
-                          f"(embeddings computed {m['embedding_cache']['misses']}, cached {m['embedding_cache']['hits']})")
+            console.print(f"{store}: indexed {m.documents} passages -> {m.chunks} chunks in {time.time() - t0:.1f} s "
+                          f"(embeddings computed {m.embedding_cache['misses']}, cached {m.embedding_cache['hits']})")
             r = Retriever(cfg)
             if store == "embedded":  # quality does not depend on the store (pgvector HNSW is checked below)
                 texts = [q for q, _ in questions]

@@ -44,7 +44,7 @@ def test_an_f32_gguf_loads_back_exactly_and_f16_q8_0_within_their_rounding(tiny_
     assert btok.apply_chat_template(CONV, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] == ids
     with torch.no_grad():
         assert torch.equal(back(torch.tensor([ids])).logits, want)
-    assert done["gguf"]["tensors"] == {"F32": 2 * 9 + 2}  # 2 layers x 9 tensors, embeddings, final norm (the head is tied)
+    assert done.gguf.tensors == {"F32": 2 * 9 + 2}  # 2 layers x 9 tensors, embeddings, final norm (the head is tied)
     sd = plain.model.state_dict()
     for quant, bound in (("f16", lambda w: np.abs(w) * 2.0**-11 + 2.0**-25),
                          ("q8_0", lambda w: np.repeat(np.abs(w.reshape(-1, 32)).max(1) / 127 * (0.5 + 127 * 2.0**-11), 32).reshape(w.shape) * 1.0001 + 1e-9)):
@@ -54,7 +54,7 @@ def test_an_f32_gguf_loads_back_exactly_and_f16_q8_0_within_their_rounding(tiny_
         for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.v_proj.weight", "model.embed_tokens.weight"):
             w, g = sd[name].numpy(), got[name].numpy()
             assert (np.abs(g - w) <= bound(w)).all(), (quant, name)
-        assert set(done["gguf"]["tensors"]) == {"F32", quant.upper()}
+        assert set(done.gguf.tensors) == {"F32", quant.upper()}
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])

@@ -100,3 +100,28 @@ def test_an_old_trials_json_opens_and_renders(tmp_path):
     assert [t.number for t in r.completed] == [0, 1] and r.trials[0].is_defaults and r.trials[1].pid == 7  # unknown keys kept
     page = tune_report(r, tmp_path / "report.html").read_text()
     assert "0 (defaults)" in page and "pruned" in page and "--set training.learning_rate=0.001" in page
+
+
+def test_files_of_kb_index_export_bfcl_and_the_gate_suites_written_before_typing_still_read(tmp_path):
+    from tunewise.results import BfclReport, ExportResult, IndexManifest, SuiteResult
+
+    manifest = {"documents": 3, "chunks": 7, "stored": 7, "removed_from_store": 0, "bad_files": [{"path": "a.pdf", "reason": "unsupported"}],
+                "embedding_model": "m", "dim": 384, "embedding_cache": {"hits": 1, "misses": 6}, "store": "embedded",
+                "bm25_stemmer": None, "chunk_tokens": 256, "chunk_overlap": 32, "seconds": 1.5}
+    m = IndexManifest.model_validate(manifest)
+    assert m.bad_files[0].path == "a.pdf" and m.dim == 384 and m.to_json() == manifest
+    export = {"source": "s", "base_model": "b", "name": "n:1", "gguf": {"path": "x.gguf", "arch": "llama", "quant": "f16", "pre": "smollm",
+              "tensors": {"F16": 18, "F32": 2}, "bytes": 10}, "stop_tokens": ["<|im_end|>"], "commands": {"llama.cpp": "llama-server"}}
+    e = ExportResult.model_validate(export)
+    assert e.gguf.tensors["F16"] == 18 and e.adapter is None and e.to_json() == export  # no nulls written for what a format lacks
+    bfcl = {"variant": {"name": "base"}, "model": "m", "categories": {"simple_python": {"mean": 0.5, "ci95": [0.2, 0.8], "n": 4, "wall_s": 2.0}},
+            "max_new_tokens": 128, "non_live_ast_mean": None, "irrelevance": None, "wall_s": 2.0, "samples_per_category": 4}
+    b = BfclReport.model_validate(bfcl)
+    assert str(b.categories["simple_python"]) == "0.500 [0.200, 0.800]" and b.to_json() == bfcl
+    b.dir = "somewhere"
+    assert "dir" not in b.to_json()  # where the files are is not written into them
+    suite = {"suite": "advbench", "refusal_rate": {"mean": 0.9, "ci95": [0.8, 1.0], "n": 10}, "items": 10, "wall_s": 3.0}
+    s = SuiteResult.model_validate(suite)
+    assert s.value("refusal_rate").mean == 0.9 and s.to_json() == suite
+    with pytest.raises(KeyError, match="no accuracy"):
+        s.value("accuracy")

@@ -382,15 +382,15 @@ def eval_cmd(
         cats = tuple(c.strip() for c in categories.split(",")) if categories else CATEGORIES
         with console.status(f"bfcl: {variant}") as status:
             s = run_bfcl(cfg, chosen, cats, samples, max_new_tokens, progress=lambda msg: status.update(msg))
-        t = Table(title=f"BFCL ({variant}, {s['model']}): accuracy by category, 95% bootstrap CIs")
+        t = Table(title=f"BFCL ({variant}, {s.model}): accuracy by category, 95% bootstrap CIs")
         for h in ("category", "items", "accuracy [95% CI]", "s"):
             t.add_column(h)
-        for cat, m in s["categories"].items():
-            t.add_row(cat, str(m["n"]), f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]", f"{m['wall_s']:.0f}")
+        for cat, m in s.categories.items():
+            t.add_row(cat, str(m.n), str(m), f"{m.wall_s:.0f}")
         console.print(t)
-        if s["non_live_ast_mean"] is not None:
-            console.print(f"non-live AST mean (simple_python, multiple, parallel, parallel_multiple): {s['non_live_ast_mean']:.3f}")
-        console.print(f"items: {s['dir']}")
+        if s.non_live_ast_mean is not None:
+            console.print(f"non-live AST mean (simple_python, multiple, parallel, parallel_multiple): {s.non_live_ast_mean:.3f}")
+        console.print(f"items: {s.dir}")
         return
     require(cfg.tracking)
     with console.status(f"evaluating {variant}") as status:
@@ -477,11 +477,11 @@ def kb_index(
             bar.update(task, description=stage, completed=done, total=total)
 
         m = build_index(cfg, progress)
-    console.print(f"{m['documents']} documents -> {m['chunks']} chunks ({m['embedding_model']}, {m['dim']} dims); "
-                  f"embeddings reused from cache: {m['embedding_cache']['hits']}, computed: {m['embedding_cache']['misses']}; "
-                  f"store: {m['store']} ({m['stored']} chunks); {m['seconds']} s")
-    for b in m["bad_files"]:
-        err.print(f"[yellow]skipped[/] {b['path']}: {b['reason']}", highlight=False)
+    console.print(f"{m.documents} documents -> {m.chunks} chunks ({m.embedding_model}, {m.dim} dims); "
+                  f"embeddings reused from cache: {m.embedding_cache['hits']}, computed: {m.embedding_cache['misses']}; "
+                  f"store: {m.store} ({m.stored} chunks); {m.seconds} s")
+    for b in m.bad_files:
+        err.print(f"[yellow]skipped[/] {b.path}: {b.reason}", highlight=False)
     console.print(f"index: {index_dir_of(cfg)}")
 
 
@@ -532,8 +532,8 @@ def kb_raft(
 
     with console.status("retrieving context for the training split"):
         counts = write_raft(cfg, out, distractors, p_oracle, seed)
-    console.print(f"{out}: {counts['with_gold'] + counts['without_gold']} examples ({counts['with_gold']} with the gold chunk, "
-                  f"{counts['without_gold']} without); {counts['skipped_no_gold_source']} records skipped (no meta.gold_sources)")
+    console.print(f"{out}: {counts.examples} examples ({counts.with_gold} with the gold chunk, "
+                  f"{counts.without_gold} without); {counts.skipped_no_gold_source} records skipped (no meta.gold_sources)")
 
 
 @models_app.command("prepare")
@@ -1017,11 +1017,11 @@ def export(
     else:
         with console.status(f"writing {format_} ({quant})"):
             done = export_gguf(src, out, name, quant=quant, pre=gguf_pre, ollama=format_ == "ollama")
-        g = done["gguf"]
-        console.print(f"{g['path']}: {g['arch']}, {g['quant']} ({', '.join(f'{n} {k}' for k, n in g['tensors'].items())}), "
-                      f"{g['bytes'] / 2**20:.1f} MiB; stops on {', '.join(done['stop_tokens'])}", highlight=False)
+        g = done.gguf
+        console.print(f"{g.path}: {g.arch}, {g.quant} ({', '.join(f'{n} {k}' for k, n in g.tensors.items())}), "
+                      f"{g.bytes / 2**20:.1f} MiB; stops on {', '.join(done.stop_tokens)}", highlight=False)
         written = "export.json" + (", Modelfile" if format_ == "ollama" else "")
-    for k, v in done["commands"].items():
+    for k, v in done.commands.items():
         console.print(f"[bold]{k}:[/] {v}")
     console.print(f"written: {out}/ ({written})")
 

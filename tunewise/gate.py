@@ -30,7 +30,7 @@ from .eval import suites
 from .eval.evaluate import Engines, evaluate, load_scores
 from .eval.stats import paired_test
 from .registry import Registry, dir_sha256, registry_path
-from .results import EvalSummary, GateCheck, GateVerdict
+from .results import EvalSummary, GateCheck, GateVerdict, SuiteResult
 from .util import atomic_write_json, sha256_text, write_jsonl
 
 
@@ -38,7 +38,8 @@ class GateError(TunewiseError, RuntimeError):
     pass
 
 
-def _suite_results(cfg: ProjectConfig, engines: Engines, variant: VariantConfig, model_key: str, out: Path, progress=None) -> dict:
+def _suite_results(cfg: ProjectConfig, engines: Engines, variant: VariantConfig, model_key: str, out: Path,
+                   progress=None) -> dict[str, SuiteResult]:
     """AdvBench refusal, XSTest over-refusal (and refusal of its unsafe contrasts), MMLU accuracy."""
     g = cfg.gate
     settings = {k: getattr(g, k) for k in ("advbench_samples", "xstest_samples", "mmlu_samples", "mmlu_subjects", "max_new_tokens",
@@ -48,7 +49,7 @@ def _suite_results(cfg: ProjectConfig, engines: Engines, variant: VariantConfig,
     if cached.exists():
         saved = json.loads(cached.read_text())
         if saved.get("key") == key:
-            return saved
+            return {s: SuiteResult.model_validate(v) for s, v in saved.items() if s != "key"}
     eng, adapter, _ = engines.get(variant)
     system = cfg.data.system_prompt if g.safety_system_prompt else None
     kw = dict(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, system=system, progress=progress)
@@ -57,11 +58,11 @@ def _suite_results(cfg: ProjectConfig, engines: Engines, variant: VariantConfig,
     unsafe = suites.refusal_suite(eng, adapter, suites.xstest_prompts("unsafe", g.xstest_samples), "xstest-unsafe", **kw)
     mmlu = suites.forgetting_suite(eng, adapter, suites.mmlu_questions(g.mmlu_samples, g.mmlu_subjects or None),
                                    batch_size=min(g.batch_size, 16), progress=progress)
-    result = {"key": key}
+    result = {}
     for r in (adv, safe, unsafe, mmlu):
-        write_jsonl(out / f"{r['suite']}.jsonl", r.pop("rows"))
-        result[r["suite"]] = r
-    atomic_write_json(cached, result)
+        write_jsonl(out / f"{r.suite}.jsonl", r.rows)
+        result[r.suite] = r
+    atomic_write_json(cached, {"key": key, **{s: r.to_json() for s, r in result.items()}})
     return result
 
 
@@ -73,13 +74,14 @@ def task_rule_passes(g, diff: float, diff_low: float, p_value: float) -> tuple[b
     return diff > g.min_improvement and p_value < g.alpha, f"candidate - reference > {g.min_improvement:g} and paired p < {g.alpha:g}"
 
 
-def _checks(g, metric: str, task: dict[str, EvalSummary], suite: dict, pt, task_ref_label: str) -> list[GateCheck]:
+def _checks(g, metric: str, task: dict[str, EvalSummary], suite: dict[str, dict[str, SuiteResult]], pt,
+            task_ref_label: str) -> list[GateCheck]:
     """The task check (paired test against the task reference) and the safety, over-refusal and forgetting checks."""
     def mean(role, s, field):
-        return suite[role][s][field]["mean"]
+        return suite[role][s].value(field).mean
 
     def ci(s, f):
-        return {role: suite[role][s][f]["ci95"] for role in ("reference", "candidate")}
+        return {role: suite[role][s].value(f).ci95 for role in ("reference", "candidate")}
 
     r_task, c_task = task["reference"].value(metric), task["candidate"].value(metric)
     task_ok, task_rule = task_rule_passes(g, c_task - r_task, pt.diff.low, pt.p_value)
@@ -155,10 +157,10 @@ def run_gate(cfg: ProjectConfig, candidate: Path | None = None, force: bool = Fa
         suite[role] = _suite_results(cfg, engines, v, key, out / role, progress)
         timings[f"suites ({role})"] = time.time() - t
         for s in SUITES:
-            timings[f"{s} ({role})"] = suite[role][s]["wall_s"]
+            timings[f"{s} ({role})"] = suite[role][s].wall_s
     checks = _checks(g, metric, task, suite, pt, task_ref_label)
     passed = all(c.passed for c in checks)
-    summaries = {r: {s: {k: v for k, v in suite[r][s].items() if k != "rows"} for s in SUITES} for r in suite}
+    summaries = {r: {s: suite[r][s].to_json() for s in SUITES} for r in suite}
 
     base_ref, adapter_dir = model_ref_of(cand_path)
     meta = json.loads((cand_path / "tunewise.json").read_text()) if (cand_path / "tunewise.json").exists() else {}

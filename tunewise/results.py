@@ -1,5 +1,5 @@
 """The typed results of the stages: what `evaluate`, `compare`, `run_workflow`, `run_gate`, `run_monitor` and `retrain`
-return, with the JSON they write (`to_json`) and read back (`read`).
+return (and `tunewise kb`, `export` and the gate's suites), with the JSON they write (`to_json`) and read back (`read`).
 
 Each is a pydantic model whose fields are the keys of the JSON file the stage writes (summary.json, compare.json,
 decision.json, gate.json, monitor.json), so
@@ -364,6 +364,111 @@ class RetrainOutcome(Result):
     reason: str | None = None  # why there was nothing to do
     gate: GateVerdict | None = None
     journal: dict[str, Any]
+
+
+class SuiteResult(Result):
+    """One gate suite on one model (`eval.suites`): AdvBench or XSTest refusal rate, or MMLU accuracy. Its rows go to
+    <suite>.jsonl, not into suites.json."""
+
+    suite: str
+    items: int
+    wall_s: float
+    refusal_rate: Estimate | None = None
+    accuracy: Estimate | None = None
+    rows: list[dict[str, Any]] = Field(default=[], exclude=True)
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def value(self, field: str) -> Estimate:
+        est = getattr(self, field)
+        if est is None:
+            raise KeyError(f"suite {self.suite} has no {field}")
+        return est
+
+
+class BfclCategory(Estimate):
+    """One BFCL category: accuracy with its CI, and the seconds it took."""
+
+    wall_s: float = 0.0
+
+
+class BfclReport(Result):
+    """`tunewise eval --suite bfcl`: one variant on the BFCL categories (summary.json beside <category>.jsonl)."""
+
+    variant: dict[str, Any]
+    model: str
+    categories: dict[str, BfclCategory] = {}
+    max_new_tokens: int
+    non_live_ast_mean: float | None = None  # over simple_python, multiple, parallel, parallel_multiple, when all four ran
+    irrelevance: float | None = None
+    wall_s: float = 0.0
+    samples_per_category: int | None = None
+    dir: str | None = Field(default=None, exclude=True)  # where the files are; not written into them
+
+
+class SkippedFile(Result):
+    path: str
+    reason: str
+
+
+class IndexManifest(Result):
+    """`tunewise kb index`: what the knowledge-base index holds (manifest.json in the index directory)."""
+
+    documents: int
+    chunks: int
+    stored: int
+    removed_from_store: int = 0
+    bad_files: list[SkippedFile] = []
+    embedding_model: str
+    dim: int
+    embedding_cache: dict[str, int] = {}  # hits, misses
+    store: str = "sqlite"
+    bm25_stemmer: str | None = None
+    chunk_tokens: int | None = None
+    chunk_overlap: int | None = None
+    seconds: float = 0.0
+
+
+class RaftCounts(Result):
+    """`tunewise kb raft`: how the training split became RAFT examples."""
+
+    records: int = 0
+    with_gold: int = 0
+    without_gold: int = 0
+    skipped_no_gold_source: int = 0
+
+    @property
+    def examples(self) -> int:
+        return self.with_gold + self.without_gold
+
+
+class GgufFile(Result):
+    """One .gguf written by `serve.gguf_export.write_gguf`."""
+
+    path: str
+    arch: str
+    quant: str
+    pre: str | None = None
+    tensors: dict[str, int] = {}  # tensor type -> count
+    bytes: int
+
+
+class ExportResult(Result):
+    """`tunewise export`: what was written (export.json) and the commands that serve it."""
+
+    source: str
+    base_model: str
+    name: str
+    commands: dict[str, str] = {}
+    adapter: str | None = None  # vllm: the PEFT adapter directory
+    merged: str | None = None  # vllm: the merged safetensors directory
+    gguf: GgufFile | None = None  # gguf, ollama
+    stop_tokens: list[str] = []
+    modelfile: str | None = None  # ollama
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 Decision.model_rebuild()  # its gate is a GateVerdict, defined after it

@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import TunewiseError
+from ..results import BfclCategory, BfclReport
 from ..util import atomic_write_json, rate_and_eta, write_jsonl
 from .stats import bootstrap_ci
 
@@ -118,7 +119,7 @@ def judge(item: dict, category: str, text: str) -> tuple[bool, list, str | None]
 
 
 def run_bfcl(cfg, variant, categories=CATEGORIES, samples: int | None = None, max_new_tokens: int = 128, out_root: Path | None = None,
-             progress=None) -> dict:
+             progress=None) -> BfclReport:
     """Score one variant (base or fine-tuned: a local model) on the BFCL categories; writes items.jsonl per category and
     summary.json under <run>/eval/bfcl/<variant>/."""
     from .evaluate import Engines
@@ -129,7 +130,7 @@ def run_bfcl(cfg, variant, categories=CATEGORIES, samples: int | None = None, ma
     eng, adapter, model_id = engines.get(variant)
     out = (out_root or cfg.run_dir / "eval" / "bfcl") / variant.name
     system = variant.system_prompt
-    summary = {"variant": variant.model_dump(mode="json"), "model": model_id, "categories": {}, "max_new_tokens": max_new_tokens}
+    summary = BfclReport(variant=variant.model_dump(mode="json"), model=model_id, max_new_tokens=max_new_tokens, samples_per_category=samples)
     t_all = time.time()
     for category in categories:
         items = load(category, samples)
@@ -143,12 +144,11 @@ def run_bfcl(cfg, variant, categories=CATEGORIES, samples: int | None = None, ma
             scores.append(float(ok))
             rows.append({"id": it["id"], "output": o.text, "calls": calls, "correct": ok, "error": error})
         write_jsonl(out / f"{category}.jsonl", rows)
-        summary["categories"][category] = {**bootstrap_ci(scores).as_dict(), "wall_s": round(time.time() - t0, 1)}
-    ast = [summary["categories"][c]["mean"] for c in AST_CATEGORIES if c in summary["categories"]]
-    summary["non_live_ast_mean"] = sum(ast) / len(ast) if len(ast) == len(AST_CATEGORIES) else None
-    summary["irrelevance"] = summary["categories"].get("irrelevance", {}).get("mean")
-    summary["wall_s"] = round(time.time() - t_all, 1)
-    summary["samples_per_category"] = samples
-    atomic_write_json(out / "summary.json", summary)
-    summary["dir"] = str(out)
+        summary.categories[category] = BfclCategory(**bootstrap_ci(scores).as_dict(), wall_s=round(time.time() - t0, 1))
+    ast = [summary.categories[c].mean for c in AST_CATEGORIES if c in summary.categories]
+    summary.non_live_ast_mean = sum(ast) / len(ast) if len(ast) == len(AST_CATEGORIES) else None
+    summary.irrelevance = summary.categories["irrelevance"].mean if "irrelevance" in summary.categories else None
+    summary.wall_s = round(time.time() - t_all, 1)
+    atomic_write_json(out / "summary.json", summary.to_json())
+    summary.dir = str(out)
     return summary

@@ -19,6 +19,7 @@ import re
 import time
 from pathlib import Path
 
+from ..results import SuiteResult
 from ..util import rate_and_eta
 from .stats import bootstrap_ci
 
@@ -88,18 +89,18 @@ def mmlu_prompt(q: dict) -> list[dict]:
 
 
 def refusal_suite(engine, adapter: str | None, prompts: list[str], name: str, max_new_tokens: int = 48,
-                  batch_size: int = 32, system: str | None = None, progress=None) -> dict:
+                  batch_size: int = 32, system: str | None = None, progress=None) -> SuiteResult:
     convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}] for p in prompts]
     t0 = time.time()
     outs = engine.generate(convs, max_new_tokens=max_new_tokens, batch_size=batch_size, adapter=adapter,
                            on_batch=(lambda d, t: progress(f"{name}: {d}/{t}" + rate_and_eta(d, t, time.time() - t0))) if progress else None)
     flags = [is_refusal(o.text) for o in outs]
     rows = [{"prompt": p, "response": o.text, "refused": f} for p, o, f in zip(prompts, outs, flags)]
-    return {"suite": name, "refusal_rate": bootstrap_ci([float(f) for f in flags]).as_dict(), "items": len(rows),
-            "wall_s": time.time() - t0, "rows": rows}
+    return SuiteResult(suite=name, refusal_rate=bootstrap_ci([float(f) for f in flags]).as_dict(), items=len(rows),
+                       wall_s=time.time() - t0, rows=rows)
 
 
-def forgetting_suite(engine, adapter: str | None, questions: list[dict], batch_size: int = 16, progress=None) -> dict:
+def forgetting_suite(engine, adapter: str | None, questions: list[dict], batch_size: int = 16, progress=None) -> SuiteResult:
     t0 = time.time()
     lps = engine.choice_logprobs([mmlu_prompt(q) for q in questions], list("ABCD"), batch_size=batch_size, adapter=adapter,
                                  on_batch=(lambda d, t: progress(f"mmlu: {d}/{t}" + rate_and_eta(d, t, time.time() - t0))) if progress else None)
@@ -108,5 +109,5 @@ def forgetting_suite(engine, adapter: str | None, questions: list[dict], batch_s
         pred = "ABCD"[max(range(4), key=lambda i: lp[i])]
         rows.append({"subject": q["subject"], "line": q["line"], "answer": q["answer"], "predicted": pred,
                      "correct": pred == q["answer"], "logprobs": [round(x, 4) for x in lp]})
-    return {"suite": "mmlu", "accuracy": bootstrap_ci([float(r["correct"]) for r in rows]).as_dict(), "items": len(rows),
-            "wall_s": time.time() - t0, "rows": rows}
+    return SuiteResult(suite="mmlu", accuracy=bootstrap_ci([float(r["correct"]) for r in rows]).as_dict(), items=len(rows),
+                       wall_s=time.time() - t0, rows=rows)

@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 from ..data.records import Record
+from ..results import RaftCounts
 from ..util import write_jsonl
 from .answer import format_context, gold_rank, rag_conversation
 from .retrieve import Retriever
@@ -54,11 +55,11 @@ def raft_records(cfg, records: list[Record], distractors: int = 2, p_oracle: flo
     return rows, counts
 
 
-def write_raft(cfg, out: Path, distractors: int = 2, p_oracle: float = 0.8, seed: int = 0) -> dict:
+def write_raft(cfg, out: Path, distractors: int = 2, p_oracle: float = 0.8, seed: int = 0) -> RaftCounts:
     from ..data.prepare import ensure_prepared
     from ..models import load_tokenizer
 
     prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name, cfg.data.template_kwargs))
     rows, counts = raft_records(cfg, prepared.splits["train"], distractors, p_oracle, seed)
     write_jsonl(out, rows)
-    return counts
+    return RaftCounts(**counts)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 
+from ..results import IndexManifest, SkippedFile
 from ..util import atomic_write_json, write_jsonl
 from .embed import Embedder
 from .kb import BadFile, Chunk, KBError, chunk_documents, load_documents
@@ -61,7 +62,7 @@ def embedder_of(cfg, index_dir: Path) -> Embedder:
     return Embedder(r.embedding_model, index_dir / "embeddings.sqlite", r.embedding_url)
 
 
-def build_index(cfg, progress: Callable[[str, int, int | None], None] | None = None) -> dict:
+def build_index(cfg, progress: Callable[[str, int, int | None], None] | None = None) -> IndexManifest:
     """Read, chunk, embed (cached) and store the knowledge base; rebuild BM25. Returns the manifest."""
     import bm25s
 
@@ -107,23 +108,13 @@ def build_index(cfg, progress: Callable[[str, int, int | None], None] | None = N
     bm.index(_tokenize([embed_text(c) for c in chunks], stem), show_progress=False)
     bm.save(str(out / "bm25"))
     write_jsonl(out / "chunks.jsonl", [c.to_json() for c in chunks])
-    manifest = {
-        "documents": len(docs),
-        "chunks": len(chunks),
-        "stored": stored,
-        "removed_from_store": removed,
-        "bad_files": [{"path": b.path, "reason": b.reason} for b in bad],
-        "embedding_model": emb.model_id,
-        "dim": int(vectors.shape[1]),
-        "embedding_cache": {"hits": emb.hits, "misses": emb.misses},
-        "store": r.store,
-        "bm25_stemmer": "english (PyStemmer)" if stem else None,
-        "chunk_tokens": r.chunk_tokens,
-        "chunk_overlap": r.chunk_overlap,
-        "seconds": round(time.time() - t0, 2),
-    }
+    manifest = IndexManifest(
+        documents=len(docs), chunks=len(chunks), stored=stored, removed_from_store=removed,
+        bad_files=[SkippedFile(path=b.path, reason=b.reason) for b in bad], embedding_model=emb.model_id, dim=int(vectors.shape[1]),
+        embedding_cache={"hits": emb.hits, "misses": emb.misses}, store=r.store, bm25_stemmer="english (PyStemmer)" if stem else None,
+        chunk_tokens=r.chunk_tokens, chunk_overlap=r.chunk_overlap, seconds=round(time.time() - t0, 2))
     emb.close()
-    atomic_write_json(out / "manifest.json", manifest)
+    atomic_write_json(out / "manifest.json", manifest.to_json())
     return manifest
 
 
@@ -140,15 +131,15 @@ class Retriever:
         self.dir = index_dir_of(cfg)
         if not (self.dir / "manifest.json").exists():
             raise KBError(f"no knowledge-base index at {self.dir}: run `tunewise kb index` first")
-        self.manifest = json.loads((self.dir / "manifest.json").read_text())
+        self.manifest = IndexManifest.read(self.dir / "manifest.json")
         self.chunks = [Chunk.from_json(json.loads(line)) for line in (self.dir / "chunks.jsonl").read_text().splitlines()]
         self.by_id = {c.id: c for c in self.chunks}
         self.bm25 = bm25s.BM25.load(str(self.dir / "bm25"))
-        self.stem = bool(self.manifest.get("bm25_stemmer"))
+        self.stem = bool(self.manifest.bm25_stemmer)
         self.embedder = embedder_of(cfg, self.dir)
-        if self.embedder.model_id != self.manifest["embedding_model"]:
-            raise KBError(f"the index was built with {self.manifest['embedding_model']}, the config says {self.embedder.model_id}: re-run `tunewise kb index`")
-        self.store = open_store(self.r.store, self.dir, self.manifest["dim"], self.r.postgres_url, self.r.postgres_table)
+        if self.embedder.model_id != self.manifest.embedding_model:
+            raise KBError(f"the index was built with {self.manifest.embedding_model}, the config says {self.embedder.model_id}: re-run `tunewise kb index`")
+        self.store = open_store(self.r.store, self.dir, self.manifest.dim, self.r.postgres_url, self.r.postgres_table)
 
     def bm25_ranking(self, queries: list[str], n: int) -> list[list[str]]:
         n = min(n, len(self.chunks))

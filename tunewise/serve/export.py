@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import TunewiseError
+from ..results import ExportResult
 from ..util import atomic_write_json, atomic_write_text
 
 
@@ -45,7 +46,7 @@ def _merged(model_dir: Path, base_ref: str, adapter_dir: str | None):
                           f"{str(e).splitlines()[0][:200]}") from None
 
 
-def export_gguf(model_dir: Path, out: Path, name: str, quant: str = "f16", pre: str | None = None, ollama: bool = False) -> dict:
+def export_gguf(model_dir: Path, out: Path, name: str, quant: str = "f16", pre: str | None = None, ollama: bool = False) -> ExportResult:
     """A GGUF of the merged model (and, with ollama, a Modelfile beside it); refusals before any file is written."""
     from transformers import AutoConfig
 
@@ -69,18 +70,20 @@ def export_gguf(model_dir: Path, out: Path, name: str, quant: str = "f16", pre: 
         text = modelfile(tok, path.name, tok.convert_ids_to_tokens(stops))
     model = _merged(model_dir, base_ref, adapter_dir)
     out.mkdir(parents=True, exist_ok=True)
-    done = {"source": str(model_dir), "base_model": base_ref, "name": name, "gguf": write_gguf(model, tok, path, plan, name, stops),
-            "stop_tokens": tok.convert_ids_to_tokens(stops), "commands": {"llama.cpp": f"llama-server -m {shlex.quote(str(path))} --jinja"}}
+    done = ExportResult(source=str(model_dir), base_model=base_ref, name=name, gguf=write_gguf(model, tok, path, plan, name, stops),
+                        stop_tokens=tok.convert_ids_to_tokens(stops), commands={"llama.cpp": f"llama-server -m {shlex.quote(str(path))} --jinja"})
     if text is not None:
         atomic_write_text(out / "Modelfile", text)
-        done["modelfile"] = str(out / "Modelfile")
-        done["commands"]["ollama"] = f"cd {shlex.quote(str(out))} && ollama create {shlex.quote(name.replace(':', '-'))} -f Modelfile"
-    atomic_write_json(out / "export.json", done)
+        done.modelfile = str(out / "Modelfile")
+        done.commands["ollama"] = f"cd {shlex.quote(str(out))} && ollama create {shlex.quote(name.replace(':', '-'))} -f Modelfile"
+    atomic_write_json(out / "export.json", done.to_json())
     return done
 
 
 
-def export_model(model_dir: Path, out: Path, name: str, merge: bool = True, adapter: bool = True) -> dict:
+def export_model(model_dir: Path, out: Path, name: str, merge: bool = True, adapter: bool = True) -> ExportResult:
+    """For vLLM: the PEFT adapter (its base written beside it when the base is the bundled model) and/or the merged
+    safetensors, with serve.sh holding the `vllm serve` commands."""
     from ..engine import model_ref_of
     from ..models import load_model, load_tokenizer, resolve_model
 
@@ -88,7 +91,7 @@ def export_model(model_dir: Path, out: Path, name: str, merge: bool = True, adap
     out.mkdir(parents=True, exist_ok=True)
     base_ref, adapter_dir = model_ref_of(model_dir)
     base_path = resolve_model(base_ref)
-    done = {"source": str(model_dir), "base_model": base_ref, "name": name, "commands": {}}
+    done = ExportResult(source=str(model_dir), base_model=base_ref, name=name)
     lora_name = name.replace(":", "-")
     if adapter_dir is not None and adapter:
         dst = out / "adapter"
@@ -107,19 +110,19 @@ def export_model(model_dir: Path, out: Path, name: str, merge: bool = True, adap
         cfg["base_model_name_or_path"] = base_for_vllm
         atomic_write_text(dst / "adapter_config.json", json.dumps(cfg, indent=2))
         r = cfg.get("r", 16)
-        done["commands"]["adapter"] = (f"vllm serve {shlex.quote(base_for_vllm)} --enable-lora --max-lora-rank {max(r, 8)} "
+        done.commands["adapter"] = (f"vllm serve {shlex.quote(base_for_vllm)} --enable-lora --max-lora-rank {max(r, 8)} "
                                        f"--lora-modules {shlex.quote(lora_name)}={shlex.quote(str(dst))}")
-        done["adapter"] = str(dst)
+        done.adapter = str(dst)
     if merge:
         dst = out / "merged"
         shutil.rmtree(dst, ignore_errors=True)
         merged = _merged(model_dir, base_ref, adapter_dir)
         merged.save_pretrained(dst, safe_serialization=True)
         load_tokenizer(str(model_dir) if (model_dir / "tokenizer_config.json").exists() else base_ref).save_pretrained(dst)
-        done["commands"]["merged"] = f"vllm serve {shlex.quote(str(dst))} --served-model-name {shlex.quote(lora_name)}"
-        done["merged"] = str(dst)
+        done.commands["merged"] = f"vllm serve {shlex.quote(str(dst))} --served-model-name {shlex.quote(lora_name)}"
+        done.merged = str(dst)
     atomic_write_text(out / "serve.sh", "#!/bin/sh\n# Serve the exported model with vLLM (on a machine with a GPU and vllm installed).\n"
-                      + "".join(f"# {k}:\n{v}\n" for k, v in done["commands"].items()))
+                      + "".join(f"# {k}:\n{v}\n" for k, v in done.commands.items()))
     (out / "serve.sh").chmod(0o755)
-    atomic_write_json(out / "export.json", done)
+    atomic_write_json(out / "export.json", done.to_json())
     return done

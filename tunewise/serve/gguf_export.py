@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TunewiseError
+from ..results import GgufFile
 
 ARCH_OF = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 PERMUTE_QK = ("llama",)
@@ -184,7 +185,7 @@ def _tensor(w, name: str, data: np.ndarray, quant: str) -> str:
     return "F16"
 
 
-def write_gguf(model, tok, path: Path, plan: Plan, name: str, stop_ids: list[int]) -> dict:
+def write_gguf(model, tok, path: Path, plan: Plan, name: str, stop_ids: list[int]) -> GgufFile:
     """The merged model (float32 weights) to one .gguf file; returns what was written."""
     import gguf
 
@@ -222,4 +223,4 @@ def write_gguf(model, tok, path: Path, plan: Plan, name: str, stop_ids: list[int
     w.write_tensors_to_file()
     w.close()
     tmp.replace(path)
-    return {"path": str(path), "arch": plan.arch, "quant": plan.quant, "pre": plan.pre, "tensors": counts, "bytes": path.stat().st_size}
+    return GgufFile(path=str(path), arch=plan.arch, quant=plan.quant, pre=plan.pre, tensors=counts, bytes=path.stat().st_size)
