@@ -61,3 +61,29 @@ def test_eval_suite_bfcl_from_the_cli(tiny_project, tmp_path):
     bad = CliRunner().invoke(app, ["eval", str(path), "-v", "base", "--set", "evaluation.variants=[{name: base, kind: base}]",
                                    "--suite", "bfcl", "--categories", "live_simple"])
     assert bad.exit_code == 2 and "--categories: 'live_simple' is not one of" in bad.output
+
+
+def test_bfcl_with_a_variants_tool_choice_holds_every_call_to_the_items_functions(tiny_project, tmp_path):
+    """tool_choice: required on a random tiny model: each answer's complete calls name one of that item's functions with
+    arguments its schema admits (the weights play no part), and the rows say they were constrained."""
+    import jsonschema
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+
+    path = tiny_project()
+    r = CliRunner().invoke(app, ["eval", str(path), "-v", "held", "--set", "evaluation.variants=[{name: held, kind: base, tool_choice: required}]",
+                                 "--suite", "bfcl", "--categories", "simple_python,multiple", "--samples", "6", "--max-new-tokens", "160"])
+    assert r.exit_code == 0, r.output
+    assert "calls held to the functions' schemas (tool_choice required)" in " ".join(r.output.split())
+    seen = 0
+    for cat in ("simple_python", "multiple"):
+        items = {it["id"]: it for it in bfcl.load(cat, 6)}
+        for row in map(json.loads, (tmp_path / "runs" / "tiny" / "eval" / "bfcl" / "held" / f"{cat}.jsonl").read_text().splitlines()):
+            assert row["constrained"] and row["error"] != "a <tool_call> block that is not a JSON call"
+            schemas = {t["function"]["name"]: t["function"]["parameters"] for t in bfcl.tools_of(items[row["id"]]["function"])}
+            for call in row["calls"]:
+                (name, args), = call.items()
+                jsonschema.validate(args, schemas[name])
+                seen += 1
+    assert seen >= 2, seen

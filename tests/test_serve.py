@@ -462,8 +462,11 @@ def test_tool_calls_for_every_tool_choice_parse_and_validate(tool_server):
     tools = [WEATHER, FREEZE]
     msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
     for seed in range(3):
-        r = c.chat.completions.create(model="base", messages=msgs, tools=tools, tool_choice="required", max_tokens=64, temperature=1.0, seed=seed)
+        r = c.chat.completions.create(model="base", messages=msgs, tools=tools, tool_choice="required", max_tokens=64, temperature=1.0, seed=seed,
+                                      parallel_tool_calls=False)
         assert r.choices[0].finish_reason == "tool_calls" and len(_valid_calls(r.choices[0].message, tools)) == 1
+    r = c.chat.completions.create(model="base", messages=msgs, tools=tools, tool_choice="required", max_tokens=128, temperature=0)
+    assert r.choices[0].finish_reason == "tool_calls" and len(_valid_calls(r.choices[0].message, tools)) >= 1
     named = c.chat.completions.create(model="base", messages=msgs, tools=tools, max_tokens=64, temperature=1.0, seed=5,
                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert [n for n, _ in _valid_calls(named.choices[0].message, tools)] == ["get_weather"]

@@ -185,3 +185,74 @@ def test_training_evaluation_and_serving_render_a_tool_conversation_to_the_same_
     # a configured system prompt keeps the tools in evaluation
     with_system = build_prompt(rec, "You route tickets.", None)[0]["content"]
     assert with_system.startswith("You route tickets.") and "<tools>" in with_system
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model):
+    from tunewise.engine import Engine
+
+    return Engine.load(str(tiny_model), device="cpu", dtype="float32")
+
+
+def _accepts(engine, grammar, text: str, end: bool = False) -> bool:
+    """Whether the grammar's matcher takes `text` token by token (and then the end of turn, with end)."""
+    m = grammar.matcher()
+    ids = engine.tok(text, add_special_tokens=False)["input_ids"] + ([engine.tok.convert_tokens_to_ids("<|im_end|>")] if end else [])
+    return all(m.accept_token(t) for t in ids)
+
+
+def test_the_call_grammar_admits_exactly_the_calls_training_writes(tiny_engine):
+    """call_grammar holds decoding to render_text's call form: a valid call as training writes it passes; an unknown
+    tool, a missing required or mistyped argument, or the argument JSON spaced otherwise does not; auto admits plain
+    text and ends there, required does not; parallel=False ends after one call."""
+    from tunewise.data.tools import call_grammar, render_text
+
+    tools = [WEATHER, FREEZE]
+    call = render_text([{"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}}]}], [])[0]["content"]
+    assert call == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
+    auto, required = (tiny_engine.grammar("structural_tag", call_grammar(tools, c)) for c in ("auto", "required"))
+    one = tiny_engine.grammar("structural_tag", call_grammar(tools, "required", parallel=False))
+    named = tiny_engine.grammar("structural_tag", call_grammar(tools, "freeze_card"))
+    assert _accepts(tiny_engine, auto, "It is sunny.", end=True) and not _accepts(tiny_engine, required, "It is sunny.")
+    for g in (auto, required, one):
+        assert _accepts(tiny_engine, g, call, end=True)
+        assert _accepts(tiny_engine, g, call + "\n" + call, end=True) == (g is not one)
+        for bad in ('{"name": "launch", "arguments": {}}', '{"name": "get_weather", "arguments": {"unit": "c"}}',
+                    '{"name": "get_weather", "arguments": {"city": 7}}', '{"name": "get_weather", "arguments": {"city":"Paris"}}'):
+            assert not _accepts(tiny_engine, g, f"<tool_call>\n{bad}\n</tool_call>", end=True), bad
+    assert not _accepts(tiny_engine, named, call) and _accepts(tiny_engine, auto, "Let me check. " + call, end=True)
+    with pytest.raises(ValueError, match="'launch' is not one of the tools"):
+        call_grammar(tools, "launch")
+
+
+def test_the_engine_holds_each_conversations_calls_to_its_own_tools(tiny_engine):
+    """generate(tools=...): a random model's calls under required all parse and validate against that conversation's
+    tools (the weights play no part); a conversation without tools in the same batch decodes as it does alone."""
+    import jsonschema
+
+    from tunewise.data.tools import call_grammar, render_text
+    from tunewise.metrics import TOOL_CALL, parse_calls
+
+    convs = [render_text([{"role": "user", "content": f"Weather in city {i}?"}], [WEATHER] if i % 2 else [FREEZE]) for i in range(6)]
+    plain = [{"role": "user", "content": "Hello"}]
+    tools = [[WEATHER] if i % 2 else [FREEZE] for i in range(6)]
+    seen = 0
+    for parallel in (False, True):
+        outs = tiny_engine.generate(convs + [plain], max_new_tokens=96, temperature=1.0, seed=3, tools=tools + [None], tool_choice="required",
+                                    parallel_tool_calls=parallel)
+        for o, ts in zip(outs, tools):
+            # every row is in the grammar's language, or a prefix of it where the length limit cut a random string short
+            assert _accepts(tiny_engine, tiny_engine.grammar("structural_tag", call_grammar(ts, "required", parallel)), o.text,
+                            end=o.finish_reason == "stop"), o.text
+            calls = parse_calls(o.text)
+            assert len(calls) == len(TOOL_CALL.findall(o.text)) and (calls or o.finish_reason == "length"), o.text
+            assert parallel or o.finish_reason == "length" or len(calls) == 1  # one call, and the grammar ends the turn
+            for c in calls:
+                assert c["name"] == ts[0]["function"]["name"]
+                jsonschema.validate(c["arguments"], ts[0]["function"]["parameters"])
+        seen += sum(len(parse_calls(o.text)) for o in outs[:6])
+    assert seen >= 3  # not every row was cut short: the checks above saw whole calls
+    alone = tiny_engine.generate([plain], max_new_tokens=96, temperature=0.0)[0].text
+    assert tiny_engine.generate(convs[:2] + [plain], max_new_tokens=96, temperature=0.0, tools=tools[:2] + [None],
+                                tool_choice="required")[2].text == alone

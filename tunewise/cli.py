@@ -382,7 +382,8 @@ def eval_cmd(
         cats = tuple(c.strip() for c in categories.split(",")) if categories else CATEGORIES
         with console.status(f"bfcl: {variant}") as status:
             s = run_bfcl(cfg, chosen, cats, samples, max_new_tokens, progress=lambda msg: status.update(msg))
-        t = Table(title=f"BFCL ({variant}, {s.model}): accuracy by category, 95% bootstrap CIs")
+        held = f"; calls held to the functions' schemas (tool_choice {chosen.tool_choice})" if chosen.tool_choice else ""
+        t = Table(title=f"BFCL ({variant}, {s.model}{held}): accuracy by category, 95% bootstrap CIs")
         for h in ("category", "items", "accuracy [95% CI]", "s"):
             t.add_column(h)
         for cat, m in s.categories.items():
@@ -390,6 +391,8 @@ def eval_cmd(
         console.print(t)
         if s.non_live_ast_mean is not None:
             console.print(f"non-live AST mean (simple_python, multiple, parallel, parallel_multiple): {s.non_live_ast_mean:.3f}")
+        if s.unconstrained:
+            console.print(f"{s.unconstrained} items decoded freely: xgrammar could not compile their functions' parameters")
         console.print(f"items: {s.dir}")
         return
     require(cfg.tracking)

@@ -250,6 +250,8 @@ class VariantConfig(Section):
     selection: Literal["similar", "random"] = Field("similar", description="few-shot: nearest training examples by embedding (bundled MiniLM) or a seeded random draw.")
     system_prompt: str | None = Field(None, description="Override data.system_prompt for this variant.")
     endpoint: EndpointConfig | None = Field(None, description="endpoint: where the hosted model is and what it costs.")
+    tool_choice: Literal["auto", "required"] | None = Field(
+        None, description="Items with tools (tool-calling data, the BFCL suite): decode as `serve` does under this tool_choice, every call held to the item's tools' schemas (auto: text or calls; required: calls only). null: free decoding.")
     prompt: Literal["zero-shot", "few-shot", "rag"] = Field(
         "zero-shot", description="endpoint: the prompt strategy, built by the same code as the local variants': zero-shot (the system prompt), few-shot (k examples, by selection) or rag (retrieved context with numbered citations).")
 
@@ -258,6 +260,8 @@ class VariantConfig(Section):
         if (self.kind == "endpoint") != (self.endpoint is not None):
             raise ValueError("endpoint: give the endpoint keys (base_url, model, ...) with kind: endpoint, and only with it" if self.kind == "endpoint"
                              else f"endpoint: only a kind: endpoint variant takes endpoint keys (this one is {self.kind})")
+        if self.tool_choice is not None and self.kind == "endpoint":
+            raise ValueError("tool_choice: an endpoint variant's decoding is the endpoint's; constrained calls are for local models")
         if self.prompt != "zero-shot" and self.kind != "endpoint":
             raise ValueError(f"prompt: only endpoint variants take a prompt strategy (a {self.kind} variant's is its kind)")
         return self

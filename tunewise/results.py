@@ -404,6 +404,7 @@ class BfclReport(Result):
     irrelevance: float | None = None
     wall_s: float = 0.0
     samples_per_category: int | None = None
+    unconstrained: int = 0  # with the variant's tool_choice: items whose functions xgrammar could not compile, decoded freely
     dir: str | None = Field(default=None, exclude=True)  # where the files are; not written into them
 
 

@@ -196,3 +196,31 @@ def render_text(messages: list[dict], tools: list[dict]) -> list[dict]:
         else:
             out.append(m)
     return out
+
+
+TOOL_CHOICES = ("auto", "required")
+
+
+def call_grammar(tools: list[dict], choice: str = "auto", parallel: bool = True) -> str:
+    """The structural tag (xgrammar's JSON format) that holds decoding to TOOLS_FORMAT's calls of `tools`: each call is
+    `<tool_call>\\n{"name": NAME, "arguments": ARGS}\\n</tool_call>` with NAME one of the tools and ARGS valid against that
+    tool's parameter schema, written as render_text writes a call. choice: auto (text, with calls wherever the model opens
+    one), required (only calls, at least one), or a tool's name (only calls of it). parallel=False: one call at most."""
+    import xgrammar as xgr
+    from xgrammar.structural_tag import GrammarFormat, StructuralTag, TagFormat, TagsWithSeparatorFormat, TriggeredTagsFormat
+
+    if choice not in TOOL_CHOICES:
+        tools = [t for t in tools if t["function"]["name"] == choice]
+        if not tools:
+            raise ToolError(f"tool_choice: {choice!r} is not one of the tools")
+    if not tools:
+        raise ToolError("tools: no tools to constrain the calls to")
+    tags = [TagFormat(begin="<tool_call>\n{\"name\": " + json.dumps(t["function"]["name"], ensure_ascii=False) + ", \"arguments\": ",
+                      content=GrammarFormat(grammar=str(xgr.Grammar.from_json_schema(  # the arguments as json.dumps writes them
+                          json.dumps(t["function"]["parameters"]), any_whitespace=False, separators=(", ", ": ")))),
+                      end="}\n</tool_call>") for t in tools]
+    if choice == "auto":
+        fmt = TriggeredTagsFormat(triggers=["<tool_call>"], tags=tags, stop_after_first=not parallel)
+    else:
+        fmt = TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True, stop_after_first=not parallel)
+    return StructuralTag(format=fmt).model_dump_json()

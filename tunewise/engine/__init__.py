@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from .constraints import (GRAMMAR_KINDS, MAX_CHOICES, ChoiceError, Grammar, Gram
 from .cpu import pack_linears
 from .decode import Completion, Step, completions, decode, stop_window, stopped
 from .prefill import MIN_SHARED_PREFIX, PREFILL_CHUNK_TOKENS, _BufferCache, prefill_rows, shared_length
+
+GRAMMAR_CACHE = 256  # compiled grammars an engine keeps
 
 __all__ = ["GRAMMAR_KINDS", "MAX_CHOICES", "MIN_SHARED_PREFIX", "PREFILL_CHUNK_TOKENS", "ChoiceError", "Completion", "Engine",
            "Grammar", "LabelTrie", "check_choices", "model_ref_of", "pack_linears", "stop_window", "stopped"]
@@ -49,7 +52,7 @@ class Engine:
         self.model = loaded.model
         self.tok = loaded.tokenizer
         self.adapters: list[str] = []
-        self._grammars: dict[tuple[str, str], Grammar] = {}  # compiled once per (kind, source)
+        self._grammars: OrderedDict[tuple[str, str], Grammar] = OrderedDict()  # compiled once per (kind, source), recent first out last
         self._compiler = None  # xgrammar's, built on the first grammar
         self.model.eval()
         if pack:
@@ -100,16 +103,24 @@ class Engine:
         on_batch=None,
         on_token=None,
         choices: list[str] | LabelTrie | None = None,
-        grammar: "Grammar | tuple[str, str] | None" = None,
+        grammar: "Grammar | tuple[str, str] | list | None" = None,
+        tools: list[list[dict] | None] | None = None,
+        tool_choice: str = "auto",
+        parallel_tool_calls: bool = True,
     ) -> list[Completion]:
         """Generate one reply per conversation. adapter=None uses the base model (adapters disabled).
         on_batch(done, total) is called after every batch (progress display); on_token(i, token_ids) after
         every token conversation i gets (streaming: token_ids is its reply so far). choices restricts
         every reply to one of the given strings (ChoiceError when the list cannot be enforced); grammar, a Grammar or
-        (kind, source), to what a JSON schema, a regex or a grammar allows."""
+        (kind, source), to what a JSON schema, a regex or a grammar allows (a list: one per conversation, None for free
+        decoding). tools, one list per conversation (None: none), holds each reply's tool calls to those tools' schemas
+        under tool_choice (auto, required or a tool's name) as `serve` does (data.tools.call_grammar)."""
         trie = choices if isinstance(choices, LabelTrie) or choices is None else LabelTrie(self.tok, choices)
-        if grammar is not None and not isinstance(grammar, Grammar):
-            grammar = self.grammar(*grammar)
+        if tools is not None:
+            if grammar is not None or choices is not None:
+                raise ChoiceError("tools: give tools, choices or a grammar, one constraint per request")
+            grammar = self.tool_grammars(tools, tool_choice, parallel_tool_calls)
+        grammars = self._grammars_of(grammar, len(conversations))
         prompts = self._prompts(conversations)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[Completion | None] = [None] * len(prompts)
@@ -119,7 +130,8 @@ class Engine:
             for k in range(0, len(order), batch_size):
                 idx = order[k : k + batch_size]
                 tok_cb = (lambda row, ids, idx=idx: on_token(idx[row], ids)) if on_token else None
-                outs = self._decode_batch([prompts[i] for i in idx], max_new_tokens, temperature, top_p, stop, gen, tok_cb, trie, grammar)
+                rows = [grammars[i] for i in idx] if grammars and any(grammars[i] is not None for i in idx) else None
+                outs = self._decode_batch([prompts[i] for i in idx], max_new_tokens, temperature, top_p, stop, gen, tok_cb, trie, rows)
                 for i, out in zip(idx, outs):
                     results[i] = out
                 if on_batch:
@@ -128,23 +140,45 @@ class Engine:
 
     def _decode_batch(self, batch: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                       stop: list[str] | None, gen: torch.Generator, on_token=None,
-                      trie: LabelTrie | None = None, grammar: Grammar | None = None) -> list[Completion]:
+                      trie: LabelTrie | None = None, grammars: list[Grammar | None] | None = None) -> list[Completion]:
         """One batch (sorted by prompt length): prefill (prefill.py), then decode token by token (decode.py) under the
-        label trie or the grammar (constraints.py)."""
+        label trie or each row's grammar (constraints.py)."""
         t0 = time.time()
         eos = self._eos_ids()
-        constraint = TrieRows(trie, len(batch), eos) if trie else GrammarRows(grammar, len(batch)) if grammar else None
+        constraint = TrieRows(trie, len(batch), eos) if trie else GrammarRows(grammars) if grammars else None
         if trie:  # a constrained answer is never cut short: it gets as many steps as its longest label needs
             max_new_tokens = max(max_new_tokens, trie.depth + 1)
         pre = prefill_rows(self.model, batch, self.tok.pad_token_id, self.loaded.device, self._num_layers(), max_new_tokens)
         states = decode(self.model, self.tok, pre, Step(max_new_tokens, temperature, top_p, gen, eos, stop, constraint, on_token), t0)
         return completions(self.tok, pre, states, stop, t0)
 
+    def _grammars_of(self, grammar, n: int) -> list[Grammar | None] | None:
+        """One compiled grammar (or None) per conversation."""
+        if grammar is None:
+            return None
+        if isinstance(grammar, list):
+            if len(grammar) != n:
+                raise ChoiceError(f"grammar: {len(grammar)} grammars for {n} conversations")
+            return [g if g is None or isinstance(g, Grammar) else self.grammar(*g) for g in grammar]
+        g = grammar if isinstance(grammar, Grammar) else self.grammar(*grammar)
+        return [g] * n
+
+    def tool_grammars(self, tools: list[list[dict] | None], choice: str = "auto", parallel: bool = True) -> list[Grammar | None]:
+        """Each conversation's call grammar (None where it has no tools); compiled once per distinct tool set."""
+        from ..data.tools import call_grammar
+
+        return [self.grammar("structural_tag", call_grammar(t, choice, parallel)) if t else None for t in tools]
+
     def grammar(self, kind: str, source: str = "") -> Grammar:
         """The compiled grammar, cached by (kind, source)."""
-        if (kind, source) not in self._grammars:
-            self._grammars[(kind, source)] = Grammar(self, kind, source)
-        return self._grammars[(kind, source)]
+        key = (kind, source)
+        if key in self._grammars:
+            self._grammars.move_to_end(key)
+        else:
+            self._grammars[key] = Grammar(self, kind, source)
+            if len(self._grammars) > GRAMMAR_CACHE:  # a server sees new tool sets every request: keep the recent ones
+                self._grammars.popitem(last=False)
+        return self._grammars[key]
 
     def _grammar_compiler(self):
         if self._compiler is None:

@@ -65,7 +65,7 @@ class LabelTrie:
         return self._only[key]
 
 
-GRAMMAR_KINDS = ("json", "json_schema", "regex", "ebnf")
+GRAMMAR_KINDS = ("json", "json_schema", "regex", "ebnf", "structural_tag")
 
 
 class Grammar:
@@ -89,23 +89,16 @@ class Grammar:
                 self.compiled = compiler.compile_json_schema(source, any_whitespace=False)
             elif kind == "regex":
                 self.compiled = compiler.compile_regex(source)
+            elif kind == "structural_tag":  # text with tagged parts held to their schemas (data.tools.call_grammar)
+                self.compiled = compiler.compile_structural_tag(source)
             else:
                 self.compiled = compiler.compile_grammar(source)
         except (RuntimeError, ValueError) as e:
             raise ChoiceError(f"{kind}: cannot be compiled: {str(e).splitlines()[0][:300]}") from None
         self.vocab = engine._vocab_size()
 
-    def matchers(self, rows: int) -> list:
-        return [self.xgr.GrammarMatcher(self.compiled) for _ in range(rows)]
-
-    def mask(self, logits: torch.Tensor, matchers: list, alive: list[int]) -> torch.Tensor:
-        bm = self.xgr.allocate_token_bitmask(len(alive), self.vocab)
-        for j, row in enumerate(alive):
-            if not matchers[row].is_terminated():
-                matchers[row].fill_next_token_bitmask(bm, j)
-        logits = logits.float().contiguous()
-        self.xgr.apply_token_bitmask_inplace(logits, bm.to(logits.device), vocab_size=self.vocab)
-        return logits
+    def matcher(self):
+        return self.xgr.GrammarMatcher(self.compiled)
 
 
 def restrict(logits: torch.Tensor, nodes: list[dict], end_ids: list[int]) -> torch.Tensor:
@@ -140,18 +133,29 @@ class TrieRows:
 
 
 class GrammarRows:
-    """A grammar's matcher in each row of a batch."""
+    """A grammar's matcher in each row of a batch: one grammar for every row, or one per row (a row with None decodes
+    freely), as when each item of an evaluation has its own tools."""
 
-    def __init__(self, grammar: Grammar, rows: int):
-        self.grammar, self.matchers = grammar, grammar.matchers(rows)
+    def __init__(self, grammars: list[Grammar | None]):
+        self.matchers = [g.matcher() if g is not None else None for g in grammars]
+        first = next(g for g in grammars if g is not None)
+        self.xgr, self.vocab = first.xgr, first.vocab
 
     def mask(self, logits: torch.Tensor, alive: list[int]) -> torch.Tensor:
-        return self.grammar.mask(logits, self.matchers, alive)
+        bm = self.xgr.allocate_token_bitmask(len(alive), self.vocab)  # all allowed until a matcher fills its row
+        for j, row in enumerate(alive):
+            m = self.matchers[row]
+            if m is not None and not m.is_terminated():
+                m.fill_next_token_bitmask(bm, j)
+        logits = logits.float().contiguous()
+        self.xgr.apply_token_bitmask_inplace(logits, bm.to(logits.device), vocab_size=self.vocab)
+        return logits
 
     def accept(self, row: int, token: int) -> None:
-        self.matchers[row].accept_token(token)
+        if self.matchers[row] is not None:
+            self.matchers[row].accept_token(token)
         return None
 
     def complete(self, row: int) -> bool:
         """The grammar is satisfied and allows nothing more: the row ends with this token."""
-        return self.matchers[row].is_terminated()
+        return self.matchers[row] is not None and self.matchers[row].is_terminated()

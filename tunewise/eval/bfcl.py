@@ -118,6 +118,23 @@ def judge(item: dict, category: str, text: str) -> tuple[bool, list, str | None]
     return bool(result["valid"]), calls, None if result["valid"] else "; ".join(result.get("error") or [])[:300]
 
 
+def call_grammars(eng, items: list[dict], tool_choice: str | None) -> list | None:
+    """With a variant's tool_choice: each item's call grammar (data.tools.call_grammar), as `serve` would hold the answer to
+    its functions. An item whose parameters xgrammar cannot compile is decoded freely, and counted (BfclReport.unconstrained)."""
+    from ..data.tools import ToolError, call_grammar
+    from ..engine import ChoiceError
+
+    if tool_choice is None:
+        return None
+    out = []
+    for it in items:
+        try:
+            out.append(eng.grammar("structural_tag", call_grammar(tools_of(it["function"]), tool_choice)))
+        except (ChoiceError, ToolError):
+            out.append(None)
+    return out
+
+
 def run_bfcl(cfg, variant, categories=CATEGORIES, samples: int | None = None, max_new_tokens: int = 128, out_root: Path | None = None,
              progress=None) -> BfclReport:
     """Score one variant (base or fine-tuned: a local model) on the BFCL categories; writes items.jsonl per category and
@@ -136,13 +153,17 @@ def run_bfcl(cfg, variant, categories=CATEGORIES, samples: int | None = None, ma
         items = load(category, samples)
         t0 = time.time()
         on_batch = (lambda d, t: progress(f"bfcl {category}: {d}/{t}" + rate_and_eta(d, t, time.time() - t0))) if progress else None
+        grammars = call_grammars(eng, items, variant.tool_choice)
         outs = eng.generate([prompt_of(it, system) for it in items], max_new_tokens=max_new_tokens, batch_size=cfg.evaluation.batch_size,
-                            adapter=adapter, on_batch=on_batch)
+                            adapter=adapter, on_batch=on_batch, grammar=grammars)
         rows, scores = [], []
-        for it, o in zip(items, outs):
+        for k, (it, o) in enumerate(zip(items, outs)):
             ok, calls, error = judge(it, category, o.text)
             scores.append(float(ok))
-            rows.append({"id": it["id"], "output": o.text, "calls": calls, "correct": ok, "error": error})
+            rows.append({"id": it["id"], "output": o.text, "calls": calls, "correct": ok, "error": error,
+                         **({"constrained": grammars[k] is not None} if grammars else {})})
+        if grammars:
+            summary.unconstrained += sum(g is None for g in grammars)
         write_jsonl(out / f"{category}.jsonl", rows)
         summary.categories[category] = BfclCategory(**bootstrap_ci(scores).as_dict(), wall_s=round(time.time() - t0, 1))
     ast = [summary.categories[c].mean for c in AST_CATEGORIES if c in summary.categories]

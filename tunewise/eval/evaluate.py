@@ -167,6 +167,8 @@ def fingerprint(cfg: ProjectConfig, variant: VariantConfig, prepared: Prepared) 
     trained = None
     v = variant.model_dump(mode="json")
     v.pop("name")  # what is measured, not what it is called: the gate finds the run's results of the same model
+    if v.get("tool_choice") is None:
+        v.pop("tool_choice", None)  # unset, as before the key existed: saved results stay reusable
     if variant.kind in ("fine-tuned", "ft+rag"):
         path = Path(cfg.path(variant.adapter) if variant.adapter else cfg.trained_model)
         v["adapter"] = str(path.resolve())
@@ -311,10 +313,10 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     if client is not None:
         outs = _generate_endpoint(client, convs, labels, ev.max_new_tokens, on_batch)
     elif ev.processes > 1:
-        outs = generate_sharded(cfg, variant, convs, labels, ev.processes, progress)
+        outs = generate_sharded(cfg, variant, convs, labels, ev.processes, progress, tools=_item_tools(variant, items))
     else:
         outs = eng.generate(convs, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, adapter=adapter, choices=labels,
-                            on_batch=on_batch)
+                            on_batch=on_batch, **_item_tools(variant, items))
     wall = time.time() - t0 + retrieval_s
     if rag:
         from ..rag.answer import strip_citations
@@ -342,6 +344,13 @@ def evaluate(cfg: ProjectConfig, variant: VariantConfig, engines: Engines | None
     return summary
 
 
+def _item_tools(variant: VariantConfig, items: list) -> dict:
+    """With the variant's tool_choice: each item's tools for the engine's call grammar (generate's tools=...)."""
+    if variant.tool_choice is None or not any((r.meta or {}).get("tools") for r in items):
+        return {}
+    return {"tools": [(r.meta or {}).get("tools") or None for r in items], "tool_choice": variant.tool_choice}
+
+
 def _generate_endpoint(client, convs: list[list[dict]], labels: list[str] | None, max_new_tokens: int, on_done) -> list:
     """An endpoint's answers. With a label set, the endpoint is told the labels (its system turn) and its reply mapped to
     the label it names: a hosted model has no token trie to decode through (guided_choice gives vLLM-style servers one)."""
@@ -359,7 +368,8 @@ def _generate_endpoint(client, convs: list[list[dict]], labels: list[str] | None
     return outs
 
 
-def generate_sharded(cfg: ProjectConfig, variant: VariantConfig, convs: list, labels, processes: int, progress=None) -> list:
+def generate_sharded(cfg: ProjectConfig, variant: VariantConfig, convs: list, labels, processes: int, progress=None,
+                     tools: dict | None = None) -> list:
     """The answers from `processes` worker processes (python -m tunewise.eval.shard), each loading the variant's model
     and generating every N-th item, with its share of the CPU threads; gathered back in the items' order."""
     import os
@@ -376,7 +386,8 @@ def generate_sharded(cfg: ProjectConfig, variant: VariantConfig, convs: list, la
     for k in range(processes):
         spec = {"config": cfg.resolved(), "base_dir": str(cfg.base_dir), "variant": variant.model_dump(mode="json"),
                 "conversations": convs[k::processes], "labels": labels,
-                "generate": {"max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size}}
+                "generate": {"max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size,
+                             **({"tools": tools["tools"][k::processes], "tool_choice": tools["tool_choice"]} if tools else {})}}
         (work / f"in-{k}.json").write_text(json.dumps(spec))
         jobs.append(subprocess.Popen([sys.executable, "-m", "tunewise.eval.shard", str(work / f"in-{k}.json"), str(work / f"out-{k}.json")],
                                      env={**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},

@@ -355,8 +355,9 @@ def chat_turns(req: ChatRequest, tools=None) -> list[dict]:
 
 class ToolRequest:
     """A chat request's `tools`, `tool_choice` and `parallel_tool_calls`: how its conversation is rendered, what decoding is
-    constrained to (required or a named function: a JSON schema that admits only a call of one of the tools, its arguments
-    valid against that tool's parameters), and how an answer becomes `tool_calls`."""
+    constrained to (data.tools.call_grammar: every call names one of the tools and its arguments are valid against that
+    tool's parameters; auto leaves text free around the calls, required and a named function admit only calls), and how
+    an answer becomes `tool_calls`."""
 
     def __init__(self, extra: dict):
         from ..data.tools import ToolError, tool_list
@@ -394,13 +395,12 @@ class ToolRequest:
         return render_text(msgs, [] if self.mode == "none" else tools)
 
     def constraint(self):
-        """(field, (kind, source)) for the decoder: a call's JSON under required or named; None under auto and none."""
-        if self.mode not in ("required", "named"):
+        """(field, (kind, source)) for the decoder: the call grammar under auto, required and a named function; None under none."""
+        from ..data.tools import call_grammar
+
+        if self.mode == "none":
             return None
-        schemas = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]}, "arguments": t["function"]["parameters"]},
-                    "required": ["name", "arguments"], "additionalProperties": False}
-                   for t in self.tools if t["function"]["name"] in self.names]
-        return "tool_choice", ("json_schema", json.dumps(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}))
+        return "tool_choice", ("structural_tag", call_grammar(self.tools, self.names[0] if self.mode == "named" else self.mode, self.parallel))
 
     def shape(self, text: str, finish: str) -> tuple[dict, str]:
         """The assistant message and finish reason of one answer: tool_calls with ids where the answer holds valid calls."""
@@ -409,24 +409,17 @@ class ToolRequest:
 
         if self.mode == "none":
             return {"role": "assistant", "content": text}, finish
-        if self.mode in ("required", "named"):
+        calls, rest = parse_calls(text), TOOL_CALL.sub("", text).strip() or None
+        valid = []
+        for c in calls[: None if self.parallel else 1]:  # decoded under the call grammar, so each is valid unless cut off
             try:
-                obj = json.loads(text)
-            except ValueError:
-                return {"role": "assistant", "content": text}, "length"  # cut off before the call was complete
-            calls, rest = [{"name": obj.get("name"), "arguments": obj.get("arguments") or {}}], None
-        else:
-            calls, rest = parse_calls(text), TOOL_CALL.sub("", text).strip() or None
-            valid = []
-            for c in calls[: None if self.parallel else 1]:
-                try:
-                    check_call(c["name"], c["arguments"], self.tools, "call")
-                    valid.append(c)
-                except (ToolError, TypeError):
-                    pass
-            calls = valid
-            if not calls:
-                return {"role": "assistant", "content": text}, finish
+                check_call(c["name"], c["arguments"], self.tools, "call")
+                valid.append(c)
+            except (ToolError, TypeError):
+                pass
+        calls = valid
+        if not calls:  # auto: the model answered in text; required or named: cut off (length) before a call was complete
+            return {"role": "assistant", "content": text}, finish
         return ({"role": "assistant", "content": rest, "tool_calls": [
             {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
             for c in calls]}, "tool_calls")
@@ -474,10 +467,11 @@ async def chat(req: ChatRequest, request: Request):
                 "retrieved": [{"n": i, "source": h.chunk.citation, "chunk": h.chunk.id} for i, h in enumerate(ctx.hits, 1)]}
 
     constraint = _choices(req)
-    if tools is not None and tools.constraint() is not None:
-        if constraint is not None:
+    if tools is not None and tools.mode != "none":
+        if constraint is not None and tools.mode != "auto":
             raise ApiError(400, f"tool_choice {tools.mode} and {constraint[0]}: give one constraint per request", code="unsupported_structured_output")
-        constraint = tools.constraint()
+        if constraint is None:  # under auto with response_format (or another constraint), the answer is held to that instead
+            constraint = tools.constraint()
     return await _respond(request, req, prepare, "chat.completion", extra, constraint, logged=(turns, _version(models, entry)),
                           shape=tools.shape if tools is not None else None)
 
