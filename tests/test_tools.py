@@ -5,6 +5,7 @@ calls and never a tool's result."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -256,3 +257,52 @@ def test_the_engine_holds_each_conversations_calls_to_its_own_tools(tiny_engine)
     alone = tiny_engine.generate([plain], max_new_tokens=96, temperature=0.0)[0].text
     assert tiny_engine.generate(convs[:2] + [plain], max_new_tokens=96, temperature=0.0, tools=tools[:2] + [None],
                                 tool_choice="required")[2].text == alone
+
+
+def test_one_template_training_evaluation_serve_runtimes_and_gguf_render_a_tool_conversation_alike(tmp_path, tiny_model):
+    """Train on tool-use data; the saved chat template carries the text form (with_tool_form), so the same conversation
+    gives the same token ids as training saw it (text form, base template), as evaluation and serve build it, as a runtime
+    sends it (structured tools and tool_calls to the saved template: vLLM, llama.cpp --jinja) and as the GGUF's metadata
+    template renders it. A template that differs in one place ("args" for "arguments") does not."""
+    import yaml
+
+    from tunewise.config import load_config
+    from tunewise.data.tools import TEMPLATE_MARK, with_tool_form
+    from tunewise.engine import Engine
+    from tunewise.eval.evaluate import build_prompt
+    from tunewise.models import load_tokenizer
+    from tunewise.serve.app import ChatRequest, ToolRequest
+    from tunewise.serve.export import export_gguf
+    from tunewise.train.loop import train
+
+    (tmp_path / "tools.jsonl").write_text("".join(json.dumps(good(i)) + "\n" for i in range(40)))
+    (tmp_path / "tunewise.yaml").write_text(yaml.safe_dump({
+        "project": "tools", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_model)},
+        "data": {"format": "openai", "train": "tools.jsonl", "max_length": 256, "split": {"validation": 0.1, "test": 0.1},
+                 "clean": {"near_dedup": False, "pii": False}},
+        "training": {"method": "lora", "max_steps": 2, "batch_size": 4, "eval_every": 100, "save_every": 100}}))
+    cfg = load_config(tmp_path / "tunewise.yaml")
+    r = train(cfg, cfg.train_dir, progress=False)
+    assert json.loads((Path(r.model_dir) / "tunewise.json").read_text())["tools_format"] == "hermes"
+    base, trained = load_tokenizer(str(tiny_model)), load_tokenizer(r.model_dir)
+    assert trained.chat_template.startswith(TEMPLATE_MARK) and trained.chat_template.endswith(base.chat_template)
+
+    raw = good(3)
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(raw) + "\n")
+    (rec,) = read_records(path, "openai")
+    ids = lambda tok, msgs, **kw: tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True, **kw)["input_ids"]  # noqa: E731
+    training = ids(base, [{"role": m["role"], "content": m["content"]} for m in rec.messages[:-1]])
+    evaluation = Engine.load(cfg.model.name, r.model_dir)._prompts([build_prompt(rec, None, None)])[0]
+    req = ChatRequest(model="fine-tuned", messages=raw["messages"][:-1], tools=raw["tools"])
+    serving = ids(trained, ToolRequest(req.model_extra).turns(req))
+    runtime = ids(trained, raw["messages"][:-1], tools=raw["tools"])
+    done = export_gguf(Path(r.model_dir), tmp_path / "gguf", "tools:1", quant="f32", pre="smollm")
+    from transformers import AutoTokenizer
+
+    gpath = Path(done.gguf.path)
+    from_gguf = AutoTokenizer.from_pretrained(str(gpath.parent), gguf_file=gpath.name)
+    assert training == evaluation == serving == runtime == ids(from_gguf, raw["messages"][:-1], tools=raw["tools"])
+    changed = with_tool_form(base.chat_template).replace('\', "arguments": \'', '\', "args": \'')
+    assert changed != with_tool_form(base.chat_template)
+    assert ids(base, raw["messages"][:-1], tools=raw["tools"], chat_template=changed) != training

@@ -193,6 +193,27 @@ def data_harvest(
         console.print(f"  {n:>6}  {reason}", highlight=False)
 
 
+@data_app.command("convert")
+@_stage
+def data_convert(
+    file: Path = typer.Argument(..., help="The dataset file (JSON array or JSON lines)."),
+    source: str = typer.Option(..., "--from", help="Its form: api-bank (API-Request: [Api(key='v')]) or toolrl (ToolRL's SFT split)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Chat JSONL to write (OpenAI tools and tool_calls; read it with data.format: openai)."),
+):
+    """Convert a tool-use dataset written in its own text form to OpenAI chat JSONL with tools and tool_calls; records
+    that do not convert go to OUT.bad.jsonl with their number and the reason."""
+    from .data.convert import convert
+
+    if not file.exists():
+        _fail(f"{file}: no such file")
+    r = convert(file, source, out)
+    console.print(f"{r.records:,} {r.source} records -> {r.written:,} conversations with {r.calls:,} calls -> {r.out}", highlight=False)
+    if r.bad:
+        console.print(f"did not convert: {r.bad:,} (-> {r.bad_file})", highlight=False)
+        for reason, n in r.reasons.items():
+            console.print(f"  {n:>6}  {reason}", highlight=False)
+
+
 def _print_data_summary(prepared) -> None:
     s = prepared.summary
     table = Table(title=f"prepared data -> {prepared.dir}")

@@ -189,6 +189,20 @@ class HarvestReport(Result):
     cleaning: dict[str, Any] = {}  # per cleaning step: changed, dropped, examples
 
 
+class ConvertReport(Result):
+    """`tunewise data convert`: a tool-use dataset in its own form, written as OpenAI chat JSONL."""
+
+    source: str  # api-bank | toolrl
+    input: str
+    out: str
+    records: int
+    written: int
+    bad: int = 0
+    bad_file: str | None = None  # OUT.bad.jsonl: each record that did not convert, with its number and the reason
+    calls: int = 0
+    reasons: dict[str, int] = {}
+
+
 class Goal(Result):
     metric: str
     threshold: float

@@ -26,6 +26,7 @@ import json
 from ..metrics import TOOL_CALL  # the text form's call block, which the tool-call metrics parse too
 
 TOOLS_FORMAT = "hermes"  # the name recorded with a trained model: the text form below
+TEMPLATE_MARK = "{#- tunewise tool form: tools and calls as text (tunewise/data/tools.py), then the model's own template -#}"
 
 TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query. The functions, as JSON schemas, "
                 "are within <tools></tools>:\n<tools>\n{tools}\n</tools>\n\nFor each call, reply with a JSON object with the "
@@ -123,7 +124,8 @@ def normalize_openai(obj: dict) -> tuple[list[dict], list[dict]]:
             content = m.get("content")
             if content is not None and not isinstance(content, str):
                 raise ToolError(f"messages[{i}].content: expected a string or null")
-            out.append({"role": "assistant", "content": content or "", "tool_calls": calls})
+            out.append({"role": "assistant", "content": content or "", "tool_calls": calls,
+                        **({"reasoning_content": m["reasoning_content"]} if "reasoning_content" in m else {})})
         elif role == "tool":
             cid = m.get("tool_call_id")
             if not pending:
@@ -138,7 +140,7 @@ def normalize_openai(obj: dict) -> tuple[list[dict], list[dict]]:
             if role == "assistant" and isinstance(m.get("content"), str) and TOOL_CALL.search(m["content"]):
                 out.append(_hermes_turn(m, tools, f"messages[{i}]", pending, i))
                 continue
-            out.append({k: v for k, v in m.items() if k in ("role", "content", "weight")})
+            out.append({k: v for k, v in m.items() if k in ("role", "content", "weight", "reasoning_content")})
     return out, tools
 
 
@@ -190,7 +192,7 @@ def render_text(messages: list[dict], tools: list[dict]) -> list[dict]:
             blocks = "\n".join(f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']}, ensure_ascii=False)}\n</tool_call>"
                                for c in m["tool_calls"])
             out.append({"role": "assistant", "content": f"{m['content']}\n{blocks}" if m.get("content") else blocks,
-                        **({"weight": m["weight"]} if "weight" in m else {})})
+                        **{k: m[k] for k in ("weight", "reasoning_content") if k in m}})
         elif m.get("role") == "tool":
             out.append({"role": "tool", "content": m["content"]})
         else:
@@ -224,3 +226,54 @@ def call_grammar(tools: list[dict], choice: str = "auto", parallel: bool = True)
     else:
         fmt = TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True, stop_after_first=not parallel)
     return StructuralTag(format=fmt).model_dump_json()
+
+
+# The text form as Jinja, put in front of a model's own chat template (`with_tool_form`): a conversation given as
+# structured messages with `tools=` renders exactly as render_text's messages render through the model's template, so
+# a runtime that sends OpenAI tools and tool_calls to the saved template (vLLM, llama.cpp --jinja) prompts the model
+# as training did. The model's own tool handling is switched off (tools is none for it): it was trained on this form.
+_TOOL_FORM_JINJA = TEMPLATE_MARK + """
+{%- set ns = namespace(msgs=[], text='', first=true) -%}
+{%- set rest = messages -%}
+{%- if tools is defined and tools -%}
+  {%- for t in tools -%}
+    {%- set f = t.function if t.function is defined else t -%}
+    {%- set t = {'type': 'function', 'function': {'name': f.name, 'description': f.description if f.description is defined else '',
+                 'parameters': f.parameters if f.parameters is defined else {'type': 'object', 'properties': {}}}} -%}
+    {%- set ns.text = ns.text + ('' if loop.first else '\\n') + (t | tojson) -%}
+  {%- endfor -%}
+  {%- set header = HEADER_OPEN + ns.text + HEADER_CLOSE -%}
+  {%- if messages and messages[0].role == 'system' -%}
+    {%- set ns.msgs = [{'role': 'system', 'content': messages[0].content + '\\n\\n' + header}] -%}
+    {%- set rest = messages[1:] -%}
+  {%- else -%}
+    {%- set ns.msgs = [{'role': 'system', 'content': header}] -%}
+  {%- endif -%}
+{%- endif -%}
+{%- for m in rest -%}
+  {%- if m.tool_calls is defined and m.tool_calls -%}
+    {%- set ns.text = '' -%}
+    {%- for c in m.tool_calls -%}
+      {%- set f = c.function if c.function is defined else c -%}
+      {%- set args = f.arguments if f.arguments is string else (f.arguments | tojson) -%}
+      {%- set ns.text = ns.text + ('' if loop.first else '\\n') + '<tool_call>\\n{"name": ' + (f.name | tojson) + ', "arguments": ' + args + '}\\n</tool_call>' -%}
+    {%- endfor -%}
+    {%- set ns.msgs = ns.msgs + [{'role': 'assistant', 'content': ((m.content + '\\n') if m.content else '') + ns.text}] -%}
+  {%- elif m.role == 'tool' -%}
+    {%- set ns.msgs = ns.msgs + [{'role': 'tool', 'content': m.content}] -%}
+  {%- else -%}
+    {%- set ns.msgs = ns.msgs + [m] -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- set messages = ns.msgs -%}
+{%- set tools = none %}"""
+
+
+def with_tool_form(template: str) -> str:
+    """A model's chat template with the text form in front (once: a template that has it is returned as it is)."""
+    if template.startswith(TEMPLATE_MARK):
+        return template
+    head, tail = TOOLS_HEADER.split("{tools}")
+    jinja = _TOOL_FORM_JINJA.replace("HEADER_OPEN", json.dumps(head.replace("{{", "{").replace("}}", "}")))
+    jinja = jinja.replace("HEADER_CLOSE", json.dumps(tail.replace("{{", "{").replace("}}", "}")))
+    return jinja + template

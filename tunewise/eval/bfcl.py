@@ -115,7 +115,8 @@ def judge(item: dict, category: str, text: str) -> tuple[bool, list, str | None]
         return False, calls, "a <tool_call> block that is not a JSON call"
     check, python = checker()
     result = check(item["function"], calls, item["ground_truth"], python, category, "tunewise")
-    return bool(result["valid"]), calls, None if result["valid"] else "; ".join(result.get("error") or [])[:300]
+    errors = result.get("error") or []
+    return bool(result["valid"]), calls, None if result["valid"] else "; ".join(map(str, errors if isinstance(errors, list) else [errors]))[:300]
 
 
 def call_grammars(eng, items: list[dict], tool_choice: str | None) -> list | None:

@@ -255,6 +255,7 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
                         chat_kwargs=cfg.data.template_kwargs)
     accelerator = Accelerator(cpu=loaded.device.type == "cpu")
     prepared = ensure_prepared(cfg, loaded.tokenizer)
+    tool_form = _tool_form(loaded.tokenizer, prepared.splits["train"])
     n_val = cfg.training.eval_samples
     val_records = prepared.splits["validation"][:n_val] if n_val else prepared.splits["validation"]
     train_ex, train_stats, val_ex = objective_of(cfg).examples(loaded.tokenizer, prepared, val_records)
@@ -308,13 +309,26 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
     if main:
         write_jsonl(metrics_path, rows)
     meta = {"base_model": cfg.model.name, "base_model_path": loaded.path, "method": t.method, "objective": t.objective, "config": cfg.resolved(),
-            "data": prepared.summary.get("outputs"), "data_inputs": prepared.summary.get("inputs"), "tokens": train_stats.summary()}
+            "data": prepared.summary.get("outputs"), "data_inputs": prepared.summary.get("inputs"), "tokens": train_stats.summary(),
+            **({"tools_format": tool_form} if tool_form else {})}
     return _Session(cfg=cfg, t=t, objective=objective, setup=setup, t0=t0, out_dir=out_dir, ckpt_root=ckpt_root, loaded=loaded,
                     accelerator=accelerator, train_stats=train_stats, default_notes=default_notes, notes=notes, model=model,
                     n_trainable=n_trainable, n_total=n_total, params=params, optimizer=optimizer, scheduler=scheduler,
                     loss_fn=loss_fn, n_batches=n_batches, plan=plan,
                     val_batches=setup.batches.sorted_batches(setup.validation, "v", t.batch_size), state=state, step=step, meta=meta,
                     sharded=sharded, metrics_file=open(metrics_path, "a", encoding="utf-8") if main else open(os.devnull, "w"))
+
+
+def _tool_form(tok, train: list) -> str | None:
+    """Tool-use data is trained in tunewise's text form (data/tools.py); the saved chat template then renders structured
+    tools and tool_calls in that form (with_tool_form), so a runtime that sends them (vLLM, llama.cpp --jinja, serve)
+    prompts the model as training did. Plain conversations render as before."""
+    from ..data.tools import TOOLS_FORMAT, with_tool_form
+
+    if not isinstance(tok.chat_template, str) or not any((r.meta or {}).get("tools") for r in train):
+        return None
+    tok.chat_template = with_tool_form(tok.chat_template)
+    return TOOLS_FORMAT
 
 
 def _defaults(cfg: ProjectConfig, prepared, train_ex, loaded, say) -> tuple[ProjectConfig, list[str]]:
