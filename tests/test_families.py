@@ -10,6 +10,8 @@ Why the bound holds: float64 throughout (the RMSNorms too, models.norms_in_float
 summation orders (prefix and rows in separate calls, packed rows, padded batches), ~1e-15 relative; a real mechanism
 error (a wrong position, mask or cache entry) moves the loss by more than 1e-3 (tests/test_layout.py shows each)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,3 +152,95 @@ def test_the_engine_answers_as_generate_does(family, smol_tokenizer):
         gen = gen.tolist()
         gen = gen[: gen.index(smol_tokenizer.eos_token_id)] if smol_tokenizer.eos_token_id in gen else gen
         assert out.text == smol_tokenizer.decode(gen, skip_special_tokens=True).strip(), family
+
+
+ROUND_TRIP = ["llama3", "qwen2.5", "qwen3", "mistral", "phi3", "smollm3", "gemma2", "gemma3"]
+
+
+def _saved_family(family, tok, path):
+    model = build(family, tok, dtype=torch.float32).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("family", ROUND_TRIP)
+def test_an_adapter_saves_loads_merges_and_exports_per_family(family, smol_tokenizer, tmp_path):
+    """A LoRA adapter on each family (its B matrices made non-zero, so it changes the output): saved and loaded back
+    through the engine it computes the same logits, bit for bit; merged (`tunewise export`'s merged safetensors, loaded
+    by transformers) within float32 rounding: W x + B (A x) and (W + B A) x sum in another order, ~1e-7 relative on logits
+    of size ~1, so 1e-4 absolute holds with room, while a wrong merge moves them far more (a doubled lora_alpha: by ~9
+    on Qwen3 and Phi-3, tried once)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from tunewise.config import TrainConfig
+    from tunewise.engine import Engine
+    from tunewise.serve.export import export_model
+    from tunewise.train.methods import apply_method
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base = _saved_family(family, smol_tokenizer, base_dir)
+    peft_model = apply_method(base, TrainConfig(method="lora"))
+    torch.manual_seed(1)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    peft_model.eval()
+    ids = torch.tensor([smol_tokenizer("Where is my new card? It has not come.")["input_ids"]])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        plain = peft_model.get_base_model()
+        with peft_model.disable_adapter():
+            base_logits = plain(input_ids=ids).logits
+    assert (want - base_logits).abs().max() > 1e-2  # the adapter matters
+    peft_model.save_pretrained(adapter_dir)
+    smol_tokenizer.save_pretrained(adapter_dir)
+    (adapter_dir / "tunewise.json").write_text(json.dumps({"base_model": str(base_dir)}))
+    from peft import PeftModel
+
+    fresh = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    back = PeftModel.from_pretrained(fresh, str(adapter_dir)).eval()
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, want), f"{family}: the adapter loaded back computes other logits"
+    eng = Engine.load(str(base_dir), str(adapter_dir), device="cpu", dtype="float32")  # packs q/k/v on CPU: same sums, other order
+    with torch.no_grad(), eng._adapter_ctx("default"):
+        served = eng.model(input_ids=ids).logits
+    assert torch.allclose(served, want, atol=1e-4, rtol=0), f"{family}: the engine's logits differ by {(served - want).abs().max():.2e}"
+    done = export_model(adapter_dir, tmp_path / "export", f"{family}:1", merge=True, adapter=True)
+    merged = AutoModelForCausalLM.from_pretrained(done.merged, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), f"{family}: merged logits differ by {(got - want).abs().max():.2e}"
+    assert json.loads((Path(done.adapter) / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+
+
+@pytest.mark.parametrize("family", ROUND_TRIP)
+def test_qlora_finds_its_targets_and_trains_only_the_adapters_per_family(family, smol_tokenizer, tmp_path):
+    """QLoRA on each family: the decoder's linears load in 4-bit NF4 (bitsandbytes, on this CPU too), every one of them
+    carries an adapter (Phi-3's fused qkv_proj and gate_up_proj included), and one optimiser step changes the adapter
+    weights and leaves the 4-bit base weights bit-identical."""
+    from tunewise.config import TrainConfig
+    from tunewise.models import load_model
+    from tunewise.train.methods import apply_method, decoder_layers
+
+    _saved_family(family, smol_tokenizer, tmp_path / "base")
+    loaded = load_model(str(tmp_path / "base"), device="cpu", dtype="float32", quantize_4bit=True)
+    four_bit = [n for n, m in decoder_layers(loaded.model).named_modules() if type(m).__name__ == "Linear4bit"]
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in decoder_layers(loaded.model).modules())
+    assert four_bit and len(four_bit) == n_linear, f"{family}: {len(four_bit)} of {n_linear} decoder linears in 4 bits"
+    model = apply_method(loaded.model, TrainConfig(method="qlora"))
+    wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and "layers." in n]
+    assert len(wrapped) == n_linear, f"{family}: {len(wrapped)} of {n_linear} 4-bit linears carry an adapter"
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.tensor([smol_tokenizer("Where is my new card? It has not come.")["input_ids"]])
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in frozen.items()), f"{family}: a frozen weight moved"
+    assert any(not torch.equal(after[n], v) for n, v in trainable.items() if "lora_A" in n), f"{family}: no adapter weight moved"

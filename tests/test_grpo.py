@@ -228,3 +228,25 @@ def test_constrain_labels_on_data_without_labels_names_the_key(tiny_model, tmp_p
     }))
     with pytest.raises(TrainError, match=r"training.grpo.constrain: labels, but the data has no labels"):
         train(load_config(cfg_path), tmp_path / "t", progress=False)
+
+
+def test_the_tool_calls_reward_scores_calls_against_the_reference():
+    """Exact calls 1; the right function with one of two values right: (0 + F1 1/2) / 2; no call where none is
+    wanted 1; a call where none is wanted 0; a function not among the record's tools, or arguments its schema
+    refuses, 0."""
+    from tunewise.train.rewards import tool_calls
+
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {
+        "a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]
+
+    def call(**args):
+        return "<tool_call>\n" + json.dumps({"name": "add", "arguments": args}) + "\n</tool_call>"
+
+    r = _rec(call(a=2, b=3), tools=tools)
+    assert tool_calls(call(a=2, b=3), r) == 1.0 and tool_calls(call(b=3, a=2), r) == 1.0
+    assert tool_calls(call(a=2, b=4), r) == pytest.approx(0.25)  # F1: 1 of 2 triples right on each side -> 0.5
+    assert tool_calls("It is 5.", r) == 0.0
+    none = _rec("No function fits.", tools=tools)
+    assert tool_calls("I cannot help with that.", none) == 1.0 and tool_calls(call(a=1, b=1), none) == 0.0
+    assert tool_calls(call(a="2", b=3), r) == 0.0
+    assert tool_calls("<tool_call>\n" + json.dumps({"name": "sub", "arguments": {"a": 2, "b": 3}}) + "\n</tool_call>", r) == 0.0

@@ -132,7 +132,7 @@ class PreferenceConfig(Section):
 
 
 class RewardEntry(Section):
-    name: str = Field(..., description="A built-in (exact_label, exact_match, regex, json_valid, length_penalty), grader (an OpenAI grader definition: args file or grader, the same as an evaluation.graders entry), or module:function (completion, record, **args) -> float.")
+    name: str = Field(..., description="A built-in (exact_label, exact_match, regex, json_valid, length_penalty, tool_calls), grader (an OpenAI grader definition: args file or grader, the same as an evaluation.graders entry), or module:function (completion, record, **args) -> float.")
     weight: float = Field(1.0, description="Its weight in the summed reward.")
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the function (regex: pattern, full; json_valid: object; length_penalty: max_words).")
 

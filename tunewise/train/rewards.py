@@ -9,7 +9,11 @@ config entry. The built-ins:
   the normalised reference answer or any of `meta["answers"]`, else 0;
 - `regex`: 1 when `pattern` is found in the completion (`full: true`: the whole completion matches), else 0;
 - `json_valid`: 1 when the completion parses as JSON (`object: true`: a JSON object), else 0;
-- `length_penalty`: 0 up to `max_words` words (default 50), then falling linearly to -1 at twice that.
+- `length_penalty`: 0 up to `max_words` words (default 50), then falling linearly to -1 at twice that;
+- `tool_calls`: the completion's calls (tunewise's `<tool_call>` text form) against the reference answer's: the mean of
+  exact (the same calls, parallel ones in any order; no call where the reference makes none) and the F1 over (function,
+  argument, value) triples, so a call with the right function and some right values earns part; 0 when a call names a
+  function that is not among the record's tools or breaks its schema.
 """
 
 from __future__ import annotations
@@ -59,7 +63,20 @@ def length_penalty(completion: str, record, max_words: int = 50, **_) -> float:
     return -min(1.0, over / max_words) if over > 0 else 0.0
 
 
-BUILT_IN: dict[str, Reward] = {f.__name__: f for f in (exact_label, exact_match, regex, json_valid, length_penalty)}
+def tool_calls(completion: str, record, **_) -> float:
+    from ..data.tools import ToolError, check_call
+    from ..metrics import parse_calls, tool_args_f1, tool_calls_exact
+
+    tools = (record.meta or {}).get("tools") or []
+    for c in parse_calls(completion):
+        try:
+            check_call(c["name"], c["arguments"], tools, "call")
+        except (ToolError, TypeError):
+            return 0.0
+    return (tool_calls_exact([completion], [record.answer])[0] + tool_args_f1([completion], [record.answer])[0]) / 2
+
+
+BUILT_IN: dict[str, Reward] = {f.__name__: f for f in (exact_label, exact_match, regex, json_valid, length_penalty, tool_calls)}
 
 
 def resolve(name: str, where: str = "training.grpo.rewards") -> Reward:
