@@ -6,6 +6,7 @@ from the real template text; what is trained is checked by decoding the masked t
 out by hand from each template (three assistant turns, with and without a system turn)."""
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,59 @@ def test_data_prepare_on_a_qwen3_template_with_reasoning(tiny_project, tiny_mode
         assert stats["loss_tokens"] == 32 * answers_only
     else:  # and the reasoning of the first two
         assert stats["loss_tokens"] > 32 * (answers_only + 8)
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOL_CONV = [{"role": "user", "content": "Weather in Paris and Oslo?"},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+                 {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+             {"role": "tool", "tool_call_id": "a", "content": "{\"temp\": 21}"},
+             {"role": "tool", "tool_call_id": "b", "content": "{\"temp\": 3}"},
+             {"role": "assistant", "content": "Paris 21, Oslo 3."}]
+CALLS = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n' \
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3"])
+@pytest.mark.parametrize("system", [True, False])
+def test_templates_that_render_tools_themselves_get_them_structured_and_train_the_calls(smol_tokenizer, family, system):
+    """Qwen's templates render tools and <tool_call> calls themselves: a tool-use record (read into tunewise's text form)
+    renders through them as structured tools and tool_calls, the tools in the template's own words, exactly as a runtime
+    sending the same OpenAI request to the template renders it; the calls and the answer are trained with their
+    end-of-turn marker, the tool results are not."""
+    from tunewise.data.tools import native_tools, normalize_openai, render_text
+    from tunewise.models import render_chat
+
+    tok = family_tokenizer(smol_tokenizer, family)
+    assert native_tools(tok.chat_template)
+    raw = [SYSTEM] * system + TOOL_CONV
+    msgs, tools = normalize_openai({"messages": raw, "tools": [TOOL]})
+    text_form = render_text(msgs, tools)
+    ours = render_chat(tok, text_form, tokenize=False)
+    # a runtime sends the request with each call's arguments parsed and a call's null content as "" (vLLM does both:
+    # HF templates expect an object there, and Qwen3's reads the content of every assistant turn)
+    sent = [{**m, "content": m["content"] or "", "tool_calls": [
+        {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}} for c in m["tool_calls"]]}
+            if m.get("tool_calls") else m for m in raw]
+    theirs = tok.apply_chat_template(sent, tools=[TOOL], tokenize=False)
+    assert ours == theirs and "<tools>" in ours and "# Tools" in ours
+    assert "You may call one or more functions to assist with the user query.\n\nYou are provided with function signatures" in ours  # Qwen's words
+    if family == "qwen2.5":
+        assert masks(tok, text_form) == [[CALLS + "<|im_end|>", "Paris 21, Oslo 3.<|im_end|>"]]
+    else:  # Qwen3 writes an empty think block before the last turn only: the calls train as written, in their own sequence
+        assert masks(tok, text_form) == [[CALLS + "<|im_end|>"], ["Paris 21, Oslo 3.<|im_end|>"]]
+
+
+def test_other_templates_keep_the_text_form(smol_tokenizer):
+    """Llama 3.2 takes tools= but writes calls in its own JSON: tool use stays in tunewise's text form there."""
+    from tunewise.data.tools import native_tools, normalize_openai, render_text
+    from tunewise.models import render_chat
+
+    tok = family_tokenizer(smol_tokenizer, "llama-3.2")
+    assert not native_tools(tok.chat_template)
+    msgs, tools = normalize_openai({"messages": TOOL_CONV, "tools": [TOOL]})
+    text_form = render_text(msgs, tools)
+    assert render_chat(tok, text_form, tokenize=False) == tok.apply_chat_template(text_form, tokenize=False)
+    assert masks(tok, text_form) == [[CALLS + "<|eot_id|>", "Paris 21, Oslo 3.<|eot_id|>"]]

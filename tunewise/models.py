@@ -165,7 +165,15 @@ CHAT_KWARGS = "chat_template_kwargs"  # in tokenizer_config.json: what the chat 
 
 def render_chat(tok, messages, **kw):
     """tok.apply_chat_template with the template arguments the tokenizer carries (data.enable_thinking, saved with a
-    trained model's tokenizer), so training, evaluation, serving and export render the same text."""
+    trained model's tokenizer), so training, evaluation, serving and export render the same text. A conversation in
+    tunewise's tool text form goes to a template that renders tools itself in that call syntax (Qwen2.5, Qwen3:
+    data.tools.native_tools) as structured tools and tool_calls, so the model sees tools in its own words."""
+    from .data.tools import native_tools, structured
+
+    if "tools" not in kw and native_tools(tok.chat_template):
+        messages, tools = structured(messages)
+        if tools:
+            kw["tools"] = tools
     return tok.apply_chat_template(messages, **{**(tok.init_kwargs.get(CHAT_KWARGS) or {}), **kw})
 
 

@@ -269,6 +269,49 @@ _TOOL_FORM_JINJA = TEMPLATE_MARK + """
 {%- set tools = none %}"""
 
 
+def native_tools(template) -> bool:
+    """A chat template that renders tools and calls itself in this form's call syntax (Hermes style: Qwen2.5, Qwen3,
+    Hermes): `<tool_call>` blocks of {"name", "arguments"} JSON. Tool use is then rendered by the template itself
+    (structured), with the tools in its own words; other templates get with_tool_form."""
+    return (isinstance(template, str) and not template.startswith(TEMPLATE_MARK) and "<tool_call>" in template
+            and "tools" in template and "arguments" in template)
+
+
+def structured(messages: list[dict]) -> tuple[list[dict], list[dict]]:
+    """render_text undone: (messages with tool_calls and tool turns, tools) from the text form; the messages unchanged
+    and no tools where they are not in it (or would not render back the same)."""
+    head, tail = TOOLS_HEADER.split("{tools}")
+    head, tail = head.replace("{{", "{").replace("}}", "}"), tail.replace("{{", "{").replace("}}", "}")
+    if not messages or messages[0].get("role") != "system" or head not in (messages[0].get("content") or ""):
+        return messages, []
+    content = messages[0]["content"]
+    at = content.index(head)
+    body = content[at + len(head):]
+    if not body.endswith(tail):
+        return messages, []
+    try:
+        tools = [json.loads(line) for line in body[: -len(tail)].split("\n") if line.strip()]
+    except ValueError:
+        return messages, []
+    out = [{**messages[0], "content": content[:at].removesuffix("\n\n")}] if at else []
+    for m in messages[1:]:
+        if m.get("role") == "assistant" and isinstance(m.get("content"), str) and TOOL_CALL.search(m["content"]):
+            calls = []
+            for raw in TOOL_CALL.findall(m["content"]):
+                try:
+                    c = json.loads(raw)
+                except ValueError:
+                    return messages, []
+                calls.append({"type": "function", "function": {"name": c.get("name"), "arguments": c.get("arguments", {})}})
+            rest = TOOL_CALL.sub("", m["content"]).strip()
+            out.append({**{k: v for k, v in m.items() if k != "content"}, "content": rest, "tool_calls": calls})
+        else:
+            out.append(m)
+    if render_text(out, tools) != [{k: v for k, v in m.items()} for m in messages]:
+        return messages, []
+    return out, tools
+
+
 def with_tool_form(template: str) -> str:
     """A model's chat template with the text form in front (once: a template that has it is returned as it is)."""
     if template.startswith(TEMPLATE_MARK):

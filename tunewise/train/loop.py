@@ -322,11 +322,14 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
 def _tool_form(tok, train: list) -> str | None:
     """Tool-use data is trained in tunewise's text form (data/tools.py); the saved chat template then renders structured
     tools and tool_calls in that form (with_tool_form), so a runtime that sends them (vLLM, llama.cpp --jinja, serve)
-    prompts the model as training did. Plain conversations render as before."""
-    from ..data.tools import TOOLS_FORMAT, with_tool_form
+    prompts the model as training did. Plain conversations render as before. A template that renders tools itself in
+    that call syntax (Qwen2.5, Qwen3) is used as it is: "native"."""
+    from ..data.tools import TOOLS_FORMAT, native_tools, with_tool_form
 
     if not isinstance(tok.chat_template, str) or not any((r.meta or {}).get("tools") for r in train):
         return None
+    if native_tools(tok.chat_template):  # rendered by the model's own template (models.render_chat), saved as it is
+        return "native"
     tok.chat_template = with_tool_form(tok.chat_template)
     return TOOLS_FORMAT
 
