@@ -255,7 +255,6 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
                         chat_kwargs=cfg.data.template_kwargs)
     accelerator = Accelerator(cpu=loaded.device.type == "cpu")
     prepared = ensure_prepared(cfg, loaded.tokenizer)
-    tool_form = _tool_form(loaded.tokenizer, prepared.splits["train"])
     n_val = cfg.training.eval_samples
     val_records = prepared.splits["validation"][:n_val] if n_val else prepared.splits["validation"]
     train_ex, train_stats, val_ex = objective_of(cfg).examples(loaded.tokenizer, prepared, val_records)
@@ -308,9 +307,7 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
     main = accelerator.is_main_process  # only the main process writes metrics, checkpoints and models
     if main:
         write_jsonl(metrics_path, rows)
-    meta = {"base_model": cfg.model.name, "base_model_path": loaded.path, "method": t.method, "objective": t.objective, "config": cfg.resolved(),
-            "data": prepared.summary.get("outputs"), "data_inputs": prepared.summary.get("inputs"), "tokens": train_stats.summary(),
-            **({"tools_format": tool_form} if tool_form else {})}
+    meta = _meta(cfg, t, loaded, prepared, train_stats)
     return _Session(cfg=cfg, t=t, objective=objective, setup=setup, t0=t0, out_dir=out_dir, ckpt_root=ckpt_root, loaded=loaded,
                     accelerator=accelerator, train_stats=train_stats, default_notes=default_notes, notes=notes, model=model,
                     n_trainable=n_trainable, n_total=n_total, params=params, optimizer=optimizer, scheduler=scheduler,
@@ -319,19 +316,26 @@ def _setup(cfg: ProjectConfig, out_dir: Path, resume: bool, defaults: bool, say)
                     sharded=sharded, metrics_file=open(metrics_path, "a", encoding="utf-8") if main else open(os.devnull, "w"))
 
 
-def _tool_form(tok, train: list) -> str | None:
+def _meta(cfg: ProjectConfig, t, loaded, prepared, train_stats) -> dict:
+    """What tunewise.json records beside the trained model."""
+    return {"base_model": cfg.model.name, "base_model_path": loaded.path, "method": t.method, "objective": t.objective, "config": cfg.resolved(),
+            "data": prepared.summary.get("outputs"), "data_inputs": prepared.summary.get("inputs"), "tokens": train_stats.summary(),
+            **_tool_form(loaded.tokenizer, prepared.splits["train"])}
+
+
+def _tool_form(tok, train: list) -> dict:
     """Tool-use data is trained in tunewise's text form (data/tools.py); the saved chat template then renders structured
     tools and tool_calls in that form (with_tool_form), so a runtime that sends them (vLLM, llama.cpp --jinja, serve)
     prompts the model as training did. Plain conversations render as before. A template that renders tools itself in
-    that call syntax (Qwen2.5, Qwen3) is used as it is: "native"."""
+    that call syntax (Qwen2.5, Qwen3) is used as it is: "native". Returns what tunewise.json records."""
     from ..data.tools import TOOLS_FORMAT, native_tools, with_tool_form
 
     if not isinstance(tok.chat_template, str) or not any((r.meta or {}).get("tools") for r in train):
-        return None
+        return {}
     if native_tools(tok.chat_template):  # rendered by the model's own template (models.render_chat), saved as it is
-        return "native"
+        return {"tools_format": "native"}
     tok.chat_template = with_tool_form(tok.chat_template)
-    return TOOLS_FORMAT
+    return {"tools_format": TOOLS_FORMAT}
 
 
 def _defaults(cfg: ProjectConfig, prepared, train_ex, loaded, say) -> tuple[ProjectConfig, list[str]]:
