@@ -276,6 +276,23 @@ def test_defaults_pick_freeze_for_labels_lora_otherwise_and_never_override_a_cho
     assert "method=lora (from the config)" in notes and "learning_rate=5e-05 (from the config)" in notes
 
 
+def test_an_init_from_adapter_fixes_the_rank_the_defaults_would_choose(tmp_path):
+    """GRPO from an SFT adapter of rank 8: the default rank (16 for RL objectives) would not load it, so the adapter's
+    r and alpha are taken, and said; a rank given in the config still wins."""
+    import json
+
+    from tunewise.train.defaults import auto_training
+
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    cfg = _cfg_with(objective="grpo", method="lora", init_from=str(tmp_path / "sft"))
+    filled, notes = auto_training(cfg, 495, 590, 134_515_008, n_layers=30)
+    assert (filled.training.lora.r, filled.training.lora.alpha) == (8, 16)
+    assert "lora.r=8, lora.alpha=16 (training.init_from's adapter)" in notes
+    given = _cfg_with(objective="grpo", method="lora", init_from=str(tmp_path / "sft"), lora={"r": 4, "alpha": 8})
+    assert auto_training(given, 495, 590, 134_515_008, n_layers=30)[0].training.lora.r == 4
+
+
 def test_tunewise_train_applies_the_defaults_and_says_why(tiny_project, tmp_path):
     import yaml
     from typer.testing import CliRunner

@@ -58,6 +58,11 @@ def auto_training(cfg, examples: int, mean_tokens: float, params: int, answer_to
     method = now("method")
     if method == "freeze" and n_layers:
         choose("trainable_layers", max(1, round(0.2 * n_layers)), f"the last 20% of {n_layers} layers")
+    start = _init_from_rank(cfg) if method in ("lora", "dora", "qlora") and "lora" not in given else None
+    if start:  # the adapter training starts from fixes the rank: another one would not load
+        chosen["lora"] = t.lora.model_copy(update={"r": start[0], "alpha": start[1]})
+        notes.append(f"lora.r={start[0]}, lora.alpha={start[1]} (training.init_from's adapter)")
+        given = given | {"lora"}
     low = objective.default_learning_rate(method, params)
     if low:  # preference and RL objectives
         choose("learning_rate", *low)
@@ -87,6 +92,19 @@ def auto_training(cfg, examples: int, mean_tokens: float, params: int, answer_to
     if hours and "max_minutes" not in given:
         choose("max_minutes", round(hours * 60, 2), f"use_case.max_training_hours={hours:g}; planned from the measured step time")
     return cfg.model_copy(update={"training": t.model_copy(update=chosen)}), notes
+
+
+def _init_from_rank(cfg) -> tuple[int, int] | None:
+    """(r, alpha) of the adapter training.init_from names, when it is one."""
+    import json
+
+    if not cfg.training.init_from:
+        return None
+    path = cfg.path(cfg.training.init_from) / "adapter_config.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return int(saved["r"]), int(saved.get("lora_alpha", 2 * saved["r"]))
 
 
 def is_labelled(records) -> bool:
