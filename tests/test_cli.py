@@ -36,6 +36,15 @@ def test_init_tells_format_and_columns_from_the_file_and_sets_nothing_else(tmp_p
     assert r.exit_code == 0 and "data.format: could not tell" in r.output
     r = runner.invoke(app, ["init", str(tmp_path / "e.yaml"), "--data", "notes.txt"])  # raw text: continued pre-training
     assert r.exit_code == 0 and "data.format: text" in r.output and "training.objective: pretrain" in r.output
+    tool = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}],
+            "messages": [{"role": "user", "content": "go"}, {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}
+    (tmp_path / "tools.jsonl").write_text(json.dumps(tool) + "\n")
+    r = runner.invoke(app, ["init", str(tmp_path / "t.yaml"), "--data", "tools.jsonl"])  # tool use: scored on the calls
+    assert r.exit_code == 0 and "tool-call metrics" in r.output
+    cfg = load_config(tmp_path / "t.yaml")
+    assert (cfg.evaluation.metrics[0], cfg.goal.metric, cfg.data.max_length) == ("tool_calls_exact", "tool_calls_exact", 1024)
+    assert cfg.training.model_fields_set == set()
 
 
 def test_bad_config_fails_before_work_naming_the_key(tmp_path):

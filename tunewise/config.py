@@ -703,6 +703,16 @@ def starter_yaml(data_path: str = "data/train.jsonl", fmt: str | None = None, ba
     return starter(data_path, fmt, base_dir)[0]
 
 
+def _has_tool_use(file: Path, lines: int = 200) -> bool:
+    """Whether the first records of a chat file call tools (OpenAI tools/tool_calls, legacy functions, glaive's turns)."""
+    try:
+        with open(file, encoding="utf-8", errors="replace") as f:
+            head = "".join(line for _, line in zip(range(lines), f))
+    except OSError:
+        return False
+    return any(k in head for k in ('"tool_calls"', '"function_call"', '"tools"', '"functions"'))
+
+
 def starter(data_path: str = "data/train.jsonl", fmt: str | None = None, base_dir: Path | None = None) -> tuple[str, list[str]]:
     """(starter_yaml's text, what init found in the file: one line each, as its header comments say)."""
     file = Path(data_path) if Path(data_path).is_absolute() or base_dir is None else base_dir / data_path
@@ -734,6 +744,13 @@ def starter(data_path: str = "data/train.jsonl", fmt: str | None = None, base_di
             notes.append(f"# data.columns: could not tell which column is the user turn and which the answer "
                          f"(header: {', '.join(columns_found) or 'empty'}); set data.columns.user and data.columns.assistant.")
     raw: dict = {"data": data}
+    if fmt in ("openai", "sharegpt") and _has_tool_use(file):  # scored on the calls, not on the text around them
+        raw["evaluation"] = {"metrics": ["tool_calls_exact", "tool_call_names", "tool_args_f1"]}
+        raw["goal"] = {"metric": "tool_calls_exact"}
+        data["max_length"] = 1024
+        chosen["evaluation"], chosen["goal"], chosen["data"]["max_length"] = {"metrics": None}, {"metric": None}, None
+        notes.append("# evaluation.metrics, goal.metric: tool-call metrics; data.max_length: 1024, room for the tools' "
+                     "schemas in the prompt (the records call tools).")
     objective = OBJECTIVE_OF_FORMAT.get(fmt)
     if objective:  # training on the chosen answers alone (sft) would waste the file's rejected side
         raw["training"], chosen["training"] = {"objective": objective}, {"objective": None}
