@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class Result(BaseModel):
     model_config = ConfigDict(extra="allow")
+    omit_none: ClassVar[bool] = False  # write optional parts only where they were measured (no nulls in the file)
 
     def to_json(self) -> dict:
-        return self.model_dump(mode="json", exclude_none=False)
+        return self.model_dump(mode="json", exclude_none=self.omit_none)
 
     @classmethod
     def read(cls, path: Path):
@@ -76,8 +77,7 @@ class EvalSummary(Result):
     reused_from: str | None = None  # the evaluation folder this result was taken over from
     reused: bool = Field(False, exclude=True)  # returned from disk rather than measured now (never written)
 
-    def to_json(self) -> dict:
-        return self.model_dump(mode="json", exclude_none=True)  # the optional parts only where they were measured
+    omit_none: ClassVar[bool] = True  # the optional parts only where they were measured
 
     @property
     def kind(self) -> str:
@@ -312,8 +312,7 @@ class GateCheck(Result):
     diff_ci95: list[float] | None = None
     ci95: dict[str, list[float]] = {}
 
-    def to_json(self) -> dict:
-        return self.model_dump(mode="json", exclude_none=True)  # p_value and diff_ci95 only where they are measured
+    omit_none: ClassVar[bool] = True  # p_value and diff_ci95 only where they are measured
 
     def reason(self) -> str:
         """Why the check failed, in one line."""
@@ -390,9 +389,7 @@ class SuiteResult(Result):
     refusal_rate: Estimate | None = None
     accuracy: Estimate | None = None
     rows: list[dict[str, Any]] = Field(default=[], exclude=True)
-
-    def to_json(self) -> dict:
-        return self.model_dump(mode="json", exclude_none=True)
+    omit_none: ClassVar[bool] = True  # a refusal suite has no accuracy, MMLU no refusal rate
 
     def value(self, field: str) -> Estimate:
         est = getattr(self, field)
@@ -481,9 +478,7 @@ class ExportResult(Result):
     gguf: GgufFile | None = None  # gguf, ollama
     stop_tokens: list[str] = []
     modelfile: str | None = None  # ollama
-
-    def to_json(self) -> dict:
-        return self.model_dump(mode="json", exclude_none=True)
+    omit_none: ClassVar[bool] = True  # only what the format writes
 
 
 Decision.model_rebuild()  # its gate is a GateVerdict, defined after it

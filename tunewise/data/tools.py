@@ -32,6 +32,7 @@ TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with th
                 "are within <tools></tools>:\n<tools>\n{tools}\n</tools>\n\nFor each call, reply with a JSON object with the "
                 "function's name and arguments within <tool_call></tool_call>:\n<tool_call>\n{{\"name\": <function-name>, "
                 "\"arguments\": <args-json-object>}}\n</tool_call>")
+_HEADER_OPEN, _HEADER_CLOSE = TOOLS_HEADER.format(tools="\0").split("\0")  # the header's text before and after the tools
 
 
 class ToolError(ValueError):
@@ -233,7 +234,7 @@ def call_grammar(tools: list[dict], choice: str = "auto", parallel: bool = True)
 # a runtime that sends OpenAI tools and tool_calls to the saved template (vLLM, llama.cpp --jinja) prompts the model
 # as training did. The model's own tool handling is switched off (tools is none for it): it was trained on this form.
 _TOOL_FORM_JINJA = TEMPLATE_MARK + """
-{%- set ns = namespace(msgs=[], text='', first=true) -%}
+{%- set ns = namespace(msgs=[], text='') -%}
 {%- set rest = messages -%}
 {%- if tools is defined and tools -%}
   {%- for t in tools -%}
@@ -280,8 +281,7 @@ def native_tools(template) -> bool:
 def structured(messages: list[dict]) -> tuple[list[dict], list[dict]]:
     """render_text undone: (messages with tool_calls and tool turns, tools) from the text form; the messages unchanged
     and no tools where they are not in it (or would not render back the same)."""
-    head, tail = TOOLS_HEADER.split("{tools}")
-    head, tail = head.replace("{{", "{").replace("}}", "}"), tail.replace("{{", "{").replace("}}", "}")
+    head, tail = _HEADER_OPEN, _HEADER_CLOSE
     if not messages or messages[0].get("role") != "system" or head not in (messages[0].get("content") or ""):
         return messages, []
     content = messages[0]["content"]
@@ -307,7 +307,7 @@ def structured(messages: list[dict]) -> tuple[list[dict], list[dict]]:
             out.append({**{k: v for k, v in m.items() if k != "content"}, "content": rest, "tool_calls": calls})
         else:
             out.append(m)
-    if render_text(out, tools) != [{k: v for k, v in m.items()} for m in messages]:
+    if render_text(out, tools) != messages:
         return messages, []
     return out, tools
 
@@ -316,7 +316,4 @@ def with_tool_form(template: str) -> str:
     """A model's chat template with the text form in front (once: a template that has it is returned as it is)."""
     if template.startswith(TEMPLATE_MARK):
         return template
-    head, tail = TOOLS_HEADER.split("{tools}")
-    jinja = _TOOL_FORM_JINJA.replace("HEADER_OPEN", json.dumps(head.replace("{{", "{").replace("}}", "}")))
-    jinja = jinja.replace("HEADER_CLOSE", json.dumps(tail.replace("{{", "{").replace("}}", "}")))
-    return jinja + template
+    return _TOOL_FORM_JINJA.replace("HEADER_OPEN", json.dumps(_HEADER_OPEN)).replace("HEADER_CLOSE", json.dumps(_HEADER_CLOSE)) + template

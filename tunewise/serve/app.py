@@ -409,15 +409,13 @@ class ToolRequest:
 
         if self.mode == "none":
             return {"role": "assistant", "content": text}, finish
-        calls, rest = parse_calls(text), TOOL_CALL.sub("", text).strip() or None
-        valid = []
-        for c in calls[: None if self.parallel else 1]:  # decoded under the call grammar, so each is valid unless cut off
+        rest, calls = TOOL_CALL.sub("", text).strip() or None, []
+        for c in parse_calls(text)[: None if self.parallel else 1]:  # decoded under the call grammar, so each is valid unless cut off
             try:
                 check_call(c["name"], c["arguments"], self.tools, "call")
-                valid.append(c)
+                calls.append(c)
             except (ToolError, TypeError):
                 pass
-        calls = valid
         if not calls:  # auto: the model answered in text; required or named: cut off (length) before a call was complete
             return {"role": "assistant", "content": text}, finish
         return ({"role": "assistant", "content": rest, "tool_calls": [
