@@ -3,6 +3,7 @@ against hand-made answers, the function schemas converted, and `tunewise eval --
 
 import json
 
+import pytest
 
 from tunewise.eval import bfcl
 
@@ -87,3 +88,41 @@ def test_bfcl_with_a_variants_tool_choice_holds_every_call_to_the_items_function
                 jsonschema.validate(args, schemas[name])
                 seen += 1
     assert seen >= 2, seen
+
+
+def test_a_few_shot_variant_puts_training_exchanges_before_the_question_and_keeps_the_functions_its_own(tmp_path, tiny_model):
+    """kind few-shot: k training conversations' first question and the calls that answered it (text form) come before
+    the BFCL question; the system turn lists the question's functions only. A project whose data has no tools is refused."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+    from tunewise.config import load_config
+
+    from tests.test_tools import good
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(good(i)) + "\n" for i in range(30)))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({
+        "project": "tools", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_model)},
+        "data": {"format": "openai", "train": "train.jsonl", "max_length": 512, "clean": {"near_dedup": False, "pii": False}},
+        "evaluation": {"variants": [{"name": "fs", "kind": "few-shot", "k": 2, "selection": "random"}]}}))
+    cfg = load_config(tmp_path / "t.yaml")
+    item = bfcl.load("simple_python", 1)[0]
+    shots = bfcl.shots_for(cfg, cfg.evaluation.variants[0], [item])[0]
+    conv = bfcl.prompt_of(item, None, shots)
+    assert [m["role"] for m in conv] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert conv[1]["content"].startswith("Weather in Paris") and conv[2]["content"].startswith('<tool_call>\n{"name": "get_weather"')
+    assert item["function"][0]["name"] in conv[0]["content"] and "get_weather" not in conv[0]["content"]
+    assert conv[-1]["content"] == item["question"][0][-1]["content"]
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "t.yaml"), "-v", "fs", "--suite", "bfcl", "--categories", "simple_python",
+                                 "--samples", "2", "--max-new-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "runs" / "tools" / "eval" / "bfcl" / "fs" / "summary.json").read_text())["categories"]["simple_python"]["n"] == 2
+
+
+def test_a_few_shot_variant_on_data_without_tools_is_refused(tiny_project):
+    from tunewise.config import load_config
+
+    cfg = load_config(tiny_project(), ["evaluation.variants=[{name: fs, kind: few-shot, selection: random}]"])
+    with pytest.raises(bfcl.BfclError, match="few-shot draws its examples from the training split, and none of it calls tools"):
+        bfcl.shots_for(cfg, cfg.evaluation.variants[0], bfcl.load("simple_python", 1))

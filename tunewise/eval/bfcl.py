@@ -93,13 +93,45 @@ def load(category: str, samples: int | None = None, seed: int = 0) -> list[dict]
     return items
 
 
-def prompt_of(item: dict, system: str | None) -> list[dict]:
+def prompt_of(item: dict, system: str | None, shots: list[dict] | None = None) -> list[dict]:
+    """The question's turns with its functions in the system turn; shots (a few-shot variant's examples, text-form
+    user/assistant turns from the training split) go before the question."""
     from ..data.tools import render_text
 
     turns = [{"role": m["role"], "content": m["content"]} for m in item["question"][0]]
     if system and not (turns and turns[0]["role"] == "system"):
         turns = [{"role": "system", "content": system}, *turns]
+    if shots:
+        at = 1 if turns and turns[0]["role"] == "system" else 0
+        turns = [*turns[:at], *shots, *turns[at:]]
     return render_text(turns, tools_of(item["function"]))
+
+
+def shots_for(cfg, variant, items: list[dict]) -> list[list[dict]]:
+    """A few-shot variant's examples for each question: k training conversations with tools, nearest by their question
+    (or a seeded draw, `selection`), each as its question and the answer that followed it (the calls, in the text form
+    training uses). Their functions are not added to the question's: the shots show the form, and the question's own
+    functions are the only ones it may call."""
+    from ..data.prepare import ensure_prepared
+    from ..data.records import Record
+    from ..models import load_tokenizer
+    from .evaluate import select_shots
+
+    prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name, cfg.data.template_kwargs))
+    pool = [r for r in prepared.splits["train"] if (r.meta or {}).get("tools") and _exchange(r)]
+    if not pool:
+        raise BfclError(f"variant {variant.name}: few-shot draws its examples from the training split, and none of it calls tools")
+    asked = [Record(messages=[{"role": "user", "content": it["question"][0][-1]["content"]}], source=it["id"]) for it in items]
+    return [[turn for r in chosen for turn in _exchange(r)] for chosen in select_shots(pool, asked, variant.k, variant.selection)]
+
+
+def _exchange(r) -> list[dict]:
+    """A conversation's first question and the assistant turn that answered it (its calls, or text), or [] if none."""
+    msgs = r.messages
+    i = next((k for k, m in enumerate(msgs) if m["role"] == "user"), None)
+    if i is None or i + 1 >= len(msgs) or msgs[i + 1]["role"] != "assistant":
+        return []
+    return [{"role": "user", "content": msgs[i]["content"]}, {"role": "assistant", "content": msgs[i + 1]["content"]}]
 
 
 def judge(item: dict, category: str, text: str) -> tuple[bool, list, str | None]:
@@ -142,8 +174,8 @@ def run_bfcl(cfg, variant, categories=CATEGORIES, samples: int | None = None, ma
     summary.json under <run>/eval/bfcl/<variant>/."""
     from .evaluate import Engines
 
-    if variant.kind not in ("base", "fine-tuned"):
-        raise BfclError(f"variant {variant.name}: the BFCL suite scores a local model (kind base or fine-tuned), not {variant.kind}")
+    if variant.kind not in ("base", "few-shot", "fine-tuned"):
+        raise BfclError(f"variant {variant.name}: the BFCL suite scores a local model (kind base, few-shot or fine-tuned), not {variant.kind}")
     engines = Engines(cfg)
     eng, adapter, model_id = engines.get(variant)
     out = (out_root or cfg.run_dir / "eval" / "bfcl") / variant.name
@@ -155,7 +187,8 @@ def run_bfcl(cfg, variant, categories=CATEGORIES, samples: int | None = None, ma
         t0 = time.time()
         on_batch = (lambda d, t: progress(f"bfcl {category}: {d}/{t}" + rate_and_eta(d, t, time.time() - t0))) if progress else None
         grammars = call_grammars(eng, items, variant.tool_choice)
-        outs = eng.generate([prompt_of(it, system) for it in items], max_new_tokens=max_new_tokens, batch_size=cfg.evaluation.batch_size,
+        shots = shots_for(cfg, variant, items) if variant.kind == "few-shot" else [None] * len(items)
+        outs = eng.generate([prompt_of(it, system, sh) for it, sh in zip(items, shots)], max_new_tokens=max_new_tokens, batch_size=cfg.evaluation.batch_size,
                             adapter=adapter, on_batch=on_batch, grammar=grammars)
         rows, scores = [], []
         for k, (it, o) in enumerate(zip(items, outs)):
