@@ -490,14 +490,21 @@ def test_streamed_tool_calls_equal_non_streamed_and_bad_tool_requests_are_400s(t
     tools = [WEATHER, FREEZE]
     msgs = [{"role": "user", "content": "Freeze my card 4"}]
     whole = c.chat.completions.create(model="base", messages=msgs, tools=tools, tool_choice="required", max_tokens=64, temperature=0)
-    calls = {}
-    finish = None
+    calls, pieces, finish = {}, 0, None
     for chunk in c.chat.completions.create(model="base", messages=msgs, tools=tools, tool_choice="required", max_tokens=64, temperature=0,
                                            stream=True):
-        for d in chunk.choices[0].delta.tool_calls or []:
-            calls[d.index] = (d.function.name, json.loads(d.function.arguments))
+        for d in chunk.choices[0].delta.tool_calls or []:  # as OpenAI streams a call: id and name first, then pieces of the arguments
+            if d.id is not None:
+                assert d.index not in calls and d.function.name and d.function.arguments == ""
+                calls[d.index] = [d.id, d.function.name, ""]
+            else:
+                assert d.function.name is None
+                calls[d.index][2] += d.function.arguments
+                pieces += 1
         finish = chunk.choices[0].finish_reason or finish
-    assert list(calls.values()) == _valid_calls(whole.choices[0].message, tools) and finish == "tool_calls"
+    assert [(n, a) for _, n, a in calls.values()] == [(x.function.name, x.function.arguments) for x in whole.choices[0].message.tool_calls]
+    assert finish == whole.choices[0].finish_reason == "tool_calls" and pieces > len(calls)  # arguments arrive as they decode
+    assert [(n, json.loads(a)) for _, n, a in calls.values()] == _valid_calls(whole.choices[0].message, tools)
     for kwargs, message in [({"tool_choice": {"type": "function", "function": {"name": "launch"}}}, "tool_choice: function 'launch' is not one of tools"),
                             ({"tool_choice": "sometimes"}, "tool_choice: 'sometimes'"),
                             ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, r"tools\[0\]: expected a function with a name")]:

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import ProjectConfig
 from ..engine import ChoiceError
 from .batcher import Batcher, Call, Job, QueueFull
+from .toolstream import CallStream
 
 log = logging.getLogger("tunewise.access")
 MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(:(production|[0-9]{1,9}))?(\+kb)?$")
@@ -369,6 +370,7 @@ class ToolRequest:
             raise ApiError(400, str(e), code="invalid_tools") from None
         names = [t["function"]["name"] for t in self.tools]
         self.parallel = extra.get("parallel_tool_calls", True) is not False
+        self.held = False  # decoded under the call grammar: every block is a call in the form, so calls stream as they decode
         if isinstance(choice, dict):
             name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
             if name not in names:
@@ -403,24 +405,26 @@ class ToolRequest:
         return "tool_choice", ("structural_tag", call_grammar(self.tools, self.names[0] if self.mode == "named" else self.mode, self.parallel))
 
     def shape(self, text: str, finish: str) -> tuple[dict, str]:
-        """The assistant message and finish reason of one answer: tool_calls with ids where the answer holds valid calls."""
+        """The assistant message and finish reason of one answer: tool_calls with ids where the answer holds calls of the
+        tools (serve/toolstream.py reads them; CallStream streams the same message)."""
         from ..data.tools import ToolError, check_call
-        from ..metrics import TOOL_CALL, parse_calls
+        from .toolstream import calls_of
 
         if self.mode == "none":
             return {"role": "assistant", "content": text}, finish
-        rest, calls = TOOL_CALL.sub("", text).strip() or None, []
-        for c in parse_calls(text)[: None if self.parallel else 1]:  # decoded under the call grammar, so each is valid unless cut off
+
+        def valid(name: str, args) -> bool:
             try:
-                check_call(c["name"], c["arguments"], self.tools, "call")
-                calls.append(c)
+                check_call(name, args, self.tools, "call")
+                return True
             except (ToolError, TypeError):
-                pass
-        if not calls:  # auto: the model answered in text; required or named: cut off (length) before a call was complete
+                return False
+
+        calls, rest, cut = calls_of(text, valid)
+        calls = calls[: None if self.parallel else 1]
+        if not calls:  # auto: the model answered in text; required or named: cut off (length) before a call's name
             return {"role": "assistant", "content": text}, finish
-        return ({"role": "assistant", "content": rest, "tool_calls": [
-            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
-            for c in calls]}, "tool_calls")
+        return {"role": "assistant", "content": rest, "tool_calls": calls}, finish if cut is not None and cut < len(calls) else "tool_calls"
 
 
 def chat_conversation(models: Models, turns: list[dict], rag: bool, tok):
@@ -469,7 +473,7 @@ async def chat(req: ChatRequest, request: Request):
         if constraint is not None and tools.mode != "auto":
             raise ApiError(400, f"tool_choice {tools.mode} and {constraint[0]}: give one constraint per request", code="unsupported_structured_output")
         if constraint is None:  # under auto with response_format (or another constraint), the answer is held to that instead
-            constraint = tools.constraint()
+            constraint, tools.held = tools.constraint(), True
     return await _respond(request, req, prepare, "chat.completion", extra, constraint, logged=(turns, _version(models, entry)),
                           shape=tools.shape if tools is not None else None)
 
@@ -562,7 +566,8 @@ async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, c
     field, (ckind, cvalue) = choices if choices else (None, (None, None))
     job = Job(prepare=prepare, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop, group=req.model, seed=req.seed,
               choices=cvalue if ckind == "choices" else None, grammar=(ckind, cvalue) if ckind not in (None, "choices") else None)
-    if req.stream and shape is None:  # a tool call is sent whole, once decoded (as tool_calls deltas)
+    calls_stream = shape is not None and getattr(shape.__self__, "held", False)  # else a tool answer is sent whole, once decoded
+    if req.stream and (shape is None or calls_stream):
         job.on_token = lambda k, ids: loop.call_soon_threadsafe(queue_.put_nowait, (k, list(ids)))
     try:
         fut = request.app.state.batcher.submit(job)
@@ -581,7 +586,7 @@ async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, c
         if plog is not None and logged is not None:
             plog.log_error(rid, req.model, logged[1], kind, error, time.perf_counter() - t0)
 
-    if not req.stream or shape is not None:
+    if not req.stream or (shape is not None and not calls_stream):
         try:
             outs = await asyncio.wait_for(afut, s.request_timeout_s)
         except asyncio.TimeoutError:
@@ -607,22 +612,25 @@ async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, c
         await asyncio.to_thread(write_log, outs)
         result = {"id": rid, "object": kind, "created": created, "model": req.model, "choices": choices, "usage": usage,
                   **extra(outs[0].text if outs else "")}
-        if req.stream:  # tool requests stream the finished answer as OpenAI's deltas
+        if req.stream:  # tool requests decoded freely stream the finished answer as OpenAI's deltas
             return StreamingResponse(_stream_whole(result), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return result
-    return StreamingResponse(_stream(req, job, afut, queue_, rid, created, kind, stop, extra, s.request_timeout_s, write_log),
+    return StreamingResponse(_stream(req, job, afut, queue_, rid, created, kind, stop, extra, s.request_timeout_s, write_log, shape),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
-async def _stream(req, job, afut, queue_, rid, created, kind, stop, extra, timeout_s: float, write_log=None):
+async def _stream(req, job, afut, queue_, rid, created, kind, stop, extra, timeout_s: float, write_log=None, shape=None):
+    """Server-sent chunks as the answer decodes. shape: a tool request held to its call grammar, whose calls stream as
+    OpenAI's tool_calls deltas (serve/toolstream.CallStream) and end as shape() makes the finished message."""
     obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
     emitted = [""] * req.n
     hold = max((len(x) for x in stop), default=0)
     tok = None
+    calls = [CallStream() for _ in range(req.n)] if shape is not None else None
 
-    def chunk(i, delta: str | None, finish=None, **more):
+    def chunk(i, delta: str | dict | None, finish=None, **more):
         if kind == "chat.completion":
-            d = {} if delta is None else {"content": delta}
+            d = delta if isinstance(delta, dict) else {} if delta is None else {"content": delta}
             if delta == "" and finish is None:
                 d = {"role": "assistant", "content": ""}
             c = {"index": i, "delta": d, "finish_reason": finish, "logprobs": None}
@@ -650,7 +658,10 @@ async def _stream(req, job, afut, queue_, rid, created, kind, stop, extra, timeo
             if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
                 continue
             safe = len(text) - hold
-            if safe > len(emitted[k]) and text.startswith(emitted[k]):
+            if calls is not None:
+                for d in calls[k].feed(text[:safe]):
+                    yield chunk(k, d)
+            elif safe > len(emitted[k]) and text.startswith(emitted[k]):
                 yield chunk(k, text[len(emitted[k]) : safe])
                 emitted[k] = text[:safe]
         try:
@@ -661,12 +672,16 @@ async def _stream(req, job, afut, queue_, rid, created, kind, stop, extra, timeo
         if write_log:
             await asyncio.to_thread(write_log, outs)
         for i, o in enumerate(outs):  # the rest, with stop strings cut: exactly the non-streamed text
-            rest = o.text[len(emitted[i]):] if o.text.startswith(emitted[i]) else ""
-            if rest:
-                yield chunk(i, rest)
+            finish = o.finish_reason
+            if calls is not None:
+                message, finish = shape(o.text, o.finish_reason)
+                for d in calls[i].finish(message):
+                    yield chunk(i, d)
+            elif o.text.startswith(emitted[i]) and o.text[len(emitted[i]):]:
+                yield chunk(i, o.text[len(emitted[i]):])
             usage = {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
                      "total_tokens": o.prompt_tokens + o.completion_tokens}
-            yield chunk(i, None, o.finish_reason, usage=usage, **(extra(o.text) if i == 0 else {}))
+            yield chunk(i, None, finish, usage=usage, **(extra(o.text) if i == 0 else {}))
         yield "data: [DONE]\n\n"
     except asyncio.CancelledError:  # the client went away: stop streaming; the batch it shared goes on
         job.cancelled = True
