@@ -244,3 +244,47 @@ def test_qlora_finds_its_targets_and_trains_only_the_adapters_per_family(family,
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], v) for n, v in frozen.items()), f"{family}: a frozen weight moved"
     assert any(not torch.equal(after[n], v) for n, v in trainable.items() if "lora_A" in n), f"{family}: no adapter weight moved"
+
+
+def test_a_model_without_a_piece_or_an_adapter_on_another_base_is_a_clear_error_before_any_file(smol_tokenizer, tmp_path):
+    """Bad input, each named: a decoder without its rotary embedding takes the plain path and says so; a tokenizer with no
+    chat template is refused; an adapter trained on one base and pointed at another (Llama-shaped, then Qwen3 with
+    head_dim 32: its q and k projections are twice as wide) is refused by the engine and by export, vLLM and GGUF, before any
+    file is written."""
+    import json
+
+    from tunewise.engine import Engine
+    from tunewise.models import ModelError, load_tokenizer
+    from tunewise.serve.export import ExportError, export_gguf, export_model
+    from tunewise.train.methods import apply_method
+    from tunewise.config import TrainConfig
+
+    model = build("llama3", smol_tokenizer)
+    del model.model.rotary_emb
+    assert "rotary_emb" in fast_path_reason(model)
+
+    bare = tmp_path / "bare"
+    smol_tokenizer.save_pretrained(bare)
+    cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in bare.glob("chat_template.*"):
+        f.unlink()
+    with pytest.raises(ModelError, match="tokenizer has no chat template"):
+        load_tokenizer(str(bare))
+
+    base = _saved_family("llama3", smol_tokenizer, tmp_path / "llama")
+    adapter = tmp_path / "adapter"
+    apply_method(base, TrainConfig(method="lora")).save_pretrained(adapter)
+    smol_tokenizer.save_pretrained(adapter)
+    _saved_family("qwen3", smol_tokenizer, tmp_path / "qwen3")
+    (adapter / "tunewise.json").write_text(json.dumps({"base_model": str(tmp_path / "qwen3")}))
+    misfit = r"adapter does not fit the base model .*qwen3 \(trained on another base\?\): its model\.layers\.\d\.self_attn\.[qk]_proj gives \d+ outputs, the model's takes 64 and gives \d+"
+    with pytest.raises(ModelError, match=misfit):
+        Engine.load(str(tmp_path / "qwen3"), str(adapter), device="cpu", dtype="float32")
+    for export in (lambda out: export_model(adapter, out, "x:1"), lambda out: export_gguf(adapter, out, "x:1", pre="smollm")):
+        with pytest.raises(ExportError, match=misfit):
+            export(tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    (adapter / "tunewise.json").write_text(json.dumps({"base_model": str(tmp_path / "llama")}))
+    assert Engine.load(str(tmp_path / "llama"), str(adapter), device="cpu", dtype="float32").adapters == ["default"]  # its own base fits

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -248,6 +249,46 @@ def load_model(ref: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "aut
     if dt == torch.float64:
         norms_in_float64(model)
     return Loaded(model=model, tokenizer=load_tokenizer(ref, chat_kwargs), path=path, device=dev, dtype=dt)
+
+
+ADAPTER_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight$")
+
+
+def adapter_misfit(model: torch.nn.Module, adapter_dir: str | Path) -> str | None:
+    """Why a PEFT adapter does not fit a model (trained on another base: a module it adapts is missing there, or of
+    another shape), or None. Reads the adapter's tensor shapes only; the model may be on the meta device."""
+    from safetensors import safe_open
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    mods = dict(base.named_modules())
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():
+            m = ADAPTER_KEY.match(key)
+            if m is None:
+                continue
+            path, ab = m.groups()
+            mod = mods.get(path)
+            if mod is None or not hasattr(mod, "in_features"):
+                return f"it adapts {path}, which this model does not have as a linear layer"
+            shape = tuple(f.get_slice(key).get_shape())
+            want = (shape[1], None) if ab == "A" else (None, shape[0])  # lora_A: (r, in); lora_B: (out, r)
+            have = (mod.in_features, mod.out_features)
+            if want[0] not in (None, have[0]) or want[1] not in (None, have[1]):
+                return (f"its {path} takes {shape[1]} inputs" if ab == "A" else f"its {path} gives {shape[0]} outputs") + \
+                    f", the model's takes {have[0]} and gives {have[1]}"
+    return None
+
+
+def check_adapter_fits(base_ref: str, adapter_dir: str | Path) -> None:
+    """Raise ModelError, naming both, when an adapter was not trained on this base (built on the meta device: no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        shell = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(base_ref)))
+    why = adapter_misfit(shell, adapter_dir)
+    if why:
+        raise ModelError(f"{adapter_dir}: the adapter does not fit the base model {base_ref} (trained on another base?): {why}")
 
 
 def tiny_model_dir(out_dir: str | Path, base: str = DEFAULT_MODEL, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import Loaded, load_model, render_chat, stop_ids
+from ..models import Loaded, adapter_misfit, load_model, render_chat, stop_ids
 from .constraints import (GRAMMAR_KINDS, MAX_CHOICES, ChoiceError, Grammar, GrammarRows, LabelTrie, TrieRows,
                           check_choices)
 from .cpu import pack_linears
@@ -74,6 +74,11 @@ class Engine:
     def add_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
 
+        from ..models import ModelError
+
+        why = adapter_misfit(self.model, path)
+        if why:
+            raise ModelError(f"{path}: the adapter does not fit the base model {self.loaded.path} (trained on another base?): {why}")
         if not self.adapters:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
         else:

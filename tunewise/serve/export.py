@@ -39,11 +39,18 @@ def _merged(model_dir: Path, base_ref: str, adapter_dir: str | None):
     from peft import PeftModel
 
     loaded = load_model(base_ref, device="cpu", dtype="float32")
-    try:
-        return PeftModel.from_pretrained(loaded.model, adapter_dir).merge_and_unload()
-    except RuntimeError as e:  # a size mismatch: the adapter was trained on another base
-        raise ExportError(f"{adapter_dir}: the adapter does not fit the base model {base_ref} it names (trained on another base?): "
-                          f"{str(e).splitlines()[0][:200]}") from None
+    return PeftModel.from_pretrained(loaded.model, adapter_dir).merge_and_unload()
+
+
+def _check_fit(base_ref: str, adapter_dir: str | None) -> None:
+    """An adapter trained on another base than the one it names: an ExportError before any file is written."""
+    from ..models import ModelError, check_adapter_fits
+
+    if adapter_dir is not None:
+        try:
+            check_adapter_fits(base_ref, adapter_dir)
+        except ModelError as e:
+            raise ExportError(str(e)) from None
 
 
 def export_gguf(model_dir: Path, out: Path, name: str, quant: str = "f16", pre: str | None = None, ollama: bool = False) -> ExportResult:
@@ -56,6 +63,7 @@ def export_gguf(model_dir: Path, out: Path, name: str, quant: str = "f16", pre: 
 
     model_dir, out = Path(model_dir), Path(out)
     base_ref, adapter_dir = model_ref_of(model_dir)  # a full model's base_ref is its own directory
+    _check_fit(base_ref, adapter_dir)
     tok = load_tokenizer(str(model_dir) if (model_dir / "tokenizer_config.json").exists() else base_ref)
     config = AutoConfig.from_pretrained(resolve_model(base_ref))
     meta = json.loads((model_dir / "tunewise.json").read_text()) if (model_dir / "tunewise.json").exists() else {}
@@ -88,8 +96,9 @@ def export_model(model_dir: Path, out: Path, name: str, merge: bool = True, adap
     from ..models import load_model, load_tokenizer, resolve_model
 
     model_dir, out = Path(model_dir), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     base_ref, adapter_dir = model_ref_of(model_dir)
+    _check_fit(base_ref, adapter_dir)
+    out.mkdir(parents=True, exist_ok=True)
     base_path = resolve_model(base_ref)
     done = ExportResult(source=str(model_dir), base_model=base_ref, name=name)
     lora_name = name.replace(":", "-")
