@@ -44,6 +44,8 @@ def test_init_tells_format_and_columns_from_the_file_and_sets_nothing_else(tmp_p
     assert r.exit_code == 0 and "tool-call metrics" in r.output
     cfg = load_config(tmp_path / "t.yaml")
     assert (cfg.evaluation.metrics[0], cfg.goal.metric, cfg.data.max_length) == ("tool_calls_exact", "tool_calls_exact", 1024)
+    assert [(v.name, v.kind, v.tool_choice) for v in cfg.evaluation.variants] == [
+        ("base", "base", None), ("few-shot", "few-shot", None), ("fine-tuned", "fine-tuned", None), ("fine-tuned-held", "fine-tuned", "auto")]
     assert cfg.training.model_fields_set == set()
 
 

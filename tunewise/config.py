@@ -632,8 +632,11 @@ def _yaml_with_comments(model: type[BaseModel], values: dict, chosen: dict, inde
             continue
         if field.description:
             out.append(f"{pad}# {field.description}")
-        if isinstance(value, list) and value and isinstance(value[0], dict):  # lists of sections: block style
-            block = yaml.safe_dump({name: value}, default_flow_style=False, sort_keys=False).rstrip().splitlines()
+        if isinstance(value, list) and value and isinstance(value[0], dict):  # lists of sections: one line each, defaults left out
+            elem = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            fields = elem.model_fields if elem else {}
+            items = [{k: v for k, v in item.items() if k not in fields or fields[k].is_required() or v != fields[k].default} for item in value]
+            block = [f"{name}:"] + [f"  - {yaml.safe_dump(item, default_flow_style=True, sort_keys=False, width=1000).strip()}" for item in items]
         else:
             dumped = yaml.safe_dump({name: value}, default_flow_style=True, width=1000).strip()
             block = [dumped[1:-1] if dumped.startswith("{") else dumped]
@@ -745,12 +748,15 @@ def starter(data_path: str = "data/train.jsonl", fmt: str | None = None, base_di
                          f"(header: {', '.join(columns_found) or 'empty'}); set data.columns.user and data.columns.assistant.")
     raw: dict = {"data": data}
     if fmt in ("openai", "sharegpt") and _has_tool_use(file):  # scored on the calls, not on the text around them
-        raw["evaluation"] = {"metrics": ["tool_calls_exact", "tool_call_names", "tool_args_f1"]}
+        held = VariantConfig(name="fine-tuned-held", kind="fine-tuned", tool_choice="auto")
+        raw["evaluation"] = {"metrics": ["tool_calls_exact", "tool_call_names", "tool_args_f1"],
+                             "variants": [v.model_dump(mode="json", exclude_defaults=True) for v in [*_default_variants(), held]]}
         raw["goal"] = {"metric": "tool_calls_exact"}
         data["max_length"] = 1024
-        chosen["evaluation"], chosen["goal"], chosen["data"]["max_length"] = {"metrics": None}, {"metric": None}, None
+        chosen["evaluation"], chosen["goal"], chosen["data"]["max_length"] = {"metrics": None, "variants": None}, {"metric": None}, None
         notes.append("# evaluation.metrics, goal.metric: tool-call metrics; data.max_length: 1024, room for the tools' "
-                     "schemas in the prompt (the records call tools).")
+                     "schemas in the prompt (the records call tools); evaluation.variants: fine-tuned-held besides the "
+                     "defaults, the fine-tune with its calls held to the tools' schemas as `serve` decodes them.")
     objective = OBJECTIVE_OF_FORMAT.get(fmt)
     if objective:  # training on the chosen answers alone (sft) would waste the file's rejected side
         raw["training"], chosen["training"] = {"objective": objective}, {"objective": None}
