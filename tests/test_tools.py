@@ -306,3 +306,35 @@ def test_one_template_training_evaluation_serve_runtimes_and_gguf_render_a_tool_
     changed = with_tool_form(base.chat_template).replace('\', "arguments": \'', '\', "args": \'')
     assert changed != with_tool_form(base.chat_template)
     assert ids(base, raw["messages"][:-1], tools=raw["tools"], chat_template=changed) != training
+
+
+def test_the_same_question_with_other_tools_is_not_a_near_duplicate(tmp_path, tiny_model):
+    """A question asked with the tool that answers it and again without it (Hammer's irrelevance augmentation: the answer
+    is then no call) are two tasks: near-duplicate removal compares prompts within one tool set only, so both are kept;
+    a question repeated with the same tools and one word changed is still dropped."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunewise.cli import app
+
+    questions = ["What is the weather like in Paris this morning, in celsius please?", "Tell me whether it is raining in Lisbon right now.",
+                 "How cold does Oslo get tonight? I am packing for a trip.", "Is it sunny in Madrid today or should I take an umbrella?"]
+    rows = []
+    for i, q in enumerate(questions):
+        rec = good(i)
+        rec["messages"][0]["content"] = q
+        rows.append(rec)
+        rows.append({"tools": [FREEZE], "messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": "None of my functions can do that: I can only use freeze_card."}]})
+    twin = good(9)
+    twin["messages"][0]["content"] = questions[0].replace("morning", "evening")
+    rows.append(twin)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"project": "tools", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_model)},
+                                                     "data": {"format": "openai", "train": "train.jsonl", "max_length": 512,
+                                                              "clean": {"pii": False, "near_dup_threshold": 0.7}}}))
+    r = CliRunner().invoke(app, ["data", "prepare", str(tmp_path / "t.yaml")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "runs" / "tools" / "data" / "summary.json").read_text())
+    assert summary["cleaning"]["steps"]["near_dedup"]["dropped"] == 1  # the twin, not the questions asked without their tool
+    assert sum(summary["outputs"][s]["records"] for s in ("train", "validation", "test")) == 8

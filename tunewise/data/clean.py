@@ -198,12 +198,12 @@ def quality_scores(records: list[Record], neighbour_threshold: float = 0.6, nll=
     """
     import numpy as np
 
-    from .minhash import NearDupIndex, batch_shingle_hashes
+    from .minhash import NearDupIndex, prompt_shingles
     from .split import label_ids
 
     if not records:
         return []
-    flat, off = batch_shingle_hashes([r.prompt_key for r in records])
+    flat, off = prompt_shingles(records)
     sigs = NearDupIndex(neighbour_threshold, QUALITY_PERM).signatures(flat, off)
     labels = label_ids([r.label for r in records])[0] if any(r.label is not None for r in records) else None
     return quality_from_signals(np.array([len(r.answer.split()) for r in records]), np.array([len(r.prompt_key.split()) for r in records]),

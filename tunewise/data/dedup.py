@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .minhash import batch_shingle_hashes
+from .minhash import prompt_shingles
 from .records import Record
 
 
@@ -93,7 +93,7 @@ class ShingleSets:
 
     def get(self, i: int) -> np.ndarray:
         if self._off[i] < 0:
-            flat, _ = batch_shingle_hashes([self.spool.get(i).prompt_key])
+            flat, _ = prompt_shingles([self.spool.get(i)])
             self.put(i, np.unique(flat))
         return np.frombuffer(os.pread(self._fd, int(self._len[i]) * 4, int(self._off[i])), dtype=np.uint32)
 
@@ -164,7 +164,7 @@ def near_dedup(pos: np.ndarray, keys: np.ndarray, spool: Spool, threshold: float
     dropped = []
     for s in range(0, len(cand), chunk):
         recs = spool.records(cand[s : s + chunk])
-        flat, off = batch_shingle_hashes([r.prompt_key for r in recs])
+        flat, off = prompt_shingles(recs)
         block_sigs = None if sigs is None else np.asarray(sigs[cand[s : s + chunk]])
         for t, r in enumerate(recs):
             i, bs = int(cand[s + t]), bucket[s + t]

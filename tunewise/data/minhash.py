@@ -39,9 +39,17 @@ def _finalise(h: np.ndarray) -> np.ndarray:
     return h >> np.uint64(32)
 
 
-def batch_shingle_hashes(texts: list[str], k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def prompt_shingles(records) -> tuple[np.ndarray, np.ndarray]:
+    """batch_shingle_hashes of records' prompts (prompt_key), each salted with its record's tool set (shingle_salt):
+    the same question asked with other tools is another task, so it shares no shingle with it (never a near-duplicate),
+    while records without tools hash as before."""
+    return batch_shingle_hashes([r.prompt_key for r in records], salts=[r.shingle_salt for r in records])
+
+
+def batch_shingle_hashes(texts: list[str], k: int = 5, salts: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """shingle_hashes for many texts in a few numpy operations: (flat hashes, offsets); text i owns
-    flat[offsets[i]:offsets[i + 1]] (not deduplicated: the minimum does not care)."""
+    flat[offsets[i]:offsets[i + 1]] (not deduplicated: the minimum does not care). salts: a number per text added to
+    its shingles before the finaliser (0 changes nothing)."""
     blobs = [" ".join(_WORD.findall(t.lower())).encode("utf-8").ljust(k, b"\0") for t in texts]
     lens = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs))
     arr = np.frombuffer(b"".join(blobs), dtype=np.uint8).astype(np.uint64)
@@ -50,7 +58,10 @@ def batch_shingle_hashes(texts: list[str], k: int = 5) -> tuple[np.ndarray, np.n
     h = sliding_window_view(arr, k) @ (np.uint64(257) ** np.arange(k - 1, -1, -1, dtype=np.uint64))
     offsets = np.concatenate([[0], np.cumsum(counts)])
     pos = np.repeat(starts - offsets[:-1], counts) + np.arange(offsets[-1])  # window starts inside each text
-    return _finalise(h[pos]), offsets
+    h = h[pos]
+    if salts is not None and any(salts):
+        h = h + np.repeat(np.array(salts, dtype=np.uint64), counts)  # wraps around mod 2^64, as the hashes do
+    return _finalise(h), offsets
 
 
 @lru_cache(maxsize=64)

@@ -118,7 +118,7 @@ class _Columns:
         import hashlib
 
         from .clean import repetition
-        from .minhash import batch_shingle_hashes
+        from .minhash import prompt_shingles
 
         if not records:
             return
@@ -133,7 +133,7 @@ class _Columns:
         col["aw"].append(np.array([len(r.answer.split()) for r in records], dtype=np.int32))
         col["pw"].append(np.array([len(r.prompt_key.split()) for r in records], dtype=np.int32))
         col["rep"].append(np.array([1.0 - (known.pop(id(r)) if id(r) in known else repetition(r.answer)) for r in records]))
-        flat, off = batch_shingle_hashes([r.prompt_key for r in records])
+        flat, off = prompt_shingles(records)
         sigs = self.index.signatures(flat, off)
         col["keys"].append(self.index.band_keys(sigs))
         qsigs = sigs if self.quality_index is self.index else self.quality_index.signatures(flat, off)

@@ -39,6 +39,17 @@ class Record:
         text = "\n".join(m["content"] for m in self.messages if m["role"] == "user") or self.answer  # a raw document: its text
         return re.sub(r"\s+", " ", text).strip().lower()
 
+    @cached_property
+    def shingle_salt(self) -> int:
+        """0 for a record without tools; else a number from its tools' names (minhash.prompt_shingles): near-duplicate
+        prompts are compared within one tool set only."""
+        names = sorted(t.get("function", {}).get("name", "") for t in (self.meta or {}).get("tools") or [] if isinstance(t, dict))
+        if not names:
+            return 0
+        import hashlib
+
+        return int.from_bytes(hashlib.blake2b("\x00".join(names).encode(), digest_size=8).digest(), "big") | 1
+
     @property
     def answer(self) -> str:
         return next(m["content"] for m in reversed(self.messages) if m["role"] == "assistant")
