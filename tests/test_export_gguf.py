@@ -192,3 +192,45 @@ def test_export_ollama_from_the_cli_after_training(tiny_project, tmp_path):
                                    "--gguf-pre", "smollm"])
     assert res.exit_code == 2 and "llama-quantize" in res.output and not (tmp_path / "x").exists()
     assert yaml.safe_load(path.read_text())  # the config is untouched
+
+
+def test_a_lora_adapter_is_written_as_llama_cpps_lora_gguf_that_adds_up_to_the_merged_one(tiny_model, tmp_path):
+    """Beside the merged GGUF, a LoRA model's adapter alone (llama.cpp's LoRA GGUF: general.type adapter, alpha,
+    <tensor>.lora_a/.lora_b): for every adapted weight, the base GGUF's tensor + alpha/r * B A equals the merged GGUF's,
+    within float32 rounding (sums of r = 8 products of ~1e-1 terms: 1e-5 holds with room, while a q/k tensor whose B is
+    not permuted as the weight is misses by ~1, tried once). A DoRA adapter gets no LoRA GGUF, with the reason."""
+    import gguf
+
+    from tunewise.config import TrainConfig
+    from tunewise.train.methods import apply_method
+
+    loaded = load_model(str(tiny_model), device="cpu", dtype="float32")
+    peft_model = apply_method(loaded.model, TrainConfig(method="lora"))
+    torch.manual_seed(3)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    loaded.tokenizer.save_pretrained(adapter)
+    (adapter / "tunewise.json").write_text(json.dumps({"base_model": str(tiny_model)}))
+    done = _export(adapter, tmp_path, "f32")
+    _export(tiny_model, tmp_path / "base", "f32")
+    assert done.lora_gguf is not None and "--lora" in done.commands["llama.cpp lora"]
+    read = lambda p: {t.name: np.array(t.data) for t in gguf.GGUFReader(str(p)).tensors}  # noqa: E731
+    lora_reader = gguf.GGUFReader(done.lora_gguf.path)
+    field = lambda k: lora_reader.fields[k].contents()  # noqa: E731
+    assert (field("general.type"), field("adapter.type")) == ("adapter", "lora")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    scale = field("adapter.lora.alpha") / cfg["r"]
+    lora, merged, base = read(done.lora_gguf.path), read(done.gguf.path), read(tmp_path / "base" / "out-f32" / "tiny-1-f32.gguf")
+    adapted = sorted(k[: -len(".lora_a")] for k in lora if k.endswith(".lora_a"))
+    assert len(adapted) == 2 * 7 and "blk.0.attn_q.weight" in adapted and "blk.1.ffn_down.weight" in adapted
+    for k in adapted:
+        a, b = lora[k + ".lora_a"], lora[k + ".lora_b"]
+        assert a.shape == (cfg["r"], base[k].shape[1]) and b.shape == (base[k].shape[0], cfg["r"])
+        assert np.abs(base[k] + scale * (b @ a) - merged[k]).max() < 1e-5, k
+    dora = json.loads((adapter / "adapter_config.json").read_text()) | {"use_dora": True}
+    (adapter / "adapter_config.json").write_text(json.dumps(dora))
+    again = _export(adapter, tmp_path / "dora", "f32")
+    assert again.lora_gguf is None and "DoRA" in again.lora_gguf_skipped

@@ -1044,6 +1044,10 @@ def export(
         g = done.gguf
         console.print(f"{g.path}: {g.arch}, {g.quant} ({', '.join(f'{n} {k}' for k, n in g.tensors.items())}), "
                       f"{g.bytes / 2**20:.1f} MiB; stops on {', '.join(done.stop_tokens)}", highlight=False)
+        if done.lora_gguf:
+            console.print(f"{done.lora_gguf.path}: the LoRA adapter alone, {done.lora_gguf.bytes / 2**20:.1f} MiB", highlight=False)
+        elif done.lora_gguf_skipped:
+            console.print(f"no LoRA GGUF: {done.lora_gguf_skipped}", highlight=False)
         written = "export.json" + (", Modelfile" if format_ == "ollama" else "")
     for k, v in done.commands.items():
         console.print(f"[bold]{k}:[/] {v}")

@@ -476,6 +476,8 @@ class ExportResult(Result):
     adapter: str | None = None  # vllm: the PEFT adapter directory
     merged: str | None = None  # vllm: the merged safetensors directory
     gguf: GgufFile | None = None  # gguf, ollama
+    lora_gguf: GgufFile | None = None  # gguf, ollama, from a LoRA: the adapter alone, for llama.cpp's --lora
+    lora_gguf_skipped: str | None = None  # why a LoRA adapter was not written as one (DoRA, ...)
     stop_tokens: list[str] = []
     modelfile: str | None = None  # ollama
     omit_none: ClassVar[bool] = True  # only what the format writes

@@ -80,6 +80,8 @@ def export_gguf(model_dir: Path, out: Path, name: str, quant: str = "f16", pre: 
     out.mkdir(parents=True, exist_ok=True)
     done = ExportResult(source=str(model_dir), base_model=base_ref, name=name, gguf=write_gguf(model, tok, path, plan, name, stops),
                         stop_tokens=tok.convert_ids_to_tokens(stops), commands={"llama.cpp": f"llama-server -m {shlex.quote(str(path))} --jinja"})
+    if adapter_dir is not None:
+        _lora_gguf(done, Path(adapter_dir), config, plan, name, out, source_gguf(origin))
     if text is not None:
         atomic_write_text(out / "Modelfile", text)
         done.modelfile = str(out / "Modelfile")
@@ -87,6 +89,21 @@ def export_gguf(model_dir: Path, out: Path, name: str, quant: str = "f16", pre: 
     atomic_write_json(out / "export.json", done.to_json())
     return done
 
+
+
+def _lora_gguf(done: ExportResult, adapter_dir: Path, config, plan, name: str, out: Path, base_gguf: Path | None) -> None:
+    """Beside the merged GGUF, the LoRA adapter alone as llama.cpp's LoRA GGUF (several adapters can share one base in
+    llama-server), or the reason it cannot be one."""
+    from .gguf_export import lora_refusal, write_lora_gguf
+
+    why = lora_refusal(json.loads((adapter_dir / "adapter_config.json").read_text()))
+    if why:
+        done.lora_gguf_skipped = why
+        return
+    path = out / f"{name.replace(':', '-')}-lora-f32.gguf"
+    done.lora_gguf = write_lora_gguf(adapter_dir, config, path, plan, name)
+    base = shlex.quote(str(base_gguf)) if base_gguf else "BASE.gguf"
+    done.commands["llama.cpp lora"] = f"llama-server -m {base} --lora {shlex.quote(str(path))} --jinja"
 
 
 def export_model(model_dir: Path, out: Path, name: str, merge: bool = True, adapter: bool = True) -> ExportResult:

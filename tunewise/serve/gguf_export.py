@@ -224,3 +224,68 @@ def write_gguf(model, tok, path: Path, plan: Plan, name: str, stop_ids: list[int
     w.close()
     tmp.replace(path)
     return GgufFile(path=str(path), arch=plan.arch, quant=plan.quant, pre=plan.pre, tensors=counts, bytes=path.stat().st_size)
+
+
+def lora_refusal(adapter_cfg: dict) -> str | None:
+    """Why a PEFT adapter cannot be written as a llama.cpp LoRA (which is W + alpha/r * B A on linear layers), or None."""
+    if adapter_cfg.get("use_dora"):
+        return "DoRA rescales each output column by a learned magnitude, which llama.cpp's LoRA does not (use the merged GGUF)"
+    if adapter_cfg.get("alpha_pattern"):
+        return "per-module lora_alpha (alpha_pattern): llama.cpp takes one alpha per adapter (use the merged GGUF)"
+    if adapter_cfg.get("modules_to_save"):
+        return f"fully trained modules ({', '.join(adapter_cfg['modules_to_save'])}) are not LoRA matrices (use the merged GGUF)"
+    return None
+
+
+def write_lora_gguf(adapter_dir: Path, config, path: Path, plan: Plan, name: str) -> GgufFile:
+    """A PEFT LoRA adapter as llama.cpp's LoRA GGUF (`llama-server -m BASE.gguf --lora FILE`): general.type adapter, its
+    alpha, and for each adapted weight its GGUF name (the same name map as the model) + .lora_a (r x in) and .lora_b
+    (out x r), in float32. For Llama-shaped q/k the rows of B are permuted as the weight's are (permuting (B A)'s rows is
+    permuting B's). rsLoRA's alpha/sqrt(r) is written as the alpha that gives it under llama.cpp's alpha/r."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    from ..models import ADAPTER_KEY
+
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    why = lora_refusal(cfg)
+    if why:
+        raise GGUFError(f"GGUF LoRA export: {why}")
+    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == plan.arch)
+    names = gguf.get_tensor_name_map(arch_enum, int(config.num_hidden_layers))
+    n_head = int(config.num_attention_heads)
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, t in load_file(str(Path(adapter_dir) / "adapter_model.safetensors")).items():
+        m = ADAPTER_KEY.match(key)
+        if m is None:
+            raise GGUFError(f"GGUF LoRA export: {key} is not a LoRA matrix (use the merged GGUF)")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = t.astype(np.float32)
+    alpha = float(cfg.get("lora_alpha", 8))
+    if cfg.get("use_rslora"):
+        alpha *= float(np.sqrt(cfg.get("r", 8)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    w = gguf.GGUFWriter(str(tmp), plan.arch)
+    w.add_name(name)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    for module, ab in sorted(pairs.items()):
+        gname = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        if gname is None or set(ab) != {"A", "B"}:
+            raise GGUFError(f"GGUF LoRA export: no GGUF name for {module} in llama.cpp's {plan.arch} map" if gname is None
+                            else f"GGUF LoRA export: {module} has lora_{'A' if 'A' not in ab else 'B'} missing")
+        b = ab["B"]
+        if plan.arch in PERMUTE_QK and module.endswith("self_attn.q_proj"):
+            b = _permute(b, n_head, n_head)
+        elif plan.arch in PERMUTE_QK and module.endswith("self_attn.k_proj"):
+            b = _permute(b, n_head, n_kv)
+        w.add_tensor(gname + ".lora_a", np.ascontiguousarray(ab["A"]))
+        w.add_tensor(gname + ".lora_b", np.ascontiguousarray(b))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(path)
+    return GgufFile(path=str(path), arch=plan.arch, quant="f32", tensors={"F32": 2 * len(pairs)}, bytes=path.stat().st_size)
