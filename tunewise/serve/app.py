@@ -475,7 +475,7 @@ async def chat(req: ChatRequest, request: Request):
         if constraint is None:  # under auto with response_format (or another constraint), the answer is held to that instead
             constraint, tools.held = tools.constraint(), True
     return await _respond(request, req, prepare, "chat.completion", extra, constraint, logged=(turns, _version(models, entry)),
-                          shape=tools.shape if tools is not None else None)
+                          shape=tools.shape if tools is not None else None, calls_stream=tools is not None and tools.held)
 
 
 @router.post("/v1/completions")
@@ -555,9 +555,12 @@ async def embeddings(req: EmbeddingRequest, request: Request):
             "data": [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vecs)]}
 
 
-async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, choices: tuple | None = None, logged=None, shape=None):
+async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, choices: tuple | None = None, logged=None, shape=None,
+                   calls_stream: bool = False):
     """Queue the generation on the batcher; the whole answer, or a stream of server-sent events. `logged` (the
-    request's input and the model version) goes to the production log with the answers."""
+    request's input and the model version) goes to the production log with the answers. shape: a tool request's
+    (ToolRequest.shape); calls_stream: its calls are held to the call grammar, so they stream as they decode (else a
+    tool answer is sent as deltas once decoded)."""
     s = request.app.state.cfg.serve
     max_tokens = min(req.max_completion_tokens or req.max_tokens or s.default_max_tokens, s.max_tokens_cap)
     stop = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))[:4]
@@ -566,7 +569,6 @@ async def _respond(request: Request, req: Sampling, prepare, kind: str, extra, c
     field, (ckind, cvalue) = choices if choices else (None, (None, None))
     job = Job(prepare=prepare, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop, group=req.model, seed=req.seed,
               choices=cvalue if ckind == "choices" else None, grammar=(ckind, cvalue) if ckind not in (None, "choices") else None)
-    calls_stream = shape is not None and getattr(shape.__self__, "held", False)  # else a tool answer is sent whole, once decoded
     if req.stream and (shape is None or calls_stream):
         job.on_token = lambda k, ids: loop.call_soon_threadsafe(queue_.put_nowait, (k, list(ids)))
     try:

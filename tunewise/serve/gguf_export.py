@@ -230,6 +230,8 @@ def lora_refusal(adapter_cfg: dict) -> str | None:
     """Why a PEFT adapter cannot be written as a llama.cpp LoRA (which is W + alpha/r * B A on linear layers), or None."""
     if adapter_cfg.get("use_dora"):
         return "DoRA rescales each output column by a learned magnitude, which llama.cpp's LoRA does not (use the merged GGUF)"
+    if adapter_cfg.get("use_rslora") and adapter_cfg.get("rank_pattern"):
+        return "rsLoRA with per-module ranks: its alpha/sqrt(r) cannot be one alpha under llama.cpp's alpha/r (use the merged GGUF)"
     if adapter_cfg.get("alpha_pattern"):
         return "per-module lora_alpha (alpha_pattern): llama.cpp takes one alpha per adapter (use the merged GGUF)"
     if adapter_cfg.get("modules_to_save"):
