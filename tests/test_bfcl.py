@@ -108,7 +108,7 @@ def test_a_few_shot_variant_puts_training_exchanges_before_the_question_and_keep
         "evaluation": {"variants": [{"name": "fs", "kind": "few-shot", "k": 2, "selection": "random"}]}}))
     cfg = load_config(tmp_path / "t.yaml")
     item = bfcl.load("simple_python", 1)[0]
-    shots = bfcl.shots_for(cfg, cfg.evaluation.variants[0], [item])[0]
+    shots = bfcl.shots_for(bfcl.shot_pool(cfg, cfg.evaluation.variants[0]), cfg.evaluation.variants[0], [item])[0]
     conv = bfcl.prompt_of(item, None, shots)
     assert [m["role"] for m in conv] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert conv[1]["content"].startswith("Weather in Paris") and conv[2]["content"].startswith('<tool_call>\n{"name": "get_weather"')
@@ -125,4 +125,4 @@ def test_a_few_shot_variant_on_data_without_tools_is_refused(tiny_project):
 
     cfg = load_config(tiny_project(), ["evaluation.variants=[{name: fs, kind: few-shot, selection: random}]"])
     with pytest.raises(bfcl.BfclError, match="few-shot draws its examples from the training split, and none of it calls tools"):
-        bfcl.shots_for(cfg, cfg.evaluation.variants[0], bfcl.load("simple_python", 1))
+        bfcl.shot_pool(cfg, cfg.evaluation.variants[0])

@@ -107,20 +107,26 @@ def prompt_of(item: dict, system: str | None, shots: list[dict] | None = None) -
     return render_text(turns, tools_of(item["function"]))
 
 
-def shots_for(cfg, variant, items: list[dict]) -> list[list[dict]]:
-    """A few-shot variant's examples for each question: k training conversations with tools, nearest by their question
-    (or a seeded draw, `selection`), each as its question and the answer that followed it (the calls, in the text form
-    training uses). Their functions are not added to the question's: the shots show the form, and the question's own
-    functions are the only ones it may call."""
+def shot_pool(cfg, variant) -> list:
+    """A few-shot variant's candidates: the training split's conversations with tools whose first question was answered."""
     from ..data.prepare import ensure_prepared
-    from ..data.records import Record
     from ..models import load_tokenizer
-    from .evaluate import select_shots
 
     prepared = ensure_prepared(cfg, load_tokenizer(cfg.model.name, cfg.data.template_kwargs))
     pool = [r for r in prepared.splits["train"] if (r.meta or {}).get("tools") and _exchange(r)]
     if not pool:
         raise BfclError(f"variant {variant.name}: few-shot draws its examples from the training split, and none of it calls tools")
+    return pool
+
+
+def shots_for(pool: list, variant, items: list[dict]) -> list[list[dict]]:
+    """A few-shot variant's examples for each question: k conversations of the pool (shot_pool), nearest by their
+    question (or a seeded draw, `selection`), each as its question and the answer that followed it (the calls, in the
+    text form training uses). Their functions are not added to the question's: the shots show the form, and the
+    question's own functions are the only ones it may call."""
+    from ..data.records import Record
+    from .evaluate import select_shots
+
     asked = [Record(messages=[{"role": "user", "content": it["question"][0][-1]["content"]}], source=it["id"]) for it in items]
     return [[turn for r in chosen for turn in _exchange(r)] for chosen in select_shots(pool, asked, variant.k, variant.selection)]
 
@@ -170,12 +176,13 @@ def call_grammars(eng, items: list[dict], tool_choice: str | None) -> list | Non
 
 def run_bfcl(cfg, variant, categories=CATEGORIES, samples: int | None = None, max_new_tokens: int = 128, out_root: Path | None = None,
              progress=None) -> BfclReport:
-    """Score one variant (base or fine-tuned: a local model) on the BFCL categories; writes items.jsonl per category and
+    """Score one variant (base, few-shot or fine-tuned: a local model) on the BFCL categories; writes items.jsonl per category and
     summary.json under <run>/eval/bfcl/<variant>/."""
     from .evaluate import Engines
 
     if variant.kind not in ("base", "few-shot", "fine-tuned"):
         raise BfclError(f"variant {variant.name}: the BFCL suite scores a local model (kind base, few-shot or fine-tuned), not {variant.kind}")
+    pool = shot_pool(cfg, variant) if variant.kind == "few-shot" else None  # its examples checked before the model loads
     engines = Engines(cfg)
     eng, adapter, model_id = engines.get(variant)
     out = (out_root or cfg.run_dir / "eval" / "bfcl") / variant.name
@@ -187,7 +194,7 @@ def run_bfcl(cfg, variant, categories=CATEGORIES, samples: int | None = None, ma
         t0 = time.time()
         on_batch = (lambda d, t: progress(f"bfcl {category}: {d}/{t}" + rate_and_eta(d, t, time.time() - t0))) if progress else None
         grammars = call_grammars(eng, items, variant.tool_choice)
-        shots = shots_for(cfg, variant, items) if variant.kind == "few-shot" else [None] * len(items)
+        shots = shots_for(pool, variant, items) if pool is not None else [None] * len(items)
         outs = eng.generate([prompt_of(it, system, sh) for it, sh in zip(items, shots)], max_new_tokens=max_new_tokens, batch_size=cfg.evaluation.batch_size,
                             adapter=adapter, on_batch=on_batch, grammar=grammars)
         rows, scores = [], []

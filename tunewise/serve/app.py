@@ -370,7 +370,6 @@ class ToolRequest:
             raise ApiError(400, str(e), code="invalid_tools") from None
         names = [t["function"]["name"] for t in self.tools]
         self.parallel = extra.get("parallel_tool_calls", True) is not False
-        self.held = False  # decoded under the call grammar: every block is a call in the form, so calls stream as they decode
         if isinstance(choice, dict):
             name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
             if name not in names:
@@ -468,14 +467,14 @@ async def chat(req: ChatRequest, request: Request):
         return {"citations": ctx.cited(text),
                 "retrieved": [{"n": i, "source": h.chunk.citation, "chunk": h.chunk.id} for i, h in enumerate(ctx.hits, 1)]}
 
-    constraint = _choices(req)
+    constraint, held = _choices(req), False  # held: decoded under the call grammar, so every block is a call in the form
     if tools is not None and tools.mode != "none":
         if constraint is not None and tools.mode != "auto":
             raise ApiError(400, f"tool_choice {tools.mode} and {constraint[0]}: give one constraint per request", code="unsupported_structured_output")
         if constraint is None:  # under auto with response_format (or another constraint), the answer is held to that instead
-            constraint, tools.held = tools.constraint(), True
+            constraint, held = tools.constraint(), True
     return await _respond(request, req, prepare, "chat.completion", extra, constraint, logged=(turns, _version(models, entry)),
-                          shape=tools.shape if tools is not None else None, calls_stream=tools is not None and tools.held)
+                          shape=tools.shape if tools is not None else None, calls_stream=held)
 
 
 @router.post("/v1/completions")
