@@ -185,20 +185,48 @@ def _tensor(w, name: str, data: np.ndarray, quant: str) -> str:
     return "F16"
 
 
+def _name_map(config, arch: str):
+    """llama.cpp's tensor name map for this architecture and depth (the gguf package's own)."""
+    import gguf
+
+    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    return gguf.get_tensor_name_map(arch_enum, int(config.num_hidden_layers))
+
+
+def _qk_rows(module: str, rows: np.ndarray, arch: str, config) -> np.ndarray:
+    """A q or k projection's rows (its weight, or a LoRA B) in llama.cpp's order for Llama-shaped models; else as given."""
+    if arch not in PERMUTE_QK or not module.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+        return rows
+    n_head = int(config.num_attention_heads)
+    return _permute(rows, n_head, n_head if module.endswith("q_proj") else int(getattr(config, "num_key_value_heads", None) or n_head))
+
+
+def _open(path: Path, arch: str, name: str):
+    """A writer on a temporary file beside `path` (_close renames it into place once written)."""
+    import gguf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path.with_name(f".{path.name}.tmp")), arch)
+    w.add_name(name)
+    return w
+
+
+def _close(w, path: Path) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    path.with_name(f".{path.name}.tmp").replace(path)
+
+
 def write_gguf(model, tok, path: Path, plan: Plan, name: str, stop_ids: list[int]) -> GgufFile:
     """The merged model (float32 weights) to one .gguf file; returns what was written."""
     import gguf
 
     config = model.config
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == plan.arch)
-    names = gguf.get_tensor_name_map(arch_enum, int(config.num_hidden_layers))
-    n_head = int(config.num_attention_heads)
-    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), plan.arch)
-    w.add_name(name)
+    names = _name_map(config, plan.arch)
+    w = _open(path, plan.arch, name)
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[plan.quant])
     _metadata(w, config, plan.arch, head_dim)
     _tokenizer(w, tok, config, plan, stop_ids)
@@ -211,18 +239,10 @@ def write_gguf(model, tok, path: Path, plan: Plan, name: str, stop_ids: list[int
         gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise GGUFError(f"GGUF export: no GGUF name for tensor {hf_name} in llama.cpp's {plan.arch} map")
-        data = t.detach().to("cpu").float().numpy()
-        if plan.arch in PERMUTE_QK and hf_name.endswith("self_attn.q_proj.weight"):
-            data = _permute(data, n_head, n_head)
-        elif plan.arch in PERMUTE_QK and hf_name.endswith("self_attn.k_proj.weight"):
-            data = _permute(data, n_head, n_kv)
+        data = _qk_rows(hf_name.removesuffix(".weight"), t.detach().to("cpu").float().numpy(), plan.arch, config)
         kind = _tensor(w, gname, data, plan.quant)
         counts[kind] = counts.get(kind, 0) + 1
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.replace(path)
+    _close(w, path)
     return GgufFile(path=str(path), arch=plan.arch, quant=plan.quant, pre=plan.pre, tensors=counts, bytes=path.stat().st_size)
 
 
@@ -253,10 +273,7 @@ def write_lora_gguf(adapter_dir: Path, config, path: Path, plan: Plan, name: str
     why = lora_refusal(cfg)
     if why:
         raise GGUFError(f"GGUF LoRA export: {why}")
-    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == plan.arch)
-    names = gguf.get_tensor_name_map(arch_enum, int(config.num_hidden_layers))
-    n_head = int(config.num_attention_heads)
-    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
+    names = _name_map(config, plan.arch)
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, t in load_file(str(Path(adapter_dir) / "adapter_model.safetensors")).items():
         m = ADAPTER_KEY.match(key)
@@ -266,10 +283,7 @@ def write_lora_gguf(adapter_dir: Path, config, path: Path, plan: Plan, name: str
     alpha = float(cfg.get("lora_alpha", 8))
     if cfg.get("use_rslora"):
         alpha *= float(np.sqrt(cfg.get("r", 8)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), plan.arch)
-    w.add_name(name)
+    w = _open(path, plan.arch, name)
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -278,16 +292,7 @@ def write_lora_gguf(adapter_dir: Path, config, path: Path, plan: Plan, name: str
         if gname is None or set(ab) != {"A", "B"}:
             raise GGUFError(f"GGUF LoRA export: no GGUF name for {module} in llama.cpp's {plan.arch} map" if gname is None
                             else f"GGUF LoRA export: {module} has lora_{'A' if 'A' not in ab else 'B'} missing")
-        b = ab["B"]
-        if plan.arch in PERMUTE_QK and module.endswith("self_attn.q_proj"):
-            b = _permute(b, n_head, n_head)
-        elif plan.arch in PERMUTE_QK and module.endswith("self_attn.k_proj"):
-            b = _permute(b, n_head, n_kv)
         w.add_tensor(gname + ".lora_a", np.ascontiguousarray(ab["A"]))
-        w.add_tensor(gname + ".lora_b", np.ascontiguousarray(b))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.replace(path)
+        w.add_tensor(gname + ".lora_b", np.ascontiguousarray(_qk_rows(module, ab["B"], plan.arch, config)))
+    _close(w, path)
     return GgufFile(path=str(path), arch=plan.arch, quant="f32", tensors={"F32": 2 * len(pairs)}, bytes=path.stat().st_size)
