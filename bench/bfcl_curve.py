@@ -57,9 +57,9 @@ def main() -> None:
     final = Path(cfg.trained_model)
     logged = [json.loads(x) for x in (cfg.run_dir / "train" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     epoch = {r["step"]: r.get("epoch") for r in logged if "epoch" in r}
-    steps = [json.loads((c / "state.json").read_text())["step"] for c in list_checkpoints(cfg.run_dir / "train" / "checkpoints")]
+    kept = [(json.loads((c / "state.json").read_text())["step"], c) for c in list_checkpoints(cfg.run_dir / "train" / "checkpoints")]
     last = max(epoch, default=None)  # the final model's step: its checkpoint, if kept, is the same weights
-    points = [(n, epoch.get(n), c) for n, c in zip(steps, list_checkpoints(cfg.run_dir / "train" / "checkpoints")) if n != last]
+    points = [(n, epoch.get(n), c) for n, c in kept if n != last]
     points.append((last, epoch.get(last), final))
     wanted = set(a.steps.split(",")) if a.steps else None
     work = OUT / "bfcl_curve" / cfg.project

@@ -90,7 +90,7 @@ def main() -> None:
             got = _llama_cpp(args.llama_cpp, path, convs, args.max_new_tokens, out)
             rows.append((f"{quant} GGUF via llama.cpp (llama-cpp-python)", got, path, time.time() - t))
             if done.lora_gguf is not None:  # the base GGUF at the same quantisation, the adapter on top
-                base = export_gguf(Path(resolve_model(model_ref_of(args.model_dir)[0])), out / f"base-{quant}", "base", quant=quant,
+                base = export_gguf(Path(resolve_model(base_ref)), out / f"base-{quant}", "base", quant=quant,
                                    pre=done.gguf.pre)
                 t = time.time()
                 got = _llama_cpp(args.llama_cpp, Path(base.gguf.path), convs, args.max_new_tokens, out, done.lora_gguf.path)
